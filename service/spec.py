@@ -1,0 +1,245 @@
+"""The merge job spec: one schema for the HTTP API and the CLI's ``--spec`` (DESIGN.md §3, §7).
+
+This module imports neither torch nor peft, so the API process stays small. Every merge
+method's parameters are declared exactly once, in :data:`METHOD_PARAMS`; the pydantic
+validation of ``params``, the CLI's ``--param`` help and the README table are generated
+from that declaration.
+
+>>> spec = MergeSpec.model_validate(
+...     {"adapters": [{"uri": "/tmp/a"}], "method": "ties", "params": {"density": 0.2},
+...      "output": {"uri": "/tmp/out"}})
+>>> spec.params
+{'alpha': 1.0, 'density': 0.2, 'isotropize': False}
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    create_model,
+    field_validator,
+)
+
+__all__ = [
+    "DTYPES",
+    "ERROR_CODES",
+    "MAX_ADAPTERS",
+    "METHODS",
+    "METHOD_PARAMS",
+    "SPACES",
+    "AdapterRef",
+    "MergeSpec",
+    "OutputSpec",
+    "Param",
+    "params_table_markdown",
+]
+
+Method = Literal["ta", "ties", "dare", "dare_ties", "tsv", "cart", "iso_c"]
+Space = Literal["core", "full", "knots"]
+DType = Literal["float32", "bfloat16", "float16"]
+METHODS: tuple[str, ...] = Method.__args__
+SPACES: tuple[str, ...] = Space.__args__
+DTYPES: tuple[str, ...] = DType.__args__
+
+#: Default cap on the number of adapters in one job (DESIGN.md §3; the service makes it configurable).
+MAX_ADAPTERS = 64
+
+#: The closed set of job error codes (DESIGN.md §4).
+ERROR_CODES: tuple[str, ...] = (
+    "adapter_not_found",
+    "adapter_invalid",
+    "adapter_incompatible",
+    "access_denied",
+    "storage_error",
+    "canceled",
+    "timeout",
+    "internal",
+)
+
+
+@dataclass(frozen=True)
+class Param:
+    """One method hyperparameter: its name, type, default, allowed range and meaning."""
+
+    name: str
+    type: type
+    default: float | int | bool
+    help: str
+    ge: float | None = None
+    gt: float | None = None
+    le: float | None = None
+    lt: float | None = None
+
+    def range_text(self) -> str:
+        """The allowed range in words, e.g. ``0 < x <= 1``."""
+        low = (
+            f"{self.gt} < "
+            if self.gt is not None
+            else f"{self.ge} <= "
+            if self.ge is not None
+            else ""
+        )
+        high = (
+            f" < {self.lt}"
+            if self.lt is not None
+            else f" <= {self.le}"
+            if self.le is not None
+            else ""
+        )
+        if self.type is bool:
+            return "true / false"
+        return f"{low}x{high}" if (low or high) else "any finite number"
+
+
+_ALPHA = Param("alpha", float, 1.0, "global scaling coefficient: the merged update is alpha·X")
+_ISOTROPIZE = Param(
+    "isotropize", bool, False, "replace all singular values of the merged X by their mean"
+)
+_DENSITY = Param(
+    "density", float, 0.1, "fraction of entries kept per task (TIES trim)", gt=0.0, le=1.0
+)
+_DROP = Param("drop", float, 0.3, "probability of dropping each entry (DARE)", ge=0.0, lt=1.0)
+
+#: The parameters of every method, in the API's names (DESIGN.md §7). ``seed`` is a top-level
+#: field of the spec, not a param.
+METHOD_PARAMS: dict[str, tuple[Param, ...]] = {
+    "ta": (_ALPHA, _ISOTROPIZE),
+    "ties": (_ALPHA, _DENSITY, _ISOTROPIZE),
+    "dare": (_ALPHA, _DROP, _ISOTROPIZE),
+    "dare_ties": (_ALPHA, _DROP, _DENSITY, _ISOTROPIZE),
+    "tsv": (_ALPHA, _ISOTROPIZE),
+    "cart": (
+        _ALPHA,
+        Param(
+            "rank_fraction",
+            float,
+            0.04,
+            "fraction of each task's singular directions kept, k = ⌈rank_fraction·K⌉",
+            gt=0.0,
+            le=1.0,
+        ),
+        Param("lam", float, 0.1, "weight of the low-rank task residuals added to the mean"),
+        _ISOTROPIZE,
+    ),
+    "iso_c": (_ALPHA, _ISOTROPIZE),
+}
+
+
+def _params_model(method: str) -> type[BaseModel]:
+    fields: dict[str, Any] = {}
+    for p in METHOD_PARAMS[method]:
+        constraints = {
+            k: getattr(p, k) for k in ("ge", "gt", "le", "lt") if getattr(p, k) is not None
+        }
+        if p.type is float:
+            constraints["allow_inf_nan"] = False
+        fields[p.name] = (p.type, Field(p.default, description=p.help, **constraints))
+    return create_model(  # type: ignore[call-overload]
+        f"{method.title().replace('_', '')}Params",
+        __config__=ConfigDict(extra="forbid", strict=False),
+        **fields,
+    )
+
+
+_PARAMS_MODELS: dict[str, type[BaseModel]] = {m: _params_model(m) for m in METHODS}
+
+
+def validate_params(method: str, params: dict[str, Any]) -> dict[str, Any]:
+    """Check ``params`` against ``method``'s declaration; return them with defaults filled in.
+
+    Raises ``ValueError`` whose message names the offending parameter.
+    """
+    try:
+        return _PARAMS_MODELS[method].model_validate(params).model_dump()
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            name = ".".join(str(x) for x in err["loc"])
+            if err["type"] == "extra_forbidden":
+                accepted = ", ".join(p.name for p in METHOD_PARAMS[method])
+                problems.append(
+                    f"unknown parameter {name!r} for method {method!r} (accepted: {accepted})"
+                )
+            else:
+                problems.append(f"parameter {name!r}: {err['msg']}")
+        raise ValueError("; ".join(problems)) from None
+
+
+class _Strict(BaseModel):
+    # An unknown field anywhere is an error: a typo must never silently change a merge.
+    model_config = ConfigDict(extra="forbid")
+
+
+class AdapterRef(_Strict):
+    """One input adapter."""
+
+    uri: str = Field(
+        min_length=1,
+        max_length=2048,
+        description="s3://bucket/prefix/, file:///abs/dir, or a local path (CLI only)",
+    )
+    weight: float = Field(
+        1.0,
+        allow_inf_nan=False,
+        description="multiplies this adapter's update before merging; negative subtracts a task",
+    )
+    name: str | None = Field(
+        None, max_length=200, description="defaults to the last path segment of the URI"
+    )
+
+    @property
+    def display_name(self) -> str:
+        return self.name or self.uri.rstrip("/").rsplit("/", 1)[-1] or self.uri
+
+
+class OutputSpec(_Strict):
+    """Where and how the merged adapter is written."""
+
+    uri: str = Field(min_length=1, max_length=2048)
+    rank: int | None = Field(
+        None,
+        ge=1,
+        description="null keeps the exact merged rank; an integer truncates every module to its "
+        "best rank-k approximation",
+    )
+    dtype: DType = "float32"
+
+
+class MergeSpec(_Strict):
+    """A merge job (DESIGN.md §3)."""
+
+    adapters: list[AdapterRef] = Field(min_length=1, max_length=MAX_ADAPTERS)
+    method: Method = "tsv"
+    space: Space = "core"
+    params: dict[str, float | int | bool] = Field(
+        default_factory=dict,
+        validate_default=True,
+        description="the method's hyperparameters; see the methods table in README.md",
+    )
+    seed: int = Field(0, ge=0, lt=2**63, description="makes random methods (DARE) reproducible")
+    output: OutputSpec
+
+    @field_validator("params")
+    @classmethod
+    def _check_params(cls, value: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        method = info.data.get("method")
+        if method is None:  # the method itself failed validation; that error is reported
+            return value
+        return validate_params(method, value)
+
+
+def params_table_markdown() -> str:
+    """The methods table of README.md, generated from :data:`METHOD_PARAMS`."""
+    rows = ["| method | param | default | range | meaning |", "|---|---|---|---|---|"]
+    for method, params in METHOD_PARAMS.items():
+        for p in params:
+            default = str(p.default).lower() if p.type is bool else repr(p.default)
+            rows.append(f"| `{method}` | `{p.name}` | {default} | {p.range_text()} | {p.help} |")
+    return "\n".join(rows)

@@ -1,0 +1,1 @@
+"""The worker side of coremerge: the engine, the adapter format, the runner and the CLI."""

@@ -1,0 +1,131 @@
+"""``adapter_config.json`` of a PEFT LoRA adapter: parsing, refusal of unsupported features,
+and the per-module scaling s = lora_alpha / r (or / √r with rslora; rank_pattern and
+alpha_pattern per module, matched exactly as PEFT's ``get_pattern_key`` does).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from worker.errors import AdapterInvalid
+
+__all__ = ["CONFIG_NAME", "LoraAdapterConfig", "read_adapter_config"]
+
+CONFIG_NAME = "adapter_config.json"
+#: A config larger than this is not a PEFT config (limits are checked before parsing).
+MAX_CONFIG_BYTES = 1 << 20
+
+# Initialisations that rewrite the base weights: the adapter alone does not describe ΔW.
+_BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq")
+
+
+@dataclass(frozen=True)
+class LoraAdapterConfig:
+    """The fields of a PEFT LoRA config that decide ΔW and the merged adapter's config."""
+
+    r: int
+    lora_alpha: float
+    use_rslora: bool = False
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
+    fan_in_fan_out: bool = False
+    target_modules: list[str] | str | None = None
+    layers_to_transform: Any = None
+    base_model_name_or_path: str | None = None
+    task_type: str | None = None
+
+    def scaling(self, module: str) -> float:
+        """s_t for ``module`` (its name in the base model, e.g. ``model.layers.0.self_attn.q_proj``)."""
+        r = self.rank_pattern.get(_pattern_key(self.rank_pattern, module), self.r)
+        alpha = self.alpha_pattern.get(_pattern_key(self.alpha_pattern, module), self.lora_alpha)
+        return alpha / math.sqrt(r) if self.use_rslora else alpha / r
+
+    def expected_rank(self, module: str) -> int:
+        return self.rank_pattern.get(_pattern_key(self.rank_pattern, module), self.r)
+
+
+def _pattern_key(patterns: dict[str, Any], module: str) -> str:
+    # Same rule as peft.utils.other.get_pattern_key: a pattern matches a dotted suffix.
+    for key in patterns:
+        if re.match(rf"(.*\.)?({key})$", module):
+            return key
+    return module
+
+
+def _refusals(raw: dict[str, Any]) -> list[str]:
+    """Every feature of this config that coremerge cannot merge, in words (DESIGN.md §6)."""
+    out = []
+    if raw.get("use_dora"):
+        out.append("DoRA (use_dora) is not supported")
+    if raw.get("lora_bias"):
+        out.append("lora_bias is not supported")
+    if raw.get("bias", "none") not in ("none", None):
+        out.append(f"bias={raw['bias']!r} is not supported (only 'none')")
+    if raw.get("modules_to_save"):
+        out.append(f"modules_to_save {raw['modules_to_save']} is not supported (LoRA factors only)")
+    init = raw.get("init_lora_weights")
+    if isinstance(init, str) and init.lower().startswith(_BASE_CHANGING_INITS):
+        out.append(f"init_lora_weights={init!r} changes the base weights and is not supported")
+    if raw.get("target_parameters"):
+        out.append("target_parameters is not supported")
+    if raw.get("layer_replication"):
+        out.append("layer_replication is not supported")
+    if raw.get("trainable_token_indices"):
+        out.append("trainable_token_indices is not supported")
+    return out
+
+
+def read_adapter_config(directory: Path, adapter: str) -> LoraAdapterConfig:
+    """Parse and check ``directory/adapter_config.json``; ``adapter`` names it in errors."""
+    path = directory / CONFIG_NAME
+    if not path.is_file():
+        raise AdapterInvalid(f"adapter {adapter!r}: no {CONFIG_NAME} in {directory}")
+    if path.stat().st_size > MAX_CONFIG_BYTES:
+        raise AdapterInvalid(f"adapter {adapter!r}: {CONFIG_NAME} is larger than 1 MiB")
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise AdapterInvalid(
+            f"adapter {adapter!r}: {CONFIG_NAME} is not valid JSON ({exc})"
+        ) from None
+    if not isinstance(raw, dict):
+        raise AdapterInvalid(f"adapter {adapter!r}: {CONFIG_NAME} is not a JSON object")
+    peft_type = raw.get("peft_type")
+    if peft_type != "LORA":
+        raise AdapterInvalid(
+            f"adapter {adapter!r}: peft_type {peft_type!r} is not supported (LoRA adapters only)"
+        )
+    refused = _refusals(raw)
+    if refused:
+        raise AdapterInvalid(f"adapter {adapter!r}: " + "; ".join(refused))
+    try:
+        config = LoraAdapterConfig(
+            r=int(raw["r"]),
+            lora_alpha=float(raw.get("lora_alpha", 8)),
+            use_rslora=bool(raw.get("use_rslora", False)),
+            rank_pattern={str(k): int(v) for k, v in (raw.get("rank_pattern") or {}).items()},
+            alpha_pattern={str(k): float(v) for k, v in (raw.get("alpha_pattern") or {}).items()},
+            fan_in_fan_out=bool(raw.get("fan_in_fan_out", False)),
+            target_modules=raw.get("target_modules"),
+            layers_to_transform=raw.get("layers_to_transform"),
+            base_model_name_or_path=raw.get("base_model_name_or_path"),
+            task_type=raw.get("task_type"),
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise AdapterInvalid(f"adapter {adapter!r}: bad value in {CONFIG_NAME}: {exc!r}") from None
+    ranks = [config.r, *config.rank_pattern.values()]
+    if min(ranks) < 1:
+        raise AdapterInvalid(f"adapter {adapter!r}: LoRA rank must be ≥ 1, got {min(ranks)}")
+    for pattern in [*config.rank_pattern, *config.alpha_pattern]:
+        try:
+            re.compile(pattern)
+        except re.error as exc:
+            raise AdapterInvalid(
+                f"adapter {adapter!r}: bad rank/alpha pattern {pattern!r}: {exc}"
+            ) from None
+    return config

@@ -1,0 +1,160 @@
+"""Lazy reading of a PEFT LoRA adapter, one module's factors at a time.
+
+Opening an adapter reads only ``adapter_config.json`` and the safetensors header (names,
+shapes, dtypes); :meth:`AdapterReader.read` loads one module's A and B. The file is opened
+with ``safetensors.safe_open`` for each read and closed after it, so the memory map never
+keeps more than the module at hand resident: peak memory follows the largest module, not
+the adapter's size.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from worker.errors import AdapterInvalid, AdapterNotFound
+
+from .config import LoraAdapterConfig, read_adapter_config
+
+__all__ = ["WEIGHTS_NAME", "AdapterReader", "ModuleInfo"]
+
+WEIGHTS_NAME = "adapter_model.safetensors"
+_PICKLE_NAMES = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth")
+_FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
+_PREFIX = "base_model.model."
+_FACTOR_KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<which>[AB])\.weight$")
+
+
+@dataclass(frozen=True)
+class ModuleInfo:
+    """One LoRA module of one adapter, as the header describes it (no tensor read)."""
+
+    module: str  # name in the base model, e.g. model.layers.0.self_attn.q_proj
+    rank: int
+    in_features: int  # n
+    out_features: int  # m
+    scaling: float
+    nbytes: int
+
+
+def _unsupported_key(key: str) -> str:
+    """Why a tensor key that is not a plain LoRA factor is refused (DESIGN.md §6)."""
+    if "lora_embedding_" in key:
+        return "embedding LoRA is not supported"
+    if "lora_magnitude_vector" in key:
+        return "DoRA (lora_magnitude_vector) is not supported"
+    if key.endswith(".lora_B.bias"):
+        return "lora_bias is not supported"
+    if "modules_to_save" in key or "lora_" not in key:
+        return "a full weight (modules_to_save or a non-LoRA tensor) is not supported"
+    return "not a LoRA factor of the form base_model.model.<module>.lora_{A,B}.weight"
+
+
+class AdapterReader:
+    """A PEFT LoRA adapter on local disk, validated from its config and header alone.
+
+    >>> reader = AdapterReader(Path("my-adapter"), name="snli")  # doctest: +SKIP
+    >>> A, B = reader.read("model.layers.0.self_attn.q_proj")  # doctest: +SKIP
+    """
+
+    def __init__(self, directory: Path, name: str) -> None:
+        self.directory = Path(directory)
+        self.name = name
+        if not self.directory.is_dir():
+            raise AdapterNotFound(f"adapter {name!r}: no directory at {self.directory}")
+        self.config: LoraAdapterConfig = read_adapter_config(self.directory, name)
+        self.path = self.directory / WEIGHTS_NAME
+        if not self.path.is_file():
+            pickles = [p for p in _PICKLE_NAMES if (self.directory / p).exists()]
+            reason = (
+                f"only pickle weights ({pickles[0]}) found: they are never loaded; "
+                "save the adapter with safe_serialization=True"
+                if pickles
+                else f"no {WEIGHTS_NAME}"
+            )
+            raise AdapterInvalid(f"adapter {name!r}: {reason}")
+        self.nbytes = self.path.stat().st_size
+        self.modules: dict[str, ModuleInfo] = self._index()
+        self._keys = {
+            m: (f"{_PREFIX}{m}.lora_A.weight", f"{_PREFIX}{m}.lora_B.weight") for m in self.modules
+        }
+
+    def _index(self) -> dict[str, ModuleInfo]:
+        try:
+            with safe_open(self.path, framework="pt") as f:
+                header = {
+                    k: (f.get_slice(k).get_shape(), f.get_slice(k).get_dtype()) for k in f.keys()  # noqa: SIM118 (safe_open is not iterable)
+                }
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise AdapterInvalid(
+                f"adapter {self.name!r}: {WEIGHTS_NAME} is not a valid safetensors file ({exc})"
+            ) from None
+        factors: dict[str, dict[str, tuple[list[int], str]]] = {}
+        for key, (shape, dtype) in header.items():
+            match = _FACTOR_KEY.match(key)
+            if match is None:
+                raise AdapterInvalid(
+                    f"adapter {self.name!r}: tensor {key!r}: {_unsupported_key(key)}"
+                )
+            if dtype not in _FLOAT_DTYPES:
+                raise AdapterInvalid(
+                    f"adapter {self.name!r}: tensor {key!r} has dtype {dtype}, expected a float type"
+                )
+            if len(shape) != 2:
+                raise AdapterInvalid(
+                    f"adapter {self.name!r}: tensor {key!r} has shape {shape}: "
+                    "convolution LoRA (or any non-2-D factor) is not supported"
+                )
+            factors.setdefault(match["module"], {})[match["which"]] = (shape, dtype)
+        if not factors:
+            raise AdapterInvalid(f"adapter {self.name!r}: {WEIGHTS_NAME} holds no LoRA factors")
+        modules = {}
+        for module, pair in factors.items():
+            if set(pair) != {"A", "B"}:
+                missing = "lora_B" if "A" in pair else "lora_A"
+                raise AdapterInvalid(
+                    f"adapter {self.name!r}: module {module!r} has no {missing}.weight"
+                )
+            (r, n), (m, r_b) = pair["A"][0], pair["B"][0]
+            if r != r_b:
+                raise AdapterInvalid(
+                    f"adapter {self.name!r}: module {module!r}: lora_A has rank {r} but lora_B has rank {r_b}"
+                )
+            expected = self.config.expected_rank(module)
+            if r != expected:
+                raise AdapterInvalid(
+                    f"adapter {self.name!r}: module {module!r} has rank {r} but the config says {expected}"
+                )
+            if min(r, n, m) < 1:
+                raise AdapterInvalid(
+                    f"adapter {self.name!r}: module {module!r} has an empty factor"
+                )
+            itemsize = 8 if pair["A"][1] == "F64" else 4 if pair["A"][1] == "F32" else 2
+            modules[module] = ModuleInfo(
+                module, r, n, m, self.config.scaling(module), (r * n + m * r) * itemsize
+            )
+        return modules
+
+    def read(
+        self, module: str, device: torch.device | str = "cpu"
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """A (r × n) and B (m × r) of ``module`` as float32 on ``device``; no scaling applied."""
+        key_a, key_b = self._keys[module]
+        try:
+            with safe_open(self.path, framework="pt") as f:
+                A, B = f.get_tensor(key_a), f.get_tensor(key_b)
+        except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+            raise AdapterInvalid(
+                f"adapter {self.name!r}: cannot read module {module!r} ({exc})"
+            ) from None
+        A = A.to(device=device, dtype=torch.float32)
+        B = B.to(device=device, dtype=torch.float32)
+        if not (torch.isfinite(A).all() and torch.isfinite(B).all()):
+            raise AdapterInvalid(
+                f"adapter {self.name!r}: module {module!r} has NaN or infinite values"
+            )
+        return A, B

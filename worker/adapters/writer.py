@@ -1,0 +1,128 @@
+"""Writing the merged adapter: a streamed safetensors file and its PEFT config (DESIGN.md §5).
+
+The safetensors layout (names, dtypes, shapes, offsets) is fixed before the first module is
+merged, so the header goes first and each module's factors are appended as soon as they
+exist: the output never has to be held in memory. The result is an ordinary safetensors
+file (8-byte header length, JSON header padded to 8 bytes, then the tensors back to back).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import torch
+
+__all__ = ["OUTPUT_DTYPES", "SafetensorsStreamWriter", "TensorSlot", "lora_config_json"]
+
+#: Storage dtypes of the output and their safetensors names.
+OUTPUT_DTYPES: dict[str, tuple[torch.dtype, str]] = {
+    "float32": (torch.float32, "F32"),
+    "bfloat16": (torch.bfloat16, "BF16"),
+    "float16": (torch.float16, "F16"),
+}
+
+
+@dataclass(frozen=True)
+class TensorSlot:
+    name: str
+    shape: tuple[int, ...]
+
+
+class SafetensorsStreamWriter:
+    """Write tensors of a known layout one by one, in layout order; sha256 of the file as it goes.
+
+    >>> w = SafetensorsStreamWriter(path, [TensorSlot("x", (2, 3))], "float32")  # doctest: +SKIP
+    >>> w.write("x", torch.zeros(2, 3)); w.close()  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        slots: list[TensorSlot],
+        dtype: str,
+        metadata: dict[str, str] | None = None,
+    ) -> None:
+        self.torch_dtype, st_dtype = OUTPUT_DTYPES[dtype]
+        itemsize = torch.empty((), dtype=self.torch_dtype).element_size()
+        header: dict[str, Any] = {"__metadata__": metadata} if metadata else {}
+        offset = 0
+        for slot in slots:
+            size = itemsize * _numel(slot.shape)
+            header[slot.name] = {
+                "dtype": st_dtype,
+                "shape": list(slot.shape),
+                "data_offsets": [offset, offset + size],
+            }
+            offset += size
+        blob = json.dumps(header, separators=(",", ":")).encode()
+        blob += b" " * (-len(blob) % 8)  # keep the tensor data 8-byte aligned
+        self._pending = list(slots)
+        self._sha = hashlib.sha256()
+        self._file: BinaryIO = open(path, "xb")  # noqa: SIM115 (closed in close())
+        self._emit(struct.pack("<Q", len(blob)) + blob)
+        self.nbytes = 8 + len(blob) + offset
+
+    def _emit(self, data: bytes | memoryview) -> None:
+        self._file.write(data)
+        self._sha.update(data)
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        """Append ``tensor`` as the next slot, which must be ``name`` with the planned shape."""
+        slot = self._pending.pop(0)
+        if slot.name != name or tuple(tensor.shape) != slot.shape:
+            raise ValueError(f"expected {slot.name} {slot.shape}, got {name} {tuple(tensor.shape)}")
+        t = tensor.detach().to(device="cpu", dtype=self.torch_dtype).contiguous()
+        # numpy has no bfloat16: write the raw bytes through a same-size integer view.
+        raw = t.view(torch.int16) if t.element_size() == 2 else t
+        self._emit(memoryview(raw.numpy()).cast("B"))
+
+    def close(self) -> str:
+        """Finish the file; returns its sha256. Fails if a planned tensor was never written."""
+        self._file.close()
+        if self._pending:
+            raise ValueError(f"{len(self._pending)} planned tensors were not written")
+        return self._sha.hexdigest()
+
+    def abort(self) -> None:
+        self._file.close()
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def lora_config_json(
+    *,
+    rank: int,
+    target_modules: list[str] | str,
+    base_model_name_or_path: str | None,
+    task_type: str | None,
+    fan_in_fan_out: bool,
+) -> dict[str, Any]:
+    """The merged adapter's ``adapter_config.json``: one rank, alpha = r, scaling baked in."""
+    return {
+        "peft_type": "LORA",
+        "task_type": task_type,
+        "base_model_name_or_path": base_model_name_or_path,
+        "r": rank,
+        "lora_alpha": rank,
+        "use_rslora": False,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+        "target_modules": target_modules,
+        "fan_in_fan_out": fan_in_fan_out,
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "use_dora": False,
+        "modules_to_save": None,
+        "init_lora_weights": True,
+        "inference_mode": True,
+    }

@@ -1,0 +1,309 @@
+"""The ``coremerge`` command line: merge and inspect adapters on local files, no server needed.
+
+    coremerge merge ADAPTER_DIR... -o OUT_DIR [--method tsv] [--space core] [--weights 1,0.5]
+                    [--param NAME=VALUE]... [--rank K] [--dtype bfloat16] [--device auto]
+                    [--seed 0] [--spec job.json]
+    coremerge inspect ADAPTER_DIR [--json]
+    coremerge demo [--workdir DIR]
+
+Bad arguments and bad adapters print one line on stderr and exit with status 2; nothing is
+left at OUT_DIR on failure. Heavy imports (torch) happen inside the commands, so ``--help``
+and the service commands start fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any, NoReturn
+
+from service.spec import DTYPES, METHOD_PARAMS, METHODS, SPACES, MergeSpec
+
+__all__ = ["main"]
+
+EXIT_USAGE = 2
+EXIT_INTERNAL = 1
+
+
+class UsageError(Exception):
+    """A bad argument: reported as one line, exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:  # one line, no usage dump
+        self.exit(EXIT_USAGE, f"coremerge: error: {message} (see --help)\n")
+
+
+def _parse_param(text: str) -> tuple[str, Any]:
+    """``NAME=VALUE`` with VALUE a number or true/false."""
+    name, sep, raw = text.partition("=")
+    if not sep or not name:
+        raise UsageError(f"--param {text!r}: expected NAME=VALUE")
+    low = raw.strip().lower()
+    if low in ("true", "false"):
+        return name, low == "true"
+    for kind in (int, float):
+        try:
+            return name, kind(raw)
+        except ValueError:
+            pass
+    raise UsageError(f"--param {text!r}: VALUE must be a number or true/false")
+
+
+def _parse_weights(text: str, count: int) -> list[float]:
+    try:
+        weights = [float(w) for w in text.split(",")]
+    except ValueError:
+        raise UsageError(f"--weights {text!r}: expected comma-separated numbers") from None
+    if len(weights) != count:
+        raise UsageError(f"--weights has {len(weights)} values for {count} adapters")
+    return weights
+
+
+def local_path(uri: str) -> Path:
+    """A CLI adapter or output location: a local path or ``file:///abs/dir``."""
+    if uri.startswith("file://"):
+        return Path(uri.removeprefix("file://"))
+    if "://" in uri:
+        raise UsageError(
+            f"{uri!r}: the CLI reads local paths or file:// URIs; use the service for s3://"
+        )
+    return Path(uri)
+
+
+def _validation_message(exc: Exception) -> str:
+    from pydantic import ValidationError
+
+    if not isinstance(exc, ValidationError):
+        return str(exc)
+    parts = []
+    for err in exc.errors():
+        loc = ".".join(str(x) for x in err["loc"])
+        msg = err["msg"].removeprefix("Value error, ")
+        parts.append(f"{loc}: {msg}" if loc else msg)
+    return "invalid job spec: " + "; ".join(parts)
+
+
+def build_spec(args: argparse.Namespace) -> MergeSpec:
+    """The job spec from ``--spec`` (if given) overridden by the explicit flags."""
+    raw: dict[str, Any] = {}
+    if args.spec:
+        try:
+            raw = json.loads(Path(args.spec).read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise UsageError(f"--spec {args.spec}: {exc}") from None
+        if not isinstance(raw, dict):
+            raise UsageError(f"--spec {args.spec}: not a JSON object")
+    if args.adapters:
+        raw["adapters"] = [{"uri": a} for a in args.adapters]
+    if not raw.get("adapters"):
+        raise UsageError("no adapters given")
+    if args.weights is not None:
+        for ref, w in zip(
+            raw["adapters"], _parse_weights(args.weights, len(raw["adapters"])), strict=True
+        ):
+            ref["weight"] = w
+    for key in ("method", "space", "seed"):
+        if getattr(args, key) is not None:
+            raw[key] = getattr(args, key)
+    raw.setdefault("method", "tsv")
+    if args.param:
+        raw["params"] = {**raw.get("params", {}), **dict(_parse_param(p) for p in args.param)}
+    output = raw.setdefault("output", {})
+    if not isinstance(output, dict):
+        raise UsageError("spec field 'output' must be an object")
+    if args.output is not None:
+        output["uri"] = args.output
+    if "uri" not in output:
+        raise UsageError("no output directory: give -o OUT_DIR")
+    if args.rank is not None:
+        output["rank"] = args.rank
+    if args.dtype is not None:
+        output["dtype"] = args.dtype
+    try:
+        return MergeSpec.model_validate(raw)
+    except ValueError as exc:
+        raise UsageError(_validation_message(exc)) from None
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from worker.runner import run_merge
+
+    spec = build_spec(args)
+    dirs = [local_path(a.uri) for a in spec.adapters]
+    out_dir = local_path(spec.output.uri)
+    bar = _progress_bar(args.quiet)
+    outcome = run_merge(spec, dirs, out_dir, device=args.device, on_progress=bar.update)
+    bar.close()
+    report = outcome.report
+    print(
+        f"merged {len(spec.adapters)} adapters with {spec.method} in {spec.space} space → {out_dir}\n"
+        f"  rank {outcome.rank}, {outcome.modules} modules, {outcome.bytes / 2**20:.1f} MiB "
+        f"{spec.output.dtype}, {outcome.seconds:.2f} s on {report['device']}; "
+        f"self-check residual {report['self_check']['max_projection_residual'] or 0:.1e}"
+    )
+    return 0
+
+
+class _progress_bar:  # noqa: N801 (used like a function)
+    """A tqdm bar on stderr fed by the runner's ``Progress`` reports."""
+
+    def __init__(self, quiet: bool) -> None:
+        self.quiet = quiet
+        self.bar = None
+
+    def update(self, progress: Any) -> None:
+        if self.quiet or progress.stage == "plan":
+            return
+        if self.bar is None:
+            from tqdm import tqdm
+
+            self.bar = tqdm(
+                total=progress.modules_total,
+                unit="module",
+                desc="merging",
+                file=sys.stderr,
+                leave=False,
+            )
+        self.bar.n = progress.modules_done
+        self.bar.refresh()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from worker.adapters.reader import AdapterReader
+
+    path = local_path(args.adapter)
+    reader = AdapterReader(path, path.name)
+    cfg = reader.config
+    modules = [
+        {
+            "module": m.module,
+            "rank": m.rank,
+            "shape": [m.out_features, m.in_features],
+            "scaling": m.scaling,
+        }
+        for m in reader.modules.values()
+    ]
+    summary = {
+        "adapter": str(path),
+        "type": "LORA",
+        "base_model_name_or_path": cfg.base_model_name_or_path,
+        "task_type": cfg.task_type,
+        "r": cfg.r,
+        "lora_alpha": cfg.lora_alpha,
+        "use_rslora": cfg.use_rslora,
+        "rank_pattern": cfg.rank_pattern,
+        "alpha_pattern": cfg.alpha_pattern,
+        "target_modules": cfg.target_modules,
+        "modules": len(modules),
+        "bytes": reader.nbytes,
+    }
+    if args.json:
+        print(json.dumps({**summary, "module_list": modules}, indent=2))
+        return 0
+    for key, value in summary.items():
+        print(f"{key:>24}: {value}")
+    print(f"{'module':<60} {'rank':>5} {'shape (out×in)':>16} {'scaling':>9}")
+    for m in modules:
+        print(
+            f"{m['module']:<60} {m['rank']:>5} {'×'.join(map(str, m['shape'])):>16} {m['scaling']:>9.4g}"
+        )
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from worker.demo import run_demo
+
+    return run_demo(Path(args.workdir) if args.workdir else None)
+
+
+def _method_help() -> str:
+    lines = []
+    for method, params in METHOD_PARAMS.items():
+        lines.append(f"  {method:<10} " + ", ".join(f"{p.name}={p.default}" for p in params))
+    return "method parameters (--param NAME=VALUE):\n" + "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="coremerge", description="Merge LoRA adapters in Core Space.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    merge = sub.add_parser(
+        "merge",
+        help="merge local PEFT LoRA adapters into one",
+        epilog=_method_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    merge.add_argument("adapters", nargs="*", metavar="ADAPTER_DIR", help="PEFT adapter folders")
+    merge.add_argument(
+        "-o", "--output", metavar="OUT_DIR", help="where the merged adapter is written"
+    )
+    merge.add_argument("--method", choices=METHODS, help="merge method (default tsv)")
+    merge.add_argument("--space", choices=SPACES, help="where to merge (default core)")
+    merge.add_argument("--weights", help="per-adapter weights, comma-separated")
+    merge.add_argument(
+        "--param", action="append", metavar="NAME=VALUE", help="method parameter; repeatable"
+    )
+    merge.add_argument("--rank", type=int, help="truncate every module to this rank")
+    merge.add_argument(
+        "--dtype", choices=DTYPES, help="storage dtype of the output (default float32)"
+    )
+    merge.add_argument(
+        "--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1…"
+    )
+    merge.add_argument("--seed", type=int, help="seed for random methods (default 0)")
+    merge.add_argument(
+        "--spec", metavar="JOB_JSON", help="a job spec file (DESIGN.md §3); flags override it"
+    )
+    merge.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    merge.set_defaults(func=cmd_merge)
+
+    inspect = sub.add_parser("inspect", help="show an adapter's modules, ranks and scalings")
+    inspect.add_argument("adapter", metavar="ADAPTER_DIR")
+    inspect.add_argument("--json", action="store_true", help="machine-readable output")
+    inspect.set_defaults(func=cmd_inspect)
+
+    demo = sub.add_parser(
+        "demo", help="make three small real LoRA adapters with peft and merge them"
+    )
+    demo.add_argument(
+        "--workdir", help="keep the adapters and the merge here (default: a temp dir)"
+    )
+    demo.set_defaults(func=cmd_demo)
+
+    try:
+        from service.commands import register
+    except ImportError:  # the service side is optional for the embedded CLI
+        pass
+    else:
+        register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from worker.errors import MergeError
+
+    try:
+        return args.func(args)
+    except (UsageError, FileExistsError) as exc:
+        print(f"coremerge: error: {exc}", file=sys.stderr)
+    except MergeError as exc:
+        print(f"coremerge: error: {exc.code}: {exc.message}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print("coremerge: interrupted; nothing was written", file=sys.stderr)
+        return 130
+    except Exception as exc:  # a bug: still one line, and a distinct exit status
+        print(f"coremerge: internal error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return EXIT_INTERNAL
+    return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

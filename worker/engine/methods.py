@@ -1,0 +1,173 @@
+"""Merge methods: each maps T matrices X_t of one shape to one merged matrix X (DESIGN.md §7).
+
+The same function serves every space: the X_t are the R × R core matrices in core space, the
+dense ΔW_t in full space and the per-task blocks V_t in knots space. The global ``alpha`` and
+the ``isotropize`` option are applied by the caller (:func:`apply_method`), once, after the
+method. Each function follows the paper's reference implementation; where it differs from
+PEFT's ``merge_utils`` the docstring says so.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from service.spec import METHOD_PARAMS
+
+from .linalg import isotropize, numerical_rank, polar
+
+__all__ = [
+    "METHOD_FUNCTIONS",
+    "apply_method",
+    "cart",
+    "dare",
+    "dare_ties",
+    "iso_c",
+    "task_arithmetic",
+    "ties",
+    "tsv",
+]
+
+
+def task_arithmetic(xs: Sequence[Tensor]) -> Tensor:
+    """TA: X = Σ_t X_t."""
+    return torch.stack(list(xs)).sum(0)
+
+
+def _trim_to_density(stacked: Tensor, density: float) -> Tensor:
+    """Zero all but the largest-magnitude entries of each row (one row per task).
+
+    Keeps every entry whose magnitude is ≥ the (d − ⌊d·density⌋)-th smallest, i.e.
+    ⌊d·density⌋ + 1 entries plus ties, as the reference's ``topk_values_mask`` does
+    (PEFT's ``magnitude_based_pruning`` keeps exactly ⌊d·density⌋).
+    """
+    if density >= 1:
+        return stacked
+    d = stacked.shape[1]
+    kth = d - int(d * density)
+    threshold = stacked.abs().kthvalue(kth, dim=1, keepdim=True).values
+    return stacked * (stacked.abs() >= threshold)
+
+
+def _elect_and_mean(kept: Tensor) -> Tensor:
+    """TIES sign election and disjoint mean over rows of ``kept`` (T × d)."""
+    sign = torch.sign(kept.sum(0))
+    majority = torch.sign(sign.sum())
+    sign = torch.where(sign == 0, majority, sign)
+    agree = torch.sign(kept) == sign
+    count = agree.sum(0).clamp(min=1)
+    return (kept * agree).sum(0) / count
+
+
+def ties(xs: Sequence[Tensor], density: float) -> Tensor:
+    """TIES: trim each task to ``density``, elect a sign per entry, average the agreeing entries.
+
+    An entry whose elected sign is 0 takes the module's majority sign (the reference's
+    ``resolve_zero_signs``). The mean divides by the number of agreeing entries (at least 1).
+    """
+    shape = xs[0].shape
+    stacked = torch.stack([x.reshape(-1) for x in xs])
+    return _elect_and_mean(_trim_to_density(stacked, density)).reshape(shape)
+
+
+def _drop_and_rescale(
+    xs: Sequence[Tensor], drop: float, generator: torch.Generator
+) -> list[Tensor]:
+    """Drop each entry with probability ``drop``; rescale survivors by 1/(1 − drop).
+
+    The masks are drawn on the CPU from ``generator`` in task order, so a seed gives the same
+    merge on every device.
+    """
+    if drop == 0:
+        return list(xs)
+    out = []
+    for x in xs:
+        keep = torch.rand(x.shape, generator=generator, dtype=torch.float32) >= drop
+        out.append(x * keep.to(x.device) / (1.0 - drop))
+    return out
+
+
+def dare(xs: Sequence[Tensor], drop: float, generator: torch.Generator) -> Tensor:
+    """DARE: random drop with rescale, then X = Σ_t."""
+    return task_arithmetic(_drop_and_rescale(xs, drop, generator))
+
+
+def dare_ties(
+    xs: Sequence[Tensor], drop: float, density: float, generator: torch.Generator
+) -> Tensor:
+    """DARE-TIES: DARE's drop and rescale (without the sum), then TIES on the results."""
+    return ties(_drop_and_rescale(xs, drop, generator), density)
+
+
+def tsv(xs: Sequence[Tensor]) -> Tensor:
+    """Task Singular Vectors (TSV-M): keep each task's top singular triplets, decorrelate, sum.
+
+    Task t keeps k_t = min(⌊K/T⌋, numerical rank of X_t) components (K = min dim). The kept
+    U's and V's are concatenated and each replaced by its orthogonal polar factor, so the
+    tasks' directions no longer interfere: X = polar(U_c) diag(s_c) polar(V_c)ᵀ.
+    """
+    T, K = len(xs), min(xs[0].shape)
+    us, ss, vhs = [], [], []
+    for x in xs:
+        U, S, Vh = torch.linalg.svd(x, full_matrices=False)
+        k = min(K // T, numerical_rank(S, tuple(x.shape)))
+        us.append(U[:, :k])
+        ss.append(S[:k])
+        vhs.append(Vh[:k])
+    s_c = torch.cat(ss)
+    if s_c.numel() == 0:
+        return torch.zeros_like(xs[0])
+    return (polar(torch.cat(us, dim=1)) * s_c) @ polar(torch.cat(vhs, dim=0))
+
+
+def cart(xs: Sequence[Tensor], rank_fraction: float, lam: float) -> Tensor:
+    """CART: the mean plus ``lam`` times the sum of each task's low-rank residual from it.
+
+    X = avg + lam · Σ_t trunc_k(X_t − avg), with k = ⌈rank_fraction · K⌉.
+    """
+    avg = torch.stack(list(xs)).mean(0)
+    total = torch.zeros_like(avg)
+    for x in xs:
+        U, S, Vh = torch.linalg.svd(x - avg, full_matrices=False)
+        k = math.ceil(rank_fraction * S.numel())
+        total += (U[:, :k] * S[:k]) @ Vh[:k]
+    return avg + lam * total
+
+
+def iso_c(xs: Sequence[Tensor]) -> Tensor:
+    """Iso-C: task arithmetic, then every singular value replaced by their mean."""
+    return isotropize(task_arithmetic(xs))
+
+
+MethodFn = Callable[[Sequence[Tensor], Mapping[str, Any], torch.Generator], Tensor]
+
+#: Each method by its API name, called with the validated params (see ``service.spec``).
+METHOD_FUNCTIONS: dict[str, MethodFn] = {
+    "ta": lambda xs, p, g: task_arithmetic(xs),
+    "ties": lambda xs, p, g: ties(xs, p["density"]),
+    "dare": lambda xs, p, g: dare(xs, p["drop"], g),
+    "dare_ties": lambda xs, p, g: dare_ties(xs, p["drop"], p["density"], g),
+    "tsv": lambda xs, p, g: tsv(xs),
+    "cart": lambda xs, p, g: cart(xs, p["rank_fraction"], p["lam"]),
+    "iso_c": lambda xs, p, g: iso_c(xs),
+}
+assert METHOD_FUNCTIONS.keys() == METHOD_PARAMS.keys()
+
+
+def apply_method(
+    method: str,
+    xs: Sequence[Tensor],
+    params: Mapping[str, Any],
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Run ``method`` on the X_t, then the shared steps: optional isotropize, scale by alpha."""
+    if generator is None:
+        generator = torch.Generator().manual_seed(0)
+    x = METHOD_FUNCTIONS[method](xs, params, generator)
+    if params.get("isotropize", False):
+        x = isotropize(x)
+    return params.get("alpha", 1.0) * x

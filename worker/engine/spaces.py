@@ -1,0 +1,229 @@
+"""Merging one module's LoRA updates in core, full or knots space (DESIGN.md §6–7).
+
+Input: for each adapter t that has the module, its factors with the scaling s_t and the job
+weight w_t already folded into B: ΔW_t = B_t A_t, B_t (m × r_t), A_t (r_t × n). Output: the
+merged update as a LoRA pair ``B @ A`` (scaling 1), so it is written as an adapter as is.
+
+Core space (the paper's Algorithm 1) never forms an m × n matrix: every decomposition is of a
+thin stacked factor or of an R × R core matrix, R = Σ r_t.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .linalg import factored_svd, isotropize, numerical_rank, thin_svd, truncate
+from .methods import apply_method
+
+__all__ = [
+    "LoraFactors",
+    "MergedModule",
+    "ReferenceBases",
+    "core_matrices",
+    "merge_in_core_space",
+    "merge_in_full_space",
+    "merge_in_knots_space",
+    "merge_module",
+    "reference_bases",
+]
+
+
+@dataclass(frozen=True)
+class LoraFactors:
+    """One adapter's update for one module, ΔW = B @ A, scaling and weight folded into B."""
+
+    A: Tensor  # (r, n)
+    B: Tensor  # (m, r)
+
+
+@dataclass(frozen=True)
+class MergedModule:
+    """The merged update ΔW ≈ B @ A and what the merge report records about it."""
+
+    B: Tensor  # (m, k)
+    A: Tensor  # (k, n)
+    kept_energy: float | None = None  # set when output.rank truncated the update
+    residual: float | None = None  # core space self-check (DESIGN.md §5); None elsewhere
+
+    @property
+    def rank(self) -> int:
+        return self.A.shape[0]
+
+
+@dataclass(frozen=True)
+class ReferenceBases:
+    """Orthonormal bases of the stacked factors and the stacks expressed in them.
+
+    U (m × a) are the left singular vectors of B_stack = [B_1 … B_T], V (n × b) the right
+    singular vectors of A_stack = [A_1; …; A_T]. ``UtB`` = Uᵀ B_stack (a × R) and
+    ``AV`` = A_stack V (R × b) fall out of the same SVDs at no extra cost.
+    """
+
+    U: Tensor
+    V: Tensor
+    UtB: Tensor
+    AV: Tensor
+
+
+def reference_bases(factors: Sequence[LoraFactors]) -> ReferenceBases:
+    """Step 2 of Algorithm 1: SVDs of the stacked factors, by QR + small SVD (all R kept)."""
+    U, Sb, Vhb = thin_svd(torch.cat([f.B for f in factors], dim=1))
+    Ua, Sa, Vh = thin_svd(torch.cat([f.A for f in factors], dim=0))
+    return ReferenceBases(U=U, V=Vh.mT, UtB=Sb[:, None] * Vhb, AV=Ua * Sa)
+
+
+def core_matrices(factors: Sequence[LoraFactors], bases: ReferenceBases) -> list[Tensor]:
+    """Step 3: M_t = (Uᵀ B_t)(A_t V), each a × b (R × R when R ≤ m, n)."""
+    out, start = [], 0
+    for f in factors:
+        r = f.A.shape[0]
+        out.append(bases.UtB[:, start : start + r] @ bases.AV[start : start + r])
+        start += r
+    return out
+
+
+def projection_residual(factors: Sequence[LoraFactors], bases: ReferenceBases) -> float:
+    """The self-check of DESIGN.md §5: worst relative residual of any B_t or A_t off the bases.
+
+    ‖B_t − U Uᵀ B_t‖ / ‖B_t‖ and ‖A_t − A_t V Vᵀ‖ / ‖A_t‖; ~1e-7 in float32 when core space
+    is lossless. Computed on the stacks at once (one product each), per task from the columns.
+    """
+    B_stack = torch.cat([f.B for f in factors], dim=1)
+    A_stack = torch.cat([f.A for f in factors], dim=0)
+    rb = (B_stack - bases.U @ bases.UtB).norm(dim=0) ** 2  # per column of B_stack
+    ra = (A_stack - bases.AV @ bases.V.mT).norm(dim=1) ** 2  # per row of A_stack
+    nb, na = B_stack.norm(dim=0) ** 2, A_stack.norm(dim=1) ** 2
+    worst, start = 0.0, 0
+    for f in factors:
+        sl = slice(start, start + f.A.shape[0])
+        start = sl.stop
+        for res, norm in ((rb[sl], nb[sl]), (ra[sl], na[sl])):
+            total = float(norm.sum())
+            if total > 0:
+                worst = max(worst, (float(res.sum()) / total) ** 0.5)
+    return worst
+
+
+def _as_lora_pair(
+    U: Tensor, X: Tensor, V: Tensor, rank: int | None
+) -> tuple[Tensor, Tensor, float | None]:
+    """Write U X Vᵀ as (B, A): exactly when X is square, else via the SVD of the small X."""
+    if rank is None and X.shape[0] == X.shape[1]:
+        return U @ X, V.mT, None
+    P, S, Qh = torch.linalg.svd(X, full_matrices=False)
+    if rank is None:
+        return U @ (P * S), Qh @ V.mT, None
+    B_small, A_small, kept = truncate(P, S, Qh, rank)
+    return U @ B_small, A_small @ V.mT, kept
+
+
+def merge_in_core_space(
+    factors: Sequence[LoraFactors],
+    method: str,
+    params: Mapping[str, Any],
+    rank: int | None = None,
+    generator: torch.Generator | None = None,
+) -> MergedModule:
+    """Algorithm 1: bases → core matrices → merge the R × R matrices → map back.
+
+    With ``rank``, the merged core matrix M ≈ P_k S_k Q_kᵀ is truncated (an SVD of R × R
+    only): B = U P_k S_k, A = Q_kᵀ Vᵀ.
+    """
+    bases = reference_bases(factors)
+    M = apply_method(method, core_matrices(factors, bases), params, generator)
+    B, A, kept = _as_lora_pair(bases.U, M, bases.V, rank)
+    return MergedModule(B=B, A=A, kept_energy=kept, residual=projection_residual(factors, bases))
+
+
+def _dense_to_lora(dW: Tensor, rank: int | None) -> tuple[Tensor, Tensor, float | None]:
+    """Factor a dense update exactly (numerical rank) or truncated to ``rank`` by its SVD."""
+    U, S, Vh = torch.linalg.svd(dW, full_matrices=False)
+    k = numerical_rank(S, tuple(dW.shape)) if rank is None else rank
+    B, A, kept = truncate(U, S, Vh, k)
+    return B, A, (kept if rank is not None else None)
+
+
+def merge_in_full_space(
+    factors: Sequence[LoraFactors],
+    method: str,
+    params: Mapping[str, Any],
+    rank: int | None = None,
+    generator: torch.Generator | None = None,
+) -> MergedModule:
+    """The baseline: the method on the dense ΔW_t = B_t A_t (m × n each)."""
+    dW = apply_method(method, [f.B @ f.A for f in factors], params, generator)
+    B, A, kept = _dense_to_lora(dW, rank)
+    return MergedModule(B=B, A=A, kept_energy=kept)
+
+
+def knots_components(factors: Sequence[LoraFactors]) -> tuple[Tensor, Tensor, list[Tensor]]:
+    """U, S and the per-task blocks V_t of the SVD of [ΔW_1 … ΔW_T] (m × T·n), from the factors.
+
+    [B_1A_1 … B_TA_T] = B_stack · blockdiag(A_1 … A_T). With B_stack = Qb Rb and A_tᵀ = Q_t R_t,
+    the stack is Qb · Rb · blockdiag(R_tᵀ) · blockdiag(Q_tᵀ): the SVD of the R × R middle gives
+    U, S, and V_tᵀ = (the middle's Vh, columns of task t) · Q_tᵀ. Keeps S > 1e-5 as the
+    reference does.
+    """
+    Qb, Rb = torch.linalg.qr(torch.cat([f.B for f in factors], dim=1), mode="reduced")
+    qrs = [torch.linalg.qr(f.A.mT, mode="reduced") for f in factors]
+    middle = Rb @ torch.block_diag(*[R.mT for _, R in qrs])
+    Us, S, Vhs = torch.linalg.svd(middle, full_matrices=False)
+    keep = S > 1e-5
+    Us, S, Vhs = Us[:, keep], S[keep], Vhs[keep]
+    blocks, start = [], 0
+    for Q, R in qrs:
+        k = R.shape[0]
+        blocks.append(Vhs[:, start : start + k] @ Q.mT)
+        start += k
+    return Qb @ Us, S, blocks
+
+
+def merge_in_knots_space(
+    factors: Sequence[LoraFactors],
+    method: str,
+    params: Mapping[str, Any],
+    rank: int | None = None,
+    generator: torch.Generator | None = None,
+) -> MergedModule:
+    """KnOTS: merge the per-task right blocks V_t, then ΔW = U diag(S) X.
+
+    ``isotropize`` acts on the dense ΔW (over all min(m, n) singular values, as the reference
+    does), so that one case forms the m × n matrix.
+    """
+    U, S, blocks = knots_components(factors)
+    inner = {**params, "isotropize": False}
+    X = apply_method(method, blocks, inner, generator)
+    B, A = U * S, X
+    if params.get("isotropize", False):
+        B, A, kept = _dense_to_lora(isotropize(B @ A), rank)
+        return MergedModule(B=B, A=A, kept_energy=kept)
+    Uf, Sf, Vhf = factored_svd(B, A)
+    k = numerical_rank(Sf, (B.shape[0], A.shape[1])) if rank is None else rank
+    B, A, kept = truncate(Uf, Sf, Vhf, k)
+    return MergedModule(B=B, A=A, kept_energy=kept if rank is not None else None)
+
+
+_SPACES = {
+    "core": merge_in_core_space,
+    "full": merge_in_full_space,
+    "knots": merge_in_knots_space,
+}
+
+
+def merge_module(
+    factors: Sequence[LoraFactors],
+    method: str,
+    params: Mapping[str, Any],
+    space: str = "core",
+    rank: int | None = None,
+    generator: torch.Generator | None = None,
+) -> MergedModule:
+    """Merge one module's updates with ``method`` in ``space``; see the per-space functions."""
+    if not factors:
+        raise ValueError("merge_module needs at least one adapter's factors")
+    return _SPACES[space](factors, method, params, rank, generator)

@@ -1,0 +1,120 @@
+"""The merge plan: which modules to merge, from which adapters, at which output rank.
+
+Made from the adapters' configs and safetensors headers only (no tensor is read), so every
+incompatibility is reported before any work starts, and the output's layout (one rank for
+every module, DESIGN.md §5) is known before the first module is merged.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from service.spec import MergeSpec
+from worker.adapters.reader import AdapterReader
+from worker.errors import AdapterIncompatible
+
+__all__ = ["MergePlan", "ModulePlan", "make_plan"]
+
+
+@dataclass(frozen=True)
+class ModulePlan:
+    module: str
+    in_features: int  # n
+    out_features: int  # m
+    sources: tuple[int, ...]  # indices of the adapters that have this module
+    total_rank: int  # R = Σ r_t over the sources
+    max_rank: int | None  # an upper bound of the merged rank, None when only the merge knows
+
+
+@dataclass(frozen=True)
+class MergePlan:
+    modules: list[ModulePlan]
+    output_rank: int | None  # None: decided after merging (full space without output.rank)
+    target_modules: list[str] | str
+    base_model_name_or_path: str | None
+    task_type: str | None
+    fan_in_fan_out: bool
+    notes: list[str]
+
+
+def _natural_key(name: str) -> list[object]:
+    return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name)]
+
+
+def _single(readers: Sequence[AdapterReader], field: str) -> object:
+    """The one value of a config field shared by all adapters (None is unknown, not a conflict)."""
+    values = {getattr(r.config, field) for r in readers} - {None}
+    if len(values) > 1:
+        detail = ", ".join(f"{r.name!r}: {getattr(r.config, field)!r}" for r in readers)
+        raise AdapterIncompatible(f"adapters disagree on {field} ({detail})")
+    return values.pop() if values else None
+
+
+def _merged_rank_bound(spec: MergeSpec, m: int, n: int, total_rank: int) -> int | None:
+    """Upper bound of a module's merged rank, or None when it is not known before merging."""
+    exact = min(total_rank, m, n)
+    if spec.space == "full" or (spec.space == "knots" and spec.params.get("isotropize")):
+        # Entry-wise methods and isotropize give a dense ΔW of any rank up to min(m, n).
+        exact = None if spec.output.rank is None else min(m, n)
+    if spec.output.rank is None:
+        return exact
+    return min(spec.output.rank, exact)
+
+
+def _target_modules(readers: Sequence[AdapterReader], modules: list[str]) -> list[str] | str:
+    """The union of the inputs' target_modules; the exact module names when that is ambiguous."""
+    targets = [r.config.target_modules for r in readers]
+    if all(isinstance(t, list) for t in targets) and not any(
+        r.config.layers_to_transform for r in readers
+    ):
+        return sorted({name for t in targets for name in t})
+    # A regex or a layer restriction in some input: name every merged module exactly.
+    return modules
+
+
+def make_plan(readers: Sequence[AdapterReader], spec: MergeSpec) -> MergePlan:
+    """Check the adapters against each other and lay out the merge (DESIGN.md §2 "plan")."""
+    base = _single(readers, "base_model_name_or_path")
+    fan_in_fan_out = bool(_single(readers, "fan_in_fan_out"))
+    task_types = {r.config.task_type for r in readers}
+    notes = []
+    if len(task_types) > 1:
+        notes.append(
+            f"inputs have different task_type values {sorted(map(str, task_types))}; output has none"
+        )
+    names = sorted({m for r in readers for m in r.modules}, key=_natural_key)
+    modules = []
+    for name in names:
+        sources = tuple(i for i, r in enumerate(readers) if name in r.modules)
+        infos = [readers[i].modules[name] for i in sources]
+        shapes = {(info.out_features, info.in_features) for info in infos}
+        if len(shapes) > 1:
+            detail = ", ".join(
+                f"{readers[i].name!r}: {info.out_features}×{info.in_features}"
+                for i, info in zip(sources, infos, strict=True)
+            )
+            raise AdapterIncompatible(
+                f"module {name!r} has different shapes across adapters ({detail})"
+            )
+        (m, n) = shapes.pop()
+        total = sum(info.rank for info in infos)
+        if spec.space == "core" and total > min(m, n):
+            notes.append(
+                f"{name}: Σr = {total} exceeds min(m, n) = {min(m, n)}; core space is no smaller than full space"
+            )
+        modules.append(
+            ModulePlan(name, n, m, sources, total, _merged_rank_bound(spec, m, n, total))
+        )
+    bounds = [mp.max_rank for mp in modules]
+    output_rank = None if None in bounds else max(bounds)  # type: ignore[type-var]
+    return MergePlan(
+        modules=modules,
+        output_rank=output_rank,
+        target_modules=_target_modules(readers, names),
+        base_model_name_or_path=base,  # type: ignore[arg-type]
+        task_type=task_types.pop() if len(task_types) == 1 else None,
+        fan_in_fan_out=fan_in_fan_out,
+        notes=notes,
+    )
