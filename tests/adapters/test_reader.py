@@ -1,0 +1,132 @@
+"""The adapter reader against adapters written by peft itself, and every refusal."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from tests.conftest import edit_config
+from worker.adapters.reader import AdapterReader
+from worker.demo import tiny_base_model
+from worker.errors import AdapterInvalid, AdapterNotFound
+
+
+def _peft_layers(adapter_dir: Path):
+    """The adapter loaded by stock PEFT: {module name: LoRA layer}."""
+    from peft import PeftModel
+
+    model = PeftModel.from_pretrained(tiny_base_model(), adapter_dir)
+    return {
+        name.removeprefix("base_model.model."): module
+        for name, module in model.named_modules()
+        if hasattr(module, "lora_A") and "default" in module.lora_A
+    }
+
+
+def test_modules_ranks_and_scalings_match_peft(peft_adapters: list[Path]) -> None:
+    for adapter_dir in peft_adapters:
+        reader = AdapterReader(adapter_dir, adapter_dir.name)
+        layers = _peft_layers(adapter_dir)
+        assert set(reader.modules) == set(layers)
+        for name, info in reader.modules.items():
+            layer = layers[name]
+            assert info.rank == layer.r["default"]
+            assert info.scaling == pytest.approx(layer.scaling["default"])
+            A, B = reader.read(name)
+            assert torch.equal(A, layer.lora_A["default"].weight)
+            assert torch.equal(B, layer.lora_B["default"].weight)
+
+
+def test_rank_and_alpha_patterns_are_applied(peft_adapters: list[Path]) -> None:
+    reader = AdapterReader(peft_adapters[2], "patterns")
+    assert reader.modules["model.layers.0.self_attn.k_proj"].rank == 6
+    assert reader.modules["model.layers.0.self_attn.q_proj"].scaling == pytest.approx(4 / 2)
+    assert reader.modules["model.layers.1.self_attn.q_proj"].scaling == pytest.approx(16 / 2)
+
+
+def _expect_invalid(adapter_dir: Path, fragment: str) -> None:
+    with pytest.raises(AdapterInvalid) as info:
+        AdapterReader(adapter_dir, "bad").read("model.layers.0.self_attn.q_proj")
+    assert "'bad'" in info.value.message and fragment in info.value.message
+    assert info.value.code == "adapter_invalid"
+
+
+@pytest.mark.parametrize(
+    ("changes", "fragment"),
+    [
+        ({"use_dora": True}, "DoRA"),
+        ({"modules_to_save": ["lm_head"]}, "modules_to_save"),
+        ({"peft_type": "IA3"}, "peft_type 'IA3' is not supported"),
+        ({"bias": "all"}, "bias='all'"),
+        ({"init_lora_weights": "pissa"}, "changes the base weights"),
+        ({"r": 3}, "has rank 4 but the config says 3"),
+    ],
+)
+def test_refused_configs(adapter_copy, changes: dict, fragment: str) -> None:
+    adapter = adapter_copy(0)
+    edit_config(adapter, **changes)
+    _expect_invalid(adapter, fragment)
+
+
+def test_missing_directory_is_not_found(tmp_path: Path) -> None:
+    with pytest.raises(AdapterNotFound, match="no directory"):
+        AdapterReader(tmp_path / "nope", "gone")
+
+
+def test_missing_config(adapter_copy) -> None:
+    adapter = adapter_copy(0)
+    (adapter / "adapter_config.json").unlink()
+    _expect_invalid(adapter, "no adapter_config.json")
+
+
+def test_pickle_weights_are_never_loaded(adapter_copy) -> None:
+    adapter = adapter_copy(0)
+    (adapter / "adapter_model.safetensors").rename(adapter / "adapter_model.bin")
+    _expect_invalid(adapter, "only pickle weights (adapter_model.bin)")
+
+
+def test_truncated_safetensors(adapter_copy) -> None:
+    adapter = adapter_copy(0)
+    path = adapter / "adapter_model.safetensors"
+    path.write_bytes(path.read_bytes()[:-100])
+    _expect_invalid(adapter, "not a valid safetensors file")
+
+
+def _rewrite_tensors(adapter: Path, edit) -> None:
+    path = adapter / "adapter_model.safetensors"
+    tensors = load_file(path)
+    edit(tensors)
+    save_file(tensors, path)
+
+
+def test_rank_mismatch_between_a_and_b(adapter_copy) -> None:
+    adapter = adapter_copy(0)
+    key = "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"
+    _rewrite_tensors(adapter, lambda t: t.__setitem__(key, t[key][:, :3].contiguous()))
+    _expect_invalid(adapter, "lora_A has rank 4 but lora_B has rank 3")
+
+
+def test_nan_factor(adapter_copy) -> None:
+    adapter = adapter_copy(0)
+    key = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
+    _rewrite_tensors(adapter, lambda t: t[key].__setitem__((0, 0), float("nan")))
+    _expect_invalid(adapter, "NaN or infinite")
+
+
+def test_embedding_lora_key(adapter_copy) -> None:
+    adapter = adapter_copy(0)
+    key = "base_model.model.model.embed_tokens.lora_embedding_A"
+    _rewrite_tensors(adapter, lambda t: t.__setitem__(key, torch.zeros(4, 8)))
+    _expect_invalid(adapter, "embedding LoRA")
+
+
+def test_config_that_is_not_json(adapter_copy) -> None:
+    adapter = adapter_copy(0)
+    (adapter / "adapter_config.json").write_text("{not json")
+    _expect_invalid(adapter, "not valid JSON")
+    (adapter / "adapter_config.json").write_text(json.dumps([1, 2]))
+    _expect_invalid(adapter, "not a JSON object")
