@@ -87,7 +87,8 @@ class AdapterReader:
         try:
             with safe_open(self.path, framework="pt") as f:
                 header = {
-                    k: (f.get_slice(k).get_shape(), f.get_slice(k).get_dtype()) for k in f.keys()  # noqa: SIM118 (safe_open is not iterable)
+                    k: (f.get_slice(k).get_shape(), f.get_slice(k).get_dtype())
+                    for k in f.keys()  # noqa: SIM118 (safe_open is not iterable)
                 }
         except (SafetensorError, OSError, ValueError) as exc:
             raise AdapterInvalid(
