@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import struct
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -63,13 +64,16 @@ class SafetensorsStreamWriter:
         blob += b" " * (-len(blob) % 8)  # keep the tensor data 8-byte aligned
         self._pending = list(slots)
         self._sha = hashlib.sha256()
+        # Hashing runs on its own thread (hashlib releases the GIL), in write order, beside
+        # the next module's merge; each chunk is kept alive until it is hashed.
+        self._hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sha256-out")
         self._file: BinaryIO = open(path, "xb")  # noqa: SIM115 (closed in close())
         self._emit(struct.pack("<Q", len(blob)) + blob)
         self.nbytes = 8 + len(blob) + offset
 
     def _emit(self, data: bytes | memoryview) -> None:
         self._file.write(data)
-        self._sha.update(data)
+        self._hasher.submit(self._sha.update, data)
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         """Append ``tensor`` as the next slot, which must be ``name`` with the planned shape."""
@@ -84,12 +88,14 @@ class SafetensorsStreamWriter:
     def close(self) -> str:
         """Finish the file; returns its sha256. Fails if a planned tensor was never written."""
         self._file.close()
+        self._hasher.shutdown(wait=True)
         if self._pending:
             raise ValueError(f"{len(self._pending)} planned tensors were not written")
         return self._sha.hexdigest()
 
     def abort(self) -> None:
         self._file.close()
+        self._hasher.shutdown(wait=True, cancel_futures=True)
 
 
 def _numel(shape: tuple[int, ...]) -> int:
