@@ -1,0 +1,16 @@
+"""The runnable examples in module docstrings stay true."""
+
+from __future__ import annotations
+
+import doctest
+
+import pytest
+
+import service.spec
+import worker.engine
+
+
+@pytest.mark.parametrize("module", [service.spec, worker.engine], ids=lambda m: m.__name__)
+def test_docstring_examples(module) -> None:
+    result = doctest.testmod(module)
+    assert result.attempted > 0 and result.failed == 0
