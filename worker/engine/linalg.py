@@ -14,26 +14,23 @@ from torch import Tensor
 __all__ = [
     "factored_svd",
     "isotropize",
+    "left_singular_basis",
     "numerical_rank",
     "polar",
-    "thin_svd",
     "truncate",
 ]
 
 
-def thin_svd(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Economy SVD ``x = U diag(S) Vh`` by QR of the long side, then SVD of the small factor.
+def left_singular_basis(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Left singular vectors U of x (m × R) and the coordinates Uᵀ x, by QR + small SVD.
 
-    For x (m × R) with m ≥ R: x = Q Rr, Rr = Ur S Vh, so U = Q Ur. The wide case is the
-    transpose. Returns U (m × k), S (k), Vh (k × R) with k = min(m, R).
+    x = Q Rx and Rx = Ur S Vh, so U = Q Ur. The coordinates are taken as Urᵀ Rx rather than
+    S Vh: the two agree in exact arithmetic, but Urᵀ Rx is accurate column by column (a zero
+    column of x gives an exactly zero column), while S Vh is accurate only for x as a whole.
     """
-    m, n = x.shape
-    if m < n:
-        U, S, Vh = thin_svd(x.mT)
-        return Vh.mT, S, U.mT
-    Q, R = torch.linalg.qr(x, mode="reduced")
-    Ur, S, Vh = torch.linalg.svd(R, full_matrices=False)
-    return Q @ Ur, S, Vh
+    Q, Rx = torch.linalg.qr(x, mode="reduced")
+    Ur, _, _ = torch.linalg.svd(Rx, full_matrices=False)
+    return Q @ Ur, Ur.mT @ Rx
 
 
 def factored_svd(B: Tensor, A: Tensor) -> tuple[Tensor, Tensor, Tensor]:

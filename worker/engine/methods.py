@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
+from decimal import Decimal
 from typing import Any
 
 import torch
@@ -48,9 +49,19 @@ def _trim_to_density(stacked: Tensor, density: float) -> Tensor:
     if density >= 1:
         return stacked
     d = stacked.shape[1]
-    kth = d - int(d * density)
+    kth = d - _floor_product(density, d)
     threshold = stacked.abs().kthvalue(kth, dim=1, keepdim=True).values
     return stacked * (stacked.abs() >= threshold)
+
+
+def _floor_product(fraction: float, count: int) -> int:
+    """⌊fraction · count⌋ for the decimal the user wrote (0.29 · 100 = 29, not 28.999…)."""
+    return math.floor(Decimal(repr(fraction)) * count)
+
+
+def _ceil_product(fraction: float, count: int) -> int:
+    """⌈fraction · count⌉ for the decimal the user wrote (0.28 · 25 = 7, not 7.000…1)."""
+    return math.ceil(Decimal(repr(fraction)) * count)
 
 
 def _elect_and_mean(kept: Tensor) -> Tensor:
@@ -70,6 +81,8 @@ def ties(xs: Sequence[Tensor], density: float) -> Tensor:
     ``resolve_zero_signs``). The mean divides by the number of agreeing entries (at least 1).
     """
     shape = xs[0].shape
+    if xs[0].numel() == 0:
+        return torch.zeros_like(xs[0])
     stacked = torch.stack([x.reshape(-1) for x in xs])
     return _elect_and_mean(_trim_to_density(stacked, density)).reshape(shape)
 
@@ -133,7 +146,7 @@ def cart(xs: Sequence[Tensor], rank_fraction: float, lam: float) -> Tensor:
     total = torch.zeros_like(avg)
     for x in xs:
         U, S, Vh = torch.linalg.svd(x - avg, full_matrices=False)
-        k = math.ceil(rank_fraction * S.numel())
+        k = _ceil_product(rank_fraction, S.numel())
         total += (U[:, :k] * S[:k]) @ Vh[:k]
     return avg + lam * total
 

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .linalg import factored_svd, isotropize, numerical_rank, thin_svd, truncate
+from .linalg import factored_svd, isotropize, left_singular_basis, numerical_rank, truncate
 from .methods import apply_method
 
 __all__ = [
@@ -61,7 +61,7 @@ class ReferenceBases:
 
     U (m × a) are the left singular vectors of B_stack = [B_1 … B_T], V (n × b) the right
     singular vectors of A_stack = [A_1; …; A_T]. ``UtB`` = Uᵀ B_stack (a × R) and
-    ``AV`` = A_stack V (R × b) fall out of the same SVDs at no extra cost.
+    ``AV`` = A_stack V (R × b) come from the same QR factors at the cost of an R × R product.
     """
 
     U: Tensor
@@ -72,9 +72,9 @@ class ReferenceBases:
 
 def reference_bases(factors: Sequence[LoraFactors]) -> ReferenceBases:
     """Step 2 of Algorithm 1: SVDs of the stacked factors, by QR + small SVD (all R kept)."""
-    U, Sb, Vhb = thin_svd(torch.cat([f.B for f in factors], dim=1))
-    Ua, Sa, Vh = thin_svd(torch.cat([f.A for f in factors], dim=0))
-    return ReferenceBases(U=U, V=Vh.mT, UtB=Sb[:, None] * Vhb, AV=Ua * Sa)
+    U, UtB = left_singular_basis(torch.cat([f.B for f in factors], dim=1))
+    V, VtAt = left_singular_basis(torch.cat([f.A for f in factors], dim=0).mT)
+    return ReferenceBases(U=U, V=V, UtB=UtB, AV=VtAt.mT)
 
 
 def core_matrices(factors: Sequence[LoraFactors], bases: ReferenceBases) -> list[Tensor]:
