@@ -120,11 +120,8 @@ class _ModuleMerger:
             reader = self.readers[i]
             A, B = reader.read(mp.module, self.device)
             # ΔW_t = (w_t s_t B_t) A_t: scaling and job weight folded into B (DESIGN.md §6).
-            factors.append(
-                LoraFactors(
-                    A=A, B=B * (reader.modules[mp.module].scaling * self.spec.adapters[i].weight)
-                )
-            )
+            scale = reader.modules[mp.module].scaling * self.spec.adapters[i].weight
+            factors.append(LoraFactors(A=A, B=B * scale))
         t1 = time.perf_counter()
         merged = merge_module(
             factors,
@@ -236,6 +233,8 @@ def run_merge(
         raise
     finally:
         hasher.shutdown(wait=True, cancel_futures=True)
+        for reader in readers:
+            reader.close()
     return MergeOutcome(out_dir, rank, total, out_bytes, seconds, report)
 
 

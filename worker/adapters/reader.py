@@ -1,10 +1,12 @@
 """Lazy reading of a PEFT LoRA adapter, one module's factors at a time.
 
 Opening an adapter reads only ``adapter_config.json`` and the safetensors header (names,
-shapes, dtypes); :meth:`AdapterReader.read` loads one module's A and B. The file is opened
-with ``safetensors.safe_open`` for each read and closed after it, so the memory map never
-keeps more than the module at hand resident: peak memory follows the largest module, not
-the adapter's size.
+shapes, dtypes); :meth:`AdapterReader.read` loads one module's A and B through a
+``safetensors.safe_open`` memory map. The map is dropped and reopened every
+``REOPEN_EVERY`` reads: pages of a map count as the process's memory for as long as it is
+open, so an adapter held open for a whole merge would end up resident in full, while
+reopening for every read costs a header parse each time. Peak memory follows the modules at
+hand, not the adapter's size.
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 _PICKLE_NAMES = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth")
 _FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
 _PREFIX = "base_model.model."
+#: Reads served by one memory map before it is dropped (see the module docstring).
+REOPEN_EVERY = 16
 _FACTOR_KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<which>[AB])\.weight$")
 
 
@@ -79,6 +83,8 @@ class AdapterReader:
             raise AdapterInvalid(f"adapter {name!r}: {reason}")
         self.nbytes = self.path.stat().st_size
         self.modules: dict[str, ModuleInfo] = self._index()
+        self._handle = None
+        self._reads = 0
         self._keys = {
             m: (f"{_PREFIX}{m}.lora_A.weight", f"{_PREFIX}{m}.lora_B.weight") for m in self.modules
         }
@@ -146,16 +152,25 @@ class AdapterReader:
         """A (r × n) and B (m × r) of ``module`` as float32 on ``device``; no scaling applied."""
         key_a, key_b = self._keys[module]
         try:
-            with safe_open(self.path, framework="pt") as f:
-                A, B = f.get_tensor(key_a), f.get_tensor(key_b)
+            if self._handle is None or self._reads >= REOPEN_EVERY:
+                self._handle, self._reads = None, 0
+                self._handle = safe_open(self.path, framework="pt")
+            self._reads += 1
+            A, B = self._handle.get_tensor(key_a), self._handle.get_tensor(key_b)
         except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
             raise AdapterInvalid(
                 f"adapter {self.name!r}: cannot read module {module!r} ({exc})"
             ) from None
         A = A.to(device=device, dtype=torch.float32)
         B = B.to(device=device, dtype=torch.float32)
-        if not (torch.isfinite(A).all() and torch.isfinite(B).all()):
+        # One pass each: a NaN or ±inf anywhere makes the sum non-finite.
+        if not (torch.isfinite(A.sum()) and torch.isfinite(B.sum())):
             raise AdapterInvalid(
-                f"adapter {self.name!r}: module {module!r} has NaN or infinite values"
+                f"adapter {self.name!r}: module {module!r} has NaN or infinite values "
+                "(or values too large to sum in float32)"
             )
         return A, B
+
+    def close(self) -> None:
+        """Drop the memory map (the next read reopens it)."""
+        self._handle = None
