@@ -1,0 +1,54 @@
+# syntax=docker/dockerfile:1
+# Two images from one file (docs/service.md):
+#   api     docker build --target api -t coremerge-api .       FastAPI + RQ + boto3; no torch
+#   worker  docker build --target worker -t coremerge-worker . torch with CUDA; runs merges
+# The CUDA wheel of torch carries its own CUDA runtime: the host needs only the NVIDIA driver
+# and the container toolkit. On a host without a GPU the same worker image runs on the CPU.
+
+ARG PYTHON_IMAGE=python:3.11-slim-bookworm
+
+FROM ${PYTHON_IMAGE} AS base
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+RUN groupadd --gid 10001 coremerge \
+ && useradd --create-home --uid 10001 --gid 10001 --shell /usr/sbin/nologin coremerge
+WORKDIR /app
+
+# ---------------------------------------------------------------------------------------------
+FROM base AS api
+# The service's dependencies (pyproject.toml's "service and queue" block); the package itself
+# goes in with --no-deps so that torch, peft and transformers stay out of this image.
+RUN pip install \
+      "pydantic>=2.7,<3" "pydantic-settings>=2.3,<3" "fastapi>=0.115" "uvicorn[standard]>=0.30" \
+      "httpx>=0.27" "redis>=5" "rq>=2.0" "boto3>=1.36" "prometheus-client>=0.20"
+COPY pyproject.toml README.md ./
+COPY service ./service
+COPY worker ./worker
+RUN pip install --no-deps . \
+ && python -c "import sys, service.app; assert 'torch' not in sys.modules"
+USER 10001:10001
+EXPOSE 8000
+HEALTHCHECK --interval=10s --timeout=3s --start-period=5s --retries=3 \
+  CMD ["python", "-c", "import urllib.request as u; u.urlopen('http://127.0.0.1:8000/healthz', timeout=2)"]
+# 0.0.0.0 inside the container; compose publishes it on the host's loopback only.
+CMD ["coremerge", "serve", "--host", "0.0.0.0", "--port", "8000"]
+
+# ---------------------------------------------------------------------------------------------
+FROM base AS worker
+# Pick the CUDA build that matches the hosts' drivers (see https://pytorch.org/get-started/).
+ARG TORCH_VERSION=2.13.0
+ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128
+RUN pip install "torch==${TORCH_VERSION}" --index-url "${TORCH_INDEX_URL}"
+COPY pyproject.toml README.md ./
+COPY service ./service
+COPY worker ./worker
+RUN pip install .
+USER 10001:10001
+# Inputs are downloaded and outputs staged here; mount a volume with room for one job.
+ENV COREMERGE_WORK_DIR=/tmp
+HEALTHCHECK --interval=30s --timeout=5s --start-period=30s --retries=3 \
+  CMD ["coremerge", "worker", "--healthcheck"]
+# RQ's forking worker: the parent never initialises CUDA, each job runs in a fresh child.
+CMD ["coremerge", "worker"]

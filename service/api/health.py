@@ -1,0 +1,38 @@
+"""``/healthz`` (the process answers; never touches Redis), ``/readyz`` (Redis answers) and
+``/metrics`` (Prometheus)."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request, Response
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from service.api.deps import MetricsDep, StoreDep
+from service.problems import Problem, problem_responses
+
+__all__ = ["router"]
+
+router = APIRouter(tags=["operations"])
+
+
+@router.get("/healthz", summary="The process is alive")
+async def healthz() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@router.get("/readyz", summary="Redis answers", responses=problem_responses(503))
+def readyz(store: StoreDep) -> dict[str, str]:
+    try:
+        store.redis.ping()
+    except Exception as exc:
+        raise Problem(503, f"Redis does not answer: {exc}", slug="unavailable") from None
+    return {"status": "ready"}
+
+
+@router.get(
+    "/metrics",
+    summary="Prometheus metrics",
+    response_class=Response,
+    responses={200: {"content": {CONTENT_TYPE_LATEST: {}}, "description": "text exposition"}},
+)
+def metrics(request: Request, metrics: MetricsDep) -> Response:
+    return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,93 @@
+"""The FastAPI application: ``create_app(settings)`` wires settings, tenants, the job store,
+the queue and the metrics into one app. ``coremerge serve`` runs it under uvicorn.
+
+It never imports torch (the API image has none, and it starts in well under a second);
+``tests/service/test_import.py`` holds it to that.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI
+from redis import Redis
+
+from service.api import health, merges
+from service.auth import load_tenants
+from service.config import Settings
+from service.jobs import JobStore
+from service.metrics import RequestMetricsMiddleware, ServiceMetrics
+from service.problems import Problem, install
+from service.queue import make_queue
+
+__all__ = ["create_app"]
+
+log = logging.getLogger("coremerge.api")
+
+VERSION = "0.1.0"
+
+
+class _BodyLimit:
+    """Refuse request bodies over ``limit`` bytes with 413: by their Content-Length, or, for a
+    chunked body that announces none, by buffering it up to the limit before the app sees it."""
+
+    def __init__(self, app: Any, limit: int) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        too_large = Problem(413, f"request body over {self.limit} bytes", slug="too-large")
+        length = dict(scope.get("headers", ())).get(b"content-length")
+        if length is not None:
+            if length.isdigit() and int(length) > self.limit:
+                await too_large.response()(scope, receive, send)
+                return
+            await self.app(scope, receive, send)  # the server holds the body to its length
+            return
+        buffered, size = [], 0
+        while True:
+            message = await receive()
+            buffered.append(message)
+            size += len(message.get("body", b""))
+            if size > self.limit:
+                await too_large.response()(scope, receive, send)
+                return
+            if message["type"] != "http.request" or not message.get("more_body"):
+                break
+
+        async def replay() -> dict[str, Any]:
+            return buffered.pop(0) if buffered else await receive()
+
+        await self.app(scope, replay, send)
+
+
+def create_app(settings: Settings | None = None, *, redis: Redis | None = None) -> FastAPI:
+    """The API for ``settings`` (default: from the environment)."""
+    settings = settings or Settings()
+    redis = redis or Redis.from_url(settings.redis_url, **settings.redis_kwargs)
+    store = JobStore(redis, key_prefix=settings.key_prefix, result_ttl=settings.result_ttl)
+    queue = make_queue(redis, settings)
+    metrics = ServiceMetrics(store, queue)
+
+    app = FastAPI(
+        title="coremerge",
+        version=VERSION,
+        summary="Merge many LoRA adapters into one, in Core Space.",
+        description="Submit merge jobs over adapter URIs; poll them; fetch the merged adapter "
+        "from the output URI. Errors are RFC 9457 application/problem+json.",
+    )
+    app.state.settings = settings
+    app.state.tenants = load_tenants(settings.tenants_file)
+    app.state.store = store
+    app.state.queue = queue
+    app.state.metrics = metrics
+    install(app)
+    app.include_router(merges.router)
+    app.include_router(health.router)
+    # Outermost first: metrics see every response, including a 413 from the body limit.
+    app.add_middleware(_BodyLimit, limit=settings.max_request_bytes)
+    app.add_middleware(RequestMetricsMiddleware, metrics=metrics)
+    return app

@@ -1,0 +1,218 @@
+"""The service's ``coremerge`` subcommands; ``worker.cli`` calls :func:`register`.
+
+    coremerge serve [--host 127.0.0.1] [--port 8000]     the HTTP API (uvicorn)
+    coremerge worker [--burst] [--max-jobs N]            an RQ worker running merges
+    coremerge worker --healthcheck                       is this host's worker registered?
+    coremerge submit SPEC.json [--wait] [--idempotency-key K]
+    coremerge status ID
+    coremerge hash-key < key                             the sha256 for the tenants file
+
+Configuration comes from ``COREMERGE_*`` variables (``service.config.Settings``). Heavy
+imports (fastapi, uvicorn, rq, boto3, torch) happen inside the commands, so
+``coremerge merge`` does not pay for them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+__all__ = ["register"]
+
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+
+
+def register(subparsers: Any) -> None:
+    """Add ``serve``, ``worker``, ``submit``, ``status`` and ``hash-key`` to ``subparsers``."""
+    serve = subparsers.add_parser("serve", help="run the HTTP API (uvicorn)")
+    serve.add_argument(
+        "--host", default="127.0.0.1", help="address to bind (default loopback: 127.0.0.1)"
+    )
+    serve.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    serve.add_argument("--access-log", action="store_true", help="log every request")
+    serve.set_defaults(func=cmd_serve)
+
+    worker = subparsers.add_parser("worker", help="run an RQ worker that performs merges")
+    worker.add_argument("--burst", action="store_true", help="exit when the queue is empty")
+    worker.add_argument(
+        "--max-jobs", type=int, help="exit after this many jobs (a supervisor restarts it)"
+    )
+    worker.add_argument("--name", help="the worker's name in RQ (default: random)")
+    worker.add_argument(
+        "--healthcheck",
+        action="store_true",
+        help="exit 0 if a worker of this host is registered in Redis (container health check)",
+    )
+    worker.set_defaults(func=cmd_worker)
+
+    submit = subparsers.add_parser("submit", help="submit a job spec to the service")
+    submit.add_argument("spec", metavar="SPEC.json", help="a job spec (DESIGN.md §3)")
+    submit.add_argument("--wait", action="store_true", help="show progress until it ends")
+    submit.add_argument("--idempotency-key", help="a retried submit returns the same job")
+    submit.add_argument("--url", help="the service (default COREMERGE_API_URL)")
+    submit.set_defaults(func=cmd_submit)
+
+    status = subparsers.add_parser("status", help="show a job")
+    status.add_argument("job_id", metavar="ID")
+    status.add_argument("--url", help="the service (default COREMERGE_API_URL)")
+    status.set_defaults(func=cmd_status)
+
+    hash_key = subparsers.add_parser(
+        "hash-key", help="read an API key on stdin, print its sha256 for the tenants file"
+    )
+    hash_key.set_defaults(func=cmd_hash_key)
+
+
+def _settings() -> Any:
+    from service.config import Settings
+
+    return Settings()
+
+
+def _configure_logging(level: str) -> None:
+    import logging
+
+    logging.basicConfig(
+        level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from service.app import create_app
+
+    settings = _settings()
+    _configure_logging(settings.log_level)
+    uvicorn.run(
+        create_app(settings),
+        host=args.host,
+        port=args.port,
+        log_level=settings.log_level.lower(),
+        access_log=args.access_log,
+    )
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    import os
+
+    settings = _settings()
+    if args.healthcheck:
+        return _worker_health(settings)
+    _configure_logging(settings.log_level)
+    # CUDA and fork: RQ's forking ``Worker`` runs each job in a fresh child (the "work horse"),
+    # and CUDA cannot be used in a child forked from a process that initialised it. So this
+    # parent never initialises CUDA: it may *import* torch (settings.worker_preload: each job
+    # then starts without paying for the import), which touches no GPU, and the NVML-based
+    # check below keeps even torch.cuda.is_available() from creating a context. Each horse
+    # initialises CUDA for itself and frees it all when it exits, so a leak or a poisoned
+    # context cannot outlive one job. Not ``SimpleWorker`` (jobs in this process: one CUDA
+    # context for its whole life, no heartbeat during a job, stop commands ignored), and not
+    # ``SpawnWorker`` (a fresh interpreter per job, which would import torch for every job).
+    os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
+    if settings.worker_preload:
+        from worker.job import preload  # imports torch; CUDA stays uninitialised
+
+        preload(settings)
+
+    from redis import Redis
+    from rq import Worker
+    from rq.serializers import JSONSerializer
+
+    from service.queue import make_queue, on_work_horse_killed
+
+    redis = Redis.from_url(settings.redis_url, **settings.redis_kwargs)
+    rq_worker = Worker(
+        [make_queue(redis, settings)],
+        name=args.name,
+        connection=redis,
+        serializer=JSONSerializer,
+        worker_ttl=settings.worker_ttl,
+        maintenance_interval=settings.maintenance_interval,
+        work_horse_killed_handler=on_work_horse_killed,
+    )
+    rq_worker.work(burst=args.burst, max_jobs=args.max_jobs, logging_level=settings.log_level)
+    return 0
+
+
+def _worker_health(settings: Any) -> int:
+    """0 when an RQ worker of this host is registered (its registration expires when its
+    heartbeats stop), 1 otherwise."""
+    import socket
+
+    from redis import Redis
+    from rq import Worker
+
+    redis = Redis.from_url(settings.redis_url, **settings.redis_kwargs)
+    host = socket.gethostname()
+    alive = [w.name for w in Worker.all(connection=redis) if w.hostname == host]
+    print(f"workers on {host}: {', '.join(alive) or 'none'}")
+    return 0 if alive else EXIT_FAILED
+
+
+def _client(args: argparse.Namespace) -> Any:
+    from service.client import CoremergeClient
+
+    settings = _settings()
+    key = settings.api_key.get_secret_value() if settings.api_key else None
+    return CoremergeClient(args.url or settings.api_url, key)
+
+
+def _print_progress(job: dict[str, Any]) -> None:
+    progress = job.get("progress") or {}
+    stage = progress.get("stage", "")
+    done, total = progress.get("modules_done", 0), progress.get("modules_total", 0)
+    counts = f" {done}/{total} modules" if total else ""
+    print(f"{job['id']}: {job['status']} {stage}{counts}", file=sys.stderr, flush=True)
+
+
+def _outcome(job: dict[str, Any]) -> int:
+    print(json.dumps(job, indent=2))
+    return 0 if job["status"] in ("succeeded", "queued", "running") else EXIT_FAILED
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from service.client import ApiError
+
+    try:
+        spec = json.loads(Path(args.spec).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        print(f"coremerge: error: {args.spec}: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    with _client(args) as client:
+        try:
+            job = client.submit(spec, idempotency_key=args.idempotency_key)
+            if args.wait:
+                job = client.wait(job["id"], on_progress=_print_progress)
+        except ApiError as exc:
+            print(f"coremerge: error: {exc}", file=sys.stderr)
+            return EXIT_USAGE if exc.status in (400, 413, 422) else EXIT_FAILED
+    return _outcome(job)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from service.client import ApiError
+
+    with _client(args) as client:
+        try:
+            job = client.get(args.job_id)
+        except ApiError as exc:
+            print(f"coremerge: error: {exc}", file=sys.stderr)
+            return EXIT_FAILED
+    return _outcome(job)
+
+
+def cmd_hash_key(args: argparse.Namespace) -> int:
+    from service.auth import hash_key
+
+    key = sys.stdin.readline().rstrip("\r\n")
+    if not key:
+        print("coremerge: error: no key on stdin", file=sys.stderr)
+        return EXIT_USAGE
+    print(hash_key(key))
+    return 0

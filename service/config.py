@@ -1,0 +1,133 @@
+"""The one ``Settings`` of the service and the worker, read from ``COREMERGE_*`` variables.
+
+``coremerge serve``, ``coremerge worker`` and the client commands all build their
+configuration here; no other module reads the environment. S3 credentials and region are
+not settings: boto3 finds them in its own chain (``AWS_ACCESS_KEY_ID``,
+``AWS_SECRET_ACCESS_KEY``, ``AWS_DEFAULT_REGION``, profiles, instance roles).
+
+>>> Settings(redis_url="redis://127.0.0.1:6379/3").queue
+'coremerge'
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from service.spec import MAX_ADAPTERS
+
+__all__ = ["Settings", "settings_table_markdown"]
+
+GiB = 1 << 30
+MiB = 1 << 20
+DAY = 86_400
+
+Checksums = Literal["when_supported", "when_required"]
+
+
+class Settings(BaseSettings):
+    """Every knob of the service, the worker and the client (README "Configuration")."""
+
+    model_config = SettingsConfigDict(env_prefix="COREMERGE_", extra="ignore", frozen=True)
+
+    # -- where things are
+    redis_url: str = Field(
+        "redis://127.0.0.1:6379/0", description="Redis for the queue and the job records"
+    )
+    queue: str = Field(
+        "coremerge", pattern=r"^[A-Za-z0-9_.:-]+$", description="the RQ queue's name"
+    )
+    key_prefix: str = Field(
+        "coremerge",
+        pattern=r"^[A-Za-z0-9_.:-]+$",
+        description="prefix of the job records' Redis keys (RQ's own keys are rq:*)",
+    )
+    s3_endpoint_url: str | None = Field(
+        None, description="an S3-compatible endpoint (MinIO, moto); unset means AWS"
+    )
+    tenants_file: Path | None = Field(
+        None, description="the tenants file (keys and allowed prefixes); unset means open mode"
+    )
+    allow_file_uris: bool = Field(
+        False, description="accept file:// URIs over HTTP (single-machine use)"
+    )
+
+    # -- limits (DESIGN.md §3)
+    max_adapters: int = Field(
+        MAX_ADAPTERS, ge=1, le=MAX_ADAPTERS, description="adapters per job (422 above)"
+    )
+    max_job_bytes: int = Field(
+        20 * GiB, ge=1, description="sum of a job's input sizes, checked before downloading"
+    )
+    max_output_rank: int = Field(512, ge=1, description="largest output.rank (422 above)")
+    max_request_bytes: int = Field(1 * MiB, ge=1024, description="largest HTTP body (413 above)")
+
+    # -- jobs (FIELD-NOTES: RQ's defaults lose or repeat work; set every one explicitly)
+    job_timeout: int = Field(3600, ge=1, description="seconds before a running merge is stopped")
+    result_ttl: int = Field(
+        7 * DAY, ge=60, description="seconds a finished job stays readable (records and RQ)"
+    )
+    job_retries: int = Field(
+        1, ge=0, description="re-runs of a job whose worker died (never of a failed merge)"
+    )
+
+    # -- worker
+    device: str = Field("auto", description="auto (CUDA when present), cpu, cuda, cuda:1…")
+    work_dir: Path | None = Field(
+        None, description="where inputs are downloaded and outputs staged (default: system temp)"
+    )
+    worker_ttl: int = Field(60, ge=15, description="seconds without a heartbeat = dead worker")
+    maintenance_interval: int = Field(
+        30, ge=1, description="seconds between RQ's clean-ups (abandoned jobs are re-queued)"
+    )
+    worker_preload: bool = Field(
+        True,
+        description="import torch in the worker's parent (never CUDA) so each forked job starts fast",
+    )
+
+    # -- S3 client (boto3 >= 1.36 sends CRC checksums by default; some S3-compatibles refuse them)
+    s3_max_attempts: int = Field(5, ge=1, description="botocore 'standard' retry mode attempts")
+    s3_checksum_calculation: Checksums = Field(
+        "when_required", description="boto3 request_checksum_calculation (when_supported on AWS)"
+    )
+    s3_checksum_validation: Checksums = Field(
+        "when_required", description="boto3 response_checksum_validation"
+    )
+    s3_multipart_threshold: int = Field(
+        64 * MiB, ge=5 * MiB, description="bytes from which transfers are multipart"
+    )
+    s3_multipart_chunksize: int = Field(16 * MiB, ge=5 * MiB, description="bytes per part")
+    s3_max_concurrency: int = Field(8, ge=1, description="parallel parts per transfer")
+
+    # -- the client commands (coremerge submit / status)
+    api_url: str = Field("http://127.0.0.1:8000", description="the service, for the client")
+    api_key: SecretStr | None = Field(None, description="bearer key sent by the client")
+
+    log_level: str = Field("INFO", description="DEBUG, INFO, WARNING, ERROR")
+
+    @property
+    def redis_kwargs(self) -> dict[str, object]:
+        """Timeouts for every Redis connection: a dead Redis fails a request, not hangs it."""
+        return {"socket_connect_timeout": 5, "socket_timeout": 30, "health_check_interval": 30}
+
+
+def _default_text(value: object) -> str:
+    if value is None:
+        return "unset"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, int) and value >= MiB and value % MiB == 0:
+        return f"{value // GiB} GiB" if value % GiB == 0 else f"{value // MiB} MiB"
+    return f"`{value}`"
+
+
+def settings_table_markdown() -> str:
+    """The configuration table of docs/service.md, generated from :class:`Settings`."""
+    rows = ["| variable | meaning | default |", "|---|---|---|"]
+    for name, field in Settings.model_fields.items():
+        env = f"COREMERGE_{name.upper()}"
+        rows.append(f"| `{env}` | {field.description or ''} | {_default_text(field.default)} |")
+    return "\n".join(rows)

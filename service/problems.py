@@ -1,0 +1,159 @@
+"""Errors as RFC 9457 ``application/problem+json``, turned into HTTP in this one place.
+
+Routes raise a :class:`Problem` (or let a validation error, an unknown route, a Redis outage
+escape); :func:`install` maps each to a body with ``type``, ``title``, ``status``, ``detail``,
+and for a validation error an ``errors`` list naming every offending field::
+
+    {"type": "urn:coremerge:problem:invalid-request", "title": "Invalid request",
+     "status": 422, "detail": "adapters.0.uri: Field required",
+     "errors": [{"field": "adapters.0.uri", "message": "Field required"}]}
+"""
+
+from __future__ import annotations
+
+import logging
+from http import HTTPStatus
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+__all__ = [
+    "PROBLEM_JSON",
+    "Problem",
+    "ProblemDetails",
+    "field_name",
+    "install",
+    "problem_responses",
+]
+
+PROBLEM_JSON = "application/problem+json"
+log = logging.getLogger("coremerge.api")
+
+
+class ProblemDetails(BaseModel):
+    """The body of every error response (RFC 9457)."""
+
+    type: str = "about:blank"
+    title: str
+    status: int
+    detail: str
+    errors: list[dict[str, str]] | None = Field(
+        None, description='for 422: [{"field": "adapters.0.uri", "message": "…"}, …]'
+    )
+
+
+class Problem(Exception):
+    """An error response. ``slug`` names the problem type; ``headers`` go on the response."""
+
+    def __init__(
+        self,
+        status: int,
+        detail: str,
+        *,
+        slug: str | None = None,
+        title: str | None = None,
+        headers: dict[str, str] | None = None,
+        errors: list[dict[str, str]] | None = None,
+    ) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.detail = detail
+        self.slug = slug
+        self.title = title or HTTPStatus(status).phrase
+        self.headers = headers
+        self.errors = errors
+
+    @classmethod
+    def invalid(cls, field: str, message: str) -> Problem:
+        """A 422 naming one field of the request."""
+        return cls(
+            422,
+            f"{field}: {message}",
+            slug="invalid-request",
+            title="Invalid request",
+            errors=[{"field": field, "message": message}],
+        )
+
+    def response(self) -> JSONResponse:
+        body: dict[str, Any] = {
+            "type": f"urn:coremerge:problem:{self.slug}" if self.slug else "about:blank",
+            "title": self.title,
+            "status": self.status,
+            "detail": self.detail,
+        }
+        if self.errors is not None:
+            body["errors"] = self.errors
+        return JSONResponse(body, self.status, headers=self.headers, media_type=PROBLEM_JSON)
+
+
+def field_name(loc: tuple[Any, ...] | list[Any]) -> str:
+    """``("body", "adapters", 0, "uri")`` → ``adapters.0.uri``; other sources keep their
+    prefix (``query.limit``, ``header.idempotency-key``)."""
+    parts = [str(x) for x in loc]
+    if parts and parts[0] == "body":
+        parts = parts[1:]
+    return ".".join(parts) or "body"
+
+
+def _validation_problem(exc: RequestValidationError) -> Problem:
+    errors = []
+    for err in exc.errors():
+        loc = tuple(err.get("loc", ()))
+        message = str(err.get("msg", "invalid")).removeprefix("Value error, ")
+        if err.get("type") == "json_invalid":
+            loc, message = ("body",), f"not valid JSON ({err.get('ctx', {}).get('error', message)})"
+        elif err.get("type") == "extra_forbidden":
+            message = "unknown field"
+        errors.append({"field": field_name(loc), "message": message})
+    detail = "; ".join(f"{e['field']}: {e['message']}" for e in errors) or "invalid request"
+    return Problem(422, detail, slug="invalid-request", title="Invalid request", errors=errors)
+
+
+def install(app: FastAPI) -> None:
+    """Register the exception handlers that turn every error into problem+json."""
+    import redis.exceptions
+
+    @app.exception_handler(Problem)
+    async def _problem(request: Request, exc: Problem) -> JSONResponse:
+        return exc.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return _validation_problem(exc).response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        detail = exc.detail if isinstance(exc.detail, str) else HTTPStatus(exc.status_code).phrase
+        if exc.status_code == 404 and detail == "Not Found":
+            detail = f"no such endpoint: {request.method} {request.url.path}"
+        elif exc.status_code == 405:
+            detail = f"{request.method} is not allowed on {request.url.path}"
+        return Problem(exc.status_code, detail, headers=getattr(exc, "headers", None)).response()
+
+    @app.exception_handler(redis.exceptions.RedisError)
+    async def _redis(request: Request, exc: Exception) -> JSONResponse:
+        log.error("Redis error on %s %s: %s", request.method, request.url.path, exc)
+        return Problem(
+            503, "the job store (Redis) is unavailable; retry later", slug="unavailable",
+            headers={"Retry-After": "5"},
+        ).response()  # fmt: skip
+
+    @app.exception_handler(Exception)
+    async def _bug(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return Problem(500, f"internal error ({type(exc).__name__})", slug="internal").response()
+
+
+def problem_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses=`` entries declaring problem+json bodies for these statuses."""
+    return {
+        status: {
+            "description": HTTPStatus(status).phrase,
+            "content": {PROBLEM_JSON: {"schema": ProblemDetails.model_json_schema()}},
+        }
+        for status in statuses
+    }

@@ -1,0 +1,113 @@
+"""RQ glue: one way to enqueue a merge, and what happens when a worker dies under a job.
+
+FIELD-NOTES decide the details: RQ's defaults lose or repeat work (180 s timeout, results
+gone after 500 s, pickle), so every enqueue sets ``job_timeout``, ``result_ttl``,
+``failure_ttl`` and ``Retry`` and the queue and worker both use the JSON serializer. The RQ
+job id is the job id: hashed from the Idempotency-Key when there is one, and enqueued with
+``unique=True`` so the same id is never queued twice.
+
+RQ only re-runs a job whose *worker died* (``Retry``): the job function handles every merge
+failure itself and returns normally, so a bad adapter is never retried. When a worker dies,
+the record is moved back to ``queued`` (a retry follows) or to ``failed`` with ``internal``.
+
+This module imports RQ but never torch; ``worker.job`` is named by its import path only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from typing import Any
+
+from rq import Callback, Queue, Retry
+from rq.exceptions import DuplicateJobError, InvalidJobOperation, NoSuchJobError
+from rq.job import Job
+from rq.serializers import JSONSerializer
+
+from service.config import Settings
+from service.jobs import JobStore
+
+__all__ = [
+    "JOB_FUNCTION",
+    "DuplicateJobError",
+    "cancel_queued",
+    "enqueue_merge",
+    "make_queue",
+    "on_job_failure",
+    "on_work_horse_killed",
+]
+
+log = logging.getLogger("coremerge.queue")
+
+#: The RQ job function, by name: the API never imports the worker side.
+JOB_FUNCTION = "worker.job.run_job"
+
+
+def make_queue(redis: Any, settings: Settings) -> Queue:
+    return Queue(settings.queue, connection=redis, serializer=JSONSerializer)
+
+
+def enqueue_merge(queue: Queue, job_id: str, settings: Settings, *, pipeline: Any = None) -> Job:
+    """Queue the merge job ``job_id``. Alone, it is enqueued with ``unique=True`` and raises
+    ``DuplicateJobError`` when RQ already holds a job with this id (an Idempotency-Key's id);
+    with ``pipeline`` it joins that transaction (RQ ignores ``unique`` in a pipeline, so only
+    for ids that cannot collide)."""
+    return queue.enqueue_call(
+        JOB_FUNCTION,
+        args=(job_id,),
+        job_id=job_id,
+        unique=pipeline is None,
+        pipeline=pipeline,
+        timeout=settings.job_timeout,
+        result_ttl=settings.result_ttl,
+        failure_ttl=settings.result_ttl,
+        ttl=None,  # a queued merge waits for a worker as long as it takes
+        retry=Retry(max=settings.job_retries) if settings.job_retries else None,
+        on_failure=Callback(on_job_failure),
+        meta={"key_prefix": settings.key_prefix, "result_ttl": settings.result_ttl},
+        description=f"coremerge merge {job_id}",
+    )
+
+
+def cancel_queued(queue: Queue, job_id: str) -> None:
+    """Take a canceled job out of RQ's queue (best effort: the worker skips it anyway)."""
+    with contextlib.suppress(NoSuchJobError, InvalidJobOperation):
+        Job.fetch(job_id, connection=queue.connection, serializer=JSONSerializer).cancel()
+
+
+def _store_for(job: Job, connection: Any) -> JobStore:
+    meta = job.meta or {}
+    return JobStore(
+        connection,
+        key_prefix=meta.get("key_prefix", "coremerge"),
+        result_ttl=int(meta.get("result_ttl", 604_800)),
+    )
+
+
+def _record_worker_death(job: Job, connection: Any, what: str) -> None:
+    store = _store_for(job, connection)
+    if job.retries_left:
+        store.requeue(job.id, what)
+        log.warning(
+            "job %s: %s; RQ runs it again (%d retries left)", job.id, what, job.retries_left
+        )
+    else:
+        store.fail(job.id, "internal", f"{what}; no retries left")
+        log.error("job %s: %s; marked failed", job.id, what)
+
+
+def on_job_failure(job: Job, connection: Any, exc_type: Any, exc_value: Any, tb: Any) -> None:
+    """RQ's failure callback. The job function catches every merge error itself, so this runs
+    for an abandoned job (its worker vanished) or an exception that escaped the function."""
+    name = getattr(exc_type, "__name__", str(exc_type))
+    if name == "AbandonedJobError":
+        _record_worker_death(job, connection, "its worker died")
+    else:
+        _store_for(job, connection).fail(job.id, "internal", f"the job function raised {name}")
+
+
+def on_work_horse_killed(job: Job, retpid: int, ret_val: int, rusage: Any) -> None:
+    """The forked work horse died under a job (killed, out of memory, segfault)."""
+    _record_worker_death(
+        job, job.connection, f"the merge process died (wait status {ret_val}; out of memory?)"
+    )

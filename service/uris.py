@@ -1,0 +1,115 @@
+"""Adapter and output locations: parse a URI once, refuse anything ambiguous, normalise it.
+
+A location is a *directory*: ``s3://bucket/prefix/`` or ``file:///abs/dir/``. Its normal form
+ends with ``/``, so that an allow-list prefix ``s3://merged/team-a/`` never matches
+``s3://merged/team-ab/``. What is refused, and why:
+
+- schemes other than ``s3`` and ``file`` (``http(s)://`` would let a request make the worker
+  fetch any address); a bare local path (the CLI's, not the API's);
+- credentials or a port in the authority (no request carries endpoints or credentials);
+- ``.`` and ``..`` segments and empty segments (``a//b``): S3 keeps them literally but other
+  layers collapse them, so a prefix check on the raw text could be walked around;
+- any ``%`` escape (a percent-encoded ``/`` or ``.`` is a separator to some layers and not to
+  others), backslashes, ``?``, ``#``, whitespace and control characters.
+
+>>> parse_uri("S3://adapters/snli").normalized
+'s3://adapters/snli/'
+>>> parse_uri("s3://adapters/a/../b")
+Traceback (most recent call last):
+...
+service.uris.InvalidUri: 's3://adapters/a/../b': '.' and '..' segments are not allowed
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import PurePosixPath
+
+__all__ = ["InvalidUri", "Location", "parse_uri"]
+
+SCHEMES = ("s3", "file")
+# S3's bucket naming rules: 3-63 characters, lower-case letters, digits, '.', '-'.
+_BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+_FORBIDDEN_CHARS = re.compile(r"[\x00-\x20\x7f%\\?#]")
+
+
+class InvalidUri(ValueError):
+    """A location that is not an acceptable ``s3://`` or ``file://`` directory URI."""
+
+    def __init__(self, uri: str, reason: str) -> None:
+        super().__init__(f"{uri!r}: {reason}")
+        self.uri = uri
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class Location:
+    """A parsed directory URI. ``key`` is the S3 key prefix (``""`` or ending in ``/``); for
+    ``file`` URIs ``path`` is the absolute directory."""
+
+    scheme: str
+    bucket: str
+    key: str
+    path: str
+
+    @property
+    def normalized(self) -> str:
+        if self.scheme == "s3":
+            return f"s3://{self.bucket}/{self.key}"
+        return f"file://{self.path.rstrip('/')}/"
+
+    def child(self, name: str) -> str:
+        """The S3 key (or local path) of the file ``name`` inside this directory."""
+        return f"{self.key}{name}" if self.scheme == "s3" else f"{self.path.rstrip('/')}/{name}"
+
+    def __str__(self) -> str:
+        return self.normalized
+
+
+def _check_segments(uri: str, segments: list[str]) -> None:
+    # A trailing "/" leaves one empty last segment: that is the directory form, not an error.
+    if segments and segments[-1] == "":
+        segments = segments[:-1]
+    for segment in segments:
+        if segment == "":
+            raise InvalidUri(uri, "empty path segments ('//') are not allowed")
+        if segment in (".", ".."):
+            raise InvalidUri(uri, "'.' and '..' segments are not allowed")
+
+
+def parse_uri(uri: str) -> Location:
+    """Parse and check ``uri``; raise :class:`InvalidUri` with the reason."""
+    if _FORBIDDEN_CHARS.search(uri):
+        raise InvalidUri(
+            uri,
+            "percent-escapes, backslashes, '?', '#', spaces and control characters are not allowed",
+        )
+    scheme, sep, rest = uri.partition("://")
+    if not sep:
+        raise InvalidUri(uri, "not a URI: give s3://bucket/prefix/ or file:///abs/dir/")
+    scheme = scheme.lower()
+    if scheme in ("http", "https"):
+        raise InvalidUri(uri, "http(s):// URIs are not accepted: give s3:// or file://")
+    if scheme not in SCHEMES:
+        raise InvalidUri(uri, f"unsupported scheme {scheme!r}: give s3:// or file://")
+    authority, _, path = rest.partition("/")
+    if "@" in authority:
+        raise InvalidUri(uri, "credentials in URIs are not accepted")
+    if ":" in authority:
+        raise InvalidUri(uri, "a port or endpoint in the URI is not accepted")
+    segments = path.split("/") if path else []
+    _check_segments(uri, segments)
+
+    if scheme == "s3":
+        if not _BUCKET.match(authority) or ".." in authority:
+            raise InvalidUri(uri, f"{authority!r} is not a valid S3 bucket name")
+        key = "/".join(s for s in segments if s)
+        return Location("s3", authority, f"{key}/" if key else "", "")
+
+    if authority not in ("", "localhost"):
+        raise InvalidUri(uri, "file:// URIs name a local absolute path: file:///abs/dir")
+    if not path:
+        raise InvalidUri(uri, "file:// URIs need an absolute path: file:///abs/dir")
+    local = str(PurePosixPath("/" + "/".join(s for s in segments if s)))
+    return Location("file", "", "", local)

@@ -1,0 +1,270 @@
+"""Real servers for the integration tests, started once per session and torn down after:
+
+- moto's standalone S3 server on 127.0.0.1 (a subprocess; FIELD-NOTES: bind it to loopback),
+- the API: ``python -m worker.cli serve`` (uvicorn), with a tenants file,
+- one worker: ``python -m worker.cli worker`` (RQ's forking worker),
+- a Redis database of their own on the machine's Redis.
+
+Every process is started here and stopped by its pid (and the worker's current work horse,
+which RQ puts in a process group of its own).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import boto3
+import httpx
+import pytest
+from botocore.config import Config
+
+from service.auth import hash_key
+from service.client import CoremergeClient
+from tests.redis_db import HOST, PORT, claimed_redis_db
+
+ROOT = Path(__file__).resolve().parents[2]
+KEY_A, KEY_B = "integration-key-a", "integration-key-b"
+BUCKETS = ("adapters-a", "adapters-b", "merged")
+AWS_ENV = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+}
+TENANTS = {
+    "tenants": {
+        "team-a": {
+            "keys_sha256": [hash_key(KEY_A)],
+            "allow": ["s3://adapters-a/", "s3://merged/team-a/"],
+        },
+        "team-b": {
+            "keys_sha256": [hash_key(KEY_B)],
+            "allow": ["s3://adapters-b/", "s3://merged/team-b/"],
+        },
+    }
+}
+
+
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+#: Modules of the ``big`` adapters (16 layers × q, k, v, o).
+BIG_MODULES = 64
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until(check, what: str, timeout: float = 30.0, proc: subprocess.Popen | None = None):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"{what}: the process exited with {proc.returncode}")
+        try:
+            result = check()
+        except Exception:
+            result = None
+        if result:
+            return result
+        time.sleep(0.05)
+    raise TimeoutError(f"{what}: not ready after {timeout} s")
+
+
+def children(pid: int) -> list[int]:
+    """The direct children of ``pid`` (from /proc; Linux)."""
+    try:
+        text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    except OSError:
+        return []
+    return [int(c) for c in text.split()]
+
+
+def stop(proc: subprocess.Popen, timeout: float = 10.0) -> None:
+    """Stop a process this fixture started: its descendants first, then itself."""
+    for child in children(proc.pid):
+        for grandchild in children(child):
+            _kill(grandchild)
+        _kill(child)
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def _kill(pid: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+
+
+def start(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
+    with open(log, "wb") as out:
+        return subprocess.Popen(
+            args, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+        )
+
+
+@dataclass
+class Stack:
+    """The running servers and how to talk to them."""
+
+    api_url: str
+    s3_endpoint: str
+    env: dict[str, str]
+    s3: object
+    logs: dict[str, Path]
+    worker: subprocess.Popen
+    redis_url: str
+    procs: list[subprocess.Popen] = field(default_factory=list)
+
+    def client(self, key: str = KEY_A) -> CoremergeClient:
+        return CoremergeClient(self.api_url, key, timeout=10)
+
+    def tail(self, name: str, lines: int = 40) -> str:
+        return "\n".join(self.logs[name].read_text(errors="replace").splitlines()[-lines:])
+
+    def keys(self, bucket: str, prefix: str) -> list[str]:
+        listing = self.s3.list_objects_v2(Bucket=bucket, Prefix=prefix)
+        return sorted(o["Key"] for o in listing.get("Contents", []))
+
+
+@pytest.fixture(scope="session")
+def moto_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    port = free_port()
+    log = tmp_path_factory.mktemp("moto") / "moto.log"
+    proc = start(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        {**os.environ, **AWS_ENV},
+        log,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until(lambda: httpx.get(url, timeout=1).status_code < 500, "moto", proc=proc)
+        yield url
+    finally:
+        stop(proc)
+
+
+@pytest.fixture(scope="session")
+def s3(moto_endpoint: str):
+    client = boto3.client(
+        "s3",
+        endpoint_url=moto_endpoint,
+        aws_access_key_id=AWS_ENV["AWS_ACCESS_KEY_ID"],
+        aws_secret_access_key=AWS_ENV["AWS_SECRET_ACCESS_KEY"],
+        region_name=AWS_ENV["AWS_DEFAULT_REGION"],
+        config=Config(retries={"mode": "standard", "max_attempts": 2}),
+    )
+    for bucket in BUCKETS:
+        client.create_bucket(Bucket=bucket)
+    return client
+
+
+@pytest.fixture(scope="session")
+def stack(s3, moto_endpoint: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    work = tmp_path_factory.mktemp("stack")
+    tenants = work / "tenants.json"
+    tenants.write_text(json.dumps(TENANTS))
+    with claimed_redis_db() as db:
+        port = free_port()
+        redis_url = f"redis://{HOST}:{PORT}/{db}"
+        env = {
+            **{k: v for k, v in os.environ.items() if not k.startswith("COREMERGE_")},
+            **AWS_ENV,
+            "COREMERGE_REDIS_URL": redis_url,
+            "COREMERGE_S3_ENDPOINT_URL": moto_endpoint,
+            "COREMERGE_TENANTS_FILE": str(tenants),
+            "COREMERGE_DEVICE": "cpu",
+            "COREMERGE_JOB_TIMEOUT": "300",
+            "COREMERGE_WORKER_TTL": "20",
+            "COREMERGE_WORK_DIR": str(work),
+            "COREMERGE_API_URL": f"http://127.0.0.1:{port}",
+        }
+        logs = {"api": work / "api.log", "worker": work / "worker.log"}
+        cli = [sys.executable, "-m", "worker.cli"]
+        api = start([*cli, "serve", "--port", str(port)], env, logs["api"])
+        worker = start([*cli, "worker", "--name", f"it-{port}"], env, logs["worker"])
+        stack = Stack(
+            f"http://127.0.0.1:{port}", moto_endpoint, env, s3, logs, worker, redis_url,
+            [api, worker],
+        )  # fmt: skip
+        try:
+            wait_until(
+                lambda: httpx.get(f"{stack.api_url}/readyz", timeout=1).status_code == 200,
+                "API",
+                proc=api,
+            )
+            wait_until(
+                lambda: "Listening on" in logs["worker"].read_text(), "worker", 60, proc=worker
+            )
+            yield stack
+        finally:
+            for proc in stack.procs:
+                stop(proc)
+
+
+def upload(s3, local: Path, bucket: str, prefix: str) -> str:
+    for name in ADAPTER_FILES:
+        s3.upload_file(str(local / name), bucket, f"{prefix}{name}")
+    return f"s3://{bucket}/{prefix}"
+
+
+def make_llama_adapters(workdir: Path, count: int, **model: int) -> list[Path]:
+    """Real PEFT LoRA adapters (saved by peft) on a small Llama built from a config."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    dirs = []
+    for i in range(count):
+        torch.manual_seed(0)
+        config = LlamaConfig(vocab_size=64, max_position_embeddings=64, **model)
+        lora = LoraConfig(
+            r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]
+        )
+        peft_model = get_peft_model(LlamaForCausalLM(config), lora)
+        gen = torch.Generator().manual_seed(1000 + i)
+        with torch.no_grad():
+            for name, param in peft_model.named_parameters():
+                if "lora_B" in name:  # PEFT starts B at zero: move it, as training would
+                    param.copy_(torch.randn(param.shape, generator=gen) * 0.05)
+        out = workdir / f"adapter-{i}"
+        peft_model.save_pretrained(out)
+        config_path = out / "adapter_config.json"
+        saved = json.loads(config_path.read_text())
+        saved["base_model_name_or_path"] = "coremerge/tiny-llama-demo"
+        config_path.write_text(json.dumps(saved))
+        dirs.append(out)
+    return dirs
+
+
+@pytest.fixture(scope="session")
+def tiny(stack: Stack, peft_adapters: list[Path]) -> list[str]:
+    """The three heterogeneous adapters of tests/conftest.py, in team-a's bucket."""
+    return [
+        upload(stack.s3, d, "adapters-a", f"tiny/task-{i}/") for i, d in enumerate(peft_adapters)
+    ]
+
+
+@pytest.fixture(scope="session")
+def big(stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> list[str]:
+    """Three adapters on a wider model (64 modules of 512×512) for a full-space TIES merge
+    that takes a few seconds (dense 512×512 updates per module): long enough to watch, to
+    cancel and to kill."""
+    dirs = make_llama_adapters(
+        tmp_path_factory.mktemp("big"), 3, hidden_size=512, intermediate_size=1024,
+        num_hidden_layers=16, num_attention_heads=8, num_key_value_heads=8,
+    )  # fmt: skip
+    return [upload(stack.s3, d, "adapters-a", f"big/task-{i}/") for i, d in enumerate(dirs)]

@@ -1,0 +1,90 @@
+"""The job function in this process (RQ's ``SimpleWorker``, burst mode): the timeout path and
+``file://`` locations, on a real Redis, without the API or the worker processes."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from pathlib import Path
+
+import pytest
+from redis import Redis
+from rq import SimpleWorker
+from rq.serializers import JSONSerializer
+
+from service.auth import OPEN_TENANT
+from service.config import Settings
+from service.jobs import JobStore, job_id_for
+from service.queue import enqueue_merge, make_queue
+from service.spec import MergeSpec
+from tests.integration.conftest import AWS_ENV
+
+
+@pytest.fixture
+def settings(stack, moto_endpoint, monkeypatch, tmp_path) -> Settings:
+    """Settings of a deployment of its own (prefix, queue) in the stack's Redis database,
+    set in the environment too: the job function reads its settings from there."""
+    name = f"inproc{uuid.uuid4().hex[:8]}"
+    env = {
+        "COREMERGE_REDIS_URL": stack.redis_url,
+        "COREMERGE_KEY_PREFIX": name,
+        "COREMERGE_QUEUE": name,
+        "COREMERGE_S3_ENDPOINT_URL": moto_endpoint,
+        "COREMERGE_ALLOW_FILE_URIS": "true",
+        "COREMERGE_DEVICE": "cpu",
+        "COREMERGE_JOB_TIMEOUT": "1",
+        "COREMERGE_WORK_DIR": str(tmp_path),
+        **AWS_ENV,
+    }
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.delenv("COREMERGE_TENANTS_FILE", raising=False)
+    return Settings()
+
+
+def run_one(settings: Settings, spec: dict) -> dict:
+    """Create, enqueue and run one job in this process; return its record as the API shows it."""
+    redis = Redis.from_url(settings.redis_url)
+    store = JobStore(redis, key_prefix=settings.key_prefix)
+    request = MergeSpec.model_validate(spec).model_dump(mode="json")
+    job_id = job_id_for(OPEN_TENANT.name, None)
+    store.create(job_id, OPEN_TENANT.name, request)
+    queue = make_queue(redis, settings)
+    enqueue_merge(queue, job_id, settings)
+    store.mark_accepted(job_id)
+    SimpleWorker([queue], connection=redis, serializer=JSONSerializer).work(burst=True)
+    return store.get(job_id).to_api()
+
+
+def test_a_merge_over_its_timeout_fails_with_timeout(settings, big, stack) -> None:
+    output = f"s3://merged/team-a/{uuid.uuid4().hex[:8]}/"
+    job = run_one(settings, {"adapters": [{"uri": u} for u in big], "method": "ties",
+                             "space": "full", "output": {"uri": output}})  # fmt: skip
+    assert job["status"] == "failed"
+    assert job["error"]["code"] == "timeout"
+    assert "COREMERGE_JOB_TIMEOUT" in job["error"]["message"]
+    assert stack.keys("merged", output.removeprefix("s3://merged/")) == []
+
+
+def test_file_uris_in_and_out(settings, peft_adapters: list[Path], tmp_path: Path) -> None:
+    out = tmp_path / "merged" / "run"
+    job = run_one(settings, {"adapters": [{"uri": f"file://{d}"} for d in peft_adapters],
+                             "method": "ta", "output": {"uri": f"file://{out}"}})  # fmt: skip
+    assert job["status"] == "succeeded", job
+    assert job["result"]["uri"] == f"file://{out}/"
+    report = json.loads((out / "merge_report.json").read_text())
+    assert report["output"]["rank"] == job["result"]["rank"]
+    # a second job may not publish over it
+    job = run_one(settings, {"adapters": [{"uri": f"file://{peft_adapters[0]}"}],
+                             "output": {"uri": f"file://{out}"}})  # fmt: skip
+    assert job["status"] == "failed" and job["error"]["code"] == "storage_error"
+
+
+def test_worker_rechecks_access(settings, monkeypatch, tmp_path, peft_adapters) -> None:
+    """A job whose location the (worker's) tenants file no longer allows is refused."""
+    tenants = tmp_path / "tenants.json"
+    tenants.write_text(json.dumps({"tenants": {"x": {"keys_sha256": ["0" * 64], "allow": []}}}))
+    monkeypatch.setenv("COREMERGE_TENANTS_FILE", str(tenants))
+    job = run_one(settings, {"adapters": [{"uri": f"file://{peft_adapters[0]}"}],
+                             "output": {"uri": f"file://{tmp_path}/out"}})  # fmt: skip
+    assert job["status"] == "failed" and job["error"]["code"] == "access_denied"

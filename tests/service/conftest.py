@@ -1,0 +1,94 @@
+"""The real app (``create_app``) on a real Redis, through FastAPI's TestClient."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+from redis import Redis
+
+from service.app import create_app
+from service.auth import hash_key
+from service.config import Settings
+from tests.redis_db import HOST, PORT, claimed_redis_db
+
+KEY_A, KEY_B = "key-team-a", "key-team-b"
+TENANTS = {
+    "tenants": {
+        "team-a": {
+            "keys_sha256": [hash_key(KEY_A)],
+            "allow": ["s3://adapters-a/", "s3://merged/team-a/"],
+        },
+        "team-b": {
+            "keys_sha256": [hash_key(KEY_B)],
+            "allow": ["s3://adapters-b/", "s3://merged/team-b/"],
+        },
+    }
+}
+AUTH_A = {"Authorization": f"Bearer {KEY_A}"}
+AUTH_B = {"Authorization": f"Bearer {KEY_B}"}
+
+
+def spec(n: int = 2, **changes: object) -> dict:
+    """A valid job spec for team-a."""
+    body = {
+        "adapters": [{"uri": f"s3://adapters-a/task-{i}/"} for i in range(n)],
+        "method": "ties",
+        "params": {"density": 0.2},
+        "output": {"uri": "s3://merged/team-a/run-1/"},
+    }
+    body.update(changes)
+    return body
+
+
+@pytest.fixture(scope="session")
+def redis_db() -> Iterator[int]:
+    with claimed_redis_db() as db:
+        yield db
+
+
+@pytest.fixture(scope="session")
+def tenants_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("tenants") / "tenants.json"
+    path.write_text(json.dumps(TENANTS))
+    return path
+
+
+@pytest.fixture
+def make_settings(redis_db: int, tenants_file: Path) -> Callable[..., Settings]:
+    """Settings of an isolated deployment: its own key prefix and queue in the claimed db."""
+
+    def make(**overrides: object) -> Settings:
+        name = f"t{uuid.uuid4().hex[:10]}"
+        values = {
+            "redis_url": f"redis://{HOST}:{PORT}/{redis_db}",
+            "key_prefix": name,
+            "queue": name,
+            "tenants_file": tenants_file,
+        }
+        values.update(overrides)
+        return Settings(**values)
+
+    return make
+
+
+@pytest.fixture
+def settings(make_settings: Callable[..., Settings]) -> Settings:
+    return make_settings()
+
+
+@pytest.fixture
+def redis(settings: Settings) -> Iterator[Redis]:
+    client = Redis.from_url(settings.redis_url)
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def client(settings: Settings) -> Iterator[TestClient]:
+    with TestClient(create_app(settings)) as test_client:
+        yield test_client

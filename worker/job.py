@@ -1,0 +1,184 @@
+"""The RQ job function: one merge job from its record to its published output.
+
+    run_job(job_id): queued → running → fetch inputs → run_merge (layer by layer, in a temp
+    dir) → publish (report last) → succeeded | failed | canceled
+
+Every outcome is written to the job record here, in one place: a ``MergeError`` becomes the
+job's error with its code, RQ's timeout becomes ``timeout``, anything else ``internal`` (its
+traceback goes to the worker's log, never to the client). The function then returns
+normally, so RQ never retries a merge that failed: RQ's ``Retry`` re-runs only a job whose
+worker died (``service.queue``). Nothing is visible at the output URI unless the job
+succeeded. Runs in the forked work horse: this is where torch (and CUDA) is first used.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from redis import Redis
+from rq.timeouts import JobTimeoutException
+
+from service.auth import load_tenants, refusal
+from service.config import Settings
+from service.jobs import JobRecord, JobStore
+from service.spec import MergeSpec
+from service.uris import parse_uri
+from worker.errors import (
+    AccessDenied,
+    Canceled,
+    InternalError,
+    JobTimeout,
+    MergeError,
+    StorageError,
+)
+from worker.runner import Progress, run_merge
+from worker.storage import Storage, make_s3_client, make_transfer_config
+
+__all__ = ["preload", "run_job"]
+
+log = logging.getLogger("coremerge.worker")
+
+#: Seconds between progress writes / cancel checks (a check at every module would be fine
+#: for Redis, but a 10 000-module merge does not need 10 000 writes).
+POLL_INTERVAL_S = 0.1
+
+
+class _Tracker:
+    """Publishes progress to the record and answers the runner's ``should_cancel``."""
+
+    def __init__(self, store: JobStore, job_id: str) -> None:
+        self.store, self.job_id = store, job_id
+        self.stop = False
+        self._stage = ""
+        self._last = 0.0
+
+    def publish(self, stage: str, done: int, total: int) -> None:
+        now = time.monotonic()
+        if stage == self._stage and done < total and now - self._last < POLL_INTERVAL_S:
+            return
+        self._stage, self._last = stage, now
+        progress = {"stage": stage, "modules_done": done, "modules_total": total}
+        self.stop = self.store.report_progress(self.job_id, progress) or self.stop
+
+    def on_progress(self, p: Progress) -> None:
+        # The runner's "write" stage is the end of merging; the API's stages are
+        # download, plan, merge, upload (DESIGN.md §4).
+        self.publish("merge" if p.stage == "write" else p.stage, p.modules_done, p.modules_total)
+
+    def should_cancel(self, *, now: bool = False) -> bool:
+        t = time.monotonic()
+        if not self.stop and (now or t - self._last >= POLL_INTERVAL_S):
+            self._last = t
+            self.stop = self.store.should_stop(self.job_id)
+        return self.stop
+
+
+def preload(settings: Settings) -> None:
+    """Warm the worker's parent before it forks: this module (and with it torch) is imported
+    already; build one S3 client so boto3 and its service model are loaded and cached. No
+    CUDA call, no connection: each forked job inherits the imports, not a context."""
+    make_s3_client(settings)
+    make_transfer_config(settings)
+
+
+def run_job(job_id: str) -> dict[str, Any] | None:
+    """Run the merge job ``job_id`` (RQ calls this). Returns the result, or None."""
+    settings = Settings()
+    redis = Redis.from_url(settings.redis_url, **settings.redis_kwargs)
+    store = JobStore(redis, key_prefix=settings.key_prefix, result_ttl=settings.result_ttl)
+    record = store.get(job_id)
+    if record is None or not store.start(job_id):
+        log.info("job %s: not started (%s)", job_id, record.status if record else "no record")
+        return None
+    started = time.perf_counter()
+    try:
+        result = _merge(record, settings, store, started)
+    except JobTimeoutException:
+        error: MergeError = JobTimeout(
+            f"the merge ran over {settings.job_timeout} s (COREMERGE_JOB_TIMEOUT); nothing was published"
+        )
+    except MergeError as exc:
+        error = exc
+    except Exception as exc:
+        log.exception("job %s: internal error", job_id)
+        error = InternalError(f"{type(exc).__name__}: {exc}")
+    else:
+        if not store.succeed(job_id, result):
+            log.warning("job %s: finished, but its record was no longer running", job_id)
+        log.info("job %s: succeeded in %.2f s → %s", job_id, result["seconds"], result["uri"])
+        return result
+    store.fail(job_id, error.code, error.message)
+    log.info("job %s: %s: %s", job_id, error.code, error.message)
+    return None
+
+
+def _merge(
+    record: JobRecord, settings: Settings, store: JobStore, started: float
+) -> dict[str, Any]:
+    spec = MergeSpec.model_validate(record.request)
+    _check_access(record, spec, settings)
+    storage = Storage(
+        make_s3_client(settings) if _uses_s3(spec) else None,
+        transfer_config=make_transfer_config(settings),
+        max_job_bytes=settings.max_job_bytes,
+    )
+    tracker = _Tracker(store, record.id)
+    output_uri = spec.output.uri
+
+    owner = storage.published_by(output_uri)
+    if owner == record.id:  # an earlier run of this job published before its worker died
+        return _result(spec, storage.read_report(output_uri), output_uri, started)
+    if owner is not None:
+        raise StorageError(
+            f"{output_uri}: already holds a merged adapter; give each job its own output.uri"
+        )
+
+    with tempfile.TemporaryDirectory(
+        prefix=f"coremerge-{record.id}-", dir=settings.work_dir
+    ) as tmp:
+        tmp_dir = Path(tmp)
+        tracker.publish("download", 0, 0)
+        dirs = storage.fetch_adapters([a.uri for a in spec.adapters], tmp_dir / "inputs")
+        if tracker.should_cancel():
+            raise Canceled("canceled before merging; nothing was published")
+        outcome = run_merge(
+            spec, dirs, tmp_dir / "merged", device=settings.device,
+            on_progress=tracker.on_progress, should_cancel=tracker.should_cancel,
+        )  # fmt: skip
+        if tracker.should_cancel(now=True):  # the last chance to stop: publishing is final
+            raise Canceled("canceled after merging; nothing was published")
+        tracker.publish("upload", outcome.modules, outcome.modules)
+        published = storage.publish(outcome.out_dir, output_uri, job_id=record.id)
+    return _result(spec, outcome.report, published.uri, started)
+
+
+def _result(spec: MergeSpec, report: dict[str, Any], uri: str, started: float) -> dict[str, Any]:
+    base = parse_uri(uri).normalized
+    return {
+        "uri": base,
+        "rank": report["output"]["rank"],
+        "modules": report["output"]["modules"],
+        "bytes": report["output"]["bytes"],
+        "report_uri": f"{base}merge_report.json",
+        "seconds": round(time.perf_counter() - started, 3),
+    }
+
+
+def _uses_s3(spec: MergeSpec) -> bool:
+    return any(u.startswith("s3://") for u in [spec.output.uri, *(a.uri for a in spec.adapters)])
+
+
+def _check_access(record: JobRecord, spec: MergeSpec, settings: Settings) -> None:
+    """The API checked these locations at submission; check again with this worker's tenants
+    file (it may have changed, and the queue is not a trust boundary)."""
+    tenant = load_tenants(settings.tenants_file, warn_open=False).get(record.tenant)
+    if tenant is None:
+        raise AccessDenied(f"tenant {record.tenant!r} is not in this worker's tenants file")
+    for uri in [*(a.uri for a in spec.adapters), spec.output.uri]:
+        refused = refusal(tenant, uri, allow_file_uris=settings.allow_file_uris)
+        if refused is not None:
+            raise AccessDenied(refused.message)
