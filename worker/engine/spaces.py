@@ -17,7 +17,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .linalg import factored_svd, isotropize, left_singular_basis, numerical_rank, truncate
+from .linalg import (
+    Basis,
+    factored_svd,
+    isotropize,
+    left_singular_basis,
+    numerical_rank,
+    truncate,
+)
 from .methods import apply_method
 
 __all__ = [
@@ -64,17 +71,25 @@ class ReferenceBases:
     ``AV`` = A_stack V (R × b) come from the same QR factors at the cost of an R × R product.
     """
 
-    U: Tensor
-    V: Tensor
+    left: Basis  # U
+    right: Basis  # V
     UtB: Tensor
     AV: Tensor
+
+    @property
+    def U(self) -> Tensor:
+        return self.left.matrix
+
+    @property
+    def V(self) -> Tensor:
+        return self.right.matrix
 
 
 def reference_bases(factors: Sequence[LoraFactors]) -> ReferenceBases:
     """Step 2 of Algorithm 1: SVDs of the stacked factors, by QR + small SVD (all R kept)."""
-    U, UtB = left_singular_basis(torch.cat([f.B for f in factors], dim=1))
-    V, VtAt = left_singular_basis(torch.cat([f.A for f in factors], dim=0).mT)
-    return ReferenceBases(U=U, V=V, UtB=UtB, AV=VtAt.mT)
+    left, UtB = left_singular_basis(torch.cat([f.B for f in factors], dim=1))
+    right, VtAt = left_singular_basis(torch.cat([f.A for f in factors], dim=0).mT)
+    return ReferenceBases(left=left, right=right, UtB=UtB, AV=VtAt.mT)
 
 
 def core_matrices(factors: Sequence[LoraFactors], bases: ReferenceBases) -> list[Tensor]:
@@ -103,13 +118,12 @@ def projection_residual(
     (exact when m, n ≤ sample): a failed decomposition is wrong everywhere, and the full check
     would cost as much as the merge itself.
     """
-    B_stack = torch.cat([f.B for f in factors], dim=1)
-    A_stack = torch.cat([f.A for f in factors], dim=0)
+    B_stack, A_stack = bases.left.x, bases.right.x.mT
     rows = _spread(B_stack.shape[0], sample, B_stack.device)
     cols = _spread(A_stack.shape[1], sample, A_stack.device)
     B_s, A_s = B_stack[rows], A_stack[:, cols]
-    rb = (B_s - bases.U[rows] @ bases.UtB).norm(dim=0) ** 2  # per column of B_stack
-    ra = (A_s - bases.AV @ bases.V[cols].mT).norm(dim=1) ** 2  # per row of A_stack
+    rb = (B_s - bases.left.rows(rows) @ bases.UtB).norm(dim=0) ** 2  # per column of B_stack
+    ra = (A_s - bases.AV @ bases.right.rows(cols).mT).norm(dim=1) ** 2  # per row of A_stack
     nb, na = B_s.norm(dim=0) ** 2, A_s.norm(dim=1) ** 2
     worst, start = 0.0, 0
     for f in factors:
@@ -123,16 +137,17 @@ def projection_residual(
 
 
 def _as_lora_pair(
-    U: Tensor, X: Tensor, V: Tensor, rank: int | None
+    bases: ReferenceBases, X: Tensor, rank: int | None
 ) -> tuple[Tensor, Tensor, float | None]:
     """Write U X Vᵀ as (B, A): exactly when X is square, else via the SVD of the small X."""
     if rank is None and X.shape[0] == X.shape[1]:
-        return U @ X, V.mT, None
+        eye = torch.eye(X.shape[1], dtype=X.dtype, device=X.device)
+        return bases.left.apply(X), bases.right.apply_t(eye), None
     P, S, Qh = torch.linalg.svd(X, full_matrices=False)
     if rank is None:
-        return U @ (P * S), Qh @ V.mT, None
+        return bases.left.apply(P * S), bases.right.apply_t(Qh), None
     B_small, A_small, kept = truncate(P, S, Qh, rank)
-    return U @ B_small, A_small @ V.mT, kept
+    return bases.left.apply(B_small), bases.right.apply_t(A_small), kept
 
 
 def merge_in_core_space(
@@ -149,7 +164,7 @@ def merge_in_core_space(
     """
     bases = reference_bases(factors)
     M = apply_method(method, core_matrices(factors, bases), params, generator)
-    B, A, kept = _as_lora_pair(bases.U, M, bases.V, rank)
+    B, A, kept = _as_lora_pair(bases, M, rank)
     return MergedModule(B=B, A=A, kept_energy=kept, residual=projection_residual(factors, bases))
 
 
