@@ -1,0 +1,112 @@
+"""The floor: read every input tensor and write an output of the merged adapter's size, nothing else.
+
+    python bench/_floor.py -o OUT.safetensors [--dtype float32] ADAPTER_DIR...
+
+Every tensor of every input is read with ``safetensors.safe_open(...).get_tensor`` and its
+bytes copied into a buffer (get_tensor alone only maps the file). Then one safetensors file
+with the core merge's layout is written: per module lora_A (R × in) and lora_B (out × R),
+R = Σ r_t (the exact rank of a core-space merge), here zeros, streamed in the safetensors
+format (8-byte header length, JSON header, tensors back to back) without holding the output
+in memory; it loads with ``safe_open``. Any merge has to pay at least this: it is the I/O
+cost of the job.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import struct
+import sys
+import time
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+_KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<which>[AB])\.weight$")
+_DTYPES = {"float32": ("F32", 4), "bfloat16": ("BF16", 2), "float16": ("F16", 2)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("adapters", nargs="+", type=Path)
+    ap.add_argument("-o", "--output", type=Path, required=True)
+    ap.add_argument("--dtype", default="float32", choices=sorted(_DTYPES))
+    args = ap.parse_args(argv)
+    t0 = time.perf_counter()
+    # Copies are memory-bound: one thread is as fast, and intra-op threads that spin-wait for
+    # a core would only make the floor fragile on a shared machine.
+    torch.set_num_threads(1)
+
+    paths = [d / "adapter_model.safetensors" for d in args.adapters]
+    # module -> in, out, Σ rank, from the headers alone
+    modules: dict[str, dict] = {}
+    largest_input = 0
+    for path in paths:
+        with safe_open(path, framework="pt", device="cpu") as f:
+            for key in f.keys():  # noqa: SIM118 (safe_open is not iterable)
+                match = _KEY.match(key)
+                if match is None:
+                    continue
+                shape = f.get_slice(key).get_shape()
+                largest_input = max(largest_input, shape[0] * shape[1] * 8)
+                entry = modules.setdefault(match["module"], {"rank": 0})
+                if match["which"] == "A":
+                    entry["rank"] += shape[0]
+                    entry["in"] = shape[1]
+                else:
+                    entry["out"] = shape[0]
+
+    # Read: get_tensor maps the file without copying (safetensors ≥ 0.6), so each tensor's bytes
+    # are copied into a reused buffer, as read(2) would, to be sure every byte is loaded. One
+    # file at a time, closed after, so the mapped pages of at most one input stay resident.
+    scratch = torch.empty(largest_input, dtype=torch.uint8)
+    read_bytes = 0
+    for path in paths:
+        with safe_open(path, framework="pt", device="cpu") as f:
+            for key in f.keys():  # noqa: SIM118
+                t = f.get_tensor(key).reshape(-1).view(torch.uint8)
+                scratch[: t.numel()].copy_(t)
+                read_bytes += t.numel()
+    del scratch
+
+    # Write: the core merge's output layout (Σ r_t per module), streamed.
+    st_dtype, itemsize = _DTYPES[args.dtype]
+    header: dict = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name, e in modules.items():
+        for which, shape in (("A", (e["rank"], e["in"])), ("B", (e["out"], e["rank"]))):
+            size = shape[0] * shape[1] * itemsize
+            header[f"base_model.model.{name}.lora_{which}.weight"] = {
+                "dtype": st_dtype,
+                "shape": list(shape),
+                "data_offsets": [offset, offset + size],
+            }
+            offset += size
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    largest = max(max(e["rank"] * e["in"], e["out"] * e["rank"]) for e in modules.values())
+    zeros = memoryview(bytearray(largest * itemsize))
+    with open(args.output, "wb") as out:
+        out.write(struct.pack("<Q", len(blob)))
+        out.write(blob)
+        for e in modules.values():
+            out.write(zeros[: e["rank"] * e["in"] * itemsize])
+            out.write(zeros[: e["out"] * e["rank"] * itemsize])
+    written = args.output.stat().st_size
+    print(
+        json.dumps(
+            {
+                "read_bytes": read_bytes,
+                "written_bytes": written,
+                "modules": len(modules),
+                "seconds": time.perf_counter() - t0,
+            }
+        )
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
