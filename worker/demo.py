@@ -17,25 +17,31 @@ import torch
 __all__ = ["make_tiny_adapters", "run_demo", "tiny_base_model"]
 
 
-def tiny_base_model(seed: int = 0):
-    """A 2-layer Llama-style causal LM with random weights, built from a config."""
+TINY_LLAMA = {
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "vocab_size": 128,
+    "max_position_embeddings": 64,
+}
+
+
+def tiny_base_model(seed: int = 0, **config: int):
+    """A small Llama-style causal LM with random weights, built from a config (``TINY_LLAMA``
+    with ``config`` overriding it)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    config = LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=128,
-        max_position_embeddings=64,
-    )
-    return LlamaForCausalLM(config).eval()
+    return LlamaForCausalLM(LlamaConfig(**{**TINY_LLAMA, **config})).eval()
 
 
-def make_tiny_adapters(workdir: Path, specs: list[dict], seed: int = 0) -> list[Path]:
-    """Save one PEFT LoRA adapter per ``LoraConfig`` kwargs dict in ``specs``; return their dirs.
+def make_tiny_adapters(
+    workdir: Path, specs: list[dict], seed: int = 0, model: dict | None = None
+) -> list[Path]:
+    """Save one PEFT LoRA adapter per ``LoraConfig`` kwargs dict in ``specs`` on
+    ``tiny_base_model(seed, **model)``; return their dirs (``task-0``, ``task-1``, …).
 
     PEFT initialises lora_B to zero (a no-op adapter), so B is filled with random values, as
     training would have moved it.
@@ -44,14 +50,14 @@ def make_tiny_adapters(workdir: Path, specs: list[dict], seed: int = 0) -> list[
 
     dirs = []
     for i, kwargs in enumerate(specs):
-        model = get_peft_model(tiny_base_model(seed), LoraConfig(**kwargs))
+        model_i = get_peft_model(tiny_base_model(seed, **(model or {})), LoraConfig(**kwargs))
         gen = torch.Generator().manual_seed(seed + 100 + i)
         with torch.no_grad():
-            for name, param in model.named_parameters():
+            for name, param in model_i.named_parameters():
                 if "lora_B" in name:
                     param.copy_(torch.randn(param.shape, generator=gen) * 0.05)
         out = workdir / f"task-{i}"
-        model.save_pretrained(out)
+        model_i.save_pretrained(out)
         # The base model has no hub name; give the adapters the same one, as real ones share it.
         cfg_path = out / "adapter_config.json"
         cfg = json.loads(cfg_path.read_text())

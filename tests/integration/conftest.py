@@ -28,9 +28,10 @@ import httpx
 import pytest
 from botocore.config import Config
 
-from service.auth import hash_key
 from service.client import CoremergeClient
 from tests.redis_db import HOST, PORT, claimed_redis_db
+from tests.tenants import two_tenants
+from worker.demo import make_tiny_adapters
 
 ROOT = Path(__file__).resolve().parents[2]
 KEY_A, KEY_B = "integration-key-a", "integration-key-b"
@@ -40,18 +41,7 @@ AWS_ENV = {
     "AWS_SECRET_ACCESS_KEY": "testing",
     "AWS_DEFAULT_REGION": "us-east-1",
 }
-TENANTS = {
-    "tenants": {
-        "team-a": {
-            "keys_sha256": [hash_key(KEY_A)],
-            "allow": ["s3://adapters-a/", "s3://merged/team-a/"],
-        },
-        "team-b": {
-            "keys_sha256": [hash_key(KEY_B)],
-            "allow": ["s3://adapters-b/", "s3://merged/team-b/"],
-        },
-    }
-}
+TENANTS = two_tenants(KEY_A, KEY_B)
 
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
@@ -223,31 +213,8 @@ def upload(s3, local: Path, bucket: str, prefix: str) -> str:
 
 def make_llama_adapters(workdir: Path, count: int, **model: int) -> list[Path]:
     """Real PEFT LoRA adapters (saved by peft) on a small Llama built from a config."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    dirs = []
-    for i in range(count):
-        torch.manual_seed(0)
-        config = LlamaConfig(vocab_size=64, max_position_embeddings=64, **model)
-        lora = LoraConfig(
-            r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]
-        )
-        peft_model = get_peft_model(LlamaForCausalLM(config), lora)
-        gen = torch.Generator().manual_seed(1000 + i)
-        with torch.no_grad():
-            for name, param in peft_model.named_parameters():
-                if "lora_B" in name:  # PEFT starts B at zero: move it, as training would
-                    param.copy_(torch.randn(param.shape, generator=gen) * 0.05)
-        out = workdir / f"adapter-{i}"
-        peft_model.save_pretrained(out)
-        config_path = out / "adapter_config.json"
-        saved = json.loads(config_path.read_text())
-        saved["base_model_name_or_path"] = "coremerge/tiny-llama-demo"
-        config_path.write_text(json.dumps(saved))
-        dirs.append(out)
-    return dirs
+    spec = {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]}
+    return make_tiny_adapters(workdir, [spec] * count, seed=1000, model=model)
 
 
 @pytest.fixture(scope="session")

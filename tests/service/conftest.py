@@ -12,23 +12,12 @@ from fastapi.testclient import TestClient
 from redis import Redis
 
 from service.app import create_app
-from service.auth import hash_key
 from service.config import Settings
 from tests.redis_db import HOST, PORT, claimed_redis_db
+from tests.tenants import two_tenants
 
 KEY_A, KEY_B = "key-team-a", "key-team-b"
-TENANTS = {
-    "tenants": {
-        "team-a": {
-            "keys_sha256": [hash_key(KEY_A)],
-            "allow": ["s3://adapters-a/", "s3://merged/team-a/"],
-        },
-        "team-b": {
-            "keys_sha256": [hash_key(KEY_B)],
-            "allow": ["s3://adapters-b/", "s3://merged/team-b/"],
-        },
-    }
-}
+TENANTS = two_tenants(KEY_A, KEY_B)
 AUTH_A = {"Authorization": f"Bearer {KEY_A}"}
 AUTH_B = {"Authorization": f"Bearer {KEY_B}"}
 
