@@ -176,23 +176,24 @@ class _progress_bar:  # noqa: N801 (used like a function)
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from worker.adapters.reader import AdapterReader
+    from worker.adapters.reader import open_adapter
 
     path = local_path(args.adapter)
-    reader = AdapterReader(path, path.name)
+    reader = open_adapter(path, path.name)
     cfg = reader.config
     modules = [
         {
             "module": m.module,
             "rank": m.rank,
-            "shape": [m.out_features, m.in_features],
+            # A VeRA adapter does not record its layers' input sizes (None: unknown).
+            "shape": [m.out_features, m.in_features or None],
             "scaling": m.scaling,
         }
         for m in reader.modules.values()
     ]
     summary = {
         "adapter": str(path),
-        "type": "LORA",
+        "type": cfg.peft_type,
         "base_model_name_or_path": cfg.base_model_name_or_path,
         "task_type": cfg.task_type,
         "r": cfg.r,
@@ -212,7 +213,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     print(f"{'module':<60} {'rank':>5} {'shape (out×in)':>16} {'scaling':>9}")
     for m in modules:
         print(
-            f"{m['module']:<60} {m['rank']:>5} {'×'.join(map(str, m['shape'])):>16} {m['scaling']:>9.4g}"
+            f"{m['module']:<60} {m['rank']:>5} {'×'.join(str(d or '?') for d in m['shape']):>16} {m['scaling']:>9.4g}"
         )
     return 0
 

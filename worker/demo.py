@@ -67,6 +67,40 @@ def make_tiny_adapters(
     return dirs
 
 
+def make_tiny_vera(
+    workdir: Path,
+    *,
+    r: int,
+    seed: int,
+    save_projection: bool,
+    target_modules: list[str],
+    base_model_name_or_path: str = "coremerge/tiny-llama-demo",
+) -> Path:
+    """Save one PEFT VeRA adapter on the tiny model (λ vectors randomised: PEFT starts λ_b
+    at zero, a no-op) under ``workdir``; returns its folder."""
+    from peft import VeraConfig, get_peft_model
+
+    config = VeraConfig(
+        r=r,
+        target_modules=target_modules,
+        save_projection=save_projection,
+        projection_prng_key=seed,
+    )
+    model = get_peft_model(tiny_base_model(), config)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "vera_lambda" in name:
+                param.copy_(torch.randn(param.shape, generator=gen))
+    out = workdir / f"vera-{seed}-{'saved' if save_projection else 'regenerated'}"
+    model.save_pretrained(out)
+    cfg_path = out / "adapter_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["base_model_name_or_path"] = base_model_name_or_path
+    cfg_path.write_text(json.dumps(cfg, indent=2))
+    return out
+
+
 DEMO_ADAPTERS = [
     {
         "r": 4,

@@ -12,8 +12,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from service.spec import MergeSpec
+from worker.adapters.base_model import linear_input_sizes
 from worker.adapters.reader import AdapterReader
-from worker.errors import AdapterIncompatible
+from worker.adapters.vera import VeraReader
+from worker.errors import AdapterIncompatible, AdapterInvalid
 
 __all__ = ["MergePlan", "ModulePlan", "make_plan"]
 
@@ -74,8 +76,38 @@ def _target_modules(readers: Sequence[AdapterReader], modules: list[str]) -> lis
     return modules
 
 
-def make_plan(readers: Sequence[AdapterReader], spec: MergeSpec) -> MergePlan:
+def _resolve_vera_input_sizes(readers: Sequence[AdapterReader | VeraReader]) -> None:
+    """Give each VeRA input its modules' input sizes: from a LoRA input with the same module,
+    else from the base model's local config; a clear error when neither knows."""
+    known = {
+        m: info.in_features
+        for r in readers
+        if isinstance(r, AdapterReader)
+        for m, info in r.modules.items()
+    }
+    for reader in readers:
+        if not isinstance(reader, VeraReader):
+            continue
+        missing = [m for m in reader.modules if m not in known]
+        if missing:
+            config = reader.config
+            from_base = linear_input_sizes(
+                config.base_model_name_or_path, config.base_model_class, missing
+            )
+            if from_base is None:
+                raise AdapterInvalid(
+                    f"adapter {reader.name!r}: a VeRA adapter does not record its layers' input sizes, "
+                    f"and neither a LoRA input of this job nor a local base model config "
+                    f"(base_model_name_or_path={config.base_model_name_or_path!r}) gives them for "
+                    f"{len(missing)} module(s), e.g. {missing[0]!r}"
+                )
+            known.update(from_base)
+        reader.set_input_sizes({m: known[m] for m in reader.modules})
+
+
+def make_plan(readers: Sequence[AdapterReader | VeraReader], spec: MergeSpec) -> MergePlan:
     """Check the adapters against each other and lay out the merge (DESIGN.md §2 "plan")."""
+    _resolve_vera_input_sizes(readers)
     base = _single(readers, "base_model_name_or_path")
     fan_in_fan_out = bool(_single(readers, "fan_in_fan_out"))
     task_types = {r.config.task_type for r in readers}

@@ -30,7 +30,7 @@ import torch
 
 from service.spec import MergeSpec
 from worker.adapters.config import CONFIG_NAME
-from worker.adapters.reader import WEIGHTS_NAME, AdapterReader
+from worker.adapters.reader import WEIGHTS_NAME, AdapterReader, open_adapter
 from worker.adapters.writer import SafetensorsStreamWriter, TensorSlot, lora_config_json
 from worker.engine import LoraFactors, MergedModule, merge_module
 from worker.errors import Canceled, InternalError
@@ -178,7 +178,7 @@ def run_merge(
     torch_device = resolve_device(device)
 
     readers = [
-        AdapterReader(Path(d), ref.display_name)
+        open_adapter(Path(d), ref.display_name)
         for d, ref in zip(adapter_dirs, spec.adapters, strict=True)
     ]
     plan = make_plan(readers, spec)
@@ -306,6 +306,7 @@ def _report(
             {
                 "name": reader.name,
                 "uri": ref.uri,
+                "peft_type": reader.config.peft_type,
                 "weight": ref.weight,
                 "sha256": sha,
                 "bytes": reader.nbytes,

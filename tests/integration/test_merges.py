@@ -153,6 +153,31 @@ def test_progress_is_visible_and_cancel_stops_a_running_job(stack: Stack, big: l
     assert stack.keys("merged", output.removeprefix("s3://merged/")) == []
 
 
+def test_mixed_lora_and_vera_merge_end_to_end(
+    stack: Stack, tiny: list[str], peft_adapters: list[Path], tmp_path: Path
+) -> None:
+    """A VeRA adapter saved without its projections, merged with a LoRA one by the service:
+    the worker regenerates the projections and takes the input sizes from the LoRA input."""
+    from worker.demo import make_tiny_vera
+
+    vera = make_tiny_vera(
+        tmp_path, r=16, seed=7, save_projection=False, target_modules=["q_proj", "down_proj"]
+    )
+    vera_uri = upload(stack.s3, vera, "adapters-a", f"vera/{uuid.uuid4().hex[:8]}/")
+    spec = {"adapters": [{"uri": tiny[0]}, {"uri": vera_uri}], "method": "ta",
+            "output": {"uri": fresh_output()}}  # fmt: skip
+    with stack.client() as client:
+        job = wait_done(stack, client, client.submit(spec)["id"])
+    assert job["status"] == "succeeded", job
+    served = download(stack.s3, job["result"]["uri"], tmp_path / "served")
+    local_spec = MergeSpec.model_validate({**spec, "output": {"uri": str(tmp_path / "local")}})
+    local = run_merge(local_spec, [peft_adapters[0], vera], tmp_path / "local", device="cpu")
+    for name in ADAPTER_FILES:
+        assert (served / name).read_bytes() == (local.out_dir / name).read_bytes(), name
+    report = json.loads((served / REPORT_NAME).read_text())
+    assert [i["peft_type"] for i in report["inputs"]] == ["LORA", "VERA"]
+
+
 def test_idempotent_repeat_returns_the_same_job(stack: Stack, tiny: list[str]) -> None:
     spec = {
         "adapters": [{"uri": u} for u in tiny[:2]],

@@ -1,6 +1,7 @@
-"""``adapter_config.json`` of a PEFT LoRA adapter: parsing, refusal of unsupported features,
-and the per-module scaling s = lora_alpha / r (or / √r with rslora; rank_pattern and
-alpha_pattern per module, matched exactly as PEFT's ``get_pattern_key`` does).
+"""``adapter_config.json`` of a PEFT LoRA or VeRA adapter: parsing, refusal of unsupported
+features, and the per-module scaling s = lora_alpha / r (or / √r with rslora; rank_pattern and
+alpha_pattern per module, matched exactly as PEFT's ``get_pattern_key`` does). A VeRA
+adapter's scaling is 1: its update is diag(λ_b) B diag(λ_d) A.
 """
 
 from __future__ import annotations
@@ -38,6 +39,11 @@ class LoraAdapterConfig:
     layers_to_transform: Any = None
     base_model_name_or_path: str | None = None
     task_type: str | None = None
+    peft_type: str = "LORA"  # or "VERA"
+    # VeRA only: how PEFT draws the shared projections, and whether they were saved.
+    projection_prng_key: int = 0
+    save_projection: bool = True
+    base_model_class: str | None = None  # from PEFT's auto_mapping, e.g. LlamaForCausalLM
 
     def scaling(self, module: str) -> float:
         """s_t for ``module`` (its name in the base model, e.g. ``model.layers.0.self_attn.q_proj``)."""
@@ -96,9 +102,9 @@ def read_adapter_config(directory: Path, adapter: str) -> LoraAdapterConfig:
     if not isinstance(raw, dict):
         raise AdapterInvalid(f"adapter {adapter!r}: {CONFIG_NAME} is not a JSON object")
     peft_type = raw.get("peft_type")
-    if peft_type != "LORA":
+    if peft_type not in ("LORA", "VERA"):
         raise AdapterInvalid(
-            f"adapter {adapter!r}: peft_type {peft_type!r} is not supported (LoRA adapters only)"
+            f"adapter {adapter!r}: peft_type {peft_type!r} is not supported (LoRA and VeRA only)"
         )
     refused = _refusals(raw)
     if refused:
@@ -106,7 +112,8 @@ def read_adapter_config(directory: Path, adapter: str) -> LoraAdapterConfig:
     try:
         config = LoraAdapterConfig(
             r=int(raw["r"]),
-            lora_alpha=float(raw.get("lora_alpha", 8)),
+            # VeRA has no alpha: alpha = r makes its scaling 1.
+            lora_alpha=float(raw["r"] if peft_type == "VERA" else raw.get("lora_alpha", 8)),
             use_rslora=bool(raw.get("use_rslora", False)),
             rank_pattern={str(k): int(v) for k, v in (raw.get("rank_pattern") or {}).items()},
             alpha_pattern={str(k): float(v) for k, v in (raw.get("alpha_pattern") or {}).items()},
@@ -115,6 +122,10 @@ def read_adapter_config(directory: Path, adapter: str) -> LoraAdapterConfig:
             layers_to_transform=raw.get("layers_to_transform"),
             base_model_name_or_path=raw.get("base_model_name_or_path"),
             task_type=raw.get("task_type"),
+            peft_type=peft_type,
+            projection_prng_key=int(raw.get("projection_prng_key", 0)),
+            save_projection=bool(raw.get("save_projection", True)),
+            base_model_class=(raw.get("auto_mapping") or {}).get("base_model_class"),
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise AdapterInvalid(f"adapter {adapter!r}: bad value in {CONFIG_NAME}: {exc!r}") from None

@@ -14,6 +14,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -22,7 +23,10 @@ from worker.errors import AdapterInvalid, AdapterNotFound
 
 from .config import LoraAdapterConfig, read_adapter_config
 
-__all__ = ["WEIGHTS_NAME", "AdapterReader", "ModuleInfo"]
+if TYPE_CHECKING:
+    from .vera import VeraReader
+
+__all__ = ["WEIGHTS_NAME", "AdapterReader", "ModuleInfo", "check_finite", "open_adapter"]
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 _PICKLE_NAMES = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth")
@@ -58,6 +62,41 @@ def _unsupported_key(key: str) -> str:
     return "not a LoRA factor of the form base_model.model.<module>.lora_{A,B}.weight"
 
 
+def check_finite(adapter: str, module: str, A: torch.Tensor, B: torch.Tensor) -> None:
+    """Refuse NaN or ±inf in a module's factors (one pass each: any makes the sum non-finite)."""
+    if not (torch.isfinite(A.sum()) and torch.isfinite(B.sum())):
+        raise AdapterInvalid(
+            f"adapter {adapter!r}: module {module!r} has NaN or infinite values "
+            "(or values too large to sum in float32)"
+        )
+
+
+def open_adapter(directory: Path, name: str) -> AdapterReader | VeraReader:
+    """The reader for the adapter in ``directory``: LoRA or VeRA, by its config's peft_type."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise AdapterNotFound(f"adapter {name!r}: no directory at {directory}")
+    config = read_adapter_config(directory, name)
+    if config.peft_type == "VERA":
+        from .vera import VeraReader
+
+        _check_weights_file(directory, name)
+        return VeraReader(directory, name, config)
+    return AdapterReader(directory, name, config)
+
+
+def _check_weights_file(directory: Path, name: str) -> None:
+    if not (directory / WEIGHTS_NAME).is_file():
+        pickles = [p for p in _PICKLE_NAMES if (directory / p).exists()]
+        reason = (
+            f"only pickle weights ({pickles[0]}) found: they are never loaded; "
+            "save the adapter with safe_serialization=True"
+            if pickles
+            else f"no {WEIGHTS_NAME}"
+        )
+        raise AdapterInvalid(f"adapter {name!r}: {reason}")
+
+
 class AdapterReader:
     """A PEFT LoRA adapter on local disk, validated from its config and header alone.
 
@@ -65,22 +104,18 @@ class AdapterReader:
     >>> A, B = reader.read("model.layers.0.self_attn.q_proj")  # doctest: +SKIP
     """
 
-    def __init__(self, directory: Path, name: str) -> None:
+    def __init__(self, directory: Path, name: str, config: LoraAdapterConfig | None = None) -> None:
         self.directory = Path(directory)
         self.name = name
         if not self.directory.is_dir():
             raise AdapterNotFound(f"adapter {name!r}: no directory at {self.directory}")
-        self.config: LoraAdapterConfig = read_adapter_config(self.directory, name)
-        self.path = self.directory / WEIGHTS_NAME
-        if not self.path.is_file():
-            pickles = [p for p in _PICKLE_NAMES if (self.directory / p).exists()]
-            reason = (
-                f"only pickle weights ({pickles[0]}) found: they are never loaded; "
-                "save the adapter with safe_serialization=True"
-                if pickles
-                else f"no {WEIGHTS_NAME}"
+        self.config: LoraAdapterConfig = config or read_adapter_config(self.directory, name)
+        if self.config.peft_type != "LORA":
+            raise AdapterInvalid(
+                f"adapter {name!r}: a {self.config.peft_type} adapter (use open_adapter)"
             )
-            raise AdapterInvalid(f"adapter {name!r}: {reason}")
+        _check_weights_file(self.directory, name)
+        self.path = self.directory / WEIGHTS_NAME
         self.nbytes = self.path.stat().st_size
         self.modules: dict[str, ModuleInfo] = self._index()
         self._handle = None
@@ -163,12 +198,7 @@ class AdapterReader:
             ) from None
         A = A.to(device=device, dtype=torch.float32)
         B = B.to(device=device, dtype=torch.float32)
-        # One pass each: a NaN or ±inf anywhere makes the sum non-finite.
-        if not (torch.isfinite(A.sum()) and torch.isfinite(B.sum())):
-            raise AdapterInvalid(
-                f"adapter {self.name!r}: module {module!r} has NaN or infinite values "
-                "(or values too large to sum in float32)"
-            )
+        check_finite(self.name, module, A, B)
         return A, B
 
     def close(self) -> None:

@@ -1,0 +1,168 @@
+"""PEFT VeRA adapters as merge inputs: each module's update as a LoRA pair.
+
+A VeRA module's update is ΔW = diag(λ_b) B diag(λ_d) A, with A and B slices of projections
+shared by every layer (PEFT: ``vera_A[:, :in_features]``, ``vera_B[:out_features, :]``). So
+A′ = diag(λ_d) A, B′ = diag(λ_b) B is a LoRA pair with scaling 1, and it enters core space like
+any LoRA (DESIGN.md §7, last line).
+
+The adapter file holds λ_b (out) and λ_d (r) per module, and the projections only when saved
+with ``save_projection=True``; otherwise they are regenerated from ``projection_prng_key``
+with PEFT's own initialisation code. Neither form records a module's input size, which the
+slice of ``vera_A`` needs: it comes from a LoRA adapter of the same job that has the module,
+or from the base model's config (see ``worker.adapters.base_model``); the plan supplies it
+through :meth:`VeraReader.set_input_sizes` before the first read.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from worker.errors import AdapterInvalid
+
+from .config import LoraAdapterConfig
+from .reader import WEIGHTS_NAME, ModuleInfo, check_finite
+
+__all__ = ["VeraReader"]
+
+_LAMBDA_KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.vera_lambda_(?P<which>[bd])$")
+_PROJECTIONS = ("base_model.vera_A", "base_model.vera_B")
+
+
+class VeraReader:
+    """A PEFT VeRA adapter on local disk; the same interface as ``AdapterReader``."""
+
+    def __init__(self, directory: Path, name: str, config: LoraAdapterConfig) -> None:
+        self.directory, self.name, self.config = Path(directory), name, config
+        self.path = self.directory / WEIGHTS_NAME
+        self.nbytes = self.path.stat().st_size
+        self._projections: tuple[torch.Tensor, torch.Tensor] | None = None
+        try:
+            with safe_open(self.path, framework="pt") as f:
+                header = {k: f.get_slice(k).get_shape() for k in f.keys()}  # noqa: SIM118
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise AdapterInvalid(
+                f"adapter {name!r}: {WEIGHTS_NAME} is not a valid safetensors file ({exc})"
+            ) from None
+        self.saved_projection_shapes = self._check_projections(header)
+        lambdas: dict[str, dict[str, list[int]]] = {}
+        for key, shape in header.items():
+            if key in _PROJECTIONS:
+                continue
+            match = _LAMBDA_KEY.match(key)
+            if match is None or len(shape) != 1:
+                raise AdapterInvalid(
+                    f"adapter {name!r}: tensor {key!r} is not a VeRA vector "
+                    "(base_model.model.<module>.vera_lambda_{b,d})"
+                )
+            lambdas.setdefault(match["module"], {})[match["which"]] = shape
+        r = config.r
+        self.modules: dict[str, ModuleInfo] = {}
+        for module, pair in lambdas.items():
+            if set(pair) != {"b", "d"} or pair["d"][0] != r:
+                raise AdapterInvalid(
+                    f"adapter {name!r}: module {module!r} needs vera_lambda_b and a vera_lambda_d "
+                    f"of length r = {r}"
+                )
+            # in_features is not in a VeRA adapter: 0 until set_input_sizes() is called.
+            self.modules[module] = ModuleInfo(module, r, 0, pair["b"][0], 1.0, 0)
+        if not self.modules:
+            raise AdapterInvalid(f"adapter {name!r}: {WEIGHTS_NAME} holds no VeRA vectors")
+
+    def _check_projections(
+        self, header: dict[str, list[int]]
+    ) -> tuple[list[int], list[int]] | None:
+        present = [k for k in _PROJECTIONS if k in header]
+        if self.config.save_projection != bool(present) or len(present) == 1:
+            raise AdapterInvalid(
+                f"adapter {self.name!r}: save_projection={self.config.save_projection} but the "
+                f"file holds {present or 'no projections'}"
+            )
+        if not present:
+            return None
+        shape_a, shape_b = header[_PROJECTIONS[0]], header[_PROJECTIONS[1]]
+        if (
+            len(shape_a) != 2
+            or len(shape_b) != 2
+            or shape_a[0] != self.config.r
+            or shape_b[1] != self.config.r
+        ):
+            raise AdapterInvalid(
+                f"adapter {self.name!r}: projections of shapes {shape_a} and {shape_b} do not "
+                f"match r = {self.config.r}"
+            )
+        return shape_a, shape_b
+
+    def set_input_sizes(self, sizes: dict[str, int]) -> None:
+        """Give every module its input size (which a VeRA adapter does not record)."""
+        in_max = self.saved_projection_shapes[0][1] if self.saved_projection_shapes else None
+        for module, info in self.modules.items():
+            n = sizes[module]
+            if in_max is not None and n > in_max:
+                raise AdapterInvalid(
+                    f"adapter {self.name!r}: module {module!r} has {n} inputs but the saved "
+                    f"vera_A has only {in_max} columns"
+                )
+            if (
+                self.saved_projection_shapes
+                and info.out_features > self.saved_projection_shapes[1][0]
+            ):
+                raise AdapterInvalid(
+                    f"adapter {self.name!r}: module {module!r} has {info.out_features} outputs "
+                    f"but the saved vera_B has only {self.saved_projection_shapes[1][0]} rows"
+                )
+            r = info.rank
+            self.modules[module] = ModuleInfo(
+                module, r, n, info.out_features, 1.0, 4 * r * (n + info.out_features)
+            )
+
+    def _regenerated_projections(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """vera_A and vera_B as PEFT draws them: its own ``_kaiming_init``, seeded by the key,
+        with the largest input and output sizes among the adapted modules."""
+        if self._projections is None:
+            try:
+                from peft.tuners.vera.model import _kaiming_init
+            except ImportError as exc:  # the adapter cannot be read without PEFT's own code
+                raise AdapterInvalid(
+                    f"adapter {self.name!r}: saved without its projections, and PEFT's VeRA "
+                    f"initialisation to regenerate them is not importable ({exc})"
+                ) from None
+            in_max = max(info.in_features for info in self.modules.values())
+            out_max = max(info.out_features for info in self.modules.values())
+            generator = torch.Generator(device="cpu").manual_seed(self.config.projection_prng_key)
+            vera_A = _kaiming_init((self.config.r, in_max), generator=generator)
+            vera_B = _kaiming_init((out_max, self.config.r), generator=generator)
+            self._projections = (vera_A, vera_B)
+        return self._projections
+
+    def read(
+        self, module: str, device: torch.device | str = "cpu"
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """A′ = diag(λ_d) vera_A[:, :n] (r × n) and B′ = diag(λ_b) vera_B[:m, :] (m × r), float32."""
+        info = self.modules[module]
+        n, m = info.in_features, info.out_features
+        prefix = f"base_model.model.{module}"
+        try:
+            with safe_open(self.path, framework="pt") as f:
+                lambda_b = f.get_tensor(f"{prefix}.vera_lambda_b")
+                lambda_d = f.get_tensor(f"{prefix}.vera_lambda_d")
+                if self.saved_projection_shapes:
+                    A = f.get_slice(_PROJECTIONS[0])[:, :n]
+                    B = f.get_slice(_PROJECTIONS[1])[:m, :]
+        except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+            raise AdapterInvalid(
+                f"adapter {self.name!r}: cannot read module {module!r} ({exc})"
+            ) from None
+        if not self.saved_projection_shapes:
+            vera_A, vera_B = self._regenerated_projections()
+            A, B = vera_A[:, :n], vera_B[:m, :]
+        A = (lambda_d.float()[:, None] * A.float()).to(device)
+        B = (lambda_b.float()[:, None] * B.float()).to(device)
+        check_finite(self.name, module, A, B)
+        return A, B
+
+    def close(self) -> None:
+        """Nothing is held open between reads."""
