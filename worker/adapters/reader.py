@@ -26,7 +26,14 @@ from .config import LoraAdapterConfig, read_adapter_config
 if TYPE_CHECKING:
     from .vera import VeraReader
 
-__all__ = ["WEIGHTS_NAME", "AdapterReader", "ModuleInfo", "check_finite", "open_adapter"]
+__all__ = [
+    "WEIGHTS_NAME",
+    "AdapterReader",
+    "ModuleInfo",
+    "check_finite",
+    "check_weights_file",
+    "open_adapter",
+]
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 _PICKLE_NAMES = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth")
@@ -46,7 +53,6 @@ class ModuleInfo:
     in_features: int  # n
     out_features: int  # m
     scaling: float
-    nbytes: int
 
 
 def _unsupported_key(key: str) -> str:
@@ -80,12 +86,12 @@ def open_adapter(directory: Path, name: str) -> AdapterReader | VeraReader:
     if config.peft_type == "VERA":
         from .vera import VeraReader
 
-        _check_weights_file(directory, name)
         return VeraReader(directory, name, config)
     return AdapterReader(directory, name, config)
 
 
-def _check_weights_file(directory: Path, name: str) -> None:
+def check_weights_file(directory: Path, name: str) -> None:
+    """Refuse a folder without adapter_model.safetensors (pickle weights are never loaded)."""
     if not (directory / WEIGHTS_NAME).is_file():
         pickles = [p for p in _PICKLE_NAMES if (directory / p).exists()]
         reason = (
@@ -114,7 +120,7 @@ class AdapterReader:
             raise AdapterInvalid(
                 f"adapter {name!r}: a {self.config.peft_type} adapter (use open_adapter)"
             )
-        _check_weights_file(self.directory, name)
+        check_weights_file(self.directory, name)
         self.path = self.directory / WEIGHTS_NAME
         self.nbytes = self.path.stat().st_size
         self.modules: dict[str, ModuleInfo] = self._index()
@@ -175,10 +181,7 @@ class AdapterReader:
                 raise AdapterInvalid(
                     f"adapter {self.name!r}: module {module!r} has an empty factor"
                 )
-            itemsize = 8 if pair["A"][1] == "F64" else 4 if pair["A"][1] == "F32" else 2
-            modules[module] = ModuleInfo(
-                module, r, n, m, self.config.scaling(module), (r * n + m * r) * itemsize
-            )
+            modules[module] = ModuleInfo(module, r, n, m, self.config.scaling(module))
         return modules
 
     def read(

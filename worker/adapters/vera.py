@@ -24,7 +24,7 @@ from safetensors import SafetensorError, safe_open
 from worker.errors import AdapterInvalid
 
 from .config import LoraAdapterConfig
-from .reader import WEIGHTS_NAME, ModuleInfo, check_finite
+from .reader import WEIGHTS_NAME, ModuleInfo, check_finite, check_weights_file
 
 __all__ = ["VeraReader"]
 
@@ -37,6 +37,7 @@ class VeraReader:
 
     def __init__(self, directory: Path, name: str, config: LoraAdapterConfig) -> None:
         self.directory, self.name, self.config = Path(directory), name, config
+        check_weights_file(self.directory, name)
         self.path = self.directory / WEIGHTS_NAME
         self.nbytes = self.path.stat().st_size
         self._projections: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -68,7 +69,7 @@ class VeraReader:
                     f"of length r = {r}"
                 )
             # in_features is not in a VeRA adapter: 0 until set_input_sizes() is called.
-            self.modules[module] = ModuleInfo(module, r, 0, pair["b"][0], 1.0, 0)
+            self.modules[module] = ModuleInfo(module, r, 0, pair["b"][0], 1.0)
         if not self.modules:
             raise AdapterInvalid(f"adapter {name!r}: {WEIGHTS_NAME} holds no VeRA vectors")
 
@@ -114,10 +115,7 @@ class VeraReader:
                     f"adapter {self.name!r}: module {module!r} has {info.out_features} outputs "
                     f"but the saved vera_B has only {self.saved_projection_shapes[1][0]} rows"
                 )
-            r = info.rank
-            self.modules[module] = ModuleInfo(
-                module, r, n, info.out_features, 1.0, 4 * r * (n + info.out_features)
-            )
+            self.modules[module] = ModuleInfo(module, info.rank, n, info.out_features, 1.0)
 
     def _regenerated_projections(self) -> tuple[torch.Tensor, torch.Tensor]:
         """vera_A and vera_B as PEFT draws them: its own ``_kaiming_init``, seeded by the key,

@@ -51,6 +51,10 @@ class Basis:
         """M @ Uᵀ."""
         return M @ self.U.mT if self.U is not None else (M @ self.K.mT) @ self.x.mT
 
+    def transposed(self) -> Tensor:
+        """Uᵀ (k × m), contiguous: the merged adapter's A when U is V_ref."""
+        return self.U.mT.contiguous() if self.U is not None else self.K.mT @ self.x.mT
+
     def rows(self, index: Tensor) -> Tensor:
         """U[index]."""
         return self.U[index] if self.U is not None else self.x[index] @ self.K

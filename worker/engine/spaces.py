@@ -141,8 +141,7 @@ def _as_lora_pair(
 ) -> tuple[Tensor, Tensor, float | None]:
     """Write U X Vᵀ as (B, A): exactly when X is square, else via the SVD of the small X."""
     if rank is None and X.shape[0] == X.shape[1]:
-        eye = torch.eye(X.shape[1], dtype=X.dtype, device=X.device)
-        return bases.left.apply(X), bases.right.apply_t(eye), None
+        return bases.left.apply(X), bases.right.transposed(), None
     P, S, Qh = torch.linalg.svd(X, full_matrices=False)
     if rank is None:
         return bases.left.apply(P * S), bases.right.apply_t(Qh), None
