@@ -410,7 +410,13 @@ def evaluate_targets(
                 }
             )
             continue
-        ref_total = reference["methods"][name]["mean_layer_s"] * args.layers
+        measured = reference["methods"][name]
+        core_s = measured["mean_layer_s"]
+        dense_s = _mean(measured.get("dense_delta_w_per_layer_s")) or 0.0
+        # The reference's core-space merge() goes per module from the factors to its output,
+        # the dense ΔW = U M Vh: that whole path is the peer (the issue's 2.3 s/layer matches
+        # it, not the core matrices alone); the compute-only ratio is printed beside it.
+        ref_total = (core_s + dense_s) * args.layers
         speedup = ref_total / r["wall_s"]
         targets.append(
             {
@@ -419,20 +425,13 @@ def evaluate_targets(
                 "limit": REFERENCE_SPEEDUP,
                 "passed": speedup >= REFERENCE_SPEEDUP,
                 "note": (
-                    f"reference {name}: {reference['methods'][name]['mean_layer_s']:.2f} s/layer "
-                    f"measured × {args.layers} layers = {ref_total:.1f} s (compute only) vs "
-                    f"coremerge {r['wall_s']:.1f} s wall (whole process, with I/O); at the "
-                    f"issue's {ISSUE_REFERENCE_S_PER_LAYER} s/layer: "
+                    f"reference {name}: {core_s:.2f} s/layer to the merged core matrix + "
+                    f"{dense_s:.2f} s/layer to its output ΔW, × {args.layers} layers = "
+                    f"{ref_total:.1f} s (in-process, no I/O) vs coremerge {r['wall_s']:.1f} s wall "
+                    f"(whole process, with I/O); to the core matrix only: "
+                    f"{core_s * args.layers / r['wall_s']:.1f}×; at the issue's "
+                    f"{ISSUE_REFERENCE_S_PER_LAYER} s/layer: "
                     f"{ISSUE_REFERENCE_S_PER_LAYER * args.layers / r['wall_s']:.1f}×"
-                    + (
-                        f"; its merge() then forms the dense ΔW, another {dense:.2f} s/layer"
-                        if (
-                            dense := _mean(
-                                reference["methods"][name].get("dense_delta_w_per_layer_s")
-                            )
-                        )
-                        else ""
-                    )
                 ),
             }
         )
@@ -638,9 +637,24 @@ def main(argv: list[str] | None = None) -> int:
                 ),
                 other_cpu_share=reference.get("other_cpu_share"),
                 contended=reference.get("contended"),
-                note="compute only (in-process, float64, no I/O, no start-up)",
+                note="to the merged core matrix only (in-process, float64, no I/O, no start-up)",
                 compares_with=f"core {method}",
             )
+            dense = _mean(reference["methods"][name].get("dense_delta_w_per_layer_s"))
+            if dense is not None:
+                rows[f"reference {name} to ΔW"] = row(
+                    f"reference {name} to its output ΔW (×{args.layers / args.ref_layers:g})",
+                    None,
+                    wall=(per_layer + dense) * args.layers,
+                    floor_wall=floor_wall,
+                    startup=None,
+                    inputs=None,
+                    per_layer_s=per_layer + dense,
+                    other_cpu_share=reference.get("other_cpu_share"),
+                    contended=reference.get("contended"),
+                    note="its merge() per module: core matrices, merge, ΔW = U M Vh (in-process, float64, no I/O)",
+                    compares_with=f"core {method}",
+                )
     if not args.keep_outputs:
         fresh(work / "floor.safetensors")
 

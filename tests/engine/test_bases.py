@@ -1,10 +1,13 @@
-"""Both routes to the reference bases (float64 Gram, Householder QR) give the same bases."""
+"""Every route to the reference bases (float32 Gram, float64 Gram, Householder QR) gives the
+same bases, orthonormal to float32 accuracy."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from worker.engine.linalg import (
+    MAX_F32_GRAM_CONDITION,
     MAX_GRAM_CONDITION,
     _basis_by_gram,
     _basis_by_qr,
@@ -56,3 +59,46 @@ def test_wide_stack_takes_the_qr() -> None:
     assert _basis_by_gram(x) is None
     basis, coords = left_singular_basis(x)
     assert torch.allclose(basis.apply(coords), x, atol=1e-5)
+
+
+@pytest.mark.parametrize("m", [1024, 4096, 14336])
+@pytest.mark.parametrize(
+    "condition",
+    [1.5, MAX_F32_GRAM_CONDITION * 0.99, MAX_F32_GRAM_CONDITION * 2, MAX_GRAM_CONDITION],
+)
+def test_gram_routes_are_orthonormal_to_float32_accuracy(m: int, condition: float) -> None:
+    """The Llama widths at rank 128: the float32 Gram (cond ≤ 4) and the float64 Gram (≤ 32)
+    both give U with ‖UᵀU − I‖₂ ≤ 1e-5, the accuracy of a float32 Householder QR."""
+    x = _stack(m, 128, condition=condition, seed=m)
+    route = _basis_by_gram(x)
+    assert route is not None
+    U = route[0].matrix.double()
+    error = torch.linalg.matrix_norm(U.mT @ U - torch.eye(128, dtype=torch.float64), ord=2)
+    assert error <= 1e-5
+    Q = _basis_by_qr(x)[0].matrix.double()
+    qr_error = torch.linalg.matrix_norm(Q.mT @ Q - torch.eye(128, dtype=torch.float64), ord=2)
+    assert error <= max(4 * qr_error, 5e-6)  # no worse than the QR it replaces, give or take
+
+
+def test_float32_gram_is_used_only_when_well_conditioned(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The float64 Gram is formed only above MAX_F32_GRAM_CONDITION."""
+    doubled: list[tuple[int, ...]] = []
+    original = torch.Tensor.double
+
+    def spy(self: torch.Tensor) -> torch.Tensor:
+        if self.ndim == 2 and self.shape[0] > self.shape[1]:  # the tall stack itself
+            doubled.append(tuple(self.shape))
+        return original(self)
+
+    monkeypatch.setattr(torch.Tensor, "double", spy)
+    assert _basis_by_gram(_stack(600, 24, condition=2.0)) is not None
+    assert doubled == []
+    assert _basis_by_gram(_stack(600, 24, condition=10.0)) is not None
+    assert doubled == [(600, 24)]
+
+
+def test_float32_overflow_decides_in_float64() -> None:
+    x = _stack(600, 24, condition=2.0) * 1e19  # x is finite, xᵀx overflows float32
+    basis, coords = left_singular_basis(x)
+    assert basis.K is not None  # still the Gram route, in float64
+    assert (basis.apply(coords) - x).norm() <= 1e-5 * x.norm()
