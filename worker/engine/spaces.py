@@ -109,14 +109,14 @@ def _spread(size: int, count: int, device: torch.device) -> Tensor:
 
 
 def projection_residual(
-    factors: Sequence[LoraFactors], bases: ReferenceBases, sample: int = 512
+    factors: Sequence[LoraFactors], bases: ReferenceBases, sample: int = 256
 ) -> float:
     """The self-check of DESIGN.md §5: worst relative residual of any B_t or A_t off the bases.
 
     ‖B_t − U Uᵀ B_t‖ / ‖B_t‖ and ‖A_t − A_t V Vᵀ‖ / ‖A_t‖; ~1e-7 in float32 when core space
     is lossless. Evaluated on at most ``sample`` evenly spaced rows of B and columns of A
     (exact when m, n ≤ sample): a failed decomposition is wrong everywhere, and the full check
-    would cost as much as the merge itself.
+    would cost as much as the merge itself (at 256 the check is ~4% of a core merge).
     """
     B_stack, A_stack = bases.left.x, bases.right.x.mT
     rows = _spread(B_stack.shape[0], sample, B_stack.device)
