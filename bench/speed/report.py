@@ -1,0 +1,494 @@
+"""The speed benchmark's Markdown tables and PNG plot, from its JSON record.
+
+python -m bench.speed.report RECORD.json     # re-render RECORD.md and RECORD.png beside it
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+STEPS = ("read", "bases", "project", "merge", "reconstruct", "self_check", "write")
+COMPUTE = ("bases", "project", "merge", "reconstruct")
+SWEEP_LABEL = {"adapters": "T (adapters)", "rank": "rank r", "width": "width"}
+
+
+def _f(v: Any, spec: str = ".2f", dash: str = "—") -> str:
+    return dash if v is None else format(v, spec)
+
+
+def _pct(v: float | None) -> str:
+    return "—" if v is None else f"{100 * v:.0f}%"
+
+
+def _table(head: list[str], rows: list[list[str]]) -> list[str]:
+    out = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    return out + ["| " + " | ".join(r) + " |" for r in rows]
+
+
+def machine_lines(rec: dict[str, Any]) -> list[str]:
+    m, c = rec["machine"], rec.get("contention", {})
+    threads = next((b.get("threads") for b in rec.get("breakdown", []) if b.get("threads")), None)
+    mi = rec["main_inputs"]
+    lines = [
+        f"- **Machine**: {m['cpu_model']}, {m['nproc']} CPUs, {m['ram_total_gib']} GiB RAM, "
+        f"{m['platform']}; Python {m['python']}, torch {m['torch']}, peft {m['peft']}, "
+        f"safetensors {m['safetensors']}; GPUs: {', '.join(m['gpus']) or 'none'}; "
+        f"child processes' OMP/MKL threads: {m.get('child_threads', 'torch default')}"
+        f"{f' (torch reports {threads})' if threads else ''}.",
+        f"- **Run**: {rec['created_at']}, commit {str(rec['project']['commit'])[:10]}"
+        + (" (uncommitted changes in worker/service)" if rec["project"]["uncommitted"] else "")
+        + f", device `{rec['config']['device']}`, {_f(rec.get('run_wall_s'), '.0f')} s in all; "
+        f"load average {m.get('load_average_start')} at start, {m.get('load_average_end')} at end; "
+        f"CPU busy elsewhere during the main rows: mean {_pct(c.get('main_rows_other_cpu_share_mean'))}, "
+        f"max {_pct(c.get('main_rows_other_cpu_share_max'))}.",
+        f"- **Inputs** (main comparison): {mi['adapters']} PEFT LoRA adapters, rank {mi['rank']}, "
+        f"lora_alpha {mi['lora_alpha']}, {mi['layers']} Llama-3-shaped layers of width {mi['hidden']} "
+        f"(q,o {mi['hidden']}→{mi['hidden']}; k,v →{mi['kv']}; gate,up →{mi['mlp']}; down "
+        f"{mi['mlp']}→{mi['hidden']}), {mi['modules']} modules, {mi['inputs_bytes'] / 2**20:.0f} MiB "
+        f"float32. Full space and PEFT `svd`/`ties_svd` ran on {rec['sample_inputs']['layers']} "
+        f"layer(s) and are scaled to {mi['layers']} (start-up once, the work × layers).",
+    ]
+    return lines
+
+
+def main_tables(rec: dict[str, Any]) -> list[str]:
+    rows = {r["name"]: r for r in rec["main"]}
+    methods = [r["method"] for r in rec["main"] if r["kind"] == "core"]
+    floor = rows.get("floor", {})
+    out = [
+        "## Main comparison: method × space, whole process",
+        "",
+        f"Floor (read every input + write a rank-Σr output, `bench/_floor.py`): "
+        f"**{_f(floor.get('wall_s'))} s**. Each cell: wall s (× floor). `full` and `knots` ÷ `core` "
+        "is how many times slower than core space the same method is.",
+        "",
+    ]
+    body = []
+    for meth in methods:
+        c, k, f = (rows.get(f"{s} {meth}") for s in ("core", "knots", "full"))
+
+        def cell(r):
+            return "—" if r is None else f"{r['wall_s']:.2f} ({r['x_floor']:.1f}×)"
+
+        body.append(
+            [
+                f"`{meth}`",
+                cell(c),
+                cell(k),
+                cell(f),
+                _f(k and k.get("x_core")),
+                _f(f and f.get("x_core")),
+                _f(f and f.get("x_core_work"), ".0f"),
+            ]
+        )
+    out += _table(
+        [
+            "method",
+            "core",
+            "knots",
+            "full (scaled)",
+            "knots ÷ core",
+            "full ÷ core",
+            "full ÷ core, in-process work",
+        ],
+        body,
+    )
+    peers = [r for r in rec["main"] if r["kind"] == "peft"]
+    if peers:
+        out += [
+            "",
+            "## Against PEFT `add_weighted_adapter` (Llama skeleton of the same shapes)",
+            "",
+            "Whole process = import transformers+peft, build the skeleton, load the T adapters, "
+            "merge, save. *work* = that without the imports. ÷ core compares with the coremerge "
+            "core-space method that computes the same kind of result (`cat`, `svd`, `linear` ↔ "
+            "`ta`; `ties`, `ties_svd` ↔ `ties`).",
+            "",
+        ]
+        body = []
+        for r in peers:
+            ph = r.get("phases_s", {})
+            body.append(
+                [
+                    f"peft `{r['method']}`" + (f" (×{r['scale']:g})" if r["scaled"] else ""),
+                    _f(r["wall_s"]),
+                    _f(r["x_floor"], ".1f"),
+                    f"{r['compared_with']}",
+                    _f(r.get("x_core")),
+                    _f(r.get("work_s")),
+                    _f(r.get("x_core_work")),
+                    _f(ph.get("merge_s"), ".3f"),
+                    str(r.get("output_rank")),
+                    _f(r.get("peak_minus_startup_mib"), ".0f"),
+                ]
+            )
+        out += _table(
+            [
+                "peer",
+                "wall s",
+                "× floor",
+                "vs",
+                "÷ core (wall)",
+                "work s",
+                "÷ core (work)",
+                "add_weighted_adapter s (measured)",
+                "out rank",
+                "peak − start-up MiB",
+            ],
+            body,
+        )
+    out += ["", "### Every row", ""]
+    body = []
+    for r in rec["main"]:
+        body.append(
+            [
+                r["name"] + (f" (×{r['scale']:g})" if r["scaled"] else ""),
+                _f(r["wall_s"]),
+                _f(r["measured_wall_s"]),
+                _f(r["x_floor"]),
+                _f(r.get("work_s"), ".3f"),
+                _f(r["peak_rss_mib"], ".0f"),
+                _f(r.get("peak_minus_startup_mib"), ".0f"),
+                str(r.get("output_rank") or "—"),
+                _pct(r["other_cpu_share"]),
+                " / ".join(f"{a['wall_s']:.2f}" for a in r["attempts"]),
+            ]
+        )
+    out += _table(
+        [
+            "row",
+            "wall s",
+            "measured s",
+            "× floor",
+            "in-process work s",
+            "peak RSS MiB",
+            "peak − start-up MiB",
+            "out rank",
+            "CPU busy elsewhere",
+            "attempts s",
+        ],
+        body,
+    )
+    st = rec.get("startup", {})
+    out += [
+        "",
+        "Start-up (a process that only imports): "
+        + ", ".join(f"{k} {v['wall_s']:.2f} s / {v['rss_mib']:.0f} MiB" for k, v in st.items())
+        + ".",
+    ]
+    return out
+
+
+def breakdown_table(rec: dict[str, Any]) -> list[str]:
+    b = rec.get("breakdown") or []
+    if not b:
+        return []
+    out = [
+        "## Where the time goes (in-process, `bench/speed/steps.py`)",
+        "",
+        "Seconds summed over modules; core on the main inputs, full on the sample (not scaled). "
+        "`engine` = `merge_module` timed on the same factors (what the runner calls).",
+        "",
+    ]
+    body = []
+    for r in b:
+        s = r["steps_s"]
+        comp = r["compute_s"] or 1e-12
+        body.append(
+            [
+                f"{r['space']} `{r['method']}` ({r['layers']} L)",
+                *(_f(s[k], ".3f") for k in STEPS),
+                _f(r["compute_s"], ".3f"),
+                " / ".join(f"{100 * s[k] / comp:.0f}" for k in COMPUTE),
+                _f(r.get("engine_merge_module_s"), ".3f"),
+                _f(r["import_s"]),
+                _f(r["wall_s"]),
+            ]
+        )
+    out += _table(
+        [
+            "space method",
+            "read",
+            "bases",
+            "project",
+            "merge",
+            "reconstruct",
+            "self-check",
+            "write",
+            "compute Σ",
+            "% bases/proj/merge/recon",
+            "engine",
+            "import",
+            "process wall",
+        ],
+        body,
+    )
+    return out
+
+
+def curve_tables(rec: dict[str, Any]) -> list[str]:
+    cur = rec.get("curves")
+    if not cur:
+        return []
+    pts = cur["points"]
+    method = rec["config"]["curve_method"]
+    out = [
+        f"## Scaling curves (`{method}`, one Llama-3-shaped layer, 7 modules)",
+        "",
+        "compute = bases + projection + merge + reconstruction (in-process, steps harness); "
+        "wall = the steps harness's whole process (start-up, read, compute, write; for core "
+        "less the time of its `merge_module` cross-check); CLI = "
+        "`coremerge merge` whole process. Memory = peak RSS − start-up RSS.",
+        "",
+    ]
+    for sweep, keys in cur["sweeps"].items():
+        out += [f"### {SWEEP_LABEL[sweep]}", ""]
+        body = []
+        for key in keys:
+            p = pts.get(key)
+            if p is None:
+                continue
+            c, f, cli = p["core_steps"], p.get("full_steps"), p["core_cli"]
+            s = c["steps_s"]
+            body.append(
+                [
+                    str(p[sweep]),
+                    f"{p['inputs_bytes'] / 2**20:.0f}",
+                    _f(c["compute_s"], ".3f"),
+                    " / ".join(_f(s[k], ".3f") for k in ("read", *COMPUTE, "write")),
+                    _f(_core_wall(c)),
+                    _f(cli["wall_s"]),
+                    _f(f and f["compute_s"], ".2f", p.get("full_skipped", "—")),
+                    _f(f and f["wall_s"]),
+                    _f(f and f["compute_s"] / max(c["compute_s"], 1e-9), ".0f"),
+                    _f(c["peak_minus_startup_mib"], ".0f"),
+                    _f(cli["peak_minus_startup_mib"], ".0f"),
+                    _f(f and f["peak_minus_startup_mib"], ".0f"),
+                ]
+            )
+        out += _table(
+            [
+                SWEEP_LABEL[sweep],
+                "inputs MiB",
+                "core compute s",
+                "core read / bases / proj / merge / recon / write s",
+                "core wall s",
+                "core CLI wall s",
+                "full compute s",
+                "full wall s",
+                "full ÷ core compute",
+                "core MiB",
+                "core CLI MiB",
+                "full MiB",
+            ],
+            body,
+        )
+        out.append("")
+    return out
+
+
+def markdown(rec: dict[str, Any]) -> str:
+    lines = ["# Speed benchmark (`bench/speed`)", "", *machine_lines(rec), ""]
+    lines += [*main_tables(rec), "", *breakdown_table(rec), "", *curve_tables(rec)]
+    if rec.get("failures"):
+        lines += ["", "## Failed steps", ""]
+        lines += [
+            f"- `{f['step']}`: {f['error'].strip().splitlines()[-1]}" for f in rec["failures"]
+        ]
+    lines += [
+        "",
+        "Ratios are taken within this one run (same machine, same load). Wall times are the "
+        "fastest of the attempts listed; CPU busy elsewhere is the share of all CPUs other "
+        "processes used during the kept attempt: above a few % the figure is inflated. "
+        "Rows marked (×N) ran on the sample and are scaled; their memory is the sample's.",
+    ]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def plot(rec: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 3, figsize=(17, 9.5))
+    _plot_main(axes[0][0], rec)
+    cur = rec.get("curves")
+    if cur:
+        for ax, sweep in zip(
+            (axes[0][1], axes[0][2], axes[1][0]), ("adapters", "rank", "width"), strict=True
+        ):
+            _plot_curve(ax, cur, sweep)
+        _plot_memory(axes[1][1], cur)
+        _plot_breakdown(axes[1][2], cur)
+    else:
+        for ax in (axes[0][1], axes[0][2], axes[1][0], axes[1][1], axes[1][2]):
+            ax.axis("off")
+    m = rec["machine"]
+    fig.suptitle(
+        f"coremerge speed — {m['cpu_model']}, {m['nproc']} CPUs, torch {m['torch']}, "
+        f"device {rec['config']['device']}, {rec['created_at']}",
+        fontsize=11,
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _plot_main(ax, rec: dict[str, Any]) -> None:
+    rows = {r["name"]: r for r in rec["main"]}
+    methods = [r["method"] for r in rec["main"] if r["kind"] == "core"]
+    width = 0.27
+    colours = {"core": "tab:blue", "knots": "tab:orange", "full": "tab:red"}
+    for i, space in enumerate(("core", "knots", "full")):
+        xs, ys = [], []
+        for j, meth in enumerate(methods):
+            r = rows.get(f"{space} {meth}")
+            if r:
+                xs.append(j + (i - 1) * width)
+                ys.append(r["x_floor"])
+        ax.bar(
+            xs,
+            ys,
+            width,
+            label=space + (" (scaled)" if space == "full" else ""),
+            color=colours[space],
+        )
+    peers = [r for r in rec["main"] if r["kind"] == "peft"]
+    base = len(methods)
+    for j, r in enumerate(peers):
+        ax.bar(base + j, r["x_floor"], 0.6, color="tab:green", label="PEFT" if j == 0 else None)
+    ax.set_xticks(range(base + len(peers)))
+    ax.set_xticklabels(methods + [f"peft\n{r['method']}" for r in peers], fontsize=8)
+    ax.axhline(1.0, color="black", lw=0.8, ls="--", label="floor (I/O)")
+    ax.set_yscale("log")
+    ax.set_ylabel("whole-process wall ÷ floor")
+    mi = rec["main_inputs"]
+    ax.set_title(
+        f"T={mi['adapters']}, r={mi['rank']}, {mi['layers']} layers of width {mi['hidden']}",
+        fontsize=10,
+    )
+    top = max(r["x_floor"] for r in rec["main"] if r.get("x_floor"))
+    ax.set_ylim(top=top * 15)  # room for the legend above the bars
+    ax.legend(fontsize=8, loc="upper left", ncol=3)
+
+
+def _core_wall(steps: dict[str, Any]) -> float:
+    """The steps harness's wall time without its ``merge_module`` cross-check."""
+    return steps["wall_s"] - (steps.get("engine_merge_module_s") or 0.0)
+
+
+def _series(cur: dict[str, Any], sweep: str):
+    keys = [k for k in cur["sweeps"][sweep] if k in cur["points"]]
+    pts = [cur["points"][k] for k in keys]
+    return [p[sweep] for p in pts], pts
+
+
+def _plot_curve(ax, cur: dict[str, Any], sweep: str) -> None:
+    xs, pts = _series(cur, sweep)
+    if not pts:
+        ax.set_title(f"time vs {SWEEP_LABEL[sweep]}: no points measured", fontsize=10)
+        ax.axis("off")
+        return
+    ax.plot(
+        xs,
+        [p["core_steps"]["compute_s"] for p in pts],
+        "o-",
+        color="tab:blue",
+        label="core compute",
+    )
+    ax.plot(
+        xs,
+        [_core_wall(p["core_steps"]) for p in pts],
+        "o--",
+        color="tab:blue",
+        alpha=0.6,
+        label="core wall",
+    )
+    ax.plot(
+        xs,
+        [p["core_cli"]["wall_s"] for p in pts],
+        "o:",
+        color="tab:cyan",
+        label="core CLI wall",
+    )
+    fx = [x for x, p in zip(xs, pts, strict=True) if p.get("full_steps")]
+    full = [p["full_steps"] for p in pts if p.get("full_steps")]
+    if full:
+        ax.plot(fx, [f["compute_s"] for f in full], "s-", color="tab:red", label="full compute")
+        ax.plot(
+            fx, [f["wall_s"] for f in full], "s--", color="tab:red", alpha=0.6, label="full wall"
+        )
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xticks(xs)
+    ax.set_xticklabels([str(x) for x in xs])
+    ax.set_xlabel(SWEEP_LABEL[sweep])
+    ax.set_ylabel("seconds")
+    ax.set_title(f"time vs {SWEEP_LABEL[sweep]} (1 layer)", fontsize=10)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+
+
+def _plot_memory(ax, cur: dict[str, Any]) -> None:
+    for sweep, marker in (("adapters", "o"), ("rank", "^"), ("width", "s")):
+        xs, pts = _series(cur, sweep)
+        if not pts:
+            continue
+        ax.plot(
+            xs,
+            [max(1.0, p["core_cli"]["peak_minus_startup_mib"]) for p in pts],
+            marker + "-",
+            label=f"core CLI, {SWEEP_LABEL[sweep]}",
+        )
+        fx = [x for x, p in zip(xs, pts, strict=True) if p.get("full_steps")]
+        fy = [
+            max(1.0, p["full_steps"]["peak_minus_startup_mib"]) for p in pts if p.get("full_steps")
+        ]
+        if fx:
+            ax.plot(fx, fy, marker + ":", label=f"full, {SWEEP_LABEL[sweep]}")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("T, r or width (each sweep from the base point)")
+    ax.set_ylabel("peak RSS − start-up, MiB")
+    ax.set_title("memory (1 layer)", fontsize=10)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7)
+
+
+def _plot_breakdown(ax, cur: dict[str, Any]) -> None:
+    keys = list(dict.fromkeys(k for v in cur["sweeps"].values() for k in v if k in cur["points"]))
+    parts = ("read", *COMPUTE, "self_check", "write")
+    totals = [sum(cur["points"][k]["core_steps"]["steps_s"][p] for p in parts) for k in keys]
+    bottom = [0.0] * len(keys)
+    for part in parts:
+        vals = [
+            cur["points"][k]["core_steps"]["steps_s"][part] / max(t, 1e-12)
+            for k, t in zip(keys, totals, strict=True)
+        ]
+        ax.bar(range(len(keys)), vals, bottom=bottom, label=part)
+        bottom = [b + v for b, v in zip(bottom, vals, strict=True)]
+    for i, t in enumerate(totals):
+        ax.text(i, 1.01, f"{t:.2g}s", ha="center", va="bottom", fontsize=6)
+    ax.set_xticks(range(len(keys)))
+    ax.set_xticklabels(keys, rotation=60, ha="right", fontsize=7)
+    ax.set_ylim(0, 1.3)
+    ax.set_ylabel("share of the in-process steps (total above)")
+    ax.set_title("core: where the time goes, per curve point", fontsize=10)
+    ax.legend(fontsize=7, loc="upper center", ncol=4)
+
+
+def main(argv: list[str] | None = None) -> int:
+    for name in argv if argv is not None else sys.argv[1:]:
+        path = Path(name)
+        rec = json.loads(path.read_text())
+        path.with_suffix(".md").write_text(markdown(rec))
+        plot(rec, path.with_suffix(".png"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

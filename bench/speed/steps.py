@@ -1,0 +1,194 @@
+"""Where a merge's time goes: the engine's public functions called one step at a time.
+
+    python bench/speed/steps.py --space core --method ties --json OUT.json \\
+        [--out-dir DIR] [--device cpu] [--engine-check] ADAPTER_DIR...
+
+Per module, on the real inputs (every module the adapters share, in file order):
+
+| step | core space | full space |
+|---|---|---|
+| read | ``AdapterReader.read`` of every adapter (as ``run_merge`` reads), scaling folded into B | same |
+| bases | ``reference_bases`` (QR/Gram + small SVD of the stacked factors) | — |
+| project | ``core_matrices`` (the R × R M_t) | ΔW_t = B_t A_t (m × n each) |
+| merge | ``apply_method`` on the M_t | ``apply_method`` on the ΔW_t |
+| reconstruct | B = U M, A = Vᵀ (``Basis.apply`` / ``transposed``; SVD of M when not square) | SVD of ΔW, cut at its numerical rank |
+| self_check | ``projection_residual`` (the report's residual) | — |
+| write | ``safetensors.torch.save_file`` of the module's (A, B), one file per module | same |
+
+``--engine-check`` also times ``merge_module`` (the engine's own entry point) on the same
+factors, so the sum of the steps can be compared with what the runner really calls. Prints
+nothing; writes JSON: seconds per step (summed over modules), modules, output rank, threads,
+and with CUDA ``torch.cuda.max_memory_allocated``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+import time
+from pathlib import Path
+
+T_START = time.perf_counter()
+
+import torch  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
+
+from service.spec import METHOD_PARAMS  # noqa: E402
+from worker.adapters.reader import open_adapter  # noqa: E402
+from worker.engine import (  # noqa: E402
+    LoraFactors,
+    apply_method,
+    core_matrices,
+    linalg,
+    merge_module,
+    reference_bases,
+    spaces,
+)
+
+IMPORT_S = time.perf_counter() - T_START
+STEPS = ("read", "bases", "project", "merge", "reconstruct", "self_check", "write")
+
+
+def default_params(method: str) -> dict:
+    return {p.name: p.default for p in METHOD_PARAMS[method]}
+
+
+def module_generator(seed: int, module: str) -> torch.Generator:
+    digest = hashlib.sha256(f"{seed}:{module}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
+
+
+def reconstruct_core(bases, M: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """B = U M, A = Vᵀ, through the basis objects when they offer it (U may stay implicit)."""
+    left, right = getattr(bases, "left", None), getattr(bases, "right", None)
+    implicit = hasattr(left, "apply") and hasattr(right, "apply_t") and hasattr(right, "transposed")
+    if M.shape[0] == M.shape[1]:
+        if implicit:
+            return left.apply(M), right.transposed()
+        return bases.U @ M, bases.V.mT.contiguous()
+    # R exceeds m or n: write U M Vᵀ through the SVD of the small M (as the engine does)
+    P, S, Qh = torch.linalg.svd(M, full_matrices=False)
+    if implicit:
+        return left.apply(P * S), right.apply_t(Qh)
+    return bases.U @ (P * S), Qh @ bases.V.mT
+
+
+def reconstruct_full(dW: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    U, S, Vh = torch.linalg.svd(dW, full_matrices=False)
+    k = linalg.numerical_rank(S, tuple(dW.shape))
+    return U[:, :k] * S[:k], Vh[:k]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("adapters", nargs="+", type=Path)
+    ap.add_argument("--space", choices=("core", "full"), default="core")
+    ap.add_argument("--method", default="ta")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json", type=Path, required=True)
+    ap.add_argument("--out-dir", type=Path, help="where the per-module outputs go (default: none)")
+    ap.add_argument("--engine-check", action="store_true")
+    args = ap.parse_args(argv)
+
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.init()
+        torch.cuda.reset_peak_memory_stats(device)
+
+    def clock() -> float:
+        if cuda:
+            torch.cuda.synchronize(device)
+        return time.perf_counter()
+
+    params = default_params(args.method)
+    t_open = clock()
+    readers = [open_adapter(d, d.name) for d in args.adapters]
+    modules = list(readers[0].modules)
+    open_s = clock() - t_open
+    if args.out_dir is not None:
+        args.out_dir.mkdir(parents=True, exist_ok=True)
+
+    seconds = dict.fromkeys(STEPS, 0.0)
+    engine_s = 0.0
+    ranks: list[int] = []
+    residual = 0.0
+    for i, module in enumerate(modules):
+        t0 = clock()
+        factors = []
+        for reader in readers:
+            A, B = reader.read(module, device)
+            factors.append(LoraFactors(A=A, B=B * reader.modules[module].scaling))
+        t1 = clock()
+        seconds["read"] += t1 - t0
+        gen = module_generator(args.seed, module)
+        if args.space == "core":
+            bases = reference_bases(factors)
+            t2 = clock()
+            Ms = core_matrices(factors, bases)
+            t3 = clock()
+            M = apply_method(args.method, Ms, params, gen)
+            t4 = clock()
+            B, A = reconstruct_core(bases, M)
+            t5 = clock()
+            check = getattr(spaces, "projection_residual", None)
+            if check is not None:
+                residual = max(residual, float(check(factors, bases)))
+            t6 = clock()
+            seconds["bases"] += t2 - t1
+            seconds["project"] += t3 - t2
+        else:
+            t2 = t1
+            dWs = [f.B @ f.A for f in factors]
+            t3 = clock()
+            M = apply_method(args.method, dWs, params, gen)
+            del dWs
+            t4 = clock()
+            B, A = reconstruct_full(M)
+            t5 = t6 = clock()
+            seconds["project"] += t3 - t2
+        seconds["merge"] += t4 - t3
+        seconds["reconstruct"] += t5 - t4
+        seconds["self_check"] += t6 - t5
+        ranks.append(A.shape[0])
+        if args.out_dir is not None:
+            save_file(
+                {"lora_A": A.cpu().contiguous(), "lora_B": B.cpu().contiguous()},
+                args.out_dir / f"{i:05d}.safetensors",
+            )
+        seconds["write"] += clock() - t6
+        if args.engine_check:
+            t7 = clock()
+            merge_module(factors, args.method, params, space=args.space, generator=gen)
+            engine_s += clock() - t7
+        del factors, M, B, A
+    for reader in readers:
+        reader.close()
+
+    result = {
+        "space": args.space,
+        "method": args.method,
+        "params": params,
+        "device": str(device),
+        "modules": len(modules),
+        "adapters": len(readers),
+        "threads": torch.get_num_threads(),
+        "import_s": IMPORT_S,
+        "open_s": open_s,
+        "steps_s": seconds,
+        "compute_s": sum(seconds[s] for s in ("bases", "project", "merge", "reconstruct")),
+        "in_process_s": time.perf_counter() - T_START,
+        "output_rank_max": max(ranks, default=0),
+        "max_projection_residual": residual if args.space == "core" else None,
+        "engine_merge_module_s": engine_s if args.engine_check else None,
+        "cuda_max_memory_allocated": torch.cuda.max_memory_allocated(device) if cuda else None,
+    }
+    args.json.write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
