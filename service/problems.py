@@ -12,6 +12,7 @@ and for a validation error an ``errors`` list naming every offending field::
 from __future__ import annotations
 
 import logging
+import re
 from http import HTTPStatus
 from typing import Any
 
@@ -113,6 +114,23 @@ def _validation_problem(exc: RequestValidationError) -> Problem:
     return Problem(422, detail, slug="invalid-request", title="Invalid request", errors=errors)
 
 
+def _allowed_methods(request: Request) -> list[str]:
+    """The methods the OpenAPI schema declares for this path. Starlette's own ``Allow`` names
+    only those of the first route that matched, while GET and DELETE of one path are two
+    routes here."""
+    path = request.url.path
+    methods: set[str] = set()
+    for template, operations in request.app.openapi().get("paths", {}).items():
+        if re.fullmatch(re.sub(r"\\{[^/]+?\\}", "[^/]+", re.escape(template)), path):
+            methods |= {m.upper() for m in operations if m in _HTTP_METHODS}
+    return sorted(methods)
+
+
+#: FastAPI's 400 for a body it could not decode; a malformed body is a 422 here (DESIGN.md §4).
+_BODY_NOT_PARSED = "There was an error parsing the body"
+_HTTP_METHODS = ("get", "put", "post", "delete", "options", "head", "patch", "trace")
+
+
 def install(app: FastAPI) -> None:
     """Register the exception handlers that turn every error into problem+json."""
     import redis.exceptions
@@ -128,11 +146,19 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         detail = exc.detail if isinstance(exc.detail, str) else HTTPStatus(exc.status_code).phrase
+        if exc.status_code == 400 and detail == _BODY_NOT_PARSED:  # e.g. a body not in UTF-8
+            cause = exc.__cause__
+            reason = f"{type(cause).__name__}: {cause}" if cause is not None else detail
+            return Problem.invalid("body", f"not valid JSON ({reason})").response()
         if exc.status_code == 404 and detail == "Not Found":
             detail = f"no such endpoint: {request.method} {request.url.path}"
-        elif exc.status_code == 405:
+        headers = getattr(exc, "headers", None)
+        if exc.status_code == 405:
             detail = f"{request.method} is not allowed on {request.url.path}"
-        return Problem(exc.status_code, detail, headers=getattr(exc, "headers", None)).response()
+            allowed = _allowed_methods(request)  # none for paths outside the schema (/docs)
+            if allowed:
+                headers = {**(headers or {}), "Allow": ", ".join(allowed)}
+        return Problem(exc.status_code, detail, headers=headers).response()
 
     @app.exception_handler(redis.exceptions.RedisError)
     async def _redis(request: Request, exc: Exception) -> JSONResponse:

@@ -6,7 +6,8 @@ ends with ``/``, so that an allow-list prefix ``s3://merged/team-a/`` never matc
 
 - schemes other than ``s3`` and ``file`` (``http(s)://`` would let a request make the worker
   fetch any address); a bare local path (the CLI's, not the API's);
-- credentials or a port in the authority (no request carries endpoints or credentials);
+- credentials or a port in the authority (no request carries endpoints or credentials), and a
+  bucket "name" formatted as an IP address (S3 forbids it; it reads like a host);
 - ``.`` and ``..`` segments and empty segments (``a//b``): S3 keeps them literally but other
   layers collapse them, so a prefix check on the raw text could be walked around;
 - any ``%`` escape (a percent-encoded ``/`` or ``.`` is a separator to some layers and not to
@@ -32,6 +33,7 @@ SCHEMES = ("s3", "file")
 # S3's bucket naming rules: 3-63 characters, lower-case letters, digits, '.', '-'.
 _BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 _FORBIDDEN_CHARS = re.compile(r"[\x00-\x20\x7f%\\?#]")
+_IP_ADDRESS = re.compile(r"^\d+\.\d+\.\d+\.\d+$")
 
 
 class InvalidUri(ValueError):
@@ -104,6 +106,8 @@ def parse_uri(uri: str) -> Location:
     if scheme == "s3":
         if not _BUCKET.match(authority) or ".." in authority:
             raise InvalidUri(uri, f"{authority!r} is not a valid S3 bucket name")
+        if _IP_ADDRESS.match(authority):  # S3's rules forbid it; it reads like a host
+            raise InvalidUri(uri, f"{authority!r}: a bucket name formatted as an IP address")
         key = "/".join(s for s in segments if s)
         return Location("s3", authority, f"{key}/" if key else "", "")
 

@@ -105,8 +105,32 @@ def _resolve_vera_input_sizes(readers: Sequence[AdapterReader | VeraReader]) -> 
         reader.set_input_sizes({m: known[m] for m in reader.modules})
 
 
-def make_plan(readers: Sequence[AdapterReader | VeraReader], spec: MergeSpec) -> MergePlan:
-    """Check the adapters against each other and lay out the merge (DESIGN.md §2 "plan")."""
+def _check_module_count(readers: Sequence[AdapterReader | VeraReader], limit: int) -> None:
+    """Refuse a merge over ``limit`` modules (the union over the adapters), from the headers."""
+    largest = max(readers, key=lambda r: len(r.modules))
+    if len(largest.modules) > limit:
+        raise AdapterInvalid(
+            f"adapter {largest.name!r}: {len(largest.modules)} LoRA modules, over this "
+            f"service's limit of {limit} (COREMERGE_MAX_MODULES)"
+        )
+    total = len({m for r in readers for m in r.modules})
+    if total > limit:
+        raise AdapterInvalid(
+            f"the adapters have {total} distinct LoRA modules together, over this service's "
+            f"limit of {limit} (COREMERGE_MAX_MODULES)"
+        )
+
+
+def make_plan(
+    readers: Sequence[AdapterReader | VeraReader],
+    spec: MergeSpec,
+    *,
+    max_modules: int | None = None,
+) -> MergePlan:
+    """Check the adapters against each other and lay out the merge (DESIGN.md §2 "plan").
+    ``max_modules`` caps the number of merged modules (a service limit; none by default)."""
+    if max_modules is not None:
+        _check_module_count(readers, max_modules)
     _resolve_vera_input_sizes(readers)
     base = _single(readers, "base_model_name_or_path")
     fan_in_fan_out = bool(_single(readers, "fan_in_fan_out"))

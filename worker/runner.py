@@ -33,7 +33,7 @@ from worker.adapters.config import CONFIG_NAME
 from worker.adapters.reader import WEIGHTS_NAME, AdapterReader, open_adapter
 from worker.adapters.writer import SafetensorsStreamWriter, TensorSlot, lora_config_json
 from worker.engine import LoraFactors, MergedModule, merge_module
-from worker.errors import Canceled, InternalError
+from worker.errors import AdapterInvalid, Canceled, InternalError
 from worker.plan import MergePlan, ModulePlan, make_plan
 
 __all__ = ["REPORT_NAME", "MergeOutcome", "Progress", "resolve_device", "run_merge"]
@@ -121,7 +121,13 @@ class _ModuleMerger:
             A, B = reader.read(mp.module, self.device)
             # ΔW_t = (w_t s_t B_t) A_t: scaling and job weight folded into B (DESIGN.md §6).
             scale = reader.modules[mp.module].scaling * self.spec.adapters[i].weight
-            factors.append(LoraFactors(A=A, B=B * scale))
+            B = B * scale
+            if not bool(torch.isfinite(B).all()):  # the factors were finite: the product is not
+                raise AdapterInvalid(
+                    f"adapter {reader.name!r}: module {mp.module!r}: its factors times scaling "
+                    f"and weight ({scale:.3g}) overflow float32"
+                )
+            factors.append(LoraFactors(A=A, B=B))
         t1 = time.perf_counter()
         merged = merge_module(
             factors,
@@ -161,12 +167,13 @@ def run_merge(
     device: str = "auto",
     on_progress: Callable[[Progress], None] | None = None,
     should_cancel: Callable[[], bool] | None = None,
+    max_modules: int | None = None,
 ) -> MergeOutcome:
     """Merge the adapters in ``adapter_dirs`` (local, in ``spec.adapters`` order) into ``out_dir``.
 
     Raises a ``worker.errors.MergeError`` for every known failure (``Canceled`` when
     ``should_cancel()`` is true at a module boundary) and ``FileExistsError`` when ``out_dir``
-    exists and is not empty.
+    exists and is not empty. ``max_modules`` is a service limit, checked from the headers.
     """
     started = time.perf_counter()
     out_dir = Path(out_dir)
@@ -181,7 +188,7 @@ def run_merge(
         open_adapter(Path(d), ref.display_name)
         for d, ref in zip(adapter_dirs, spec.adapters, strict=True)
     ]
-    plan = make_plan(readers, spec)
+    plan = make_plan(readers, spec, max_modules=max_modules)
     total = len(plan.modules)
     report_progress(Progress("plan", 0, total))
     plan_s = time.perf_counter() - started

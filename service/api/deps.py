@@ -18,7 +18,14 @@ from service.jobs import JobStore
 from service.metrics import ServiceMetrics
 from service.problems import Problem
 
-__all__ = ["MetricsDep", "QueueDep", "SettingsDep", "StoreDep", "TenantDep"]
+__all__ = [
+    "MetricsDep",
+    "QueueDep",
+    "SettingsDep",
+    "StoreDep",
+    "TenantDep",
+    "reject_unknown_query",
+]
 
 _bearer = HTTPBearer(auto_error=False, description="an API key from the tenants file")
 
@@ -55,6 +62,33 @@ async def _tenant(
             headers={"WWW-Authenticate": "Bearer"},
         )
     return tenant
+
+
+async def reject_unknown_query(request: Request) -> None:
+    """422 naming every query parameter the route does not declare: a typo
+    (``?statsu=failed``) must not silently widen a listing, as an unknown body field must not
+    silently change a merge."""
+    if not request.query_params:
+        return
+    declared: set[str] = set()
+    pending = [getattr(request.scope.get("route"), "dependant", None)]
+    while pending:  # the route's own parameters and its dependencies'
+        dependant = pending.pop()
+        if dependant is not None:
+            declared |= {field.alias for field in dependant.query_params}
+            pending.extend(dependant.dependencies)
+    unknown = sorted(set(request.query_params) - declared)
+    if unknown:
+        errors = [
+            {"field": f"query.{name}", "message": "unknown query parameter"} for name in unknown
+        ]
+        raise Problem(
+            422,
+            "; ".join(f"{e['field']}: {e['message']}" for e in errors),
+            slug="invalid-request",
+            title="Invalid request",
+            errors=errors,
+        )
 
 
 SettingsDep = Annotated[Settings, Depends(_settings)]

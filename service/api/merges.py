@@ -11,11 +11,18 @@ import time
 from dataclasses import replace
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Header, Query
+from fastapi import APIRouter, Depends, Header, Query
 from fastapi.responses import JSONResponse
 from rq import Queue
 
-from service.api.deps import MetricsDep, QueueDep, SettingsDep, StoreDep, TenantDep
+from service.api.deps import (
+    MetricsDep,
+    QueueDep,
+    SettingsDep,
+    StoreDep,
+    TenantDep,
+    reject_unknown_query,
+)
 from service.api.models import Job, JobList
 from service.auth import Tenant, refusal
 from service.config import Settings
@@ -26,7 +33,7 @@ from service.spec import MergeSpec
 
 __all__ = ["router"]
 
-router = APIRouter(prefix="/merges", tags=["merges"])
+router = APIRouter(prefix="/merges", tags=["merges"], dependencies=[Depends(reject_unknown_query)])
 
 _JOB_ID = re.compile(r"^[0-9a-f]{32}$")
 _LOCATION = {"Location": {"description": "the job's URL", "schema": {"type": "string"}}}

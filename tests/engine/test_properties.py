@@ -84,6 +84,8 @@ def test_ta_is_lossless_in_float32(factors):
             ("full", "ties", {"density": 0.3}),
             ("full", "cart", {"rank_fraction": 0.5, "lam": 0.7}),
             ("full", "tsv", {}),
+            ("knots", "ta", {}),
+            ("knots", "iso_c", {}),
         ]
     ),
     st.randoms(use_true_random=False),
@@ -140,3 +142,22 @@ def test_truncation_attains_the_eckart_young_error(factors, k, space):
     if float(S.norm()) > 0:
         kept = float(S[:k].pow(2).sum() / S.pow(2).sum())
         assert abs(merged.kept_energy - kept) <= 1e-9
+
+
+@FAST
+@given(adapters(), st.data())
+def test_ta_is_linear_in_the_weight_vector(factors, data):
+    """ta(w) + ta(w′) = ta(w + w′) for per-adapter weights w, w′ (folded into B_t as the
+    runner does): the merge is a linear map of the weights, not only of a common factor."""
+    T = len(factors)
+    weights = st.lists(st.floats(-3.0, 3.0), min_size=T, max_size=T)
+    w, v = data.draw(weights), data.draw(weights)
+
+    def ta(ws):
+        return dense(
+            run([LoraFactors(A=f.A, B=x * f.B) for f, x in zip(factors, ws, strict=True)], "ta")
+        )
+
+    both = ta([a + b for a, b in zip(w, v, strict=True)])
+    scale = (max(map(abs, w)) + max(map(abs, v)) + 1.0) * _scale(factors)
+    assert _abs_err(ta(w) + ta(v), both) <= 1e-10 * scale

@@ -53,6 +53,7 @@ def test_normal_form(uri: str, normalized: str) -> None:
         ("s3://Bucket/a/", "bucket name"),
         ("s3://b/a/", "bucket name"),
         ("s3://bucket..x/a/", "bucket name"),
+        ("s3://169.254.169.254/latest/", "IP address"),
         ("file://host/data/x/", "local absolute path"),
         ("file:///data/../etc/", "'..'"),
         ("file://", "absolute path"),

@@ -13,13 +13,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import regex
+
 from worker.errors import AdapterInvalid
 
-__all__ = ["CONFIG_NAME", "LoraAdapterConfig", "read_adapter_config"]
+__all__ = ["CONFIG_NAME", "LoraAdapterConfig", "PatternTimeout", "read_adapter_config"]
 
 CONFIG_NAME = "adapter_config.json"
 #: A config larger than this is not a PEFT config (limits are checked before parsing).
 MAX_CONFIG_BYTES = 1 << 20
+#: Seconds one rank/alpha pattern may take to match one module name (microseconds normally).
+PATTERN_TIMEOUT_S = 0.2
 
 # Initialisations that rewrite the base weights: the adapter alone does not describe ΔW.
 _BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq")
@@ -55,11 +59,23 @@ class LoraAdapterConfig:
         return self.rank_pattern.get(_pattern_key(self.rank_pattern, module), self.r)
 
 
+class PatternTimeout(ValueError):
+    """A rank/alpha pattern took too long to match a module name (catastrophic backtracking)."""
+
+
 def _pattern_key(patterns: dict[str, Any], module: str) -> str:
-    # Same rule as peft.utils.other.get_pattern_key: a pattern matches a dotted suffix.
+    # Same rule as peft.utils.other.get_pattern_key: a pattern matches a dotted suffix. The
+    # patterns come from the adapter, so a hostile one such as "(a|aa)+b" could backtrack for
+    # hours on a long module name: the ``regex`` module (re-compatible) stops it.
     for key in patterns:
-        if re.match(rf"(.*\.)?({key})$", module):
-            return key
+        try:
+            if regex.match(rf"(.*\.)?({key})$", module, timeout=PATTERN_TIMEOUT_S):
+                return key
+        except TimeoutError:
+            raise PatternTimeout(
+                f"rank/alpha pattern {key!r} takes over {PATTERN_TIMEOUT_S} s to match "
+                f"module {module[:80]!r} (catastrophic backtracking)"
+            ) from None
     return module
 
 
@@ -86,6 +102,25 @@ def _refusals(raw: dict[str, Any]) -> list[str]:
     return out
 
 
+def _wrong_types(raw: dict[str, Any]) -> list[str]:
+    """Fields whose type is not PEFT's (they would otherwise fail deep inside the plan)."""
+    out = []
+    for name in ("base_model_name_or_path", "task_type"):
+        if not isinstance(raw.get(name), str | None):
+            out.append(f"{name} must be a string, got {type(raw[name]).__name__}")
+    targets = raw.get("target_modules")
+    if not (
+        targets is None
+        or isinstance(targets, str)
+        or (isinstance(targets, list) and all(isinstance(t, str) for t in targets))
+    ):
+        out.append("target_modules must be a string or a list of strings")
+    for name in ("rank_pattern", "alpha_pattern", "auto_mapping"):
+        if not isinstance(raw.get(name), dict | None):
+            out.append(f"{name} must be an object, got {type(raw[name]).__name__}")
+    return out
+
+
 def read_adapter_config(directory: Path, adapter: str) -> LoraAdapterConfig:
     """Parse and check ``directory/adapter_config.json``; ``adapter`` names it in errors."""
     path = directory / CONFIG_NAME
@@ -106,6 +141,9 @@ def read_adapter_config(directory: Path, adapter: str) -> LoraAdapterConfig:
         raise AdapterInvalid(
             f"adapter {adapter!r}: peft_type {peft_type!r} is not supported (LoRA and VeRA only)"
         )
+    wrong_types = _wrong_types(raw)
+    if wrong_types:
+        raise AdapterInvalid(f"adapter {adapter!r}: {CONFIG_NAME}: " + "; ".join(wrong_types))
     refused = _refusals(raw)
     if refused:
         raise AdapterInvalid(f"adapter {adapter!r}: " + "; ".join(refused))
@@ -132,6 +170,11 @@ def read_adapter_config(directory: Path, adapter: str) -> LoraAdapterConfig:
     ranks = [config.r, *config.rank_pattern.values()]
     if min(ranks) < 1:
         raise AdapterInvalid(f"adapter {adapter!r}: LoRA rank must be ≥ 1, got {min(ranks)}")
+    alphas = [config.lora_alpha, *config.alpha_pattern.values()]
+    if not all(math.isfinite(a) for a in alphas):  # JSON as Python reads it allows NaN
+        raise AdapterInvalid(
+            f"adapter {adapter!r}: lora_alpha must be a finite number, got {alphas}"
+        )
     for pattern in [*config.rank_pattern, *config.alpha_pattern]:
         try:
             re.compile(pattern)

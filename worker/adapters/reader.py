@@ -21,7 +21,8 @@ from safetensors import SafetensorError, safe_open
 
 from worker.errors import AdapterInvalid, AdapterNotFound
 
-from .config import LoraAdapterConfig, read_adapter_config
+from .config import LoraAdapterConfig, PatternTimeout, read_adapter_config
+from .safetensors_header import PREFIX_BYTES, check_prefix
 
 if TYPE_CHECKING:
     from .vera import VeraReader
@@ -132,6 +133,8 @@ class AdapterReader:
 
     def _index(self) -> dict[str, ModuleInfo]:
         try:
+            with open(self.path, "rb") as f:
+                check_prefix(f.read(PREFIX_BYTES), self.nbytes)
             with safe_open(self.path, framework="pt") as f:
                 header = {
                     k: (f.get_slice(k).get_shape(), f.get_slice(k).get_dtype())
@@ -172,7 +175,11 @@ class AdapterReader:
                 raise AdapterInvalid(
                     f"adapter {self.name!r}: module {module!r}: lora_A has rank {r} but lora_B has rank {r_b}"
                 )
-            expected = self.config.expected_rank(module)
+            try:
+                expected = self.config.expected_rank(module)
+                scaling = self.config.scaling(module)
+            except PatternTimeout as exc:
+                raise AdapterInvalid(f"adapter {self.name!r}: {exc}") from None
             if r != expected:
                 raise AdapterInvalid(
                     f"adapter {self.name!r}: module {module!r} has rank {r} but the config says {expected}"
@@ -181,7 +188,7 @@ class AdapterReader:
                 raise AdapterInvalid(
                     f"adapter {self.name!r}: module {module!r} has an empty factor"
                 )
-            modules[module] = ModuleInfo(module, r, n, m, self.config.scaling(module))
+            modules[module] = ModuleInfo(module, r, n, m, scaling)
         return modules
 
     def read(

@@ -25,6 +25,7 @@ from worker.errors import AdapterInvalid
 
 from .config import LoraAdapterConfig
 from .reader import WEIGHTS_NAME, ModuleInfo, check_finite, check_weights_file
+from .safetensors_header import PREFIX_BYTES, check_prefix
 
 __all__ = ["VeraReader"]
 
@@ -42,6 +43,8 @@ class VeraReader:
         self.nbytes = self.path.stat().st_size
         self._projections: tuple[torch.Tensor, torch.Tensor] | None = None
         try:
+            with open(self.path, "rb") as f:
+                check_prefix(f.read(PREFIX_BYTES), self.nbytes)
             with safe_open(self.path, framework="pt") as f:
                 header = {k: f.get_slice(k).get_shape() for k in f.keys()}  # noqa: SIM118
         except (SafetensorError, OSError, ValueError) as exc:

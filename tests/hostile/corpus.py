@@ -1,0 +1,278 @@
+"""A corpus of bad adapters, each made at test time from a good PEFT adapter (nothing binary is
+committed), with the error every path must end in: the CLI (``tests/hostile/test_local.py``)
+and the service end to end (``tests/integration/test_hostile.py``).
+
+Each :class:`Case` copies a good adapter (``tests/conftest.py``'s ``peft_adapters[0]``: r = 4
+on q_proj, v_proj and down_proj of a 64-wide, 2-layer Llama) into a folder named after the
+case and breaks it in one way. The folder's name is the adapter's name in every message, so a
+test checks that the message names the adapter and the reason. Limits (bytes, modules,
+adapters) depend on settings, so their builders (:func:`padded`, :func:`many_modules`) take
+the size to reach.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from tests.conftest import edit_config
+
+__all__ = ["CASES", "WEIGHTS", "Case", "many_modules", "padded"]
+
+WEIGHTS = "adapter_model.safetensors"
+CONFIG = "adapter_config.json"
+Q0 = "base_model.model.model.layers.0.self_attn.q_proj"
+
+
+@dataclass(frozen=True)
+class Case:
+    """One bad adapter: how to break a good one, the job error code, a fragment of the message."""
+
+    name: str
+    breaks: Callable[[Path], None]
+    code: str
+    says: str
+
+    def make(self, good: Path, parent: Path) -> Path:
+        """A copy of ``good`` in ``parent/<name>``, broken."""
+        folder = parent / self.name
+        shutil.copytree(good, folder)
+        self.breaks(folder)
+        return folder
+
+
+# -- tools
+
+
+def _tensors(folder: Path, edit: Callable[[dict[str, torch.Tensor]], None]) -> None:
+    path = folder / WEIGHTS
+    tensors = load_file(path)
+    edit(tensors)
+    save_file(tensors, path, metadata={"format": "pt"})
+
+
+def _raw(folder: Path) -> tuple[dict, bytes]:
+    """The safetensors header (parsed) and the data section of an adapter's weights."""
+    blob = (folder / WEIGHTS).read_bytes()
+    (length,) = struct.unpack("<Q", blob[:8])
+    return json.loads(blob[8 : 8 + length]), blob[8 + length :]
+
+
+def _write_raw(folder: Path, header: dict, data: bytes, length: int | None = None) -> None:
+    """Write a header and data as they are, with ``length`` as the prefix if given (a lie)."""
+    text = json.dumps(header, separators=(",", ":")).encode()
+    prefix = struct.pack("<Q", len(text) if length is None else length)
+    (folder / WEIGHTS).write_bytes(prefix + text + data)
+
+
+def _cut(keep: int) -> Callable[[Path], None]:
+    def breaks(folder: Path) -> None:
+        path = folder / WEIGHTS
+        path.write_bytes(path.read_bytes()[:keep])
+
+    return breaks
+
+
+def _header_length(length: int) -> Callable[[Path], None]:
+    def breaks(folder: Path) -> None:
+        header, data = _raw(folder)
+        _write_raw(folder, header, data, length)
+
+    return breaks
+
+
+def _offsets_lie(folder: Path) -> None:
+    # The first tensor claims 4 more bytes than it has: it overlaps the next one.
+    header, data = _raw(folder)
+    first = min((k for k in header if k != "__metadata__"), key=lambda k: header[k]["data_offsets"])
+    start, end = header[first]["data_offsets"]
+    header[first]["data_offsets"] = [start, end + 4]
+    _write_raw(folder, header, data)
+
+
+def _header_not_json(folder: Path) -> None:
+    header, data = _raw(folder)
+    text = json.dumps(header).encode()
+    (folder / WEIGHTS).write_bytes(
+        struct.pack("<Q", len(text)) + b"{" + b"?" * (len(text) - 1) + data
+    )
+
+
+def _set(key: str, index: tuple[int, int], value: float) -> Callable[[Path], None]:
+    return lambda folder: _tensors(folder, lambda t: t[key].__setitem__(index, value))
+
+
+def _rank_mismatch(folder: Path) -> None:
+    key = f"{Q0}.lora_B.weight"
+    _tensors(folder, lambda t: t.__setitem__(key, t[key][:, :3].contiguous()))
+
+
+def _wider_inputs(folder: Path) -> None:
+    # Same module names, twice the input width: a valid adapter of another model.
+    def edit(t: dict[str, torch.Tensor]) -> None:
+        for key in [k for k in t if ".lora_A." in k]:
+            t[key] = torch.randn(t[key].shape[0], 2 * t[key].shape[1])
+
+    _tensors(folder, edit)
+
+
+def _pickle_only(folder: Path) -> None:
+    # A real pickle (torch.save) of the same tensors; it must never be loaded.
+    torch.save(load_file(folder / WEIGHTS), folder / "adapter_model.bin")
+    (folder / WEIGHTS).unlink()
+
+
+def _add(key: str, tensor: torch.Tensor) -> Callable[[Path], None]:
+    return lambda folder: _tensors(folder, lambda t: t.__setitem__(key, tensor))
+
+
+def _config(**changes: object) -> Callable[[Path], None]:
+    return lambda folder: edit_config(folder, **changes)
+
+
+def _backtracking_pattern(folder: Path) -> None:
+    # A rank_pattern that backtracks exponentially on a module named with a long run of "a".
+    edit_config(folder, rank_pattern={"(a|aa)+b": 4})
+    module = "base_model.model.model." + "a" * 48
+
+    def edit(t: dict[str, torch.Tensor]) -> None:
+        t[f"{module}.lora_A.weight"] = torch.randn(4, 64)
+        t[f"{module}.lora_B.weight"] = torch.randn(64, 4)
+
+    _tensors(folder, edit)
+
+
+def _int_factor(folder: Path) -> None:
+    key = f"{Q0}.lora_A.weight"
+    _tensors(folder, lambda t: t.__setitem__(key, t[key].to(torch.int32)))
+
+
+CASES: list[Case] = [
+    Case("truncated-tail", _cut(-100), "adapter_invalid", "not a valid safetensors file"),
+    Case("truncated-header", _cut(40), "adapter_invalid", "does not fit in the file's 40 bytes"),
+    Case("empty-weights", _cut(0), "adapter_invalid", "too short for a safetensors file"),
+    Case("header-offsets-lie", _offsets_lie, "adapter_invalid", "offset"),
+    Case(
+        "header-length-2-40",
+        _header_length(2**40),
+        "adapter_invalid",
+        "header length 1099511627776 is over the 100000000-byte limit",
+    ),
+    Case(
+        "header-length-over-safetensors-limit",
+        _header_length(100_000_001),
+        "adapter_invalid",
+        "header length 100000001 is over the 100000000-byte limit",
+    ),
+    Case("header-not-json", _header_not_json, "adapter_invalid", "invalid JSON in header"),
+    Case(
+        "nan-factor",
+        _set(f"{Q0}.lora_A.weight", (0, 0), float("nan")),
+        "adapter_invalid",
+        "NaN or infinite",
+    ),
+    Case(
+        "inf-factor",
+        _set("base_model.model.model.layers.1.mlp.down_proj.lora_B.weight", (0, 0), float("inf")),
+        "adapter_invalid",
+        "'model.layers.1.mlp.down_proj' has NaN or infinite values",
+    ),
+    Case("int-factor", _int_factor, "adapter_invalid", "has dtype I32, expected a float type"),
+    Case(
+        "rank-mismatch",
+        _rank_mismatch,
+        "adapter_invalid",
+        "lora_A has rank 4 but lora_B has rank 3",
+    ),
+    Case(
+        "wrong-shapes",
+        _wider_inputs,
+        "adapter_incompatible",
+        "has different shapes across adapters",  # valid alone; wrong beside the good one
+    ),
+    Case("pickle-only", _pickle_only, "adapter_invalid", "adapter_model.bin"),
+    Case(
+        "dora-config", _config(use_dora=True), "adapter_invalid", "DoRA (use_dora) is not supported"
+    ),
+    Case(
+        "dora-magnitude-tensor",
+        _add(f"{Q0}.lora_magnitude_vector", torch.ones(64)),
+        "adapter_invalid",
+        "DoRA (lora_magnitude_vector) is not supported",
+    ),
+    Case(
+        "missing-config",
+        lambda f: (f / CONFIG).unlink(),
+        "adapter_invalid",
+        "no adapter_config.json",
+    ),
+    Case(
+        "nan-alpha",
+        _config(lora_alpha=float("nan")),
+        "adapter_invalid",
+        "lora_alpha must be a finite number",
+    ),
+    Case(
+        "config-wrong-types",
+        _config(target_modules=[{"q": 1}], base_model_name_or_path=["a", "b"]),
+        "adapter_invalid",
+        "base_model_name_or_path must be a string, got list; target_modules must be",
+    ),
+    Case(
+        "unknown-peft-type",
+        _config(peft_type="IA3"),
+        "adapter_invalid",
+        "peft_type 'IA3' is not supported",
+    ),
+    Case(
+        "backtracking-rank-pattern",
+        _backtracking_pattern,
+        "adapter_invalid",
+        "rank/alpha pattern '(a|aa)+b' takes over",
+    ),
+    Case(
+        "stray-key",
+        _add("foo.weight", torch.zeros(4, 4)),
+        "adapter_invalid",
+        "tensor 'foo.weight': a full weight",
+    ),
+    Case(
+        "not-lora-a-or-b",
+        _add(f"{Q0}.lora_C.weight", torch.zeros(4, 64)),
+        "adapter_invalid",
+        f"tensor '{Q0}.lora_C.weight': not a LoRA factor",
+    ),
+]
+
+
+def padded(good: Path, folder: Path, nbytes: int) -> Path:
+    """A copy of ``good`` whose weights file is a *valid* safetensors file of at least
+    ``nbytes`` (padded with header metadata): too big by size alone."""
+    shutil.copytree(good, folder)
+    path = folder / WEIGHTS
+    tensors = load_file(path)
+    pad = max(0, nbytes - path.stat().st_size)
+    save_file(tensors, path, metadata={"format": "pt", "padding": "x" * pad})
+    return folder
+
+
+def many_modules(good: Path, folder: Path, count: int) -> Path:
+    """A copy of ``good`` with its layer-0 factors repeated over enough layers to make at
+    least ``count`` LoRA modules: a valid adapter, too big by its module count alone."""
+    shutil.copytree(good, folder)
+    path = folder / WEIGHTS
+    tensors = load_file(path)
+    layer0 = {k: v for k, v in tensors.items() if ".layers.0." in k}
+    per_layer = len(layer0) // 2
+    for layer in range(1, -(-count // per_layer)):
+        for key, value in layer0.items():
+            tensors[key.replace(".layers.0.", f".layers.{layer}.")] = value.clone()
+    save_file(tensors, path, metadata={"format": "pt"})
+    return folder
