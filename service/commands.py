@@ -73,12 +73,10 @@ def _settings() -> Any:
     return Settings()
 
 
-def _configure_logging(level: str) -> None:
-    import logging
+def _configure_logging(settings: Any) -> None:
+    from service.logs import configure_logging  # JSON lines (or text), job_id and tenant
 
-    logging.basicConfig(
-        level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    configure_logging(settings.log_level, settings.log_format)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -87,12 +85,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from service.app import create_app
 
     settings = _settings()
-    _configure_logging(settings.log_level)
+    _configure_logging(settings)
     uvicorn.run(
         create_app(settings),
         host=args.host,
         port=args.port,
         log_level=settings.log_level.lower(),
+        log_config=None,  # uvicorn's loggers go through the root handler of service.logs
         access_log=args.access_log,
     )
     return 0
@@ -104,7 +103,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     settings = _settings()
     if args.healthcheck:
         return _worker_health(settings)
-    _configure_logging(settings.log_level)
+    _configure_logging(settings)
     # CUDA and fork: RQ's forking ``Worker`` runs each job in a fresh child (the "work horse"),
     # and CUDA cannot be used in a child forked from a process that initialised it. So this
     # parent never initialises CUDA: it may *import* torch (settings.worker_preload: each job
@@ -121,18 +120,18 @@ def cmd_worker(args: argparse.Namespace) -> int:
         preload(settings)
 
     from redis import Redis
-    from rq import Worker
     from rq.serializers import JSONSerializer
 
-    from service.queue import make_queue, on_work_horse_killed
+    from service.queue import MergeWorker, heartbeat_interval, make_queue, on_work_horse_killed
 
     redis = Redis.from_url(settings.redis_url, **settings.redis_kwargs)
-    rq_worker = Worker(
+    rq_worker = MergeWorker(
         [make_queue(redis, settings)],
         name=args.name,
         connection=redis,
         serializer=JSONSerializer,
         worker_ttl=settings.worker_ttl,
+        job_monitoring_interval=heartbeat_interval(settings),
         maintenance_interval=settings.maintenance_interval,
         work_horse_killed_handler=on_work_horse_killed,
     )

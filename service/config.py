@@ -62,6 +62,12 @@ class Settings(BaseSettings):
     max_job_bytes: int = Field(
         20 * GiB, ge=1, description="sum of a job's input sizes, checked before downloading"
     )
+    max_adapter_bytes: int = Field(
+        8 * GiB, ge=1, description="one adapter's size, checked before downloading"
+    )
+    max_modules: int = Field(
+        65_536, ge=1, description="modules in a merge, checked from the headers before reading"
+    )
     max_output_rank: int = Field(512, ge=1, description="largest output.rank (422 above)")
     max_request_bytes: int = Field(1 * MiB, ge=1024, description="largest HTTP body (413 above)")
 
@@ -107,6 +113,9 @@ class Settings(BaseSettings):
     api_key: SecretStr | None = Field(None, description="bearer key sent by the client")
 
     log_level: str = Field("INFO", description="DEBUG, INFO, WARNING, ERROR")
+    log_format: Literal["json", "text"] = Field(
+        "json", description="json: one object per line with job_id and tenant; text: plain lines"
+    )
 
     @property
     def redis_kwargs(self) -> dict[str, object]:

@@ -13,6 +13,12 @@ current status and moves it atomically; this is the one place where the machine 
        │          └──▶ queued   (its worker died and RQ re-queues it)
        └──▶ canceled            (DELETE before a worker took it)
 
+Each run of a job holds a *run token* (``run``), set by :meth:`JobStore.start`: the worker's
+progress and its final transition are fenced by it, so a run that was given up for dead (its
+worker stopped heartbeating, RQ re-queued the job) but is in fact still alive can neither
+overwrite the record of the run that replaced it nor end the job: it sees that it no longer
+owns the record and stops at its next module boundary.
+
 Terminal records expire ``result_ttl`` seconds after they finish. Cancelling a running job
 only raises a flag; the worker sees it at the next module boundary and ends the job itself
 (FIELD-NOTES: RQ's ``job.cancel()`` does not stop a running job).
@@ -49,14 +55,16 @@ ACCEPT_STALE_S = 30.0
 
 _JSON_FIELDS = ("request", "progress", "result", "error")
 
-# KEYS: job, stats. ARGV: to, allowed-from (",a,b,"), ttl (0: keep), then field/value pairs.
-# Returns {1, previous} when moved, {0, current or ""} when the record is not in an allowed state.
+# KEYS: job, stats. ARGV: to, allowed-from (",a,b,"), ttl (0: keep), run token ('' = any run),
+# then field/value pairs. Returns {1, previous} when moved, {0, current or ""} when the record
+# is not in an allowed state or is held by another run.
 _TRANSITION = """
 local current = redis.call('HGET', KEYS[1], 'status')
 if not current then return {0, ''} end
 if not string.find(ARGV[2], ',' .. current .. ',', 1, true) then return {0, current} end
+if ARGV[4] ~= '' and redis.call('HGET', KEYS[1], 'run') ~= ARGV[4] then return {0, current} end
 redis.call('HSET', KEYS[1], 'status', ARGV[1])
-for i = 4, #ARGV, 2 do
+for i = 5, #ARGV, 2 do
   if ARGV[i + 1] == '' then redis.call('HDEL', KEYS[1], ARGV[i])
   else redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
 end
@@ -83,9 +91,11 @@ redis.call('HINCRBY', KEYS[3], 'active:queued', 1)
 return 1
 """
 
-# KEYS: job. ARGV: progress JSON. Publishes progress of a running job; 1 = it should stop.
+# KEYS: job. ARGV: progress JSON, run token ('' = any). Publishes progress of a running job;
+# 1 = it should stop (canceled, no longer running, or this run was replaced by another).
 _PROGRESS = """
 if redis.call('HGET', KEYS[1], 'status') ~= 'running' then return 1 end
+if ARGV[2] ~= '' and redis.call('HGET', KEYS[1], 'run') ~= ARGV[2] then return 1 end
 redis.call('HSET', KEYS[1], 'progress', ARGV[1])
 if redis.call('HGET', KEYS[1], 'cancel_requested') == '1' then return 1 end
 return 0
@@ -137,6 +147,7 @@ class JobRecord:
     cancel_requested: bool = False
     accepting_since: float | None = None
     attempts: int = 0
+    run: str | None = None
 
     @classmethod
     def from_hash(cls, raw: dict[bytes, bytes]) -> JobRecord:
@@ -158,6 +169,7 @@ class JobRecord:
             cancel_requested=d.get("cancel_requested") == "1",
             accepting_since=float(d["accepting"]) if "accepting" in d else None,
             attempts=int(d.get("attempts", 0)),
+            run=d.get("run"),
         )
 
     def to_api(self) -> dict[str, Any]:
@@ -273,14 +285,21 @@ class JobStore:
 
     # -- the status machine
     def transition(
-        self, job_id: str, to: str, *, allowed_from: tuple[str, ...], **fields: Any
+        self,
+        job_id: str,
+        to: str,
+        *,
+        allowed_from: tuple[str, ...],
+        fence: str | None = None,
+        **fields: Any,
     ) -> tuple[bool, str | None]:
-        """Move the job to ``to`` if its status is one of ``allowed_from``, setting ``fields``
-        (dicts are stored as JSON; ``None`` deletes the field). Returns (moved, previous or
-        current status; ``None`` if there is no such job)."""
+        """Move the job to ``to`` if its status is one of ``allowed_from`` (and, given
+        ``fence``, the record is held by that run token), setting ``fields`` (dicts are stored
+        as JSON; ``None`` deletes the field). Returns (moved, previous or current status; ``None`` if there is
+        no such job)."""
         assert to in STATUSES and set(allowed_from) <= set(STATUSES)
         ttl = self.result_ttl if to in TERMINAL else 0
-        args: list[Any] = [to, "," + ",".join(allowed_from) + ",", ttl]
+        args: list[Any] = [to, "," + ",".join(allowed_from) + ",", ttl, fence or ""]
         for name, value in fields.items():
             if value is None:
                 args += [name, ""]
@@ -292,38 +311,47 @@ class JobStore:
         status = status.decode() if isinstance(status, bytes) else status
         return bool(moved), (status or None)
 
-    def start(self, job_id: str) -> bool:
-        """queued → running, by the worker. False when the job was canceled (or vanished)."""
+    def start(self, job_id: str) -> str | None:
+        """queued → running, by the worker: returns this run's token (pass it to the calls
+        below), or ``None`` when the job was canceled (or vanished) meanwhile."""
         record = self.get(job_id)
         attempts = (record.attempts if record else 0) + 1
+        token = uuid.uuid4().hex
         moved, _ = self.transition(
             job_id, "running", allowed_from=("queued",),
-            started_at=now_iso(), attempts=attempts,
+            started_at=now_iso(), attempts=attempts, run=token,
             progress={"stage": "download", "modules_done": 0, "modules_total": 0},
         )  # fmt: skip
-        return moved
+        return token if moved else None
 
     def requeue(self, job_id: str, reason: str) -> bool:
-        """running → queued: the worker died and RQ runs the job again."""
+        """running → queued: the worker died and RQ runs the job again. The run token goes, so
+        the old run (should it still be alive somewhere) can no longer touch the record."""
         moved, _ = self.transition(
-            job_id, "queued", allowed_from=("running",), progress=None, requeued_because=reason
-        )
+            job_id, "queued", allowed_from=("running",), progress=None, requeued_because=reason,
+            run=None,
+        )  # fmt: skip
+        if moved:
+            self.redis.hincrby(self.stats_key, "requeued", 1)
         return moved
 
-    def succeed(self, job_id: str, result: dict[str, Any]) -> bool:
+    def succeed(self, job_id: str, result: dict[str, Any], *, run: str | None = None) -> bool:
+        """running → succeeded; with ``run``, only while that run holds the record."""
         moved, _ = self.transition(
-            job_id, "succeeded", allowed_from=("running",), result=result, finished_at=now_iso()
-        )
+            job_id, "succeeded", allowed_from=("running",), fence=run, result=result,
+            finished_at=now_iso(),
+        )  # fmt: skip
         if moved:
             self._observe_merge_seconds(float(result.get("seconds", 0.0)))
         return moved
 
-    def fail(self, job_id: str, code: str, message: str) -> bool:
-        """running (or queued) → failed, or → canceled when ``code`` is ``canceled``."""
+    def fail(self, job_id: str, code: str, message: str, *, run: str | None = None) -> bool:
+        """running (or queued) → failed, or → canceled when ``code`` is ``canceled``; with
+        ``run``, only while that run holds the record (a replaced run ends nothing)."""
         to = "canceled" if code == "canceled" else "failed"
         moved, _ = self.transition(
-            job_id, to, allowed_from=ACTIVE, finished_at=now_iso(),
-            error={"code": code, "message": message},
+            job_id, to, allowed_from=("running",) if run else ACTIVE, fence=run,
+            finished_at=now_iso(), error={"code": code, "message": message},
         )  # fmt: skip
         return moved
 
@@ -343,15 +371,21 @@ class JobStore:
         return status
 
     # -- the running job
-    def report_progress(self, job_id: str, progress: dict[str, Any]) -> bool:
-        """Publish progress; returns True when the job should stop (cancel requested, or the
-        record is no longer running). One round trip, so it can run at every module."""
+    def report_progress(
+        self, job_id: str, progress: dict[str, Any], *, run: str | None = None
+    ) -> bool:
+        """Publish progress; returns True when the job should stop (cancel requested, the
+        record is no longer running, or no longer held by ``run``). One round trip, so it can
+        run at every module."""
         payload = json.dumps(progress, separators=(",", ":"))
-        return bool(self._progress(keys=[self.job_key(job_id)], args=[payload]))
+        return bool(self._progress(keys=[self.job_key(job_id)], args=[payload, run or ""]))
 
-    def should_stop(self, job_id: str) -> bool:
-        status, flag = self.redis.hmget(self.job_key(job_id), "status", "cancel_requested")
-        return flag == b"1" or status != b"running"
+    def should_stop(self, job_id: str, *, run: str | None = None) -> bool:
+        status, flag, holder = self.redis.hmget(
+            self.job_key(job_id), "status", "cancel_requested", "run"
+        )
+        replaced = run is not None and holder != run.encode()
+        return flag == b"1" or status != b"running" or replaced
 
     def _observe_merge_seconds(self, seconds: float) -> None:
         with self.redis.pipeline(transaction=False) as pipe:

@@ -10,6 +10,15 @@ RQ only re-runs a job whose *worker died* (``Retry``): the job function handles 
 failure itself and returns normally, so a bad adapter is never retried. When a worker dies,
 the record is moved back to ``queued`` (a retry follows) or to ``failed`` with ``internal``.
 
+Crash recovery is RQ's own (docs/service.md, "Crash safety"): a work horse that dies under a
+live worker is reported at once (``on_work_horse_killed``); a whole worker that vanishes stops
+heartbeating, and the next maintenance pass of any other worker finds its job abandoned in the
+``StartedJobRegistry`` and retries or fails it (``on_job_failure``). Two adjustments, both in
+:class:`MergeWorker` / :class:`MergeQueue`: a dead worker's job is abandoned
+``COREMERGE_WORKER_TTL`` seconds after its last heartbeat (RQ hard-codes 60 s more than the
+heartbeat interval), and the maintenance lock lasts seconds, not RQ's 15 minutes, so a worker
+killed while cleaning does not stall everybody's recovery.
+
 This module imports RQ but never torch; ``worker.job`` is named by its import path only.
 """
 
@@ -19,7 +28,7 @@ import contextlib
 import logging
 from typing import Any
 
-from rq import Callback, Queue, Retry
+from rq import Callback, Queue, Retry, Worker
 from rq.exceptions import DuplicateJobError, InvalidJobOperation, NoSuchJobError
 from rq.job import Job
 from rq.serializers import JSONSerializer
@@ -30,6 +39,8 @@ from service.jobs import JobStore
 __all__ = [
     "JOB_FUNCTION",
     "DuplicateJobError",
+    "MergeQueue",
+    "MergeWorker",
     "cancel_queued",
     "enqueue_merge",
     "make_queue",
@@ -43,8 +54,44 @@ log = logging.getLogger("coremerge.queue")
 JOB_FUNCTION = "worker.job.run_job"
 
 
+#: Seconds a worker holds the lock for cleaning a queue's registries. RQ takes it for 899 s
+#: and releases it when done; a worker killed in between would block every other worker's
+#: clean-up, and with it the recovery of abandoned jobs, for 15 minutes. A pass takes
+#: milliseconds.
+MAINTENANCE_LOCK_S = 30
+
+
+class MergeQueue(Queue):
+    """RQ's queue with a short maintenance lock (:data:`MAINTENANCE_LOCK_S`)."""
+
+    def acquire_maintenance_lock(self) -> bool:
+        return bool(
+            self.connection.set(self.registry_cleaning_key, 1, nx=True, ex=MAINTENANCE_LOCK_S)
+        )
+
+
+class MergeWorker(Worker):
+    """RQ's forking worker; a job is abandoned ``worker_ttl`` seconds after its worker's last
+    heartbeat. RQ extends a running job's entry in the ``StartedJobRegistry`` at every
+    heartbeat (every ``job_monitoring_interval`` seconds) to the next one plus a fixed 60 s;
+    here the margin is ``worker_ttl`` (COREMERGE_WORKER_TTL), so a deployment chooses how
+    soon a dead worker's job is retried, at the price of a duplicate run should a live
+    worker's heartbeat be late by that much (the job is idempotent: docs/service.md)."""
+
+    def get_heartbeat_ttl(self, job: Job, working_time: float = 0.0) -> int:
+        interval = float(self.job_monitoring_interval)
+        if job.timeout and job.timeout > 0:
+            interval = min(interval, job.timeout - working_time)
+        return max(1, int(interval)) + self.worker_ttl
+
+
+def heartbeat_interval(settings: Settings) -> int:
+    """Seconds between a busy worker's heartbeats: a quarter of COREMERGE_WORKER_TTL."""
+    return max(1, settings.worker_ttl // 4)
+
+
 def make_queue(redis: Any, settings: Settings) -> Queue:
-    return Queue(settings.queue, connection=redis, serializer=JSONSerializer)
+    return MergeQueue(settings.queue, connection=redis, serializer=JSONSerializer)
 
 
 def enqueue_merge(queue: Queue, job_id: str, settings: Settings, *, pipeline: Any = None) -> Job:

@@ -14,6 +14,7 @@ succeeded. Runs in the forked work horse: this is where torch (and CUDA) is firs
 from __future__ import annotations
 
 import logging
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -25,6 +26,7 @@ from rq.timeouts import JobTimeoutException
 from service.auth import load_tenants, refusal
 from service.config import Settings
 from service.jobs import JobRecord, JobStore
+from service.logs import bind_log_context, log_context
 from service.spec import MergeSpec
 from service.uris import parse_uri
 from worker.errors import (
@@ -48,10 +50,12 @@ POLL_INTERVAL_S = 0.1
 
 
 class _Tracker:
-    """Publishes progress to the record and answers the runner's ``should_cancel``."""
+    """Publishes progress to the record and answers the runner's ``should_cancel``: stop when
+    the job is canceled, or when this run no longer holds the record (it was given up for dead
+    and re-queued: another run owns the job now)."""
 
-    def __init__(self, store: JobStore, job_id: str) -> None:
-        self.store, self.job_id = store, job_id
+    def __init__(self, store: JobStore, job_id: str, run: str | None = None) -> None:
+        self.store, self.job_id, self.run = store, job_id, run
         self.stop = False
         self._stage = ""
         self._last = 0.0
@@ -62,7 +66,7 @@ class _Tracker:
             return
         self._stage, self._last = stage, now
         progress = {"stage": stage, "modules_done": done, "modules_total": total}
-        self.stop = self.store.report_progress(self.job_id, progress) or self.stop
+        self.stop = self.store.report_progress(self.job_id, progress, run=self.run) or self.stop
 
     def on_progress(self, p: Progress) -> None:
         # The runner's "write" stage is the end of merging; the API's stages are
@@ -73,7 +77,7 @@ class _Tracker:
         t = time.monotonic()
         if not self.stop and (now or t - self._last >= POLL_INTERVAL_S):
             self._last = t
-            self.stop = self.store.should_stop(self.job_id)
+            self.stop = self.store.should_stop(self.job_id, run=self.run)
         return self.stop
 
 
@@ -86,17 +90,26 @@ def preload(settings: Settings) -> None:
 
 
 def run_job(job_id: str) -> dict[str, Any] | None:
-    """Run the merge job ``job_id`` (RQ calls this). Returns the result, or None."""
+    """Run the merge job ``job_id`` (RQ calls this). Returns the result, or None. Every line
+    logged meanwhile carries the job id and its tenant (``service.logs``)."""
+    with log_context(job_id=job_id):
+        return _run_job(job_id)
+
+
+def _run_job(job_id: str) -> dict[str, Any] | None:
     settings = Settings()
     redis = Redis.from_url(settings.redis_url, **settings.redis_kwargs)
     store = JobStore(redis, key_prefix=settings.key_prefix, result_ttl=settings.result_ttl)
     record = store.get(job_id)
-    if record is None or not store.start(job_id):
+    if record is not None:
+        bind_log_context(tenant=record.tenant)
+    run = store.start(job_id) if record is not None else None
+    if run is None:
         log.info("job %s: not started (%s)", job_id, record.status if record else "no record")
         return None
     started = time.perf_counter()
     try:
-        result = _merge(record, settings, store, started)
+        result = _merge(record, settings, _Tracker(store, job_id, run), started)
     except JobTimeoutException:
         error: MergeError = JobTimeout(
             f"the merge ran over {settings.job_timeout} s (COREMERGE_JOB_TIMEOUT); nothing was published"
@@ -107,17 +120,20 @@ def run_job(job_id: str) -> dict[str, Any] | None:
         log.exception("job %s: internal error", job_id)
         error = InternalError(f"{type(exc).__name__}: {exc}")
     else:
-        if not store.succeed(job_id, result):
-            log.warning("job %s: finished, but its record was no longer running", job_id)
+        if not store.succeed(job_id, result, run=run):
+            log.warning("job %s: finished, but this run no longer held its record", job_id)
         log.info("job %s: succeeded in %.2f s → %s", job_id, result["seconds"], result["uri"])
         return result
-    store.fail(job_id, error.code, error.message)
+    if not store.fail(job_id, error.code, error.message, run=run):
+        # Replaced (its worker was given up for dead and the job re-queued): the run that
+        # holds the record now decides how the job ends.
+        log.warning("job %s: this run was replaced; %s not recorded", job_id, error.code)
     log.info("job %s: %s: %s", job_id, error.code, error.message)
     return None
 
 
 def _merge(
-    record: JobRecord, settings: Settings, store: JobStore, started: float
+    record: JobRecord, settings: Settings, tracker: _Tracker, started: float
 ) -> dict[str, Any]:
     spec = MergeSpec.model_validate(record.request)
     _check_access(record, spec, settings)
@@ -125,12 +141,19 @@ def _merge(
         make_s3_client(settings) if _uses_s3(spec) else None,
         transfer_config=make_transfer_config(settings),
         max_job_bytes=settings.max_job_bytes,
+        max_adapter_bytes=settings.max_adapter_bytes,
     )
-    tracker = _Tracker(store, record.id)
     output_uri = spec.output.uri
+    # An earlier attempt of this job killed on this machine (kill -9 runs no clean-up) left
+    # its inputs and staged output behind: they would pile up on a long-lived worker.
+    for leftover in Path(settings.work_dir or tempfile.gettempdir()).glob(
+        f"coremerge-{record.id}-*"
+    ):
+        shutil.rmtree(leftover, ignore_errors=True)
 
     owner = storage.published_by(output_uri)
     if owner == record.id:  # an earlier run of this job published before its worker died
+        storage.drop_claim(output_uri, record.id)  # …maybe before it dropped its claim
         return _result(spec, storage.read_report(output_uri), output_uri, started)
     if owner is not None:
         raise StorageError(
@@ -148,6 +171,7 @@ def _merge(
         outcome = run_merge(
             spec, dirs, tmp_dir / "merged", device=settings.device,
             on_progress=tracker.on_progress, should_cancel=tracker.should_cancel,
+            max_modules=settings.max_modules,
         )  # fmt: skip
         if tracker.should_cancel(now=True):  # the last chance to stop: publishing is final
             raise Canceled("canceled after merging; nothing was published")

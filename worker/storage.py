@@ -11,11 +11,16 @@ retrying: a missing key or bucket is ``AdapterNotFound``, a 403 is ``AccessDenie
 ``.bin`` in place of safetensors or a broken safetensors header is ``AdapterInvalid``; anything
 else that went wrong talking to the store (after botocore's retries) is ``StorageError``.
 
-Publishing never leaves a partial adapter looking complete: ``merge_report.json`` is written
-last, with a conditional put (``IfNoneMatch="*"``) carrying the job id in its metadata, so a
-re-run of the same job (RQ retries after a worker died) recognises its own output and a
-different job cannot overwrite it. If publishing fails before the report, what was uploaded
-is deleted. A ``file://`` output is staged beside the target and renamed into place.
+Publishing never leaves a partial or mixed adapter looking complete, and never touches a
+published one. First the publisher *claims* the output: ``.coremerge-claim`` put with
+``IfNoneMatch="*"`` and the job id in its metadata (S3 has no conditional multipart upload
+through s3transfer, so the adapter files themselves cannot be put conditionally; the claim is
+what keeps a second job off them). Under the claim it checks, right before writing, that no
+report is there; then it uploads the adapter files, and ``merge_report.json`` last, again
+conditionally, which marks completion; then it drops the claim. A re-run of the same job (RQ
+retries after a worker died) takes over its own claim and recognises its own report; another
+job is refused (``storage_error``) without writing a byte. If publishing fails, what was
+uploaded is deleted. A ``file://`` output is staged beside the target and renamed into place.
 """
 
 from __future__ import annotations
@@ -24,7 +29,6 @@ import contextlib
 import json
 import os
 import shutil
-import struct
 import uuid
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -33,9 +37,11 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from service.uris import Location, parse_uri
+from worker.adapters.safetensors_header import PREFIX_BYTES, check_prefix
 from worker.errors import AccessDenied, AdapterInvalid, AdapterNotFound, MergeError, StorageError
 
 __all__ = [
+    "CLAIM_NAME",
     "CONFIG_NAME",
     "REPORT_NAME",
     "WEIGHTS_NAME",
@@ -48,11 +54,11 @@ __all__ = [
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 REPORT_NAME = "merge_report.json"
+#: The object that reserves an output for one job while it publishes (deleted afterwards).
+CLAIM_NAME = ".coremerge-claim"
 PICKLE_WEIGHTS = "adapter_model.bin"
 #: S3 object metadata naming the job that published an output.
 JOB_ID_META = "coremerge-job-id"
-#: A safetensors JSON header larger than this is not a LoRA adapter (and not worth reading).
-MAX_SAFETENSORS_HEADER = 100 << 20
 
 _NOT_FOUND = {"404", "NoSuchKey", "NoSuchBucket", "NotFound"}
 _DENIED = {
@@ -75,7 +81,7 @@ def make_s3_client(settings: Any) -> Any:
     from botocore.config import Config
 
     config = Config(
-        retries={"mode": "standard", "max_attempts": settings.s3_max_attempts},
+        retries={"mode": "standard", "total_max_attempts": settings.s3_max_attempts},
         request_checksum_calculation=settings.s3_checksum_calculation,
         response_checksum_validation=settings.s3_checksum_validation,
         connect_timeout=10,
@@ -102,13 +108,22 @@ class Published:
     already: bool = False  # this job had published it before (a re-run after a worker died)
 
 
-def _error_code(exc: Exception) -> str | None:
-    response = getattr(exc, "response", None)
-    if not isinstance(response, dict):
-        return None
-    code = str(response.get("Error", {}).get("Code", ""))
-    status = str(response.get("ResponseMetadata", {}).get("HTTPStatusCode", ""))
-    return code or status
+def _error_code(exc: BaseException) -> str | None:
+    """S3's error code (or HTTP status) behind ``exc``. boto3's ``upload_file`` wraps the
+    client error in ``S3UploadFailedError`` (raised while handling it, so it is the
+    ``__context__``): follow the chain, or an AccessDenied upload would read as a bare
+    storage error."""
+    seen: BaseException | None = exc
+    for _ in range(4):
+        if seen is None:
+            return None
+        response = getattr(seen, "response", None)
+        if isinstance(response, dict):
+            code = str(response.get("Error", {}).get("Code", ""))
+            status = str(response.get("ResponseMetadata", {}).get("HTTPStatusCode", ""))
+            return code or status
+        seen = seen.__cause__ or seen.__context__
+    return None
 
 
 def _is_storage_failure(exc: BaseException) -> bool:
@@ -141,13 +156,10 @@ def _raise_mapped(exc: Exception, what: str) -> NoReturn:
 
 def _check_safetensors_prefix(head: bytes, size: int, what: str) -> None:
     """The first 9 bytes of a safetensors file: a little-endian u64 header length, then '{'."""
-    if len(head) < 9:
-        raise AdapterInvalid(f"{what}: {size} bytes is too short for a safetensors file")
-    (header_len,) = struct.unpack("<Q", head[:8])
-    if header_len < 2 or header_len > MAX_SAFETENSORS_HEADER or 8 + header_len > size:
-        raise AdapterInvalid(f"{what}: not a safetensors file (header length {header_len})")
-    if head[8:9] != b"{":
-        raise AdapterInvalid(f"{what}: not a safetensors file (header is not JSON)")
+    try:
+        check_prefix(head, size)
+    except ValueError as exc:
+        raise AdapterInvalid(f"{what}: not a valid safetensors file ({exc})") from None
 
 
 class Storage:
@@ -160,11 +172,13 @@ class Storage:
         *,
         transfer_config: Any = None,
         max_job_bytes: int | None = None,
+        max_adapter_bytes: int | None = None,
         max_parallel: int = 8,
     ) -> None:
         self.s3 = s3
         self.transfer_config = transfer_config
         self.max_job_bytes = max_job_bytes
+        self.max_adapter_bytes = max_adapter_bytes
         self.max_parallel = max_parallel
 
     # -- inputs
@@ -175,6 +189,12 @@ class Storage:
         locations = [parse_uri(u) for u in uris]
         with ThreadPoolExecutor(min(self.max_parallel, len(locations)) or 1) as pool:
             sizes = list(pool.map(self._inspect, locations))
+            for loc, size in zip(locations, sizes, strict=True):
+                if self.max_adapter_bytes is not None and size > self.max_adapter_bytes:
+                    raise AdapterInvalid(
+                        f"{loc}: {size} bytes, over this service's limit of "
+                        f"{self.max_adapter_bytes} per adapter (COREMERGE_MAX_ADAPTER_BYTES)"
+                    )
             total = sum(sizes)
             if self.max_job_bytes is not None and total > self.max_job_bytes:
                 raise AdapterInvalid(
@@ -196,19 +216,33 @@ class Storage:
                     "ContentLength"
                 ]
             except Exception as exc:
-                if name == WEIGHTS_NAME and isinstance(_mapped(exc, what), AdapterNotFound):
-                    self._refuse_pickle(loc)
+                if isinstance(_mapped(exc, what), AdapterNotFound):
+                    if name == WEIGHTS_NAME:
+                        self._refuse_pickle(loc)
+                    else:
+                        self._refuse_configless(loc)
                 _raise_mapped(exc, what)
         what = f"{loc}{WEIGHTS_NAME}"
+        if sizes[WEIGHTS_NAME] < PREFIX_BYTES:  # a ranged GET past the end is a 416
+            _check_safetensors_prefix(b"", sizes[WEIGHTS_NAME], what)
         try:
             body = self.s3.get_object(
-                Bucket=loc.bucket, Key=loc.child(WEIGHTS_NAME), Range="bytes=0-8"
+                Bucket=loc.bucket, Key=loc.child(WEIGHTS_NAME), Range=f"bytes=0-{PREFIX_BYTES - 1}"
             )["Body"]
             head = body.read()
         except Exception as exc:
             _raise_mapped(exc, what)
         _check_safetensors_prefix(head, sizes[WEIGHTS_NAME], what)
         return sum(sizes.values())
+
+    def _refuse_configless(self, loc: Location) -> None:
+        """Weights without a config are an invalid adapter, not a missing one."""
+        for name in (WEIGHTS_NAME, PICKLE_WEIGHTS):
+            try:
+                self.s3.head_object(Bucket=loc.bucket, Key=loc.child(name))
+            except Exception:
+                continue
+            raise AdapterInvalid(f"{loc}: has {name} but no {CONFIG_NAME} (not a PEFT adapter)")
 
     def _refuse_pickle(self, loc: Location) -> None:
         try:
@@ -224,13 +258,17 @@ class Storage:
     def _inspect_local(path: Path, loc: Location) -> int:
         config, weights = path / CONFIG_NAME, path / WEIGHTS_NAME
         if not config.is_file():
+            if weights.is_file() or (path / PICKLE_WEIGHTS).is_file():
+                raise AdapterInvalid(f"{loc}: no {CONFIG_NAME} (not a PEFT adapter)")
             raise AdapterNotFound(f"{loc}{CONFIG_NAME}: not found")
         if not weights.is_file():
             if (path / PICKLE_WEIGHTS).is_file():
                 raise AdapterInvalid(f"{loc}: pickle {PICKLE_WEIGHTS} is refused; use safetensors")
             raise AdapterNotFound(f"{loc}{WEIGHTS_NAME}: not found")
         with open(weights, "rb") as f:
-            _check_safetensors_prefix(f.read(9), weights.stat().st_size, f"{loc}{WEIGHTS_NAME}")
+            _check_safetensors_prefix(
+                f.read(PREFIX_BYTES), weights.stat().st_size, f"{loc}{WEIGHTS_NAME}"
+            )
         return config.stat().st_size + weights.stat().st_size
 
     def _fetch(self, loc: Location, target: Path) -> Path:
@@ -273,7 +311,8 @@ class Storage:
             _raise_mapped(exc, f"{loc}{REPORT_NAME}")
 
     def publish(self, local_dir: Path, uri: str, *, job_id: str) -> Published:
-        """Publish the merged adapter in ``local_dir`` at ``uri``, the report last."""
+        """Publish the merged adapter in ``local_dir`` at ``uri``: claim, check, files, the
+        report last (module docstring)."""
         loc = parse_uri(uri)
         report_uri = f"{loc}{REPORT_NAME}"
         if loc.scheme == "file":
@@ -281,8 +320,20 @@ class Storage:
             return Published(loc.normalized, report_uri)
         names = sorted(p.name for p in local_dir.iterdir() if p.is_file() and p.name != REPORT_NAME)
         metadata = {JOB_ID_META: job_id}
+        claim = self._claim(loc, job_id)
         uploaded: list[str] = []
         try:
+            # Checked under the claim, right before writing: a report here means the adapter
+            # is published (by an earlier run of this job, or by another job before claims
+            # existed), and its files must not be touched.
+            owner = self.published_by(uri)
+            if owner is not None:
+                self._delete(loc.bucket, [claim])
+                if owner == job_id:
+                    return Published(loc.normalized, report_uri, already=True)
+                raise StorageError(
+                    f"{loc}: already holds a merged adapter; give each job its own output.uri"
+                )
             for name in names:
                 key = loc.child(name)
                 self.s3.upload_file(
@@ -296,18 +347,61 @@ class Storage:
                 Metadata=metadata, ContentType="application/json",
             )  # fmt: skip
         except Exception as exc:
-            if _error_code(exc) == "PreconditionFailed":
-                owner = self.published_by(uri)
-                if owner == job_id:  # our own earlier run got there first: same bytes
-                    return Published(loc.normalized, report_uri, already=True)
-                # Another job's complete adapter is there; our uploads overwrote its files,
-                # so it cannot be trusted either, but deleting it is not ours to do.
-                raise StorageError(
-                    f"{loc}: another job published to this output while this one ran"
-                ) from None
-            self._delete(loc.bucket, uploaded)
+            if _error_code(exc) == "PreconditionFailed" and self.published_by(uri) == job_id:
+                # Another run of this same job (one given up for dead that was not) finished
+                # first, from the same inputs, spec and seed.
+                self._delete(loc.bucket, [claim])
+                return Published(loc.normalized, report_uri, already=True)
+            self._delete(loc.bucket, [*uploaded, claim])
             _raise_mapped(exc, f"publishing to {loc}")
+        self._delete(loc.bucket, [claim])  # the report marks completion from now on
         return Published(loc.normalized, report_uri)
+
+    def drop_claim(self, uri: str, job_id: str) -> None:
+        """Delete ``job_id``'s claim on the output at ``uri``, if one is left: a run killed
+        after its report and before dropping its claim leaves it, and the re-run that finds
+        the report published cleans up after it (best effort; a claim beside a report
+        blocks nothing that the report does not)."""
+        loc = parse_uri(uri)
+        if loc.scheme == "file":
+            return
+        key = loc.child(CLAIM_NAME)
+        try:
+            holder = self.s3.head_object(Bucket=loc.bucket, Key=key)["Metadata"]
+        except Exception:
+            return
+        if holder.get(JOB_ID_META) == job_id:
+            self._delete(loc.bucket, [key])
+
+    def _claim(self, loc: Location, job_id: str) -> str:
+        """Reserve the output at ``loc`` for ``job_id``; returns the claim's key. A claim left
+        by an earlier run of the same job (its worker died while publishing) is taken over;
+        one held by another job is a ``StorageError``."""
+        key = loc.child(CLAIM_NAME)
+        what = f"{loc}{CLAIM_NAME}"
+        for _ in range(2):  # a claim released between our put and our HEAD: try once more
+            try:
+                self.s3.put_object(
+                    Bucket=loc.bucket, Key=key, Body=job_id.encode(), IfNoneMatch="*",
+                    Metadata={JOB_ID_META: job_id}, ContentType="text/plain",
+                )  # fmt: skip
+                return key
+            except Exception as exc:
+                if _error_code(exc) != "PreconditionFailed":
+                    _raise_mapped(exc, what)
+            try:
+                holder = self.s3.head_object(Bucket=loc.bucket, Key=key)["Metadata"]
+            except Exception as exc:
+                if isinstance(_mapped(exc, what), AdapterNotFound):
+                    continue
+                _raise_mapped(exc, what)
+            if holder.get(JOB_ID_META) == job_id:
+                return key
+            raise StorageError(
+                f"{loc}: job {holder.get(JOB_ID_META) or '?'} is publishing to this output (or "
+                f"died while publishing: delete {what} to free it); give each job its own output.uri"
+            )
+        raise StorageError(f"{loc}: could not claim the output (claims keep changing hands)")
 
     def _delete(self, bucket: str, keys: list[str]) -> None:
         # Best effort: without a report, leftover files are not a published adapter.

@@ -24,7 +24,9 @@ def readyz(store: StoreDep) -> dict[str, str]:
     try:
         store.redis.ping()
     except Exception as exc:
-        raise Problem(503, f"Redis does not answer: {exc}", slug="unavailable") from None
+        raise Problem(
+            503, f"Redis does not answer: {exc}", slug="unavailable", headers={"Retry-After": "5"}
+        ) from None
     return {"status": "ready"}
 
 

@@ -5,20 +5,17 @@
 - one worker: ``python -m worker.cli worker`` (RQ's forking worker),
 - a Redis database of their own on the machine's Redis.
 
-Every process is started here and stopped by its pid (and the worker's current work horse,
-which RQ puts in a process group of its own).
+The processes themselves (start, stop, kill) are ``tests/processes.py``, shared with the soak
+test; every one is stopped by its pid (and the worker's current work horse, which RQ puts in a
+process group of its own).
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,81 +26,35 @@ import pytest
 from botocore.config import Config
 
 from service.client import CoremergeClient
+from tests.processes import (  # noqa: F401  (re-exported for the tests here)
+    AWS_ENV,
+    ROOT,
+    children,
+    free_port,
+    moto_server,
+    start,
+    stop,
+    wait_until,
+)
 from tests.redis_db import HOST, PORT, claimed_redis_db
 from tests.tenants import two_tenants
 from worker.demo import make_tiny_adapters
 
-ROOT = Path(__file__).resolve().parents[2]
 KEY_A, KEY_B = "integration-key-a", "integration-key-b"
 BUCKETS = ("adapters-a", "adapters-b", "merged")
-AWS_ENV = {
-    "AWS_ACCESS_KEY_ID": "testing",
-    "AWS_SECRET_ACCESS_KEY": "testing",
-    "AWS_DEFAULT_REGION": "us-east-1",
-}
 TENANTS = two_tenants(KEY_A, KEY_B)
 
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 #: Modules of the ``big`` adapters (16 layers × q, k, v, o).
 BIG_MODULES = 64
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_until(check, what: str, timeout: float = 30.0, proc: subprocess.Popen | None = None):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"{what}: the process exited with {proc.returncode}")
-        try:
-            result = check()
-        except Exception:
-            result = None
-        if result:
-            return result
-        time.sleep(0.05)
-    raise TimeoutError(f"{what}: not ready after {timeout} s")
-
-
-def children(pid: int) -> list[int]:
-    """The direct children of ``pid`` (from /proc; Linux)."""
-    try:
-        text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
-    except OSError:
-        return []
-    return [int(c) for c in text.split()]
-
-
-def stop(proc: subprocess.Popen, timeout: float = 10.0) -> None:
-    """Stop a process this fixture started: its descendants first, then itself."""
-    for child in children(proc.pid):
-        for grandchild in children(child):
-            _kill(grandchild)
-        _kill(child)
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
-def _kill(pid: int) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signal.SIGKILL)
-
-
-def start(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
-    with open(log, "wb") as out:
-        return subprocess.Popen(
-            args, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
-        )
+#: The stack's limits (tests/integration/test_hostile.py goes over each of them); the ``big``
+#: adapters (about 1 MiB and 64 modules each) stay within them.
+LIMITS = {
+    "COREMERGE_MAX_ADAPTER_BYTES": 2 << 20,
+    "COREMERGE_MAX_JOB_BYTES": 8 << 20,
+    "COREMERGE_MAX_MODULES": 128,
+}
 
 
 @dataclass
@@ -132,19 +83,8 @@ class Stack:
 
 @pytest.fixture(scope="session")
 def moto_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    port = free_port()
-    log = tmp_path_factory.mktemp("moto") / "moto.log"
-    proc = start(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        {**os.environ, **AWS_ENV},
-        log,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_until(lambda: httpx.get(url, timeout=1).status_code < 500, "moto", proc=proc)
+    with moto_server(tmp_path_factory.mktemp("moto") / "moto.log") as url:
         yield url
-    finally:
-        stop(proc)
 
 
 @pytest.fixture(scope="session")
@@ -181,6 +121,7 @@ def stack(s3, moto_endpoint: str, tmp_path_factory: pytest.TempPathFactory) -> I
             "COREMERGE_WORKER_TTL": "20",
             "COREMERGE_WORK_DIR": str(work),
             "COREMERGE_API_URL": f"http://127.0.0.1:{port}",
+            **{name: str(value) for name, value in LIMITS.items()},
         }
         logs = {"api": work / "api.log", "worker": work / "worker.log"}
         cli = [sys.executable, "-m", "worker.cli"]

@@ -13,9 +13,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from redis import Redis
 from safetensors.torch import load_file
 
 from service.client import ApiError, CoremergeClient
+from service.jobs import JobStore
 from service.spec import MergeSpec
 from tests.integration.conftest import (
     ADAPTER_FILES,
@@ -225,6 +227,8 @@ def test_missing_adapter_fails_with_adapter_not_found(stack: Stack, tiny: list[s
     assert job["error"]["code"] == "adapter_not_found"
     assert "s3://adapters-a/no/such/adapter/" in job["error"]["message"]
     assert stack.keys("merged", output.removeprefix("s3://merged/")) == []
+    record = JobStore(Redis.from_url(stack.redis_url)).get(job["id"])
+    assert record is not None and record.attempts == 1  # permanent: no retry burned
 
 
 def test_incompatible_adapters_fail_with_adapter_incompatible(

@@ -10,11 +10,13 @@ from pathlib import Path
 
 import pytest
 from botocore.awsrequest import AWSResponse
+from botocore.exceptions import ConnectionClosedError, ReadTimeoutError
 
 from service.config import Settings
 from tests.integration.conftest import AWS_ENV
 from worker.errors import AccessDenied, AdapterInvalid, AdapterNotFound, StorageError
 from worker.storage import (
+    CLAIM_NAME,
     CONFIG_NAME,
     JOB_ID_META,
     REPORT_NAME,
@@ -152,8 +154,8 @@ def test_transient_errors_are_retried_then_storage_error(s3_client, s3, prefix, 
     assert len(calls) >= 2
 
 
-def _merged_dir(tmp_path: Path) -> Path:
-    out = fake_adapter(tmp_path / "merged")
+def _merged_dir(tmp_path: Path, payload: bytes = b"\0" * 64) -> Path:
+    out = fake_adapter(tmp_path / "merged", payload)
     (out / REPORT_NAME).write_text('{"output": {"rank": 4}}')
     return out
 
@@ -168,17 +170,58 @@ def test_publish_writes_the_report_last_and_conditionally(s3_client, s3, prefix,
     assert storage.published_by(uri) is None
     published = storage.publish(_merged_dir(tmp_path), uri, job_id="job-1")
     assert published.uri == uri and published.report_uri == uri + REPORT_NAME
-    assert [k.rsplit("/", 1)[1] for k in order] == [CONFIG_NAME, WEIGHTS_NAME, REPORT_NAME]
+    # the claim first, the report last; the claim is gone once the report marks completion
+    assert [k.rsplit("/", 1)[1] for k in order] == [
+        CLAIM_NAME,
+        CONFIG_NAME,
+        WEIGHTS_NAME,
+        REPORT_NAME,
+    ]
+    assert s3.list_objects_v2(Bucket="merged", Prefix=f"team-a/{prefix}run/")["KeyCount"] == 3
     head = s3.head_object(Bucket="merged", Key=f"team-a/{prefix}run/{REPORT_NAME}")
     assert head["Metadata"][JOB_ID_META] == "job-1"
     assert storage.published_by(uri) == "job-1"
     assert storage.read_report(uri) == {"output": {"rank": 4}}
 
-    # a re-run of the same job finds its own output; another job may not overwrite it
+    # a re-run of the same job finds its own output and writes nothing; another job is refused
+    # and writes nothing either: the published weights are never overwritten
+    weights_key = f"team-a/{prefix}run/{WEIGHTS_NAME}"
+    etag = s3.head_object(Bucket="merged", Key=weights_key)["ETag"]
+    order.clear()
     assert storage.publish(_merged_dir(tmp_path / "again"), uri, job_id="job-1").already
-    with pytest.raises(StorageError, match="another job"):
-        storage.publish(_merged_dir(tmp_path / "other"), uri, job_id="job-2")
+    with pytest.raises(StorageError, match="already holds a merged adapter"):
+        storage.publish(_merged_dir(tmp_path / "other", b"\1" * 64), uri, job_id="job-2")
+    assert [k.rsplit("/", 1)[1] for k in order] == [CLAIM_NAME, CLAIM_NAME]  # claims only
+    assert s3.head_object(Bucket="merged", Key=weights_key)["ETag"] == etag
     assert storage.published_by(uri) == "job-1"
+    assert s3.list_objects_v2(Bucket="merged", Prefix=f"team-a/{prefix}run/")["KeyCount"] == 3
+
+
+def test_a_job_publishing_keeps_other_jobs_off_the_output(s3_client, s3, prefix, tmp_path):
+    """While job-1 holds the claim (it is uploading, or it died uploading), job-2 writes
+    nothing; a re-run of job-1 takes its own claim over, replaces its leftovers, publishes."""
+    storage = Storage(s3_client)
+    uri = f"s3://merged/team-a/{prefix}busy/"
+    base = f"team-a/{prefix}busy/"
+    # job-1's first run died after its claim and a partial upload
+    s3.put_object(Bucket="merged", Key=base + CLAIM_NAME, Body=b"job-1",
+                  Metadata={JOB_ID_META: "job-1"})  # fmt: skip
+    s3.put_object(Bucket="merged", Key=base + WEIGHTS_NAME, Body=b"partial",
+                  Metadata={JOB_ID_META: "job-1"})  # fmt: skip
+    with pytest.raises(StorageError, match="job job-1 is publishing to this output"):
+        storage.publish(_merged_dir(tmp_path / "two", b"\2" * 64), uri, job_id="job-2")
+    assert s3.get_object(Bucket="merged", Key=base + WEIGHTS_NAME)["Body"].read() == b"partial"
+    assert storage.published_by(uri) is None
+
+    merged = _merged_dir(tmp_path / "one")
+    assert not storage.publish(merged, uri, job_id="job-1").already
+    body = s3.get_object(Bucket="merged", Key=base + WEIGHTS_NAME)["Body"].read()
+    assert body == (merged / WEIGHTS_NAME).read_bytes()
+    assert storage.published_by(uri) == "job-1"
+    listing = s3.list_objects_v2(Bucket="merged", Prefix=base)
+    assert sorted(o["Key"].rsplit("/", 1)[1] for o in listing["Contents"]) == [
+        CONFIG_NAME, WEIGHTS_NAME, REPORT_NAME
+    ]  # fmt: skip
 
 
 def test_failed_publish_leaves_nothing(s3_client, s3, prefix, tmp_path) -> None:
@@ -199,3 +242,160 @@ def test_publish_to_file_uri_is_atomic(tmp_path) -> None:
     assert storage.published_by(f"file://{target}") == ""
     with pytest.raises(StorageError, match="not empty"):
         storage.publish(_merged_dir(tmp_path / "b"), f"file://{target}", job_id="j")
+
+
+# -- faults (issue 6): transient ones are retried with backoff, permanent ones end at once.
+# Injected through botocore's before-send hook, on a client built the way the worker builds
+# it: a fault answered there goes through botocore's retry logic like one from the network.
+
+
+class Faults:
+    """Counts every attempt of the requests that ``when`` matches, and answers the first
+    ``times`` of them with ``fault`` (an HTTP error, or a raised transport error)."""
+
+    def __init__(self, client, fault, *, when=lambda request: True, times: int = 10**9):
+        self.fault, self.when, self.times = fault, when, times
+        self.attempts: list[str] = []
+        client.meta.events.register("before-send.s3", self)
+
+    def __call__(self, request, **kwargs):
+        if not self.when(request):
+            return None
+        self.attempts.append(f"{request.method} {request.url}")
+        if len(self.attempts) > self.times:
+            return None
+        return self.fault(request)
+
+
+def http_error(status: int, code: str):
+    def answer(request):
+        body = f"<Error><Code>{code}</Code><Message>injected</Message></Error>".encode()
+        return AWSResponse(request.url, status, {}, _Raw(body))
+
+    return answer
+
+
+def connection_reset(request):
+    raise ConnectionClosedError(endpoint_url=request.url)
+
+
+def read_timeout(request):
+    raise ReadTimeoutError(endpoint_url=request.url)
+
+
+@pytest.fixture
+def retrying_client(moto_endpoint, s3, monkeypatch):
+    """The worker's client with 4 attempts per request (botocore 'standard' mode)."""
+    for name, value in AWS_ENV.items():
+        monkeypatch.setenv(name, value)
+    return make_s3_client(Settings(s3_endpoint_url=moto_endpoint, s3_max_attempts=4))
+
+
+def weights_download(request) -> bool:
+    """The download of the weights (s3transfer's ranged GETs), not the header check's short
+    ranged GET before it."""
+    if request.method != "GET" or WEIGHTS_NAME not in request.url:
+        return False
+    rng = request.headers.get("Range", b"")
+    end = (rng.decode() if isinstance(rng, bytes) else rng).rpartition("-")[2]
+    return not end.isdigit() or int(end) >= 1024
+
+
+TRANSIENT = {
+    "503-slowdown": http_error(503, "SlowDown"),
+    "500-internal": http_error(500, "InternalError"),
+    "connection-reset": connection_reset,
+    "read-timeout": read_timeout,
+}
+
+
+@pytest.mark.parametrize("fault", TRANSIENT.values(), ids=TRANSIENT.keys())
+def test_transient_faults_are_retried_and_the_fetch_succeeds(
+    fault, retrying_client, s3, prefix, tmp_path
+) -> None:
+    src = fake_adapter(tmp_path / "src", b"\7" * 256)
+    put_dir(s3, src, "adapters-a", f"{prefix}x/")
+    faults = Faults(retrying_client, fault, when=weights_download, times=2)
+    dirs = Storage(retrying_client).fetch_adapters([f"s3://adapters-a/{prefix}x/"], tmp_path / "in")
+    assert len(faults.attempts) == 3  # two faults, then through
+    assert len(set(faults.attempts)) == 1  # the same request, retried
+    assert (dirs[0] / WEIGHTS_NAME).read_bytes() == (src / WEIGHTS_NAME).read_bytes()
+
+
+@pytest.mark.parametrize("fault", TRANSIENT.values(), ids=TRANSIENT.keys())
+def test_transient_faults_while_publishing_are_retried(
+    fault, retrying_client, s3, prefix, tmp_path
+) -> None:
+    faults = Faults(
+        retrying_client, fault, times=1,
+        when=lambda r: r.method == "PUT" and WEIGHTS_NAME in r.url,
+    )  # fmt: skip
+    uri = f"s3://merged/team-a/{prefix}retried/"
+    merged = _merged_dir(tmp_path)
+    Storage(retrying_client).publish(merged, uri, job_id="job-1")
+    assert len(faults.attempts) == 2
+    body = s3.get_object(Bucket="merged", Key=f"team-a/{prefix}retried/{WEIGHTS_NAME}")["Body"]
+    assert body.read() == (merged / WEIGHTS_NAME).read_bytes()
+    assert Storage(retrying_client).published_by(uri) == "job-1"
+
+
+def test_transient_faults_that_persist_end_as_storage_error(
+    retrying_client, s3, prefix, tmp_path
+) -> None:
+    put_dir(s3, fake_adapter(tmp_path / "src"), "adapters-a", f"{prefix}x/")
+    faults = Faults(retrying_client, http_error(503, "SlowDown"), when=weights_download)
+    with pytest.raises(StorageError, match="SlowDown"):
+        Storage(retrying_client).fetch_adapters([f"s3://adapters-a/{prefix}x/"], tmp_path / "in")
+    assert len(faults.attempts) == 4  # COREMERGE_S3_MAX_ATTEMPTS, then given up
+
+
+PERMANENT = {
+    "no-such-key": (404, "NoSuchKey", AdapterNotFound),
+    "no-such-bucket": (404, "NoSuchBucket", AdapterNotFound),
+    "access-denied": (403, "AccessDenied", AccessDenied),
+}
+
+
+@pytest.mark.parametrize("status,code,error", PERMANENT.values(), ids=PERMANENT.keys())
+def test_permanent_faults_end_the_fetch_at_once(
+    status, code, error, retrying_client, s3, prefix, tmp_path
+) -> None:
+    put_dir(s3, fake_adapter(tmp_path / "src"), "adapters-a", f"{prefix}x/")
+    faults = Faults(retrying_client, http_error(status, code))  # every request fails
+    with pytest.raises(error, match=code):
+        Storage(retrying_client).fetch_adapters([f"s3://adapters-a/{prefix}x/"], tmp_path / "in")
+    assert faults.attempts, "no request was made"
+    assert len(faults.attempts) == len(set(faults.attempts)), faults.attempts  # none retried
+    assert not (tmp_path / "in").exists()  # refused before downloading
+
+
+def test_access_denied_while_publishing_ends_at_once_and_leaves_nothing(
+    retrying_client, s3, prefix, tmp_path
+) -> None:
+    faults = Faults(
+        retrying_client, http_error(403, "AccessDenied"),
+        when=lambda r: r.method == "PUT" and WEIGHTS_NAME in r.url,
+    )  # fmt: skip
+    with pytest.raises(AccessDenied):
+        Storage(retrying_client).publish(
+            _merged_dir(tmp_path), f"s3://merged/team-a/{prefix}denied/", job_id="job-1"
+        )
+    assert len(faults.attempts) == 1
+    assert s3.list_objects_v2(Bucket="merged", Prefix=f"team-a/{prefix}denied/")["KeyCount"] == 0
+
+
+def test_a_claim_left_beside_a_published_report_is_dropped_by_the_same_job(
+    s3_client, s3, prefix, tmp_path
+) -> None:
+    """A run killed between its report and dropping its claim: the re-run that finds the
+    report (worker/job.py) drops the claim; another job's call leaves it alone."""
+    storage = Storage(s3_client)
+    uri = f"s3://merged/team-a/{prefix}late/"
+    storage.publish(_merged_dir(tmp_path), uri, job_id="job-1")
+    claim = f"team-a/{prefix}late/{CLAIM_NAME}"
+    s3.put_object(Bucket="merged", Key=claim, Body=b"job-1", Metadata={JOB_ID_META: "job-1"})
+    storage.drop_claim(uri, "job-2")
+    assert s3.head_object(Bucket="merged", Key=claim)
+    storage.drop_claim(uri, "job-1")
+    assert s3.list_objects_v2(Bucket="merged", Prefix=claim)["KeyCount"] == 0
+    assert storage.published_by(uri) == "job-1"

@@ -66,7 +66,13 @@ def test_a_merge_over_its_timeout_fails_with_timeout(settings, big, stack) -> No
     assert stack.keys("merged", output.removeprefix("s3://merged/")) == []
 
 
-def test_file_uris_in_and_out(settings, peft_adapters: list[Path], tmp_path: Path) -> None:
+def test_file_uris_in_and_out(
+    settings, peft_adapters: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The fixture's 1 s timeout is for the timeout test; on a busy machine this merge can
+    # take longer than that.
+    monkeypatch.setenv("COREMERGE_JOB_TIMEOUT", "300")
+    settings = Settings()
     out = tmp_path / "merged" / "run"
     job = run_one(settings, {"adapters": [{"uri": f"file://{d}"} for d in peft_adapters],
                              "method": "ta", "output": {"uri": f"file://{out}"}})  # fmt: skip
