@@ -38,6 +38,8 @@ __all__ = [
 MiB = 1 << 20
 GiB = 1 << 30
 
+_ROOT = Path(__file__).resolve().parents[1]
+
 
 @dataclass
 class Measured:
@@ -286,3 +288,23 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
     os.replace(tmp, path)
+
+
+def fresh(path: Path) -> Path:
+    """``path`` with nothing at it (a previous run's file or folder removed)."""
+    if path.is_dir():
+        shutil.rmtree(path)
+    elif path.exists():
+        path.unlink()
+    return path
+
+
+def project_state() -> dict[str, Any]:
+    """The commit measured and any uncommitted change to the code the benchmarks run."""
+
+    def git(*a: str) -> str:
+        done = subprocess.run(["git", *a], cwd=_ROOT, capture_output=True, text=True)
+        return done.stdout.strip() if done.returncode == 0 else ""
+
+    dirty = git("status", "--porcelain", "--", "worker", "service", "pyproject.toml")
+    return {"commit": git("rev-parse", "HEAD") or None, "uncommitted": dirty.splitlines()}

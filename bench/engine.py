@@ -38,7 +38,9 @@ from _common import (
     GiB,
     Measured,
     MiB,
+    fresh,
     machine_info,
+    project_state,
     run_measured,
     wait_for_quiet,
     write_json,
@@ -142,17 +144,6 @@ def wait_for_cli(coremerge: Path, seconds: float) -> None:
         time.sleep(min(30.0, max(1.0, deadline - time.monotonic())))
 
 
-def project_state() -> dict[str, Any]:
-    """The commit measured and any uncommitted change to the code the CLI runs."""
-
-    def git(*a: str) -> str:
-        done = subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True)
-        return done.stdout.strip() if done.returncode == 0 else ""
-
-    dirty = git("status", "--porcelain", "--", "worker", "service", "pyproject.toml")
-    return {"commit": git("rev-parse", "HEAD") or None, "uncommitted": dirty.splitlines()}
-
-
 def cli_python(coremerge: Path) -> str:
     """The interpreter the console script runs under (its shebang)."""
     try:
@@ -194,14 +185,6 @@ def best_of(repeat: int, fn, *, max_contention: float, extra_attempts: int):
         for r in results
     ]
     return best, attempts, not clean
-
-
-def fresh(path: Path) -> Path:
-    if path.is_dir():
-        shutil.rmtree(path)
-    elif path.exists():
-        path.unlink()
-    return path
 
 
 QUIET_LOG: list[dict[str, Any]] = []

@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench._common import Measured, MiB, run_measured, wait_for_quiet
+from bench._common import Measured, MiB, fresh, run_measured, wait_for_quiet
 
 NPROC = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
@@ -27,14 +26,6 @@ def log(msg: str) -> None:
 def contention(m: Measured) -> float:
     """Share of all CPUs' time that other processes used while ``m`` ran."""
     return (m.other_cpu_s or 0.0) / (max(m.wall_s, 1e-9) * NPROC)
-
-
-def fresh(path: Path) -> Path:
-    if path.is_dir():
-        shutil.rmtree(path)
-    elif path.exists():
-        path.unlink()
-    return path
 
 
 @dataclass

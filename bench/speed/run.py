@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import subprocess
 import sys
 import time
 from datetime import UTC, datetime
@@ -26,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:  # run as a script: make `bench` importable
     sys.path.insert(0, str(ROOT))
 
-from bench._common import MiB, machine_info, run_measured, write_json  # noqa: E402
+from bench._common import MiB, machine_info, project_state, run_measured, write_json  # noqa: E402
 from bench.speed import report  # noqa: E402
 from bench.speed.measure import Attempts, Runner, contention, fresh, log  # noqa: E402
 from bench.speed.workloads import (  # noqa: E402
@@ -119,15 +118,6 @@ def names(text: str) -> list[str]:
 def python_of(coremerge: Path) -> str:
     first = coremerge.read_text(errors="replace").splitlines()[0]
     return first[2:].strip() if first.startswith("#!") else sys.executable
-
-
-def project_state() -> dict[str, Any]:
-    def git(*a: str) -> str:
-        done = subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True)
-        return done.stdout.strip() if done.returncode == 0 else ""
-
-    dirty = git("status", "--porcelain", "--", "worker", "service", "pyproject.toml")
-    return {"commit": git("rev-parse", "HEAD") or None, "uncommitted": dirty.splitlines()}
 
 
 def load_average() -> list[float] | None:
