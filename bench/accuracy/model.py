@@ -25,6 +25,7 @@ __all__ = [
     "Batches",
     "accuracy",
     "add_deltas",
+    "encode",
     "load_encoder",
     "mean_pool",
     "model_dir",
@@ -78,18 +79,19 @@ class Batches:
         return sum(len(y) for y in self.labels)
 
 
+def encode(tokenizer, texts: list[str]):
+    """One padded batch of ``texts``, cut at ``MAX_LENGTH`` tokens (training and evaluation alike)."""
+    return tokenizer(
+        texts, truncation=True, max_length=MAX_LENGTH, padding=True, return_tensors="pt"
+    )
+
+
 def tokenize(tokenizer, rows: list[tuple[str, int]], batch_size: int) -> Batches:
     order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]))
     inputs, labels = [], []
     for start in range(0, len(order), batch_size):
         chunk = [rows[i] for i in order[start : start + batch_size]]
-        enc = tokenizer(
-            [t for t, _ in chunk],
-            truncation=True,
-            max_length=MAX_LENGTH,
-            padding=True,
-            return_tensors="pt",
-        )
+        enc = encode(tokenizer, [t for t, _ in chunk])
         inputs.append({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]})
         labels.append(torch.tensor([y for _, y in chunk]))
     return Batches(inputs, labels)

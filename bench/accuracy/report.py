@@ -186,6 +186,11 @@ def markdown(results: dict) -> str:
     return "\n".join(lines)
 
 
+def _bar_value(ax, x: float, value: float) -> None:
+    """The value printed above its bar, vertical, small."""
+    ax.text(x, value + 0.3, f"{value:.1f}", ha="center", va="bottom", fontsize=6.5, rotation=90)
+
+
 def plot(results: dict, path: Path) -> None:
     import matplotlib
 
@@ -205,15 +210,7 @@ def plot(results: dict, path: Path) -> None:
                     val = 100 * spaces[s]["avg_norm"]
                     ax.bar(x + i * 0.27, val, 0.27, color=colours[s],
                            label=f"coremerge {s}" if method == next(iter(table)) else None)  # fmt: skip
-                    ax.text(
-                        x + i * 0.27,
-                        val + 0.3,
-                        f"{val:.1f}",
-                        ha="center",
-                        va="bottom",
-                        fontsize=6.5,
-                        rotation=90,
-                    )
+                    _bar_value(ax, x + i * 0.27, val)
             ticks.append(x + 0.27)
             labels.append(method)
             x += 1.0
@@ -222,15 +219,7 @@ def plot(results: dict, path: Path) -> None:
             val = 100 * r["avg_norm"]
             ax.bar(x + 0.1, val, 0.5, color=colours["peft"],
                    label="PEFT add_weighted_adapter" if j == 0 else None)  # fmt: skip
-            ax.text(
-                x + 0.1,
-                val + 0.3,
-                f"{val:.1f}",
-                ha="center",
-                va="bottom",
-                fontsize=6.5,
-                rotation=90,
-            )
+            _bar_value(ax, x + 0.1, val)
             ticks.append(x + 0.1)
             labels.append("PEFT\n" + r["method"].replace("_", "_\n", 1))
             x += 0.9

@@ -20,7 +20,7 @@ import safetensors.torch
 import torch
 from torch import nn
 
-from bench.accuracy.model import MAX_LENGTH, TARGET_MODULES, mean_pool
+from bench.accuracy.model import TARGET_MODULES, encode, mean_pool
 from bench.accuracy.tasks import Task
 
 __all__ = ["BASE_MODEL_NAME", "TrainConfig", "load_head", "lora_deltas", "train_adapter"]
@@ -99,13 +99,7 @@ def train_adapter(
     started, step, running = time.perf_counter(), 0, 0.0
     for epoch in range(config.epochs):
         for chunk in _length_bucketed_batches(rows, config.batch_size, gen):
-            enc = tokenizer(
-                [t for t, _ in chunk],
-                truncation=True,
-                max_length=MAX_LENGTH,
-                padding=True,
-                return_tensors="pt",
-            )
+            enc = encode(tokenizer, [t for t, _ in chunk])
             hidden = model(
                 input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]
             ).last_hidden_state
