@@ -12,8 +12,10 @@
 
 from .methods import METHOD_FUNCTIONS, apply_method
 from .spaces import (
+    FactorStack,
     LoraFactors,
     MergedModule,
+    core_factors,
     core_matrices,
     merge_in_core_space,
     merge_in_full_space,
@@ -24,9 +26,11 @@ from .spaces import (
 
 __all__ = [
     "METHOD_FUNCTIONS",
+    "FactorStack",
     "LoraFactors",
     "MergedModule",
     "apply_method",
+    "core_factors",
     "core_matrices",
     "merge_in_core_space",
     "merge_in_full_space",

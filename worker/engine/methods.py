@@ -19,10 +19,11 @@ from torch import Tensor
 
 from service.spec import METHOD_PARAMS
 
-from .linalg import isotropize, numerical_rank, polar
+from .linalg import factored_svd, isotropize, numerical_rank, polar
 
 __all__ = [
     "METHOD_FUNCTIONS",
+    "Factors",
     "apply_method",
     "cart",
     "dare",
@@ -32,6 +33,12 @@ __all__ = [
     "ties",
     "tsv",
 ]
+
+
+#: The X_t as products of thin factors, X_t = left_t @ right_t, when the caller has them (core
+#: space: M_t = (Uᵀ B_t)(A_t V), inner size r_t). A method that needs each X_t's SVD takes it
+#: from them: a QR of each factor and the SVD of an r_t × r_t matrix instead of an R × R one.
+Factors = Sequence[tuple[Tensor, Tensor]]
 
 
 def task_arithmetic(xs: Sequence[Tensor]) -> Tensor:
@@ -116,17 +123,22 @@ def dare_ties(
     return ties(_drop_and_rescale(xs, drop, generator), density)
 
 
-def tsv(xs: Sequence[Tensor]) -> Tensor:
+def tsv(xs: Sequence[Tensor], factors: Factors | None = None) -> Tensor:
     """Task Singular Vectors (TSV-M): keep each task's top singular triplets, decorrelate, sum.
 
     Task t keeps k_t = min(⌊K/T⌋, numerical rank of X_t) components (K = min dim). The kept
     U's and V's are concatenated and each replaced by its orthogonal polar factor, so the
-    tasks' directions no longer interfere: X = polar(U_c) diag(s_c) polar(V_c)ᵀ.
+    tasks' directions no longer interfere: X = polar(U_c) diag(s_c) polar(V_c)ᵀ. With
+    ``factors``, each task's SVD is that of its factored form (the same triplets, up to the
+    sign of each pair, which the result does not depend on).
     """
     T, K = len(xs), min(xs[0].shape)
     us, ss, vhs = [], [], []
-    for x in xs:
-        U, S, Vh = torch.linalg.svd(x, full_matrices=False)
+    for t, x in enumerate(xs):
+        if factors is None:
+            U, S, Vh = torch.linalg.svd(x, full_matrices=False)
+        else:
+            U, S, Vh = factored_svd(*factors[t])
         k = min(K // T, numerical_rank(S, tuple(x.shape)))
         us.append(U[:, :k])
         ss.append(S[:k])
@@ -156,17 +168,17 @@ def iso_c(xs: Sequence[Tensor]) -> Tensor:
     return isotropize(task_arithmetic(xs))
 
 
-MethodFn = Callable[[Sequence[Tensor], Mapping[str, Any], torch.Generator], Tensor]
+MethodFn = Callable[[Sequence[Tensor], Mapping[str, Any], torch.Generator, Factors | None], Tensor]
 
 #: Each method by its API name, called with the validated params (see ``service.spec``).
 METHOD_FUNCTIONS: dict[str, MethodFn] = {
-    "ta": lambda xs, p, g: task_arithmetic(xs),
-    "ties": lambda xs, p, g: ties(xs, p["density"]),
-    "dare": lambda xs, p, g: dare(xs, p["drop"], g),
-    "dare_ties": lambda xs, p, g: dare_ties(xs, p["drop"], p["density"], g),
-    "tsv": lambda xs, p, g: tsv(xs),
-    "cart": lambda xs, p, g: cart(xs, p["rank_fraction"], p["lam"]),
-    "iso_c": lambda xs, p, g: iso_c(xs),
+    "ta": lambda xs, p, g, f: task_arithmetic(xs),
+    "ties": lambda xs, p, g, f: ties(xs, p["density"]),
+    "dare": lambda xs, p, g, f: dare(xs, p["drop"], g),
+    "dare_ties": lambda xs, p, g, f: dare_ties(xs, p["drop"], p["density"], g),
+    "tsv": lambda xs, p, g, f: tsv(xs, f),
+    "cart": lambda xs, p, g, f: cart(xs, p["rank_fraction"], p["lam"]),
+    "iso_c": lambda xs, p, g, f: iso_c(xs),
 }
 assert METHOD_FUNCTIONS.keys() == METHOD_PARAMS.keys()
 
@@ -176,11 +188,15 @@ def apply_method(
     xs: Sequence[Tensor],
     params: Mapping[str, Any],
     generator: torch.Generator | None = None,
+    factors: Factors | None = None,
 ) -> Tensor:
-    """Run ``method`` on the X_t, then the shared steps: optional isotropize, scale by alpha."""
+    """Run ``method`` on the X_t, then the shared steps: optional isotropize, scale by alpha.
+
+    ``factors``, when given, are the X_t as thin products (see :data:`Factors`).
+    """
     if generator is None:
         generator = torch.Generator().manual_seed(0)
-    x = METHOD_FUNCTIONS[method](xs, params, generator)
+    x = METHOD_FUNCTIONS[method](xs, params, generator, factors)
     if params.get("isotropize", False):
         x = isotropize(x)
     return params.get("alpha", 1.0) * x

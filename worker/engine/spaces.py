@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, overload
 
 import torch
 from torch import Tensor
@@ -28,9 +28,11 @@ from .linalg import (
 from .methods import apply_method
 
 __all__ = [
+    "FactorStack",
     "LoraFactors",
     "MergedModule",
     "ReferenceBases",
+    "core_factors",
     "core_matrices",
     "merge_in_core_space",
     "merge_in_full_space",
@@ -46,6 +48,56 @@ class LoraFactors:
 
     A: Tensor  # (r, n)
     B: Tensor  # (m, r)
+
+
+class FactorStack(Sequence[LoraFactors]):
+    """One module's T updates side by side: B = [B_1 … B_T] (m × R), A = [A_1; …; A_T] (R × n).
+
+    Core space decomposes exactly these two stacks. Indexing gives each adapter's
+    ``LoraFactors`` as views, so a stack serves wherever a sequence of factors is expected.
+    The runner fills one in place as it reads the adapters, which spares the engine a copy
+    of every input; :meth:`of` stacks separate factors.
+    """
+
+    def __init__(self, B: Tensor, A: Tensor, ranks: Sequence[int]) -> None:
+        if B.shape[1] != sum(ranks) or A.shape[0] != sum(ranks):
+            raise ValueError(
+                f"stacks of shapes {tuple(B.shape)} and {tuple(A.shape)} do not hold ranks {ranks}"
+            )
+        self.B, self.A, self.ranks = B, A, tuple(ranks)
+        self._slices, start = [], 0
+        for r in self.ranks:
+            self._slices.append(slice(start, start + r))
+            start += r
+
+    @classmethod
+    def of(cls, factors: Sequence[LoraFactors]) -> FactorStack:
+        """``factors`` stacked (a ``FactorStack`` is returned as is)."""
+        if isinstance(factors, FactorStack):
+            return factors
+        return cls(
+            torch.cat([f.B for f in factors], dim=1),
+            torch.cat([f.A for f in factors], dim=0),
+            [f.A.shape[0] for f in factors],
+        )
+
+    @property
+    def slices(self) -> list[slice]:
+        """Each adapter's columns of B (rows of A)."""
+        return list(self._slices)
+
+    def __len__(self) -> int:
+        return len(self.ranks)
+
+    @overload
+    def __getitem__(self, index: int) -> LoraFactors: ...
+    @overload
+    def __getitem__(self, index: slice) -> list[LoraFactors]: ...
+    def __getitem__(self, index: int | slice) -> LoraFactors | list[LoraFactors]:
+        if isinstance(index, slice):
+            return [self[i] for i in range(len(self))[index]]
+        sl = self._slices[index]
+        return LoraFactors(A=self.A[sl], B=self.B[:, sl])
 
 
 @dataclass(frozen=True)
@@ -87,19 +139,22 @@ class ReferenceBases:
 
 def reference_bases(factors: Sequence[LoraFactors]) -> ReferenceBases:
     """Step 2 of Algorithm 1: SVDs of the stacked factors, by QR + small SVD (all R kept)."""
-    left, UtB = left_singular_basis(torch.cat([f.B for f in factors], dim=1))
-    right, VtAt = left_singular_basis(torch.cat([f.A for f in factors], dim=0).mT)
+    stack = FactorStack.of(factors)
+    left, UtB = left_singular_basis(stack.B)
+    right, VtAt = left_singular_basis(stack.A.mT)
     return ReferenceBases(left=left, right=right, UtB=UtB, AV=VtAt.mT)
+
+
+def core_factors(
+    factors: Sequence[LoraFactors], bases: ReferenceBases
+) -> list[tuple[Tensor, Tensor]]:
+    """Each core matrix as its thin factors: M_t = (Uᵀ B_t)(A_t V), a × r_t times r_t × b."""
+    return [(bases.UtB[:, sl], bases.AV[sl]) for sl in FactorStack.of(factors).slices]
 
 
 def core_matrices(factors: Sequence[LoraFactors], bases: ReferenceBases) -> list[Tensor]:
     """Step 3: M_t = (Uᵀ B_t)(A_t V), each a × b (R × R when R ≤ m, n)."""
-    out, start = [], 0
-    for f in factors:
-        r = f.A.shape[0]
-        out.append(bases.UtB[:, start : start + r] @ bases.AV[start : start + r])
-        start += r
-    return out
+    return [left @ right for left, right in core_factors(factors, bases)]
 
 
 def _spread(size: int, count: int, device: torch.device) -> Tensor:
@@ -162,7 +217,8 @@ def merge_in_core_space(
     only): B = U P_k S_k, A = Q_kᵀ Vᵀ.
     """
     bases = reference_bases(factors)
-    M = apply_method(method, core_matrices(factors, bases), params, generator)
+    thin = core_factors(factors, bases)
+    M = apply_method(method, [left @ right for left, right in thin], params, generator, thin)
     B, A, kept = _as_lora_pair(bases, M, rank)
     return MergedModule(B=B, A=A, kept_energy=kept, residual=projection_residual(factors, bases))
 
@@ -196,7 +252,7 @@ def knots_components(factors: Sequence[LoraFactors]) -> tuple[Tensor, Tensor, li
     U, S, and V_tᵀ = (the middle's Vh, columns of task t) · Q_tᵀ. Keeps S > 1e-5 as the
     reference does.
     """
-    Qb, Rb = torch.linalg.qr(torch.cat([f.B for f in factors], dim=1), mode="reduced")
+    Qb, Rb = torch.linalg.qr(FactorStack.of(factors).B, mode="reduced")
     qrs = [torch.linalg.qr(f.A.mT, mode="reduced") for f in factors]
     middle = Rb @ torch.block_diag(*[R.mT for _, R in qrs])
     Us, S, Vhs = torch.linalg.svd(middle, full_matrices=False)
