@@ -11,7 +11,8 @@ from __future__ import annotations
 import hashlib
 import json
 import struct
-from concurrent.futures import ThreadPoolExecutor
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -19,6 +20,10 @@ from typing import Any, BinaryIO
 import torch
 
 __all__ = ["OUTPUT_DTYPES", "SafetensorsStreamWriter", "TensorSlot", "lora_config_json"]
+
+#: Chunks handed to the writing and hashing threads and not yet done with; a producer that
+#: gets this far ahead waits. Bounds the memory the queue holds (a chunk is one tensor).
+MAX_IN_FLIGHT = 4
 
 #: Storage dtypes of the output and their safetensors names.
 OUTPUT_DTYPES: dict[str, tuple[torch.dtype, str]] = {
@@ -64,16 +69,30 @@ class SafetensorsStreamWriter:
         blob += b" " * (-len(blob) % 8)  # keep the tensor data 8-byte aligned
         self._pending = list(slots)
         self._sha = hashlib.sha256()
-        # Hashing runs on its own thread (hashlib releases the GIL), in write order, beside
-        # the next module's merge; each chunk is kept alive until it is hashed.
+        # The file is written and hashed on two threads of their own (file writes and hashlib
+        # release the GIL), each in order, beside the merge of the next module; each chunk is
+        # kept alive until both are done with it.
+        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="write-out")
         self._hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sha256-out")
+        self._in_flight: deque[tuple[Future, Future]] = deque()
         self._file: BinaryIO = open(path, "xb")  # noqa: SIM115 (closed in close())
         self._emit(struct.pack("<Q", len(blob)) + blob)
         self.nbytes = 8 + len(blob) + offset
 
     def _emit(self, data: bytes | memoryview) -> None:
-        self._file.write(data)
-        self._hasher.submit(self._sha.update, data)
+        while len(self._in_flight) >= MAX_IN_FLIGHT:
+            self._wait_oldest()
+        self._in_flight.append(
+            (
+                self._writer.submit(self._file.write, data),
+                self._hasher.submit(self._sha.update, data),
+            )
+        )
+
+    def _wait_oldest(self) -> None:
+        """Wait for the oldest chunk; a failed write (a full disk) raises here."""
+        for future in self._in_flight.popleft():
+            future.result()
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         """Append ``tensor`` as the next slot, which must be ``name`` with the planned shape."""
@@ -87,15 +106,21 @@ class SafetensorsStreamWriter:
 
     def close(self) -> str:
         """Finish the file; returns its sha256. Fails if a planned tensor was never written."""
-        self._file.close()
-        self._hasher.shutdown(wait=True)
+        try:
+            while self._in_flight:
+                self._wait_oldest()
+        finally:
+            self.abort()
         if self._pending:
             raise ValueError(f"{len(self._pending)} planned tensors were not written")
         return self._sha.hexdigest()
 
     def abort(self) -> None:
-        self._file.close()
+        """Stop: drop what is queued, wait for what is running, close the file."""
+        self._in_flight.clear()
+        self._writer.shutdown(wait=True, cancel_futures=True)
         self._hasher.shutdown(wait=True, cancel_futures=True)
+        self._file.close()
 
 
 def _numel(shape: tuple[int, ...]) -> int:
