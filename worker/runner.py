@@ -17,7 +17,7 @@ import platform
 import shutil
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -32,8 +32,9 @@ from service.spec import MergeSpec
 from worker.adapters.config import CONFIG_NAME
 from worker.adapters.reader import WEIGHTS_NAME, AdapterReader, open_adapter
 from worker.adapters.writer import SafetensorsStreamWriter, TensorSlot, lora_config_json
-from worker.engine import LoraFactors, MergedModule, merge_module
+from worker.engine import FactorStack, MergedModule, merge_module
 from worker.errors import AdapterInvalid, Canceled, InternalError
+from worker.pipeline import merge_threads, ordered_map
 from worker.plan import MergePlan, ModulePlan, make_plan
 
 __all__ = ["REPORT_NAME", "MergeOutcome", "Progress", "resolve_device", "run_merge"]
@@ -103,31 +104,62 @@ def _slots(plan: MergePlan, rank: int) -> list[TensorSlot]:
     return slots
 
 
+@dataclass(frozen=True)
+class _ModuleResult:
+    plan: ModulePlan
+    merged: MergedModule
+    record: dict[str, Any]  # the module's entry in merge_report.json
+    read_s: float
+    merge_s: float
+
+
 class _ModuleMerger:
-    """Reads, scales and merges one planned module at a time; keeps the per-module record."""
+    """Reads, scales and merges one planned module; safe to call from several threads."""
 
     def __init__(
         self, spec: MergeSpec, readers: Sequence[AdapterReader], device: torch.device
     ) -> None:
         self.spec, self.readers, self.device = spec, readers, device
-        self.records: list[dict[str, Any]] = []
-        self.read_s = self.merge_s = 0.0
 
-    def __call__(self, mp: ModulePlan) -> MergedModule:
-        t0 = time.perf_counter()
-        factors = []
-        for i in mp.sources:
+    def _read(self, mp: ModulePlan) -> FactorStack:
+        """The module's factors, ΔW_t = (w_t s_t B_t) A_t, copied straight into their stacks.
+
+        Scaling and job weight are folded into B as it is copied (DESIGN.md §6), and the
+        values are checked in one pass over each finished stack; only when that finds a NaN,
+        an inf or an overflow are the adapters looked at one by one, for the message.
+        """
+        infos = [self.readers[i].modules[mp.module] for i in mp.sources]
+        R = sum(info.rank for info in infos)
+        stack = FactorStack(
+            torch.empty(mp.out_features, R, device=self.device),
+            torch.empty(R, mp.in_features, device=self.device),
+            [info.rank for info in infos],
+        )
+        scales = []
+        for i, info, sl in zip(mp.sources, infos, stack.slices, strict=True):
+            A, B = self.readers[i].read(mp.module, self.device, check=False)
+            scales.append(info.scaling * self.spec.adapters[i].weight)
+            stack.A[sl] = A
+            torch.mul(B, scales[-1], out=stack.B[:, sl])
+        if not bool(torch.isfinite(stack.A.sum() + stack.B.sum())):
+            self._explain_non_finite(mp, stack, scales)
+        return stack
+
+    def _explain_non_finite(self, mp: ModulePlan, stack: FactorStack, scales: list[float]) -> None:
+        """Raise for the first adapter whose factors, or scaled factors, are not finite."""
+        for i, factors, scale in zip(mp.sources, stack, scales, strict=True):
             reader = self.readers[i]
-            A, B = reader.read(mp.module, self.device)
-            # ΔW_t = (w_t s_t B_t) A_t: scaling and job weight folded into B (DESIGN.md §6).
-            scale = reader.modules[mp.module].scaling * self.spec.adapters[i].weight
-            B = B * scale
-            if not bool(torch.isfinite(B).all()):  # the factors were finite: the product is not
+            reader.read(mp.module, self.device)  # raises on NaN or inf in the file itself
+            if not bool(torch.isfinite(factors.B).all()):
                 raise AdapterInvalid(
                     f"adapter {reader.name!r}: module {mp.module!r}: its factors times scaling "
                     f"and weight ({scale:.3g}) overflow float32"
                 )
-            factors.append(LoraFactors(A=A, B=B))
+        # Every value is finite and only the check's sum overflowed: the merge decides.
+
+    def __call__(self, mp: ModulePlan) -> _ModuleResult:
+        t0 = time.perf_counter()
+        factors = self._read(mp)
         t1 = time.perf_counter()
         merged = merge_module(
             factors,
@@ -139,24 +171,21 @@ class _ModuleMerger:
         )
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-        self.read_s += t1 - t0
-        self.merge_s += time.perf_counter() - t1
+        t2 = time.perf_counter()
         if merged.residual is not None and merged.residual > MAX_PROJECTION_RESIDUAL:
             raise InternalError(
                 f"self-check failed on module {mp.module!r}: the inputs lie {merged.residual:.2e} off "
                 f"the reference bases (limit {MAX_PROJECTION_RESIDUAL:g}); nothing was published"
             )
-        self.records.append(
-            {
-                "module": mp.module,
-                "adapters": len(mp.sources),
-                "total_rank": mp.total_rank,
-                "rank": merged.rank,
-                "kept_energy": merged.kept_energy,
-                "residual": merged.residual,
-            }
-        )
-        return merged
+        record = {
+            "module": mp.module,
+            "adapters": len(mp.sources),
+            "total_rank": mp.total_rank,
+            "rank": merged.rank,
+            "kept_energy": merged.kept_energy,
+            "residual": merged.residual,
+        }
+        return _ModuleResult(mp, merged, record, read_s=t1 - t0, merge_s=t2 - t1)
 
 
 def run_merge(
@@ -200,21 +229,29 @@ def run_merge(
     try:
         input_hashes = [hasher.submit(_sha256_file, r.path) for r in readers]
         merger = _ModuleMerger(spec, readers, torch_device)
+        threads = merge_threads(torch_device)
+        records: list[dict[str, Any]] = []
+        busy = {"read_s": 0.0, "merge_s": 0.0}
 
-        def merged_modules():
-            for done, mp in enumerate(plan.modules):
-                if should_cancel is not None and should_cancel():
-                    raise Canceled(
-                        f"canceled after {done} of {total} modules; nothing was published"
-                    )
-                yield mp, merger(mp)
+        def merged_modules() -> Iterator[tuple[ModulePlan, MergedModule]]:
+            for done, result in enumerate(ordered_map(merger, plan.modules, threads)):
+                records.append(result.record)
+                busy["read_s"] += result.read_s
+                busy["merge_s"] += result.merge_s
+                yield result.plan, result.merged
                 report_progress(Progress("merge", done + 1, total))
+                if done + 1 < total and should_cancel is not None and should_cancel():
+                    raise Canceled(
+                        f"canceled after {done + 1} of {total} modules; nothing was published"
+                    )
 
-        write_t0 = time.perf_counter()
+        if should_cancel is not None and should_cancel():
+            raise Canceled(f"canceled after 0 of {total} modules; nothing was published")
+        merge_t0 = time.perf_counter()
         rank, out_sha, out_bytes = _write_weights(
             staging, plan, merged_modules(), spec.output.dtype
         )
-        write_s = time.perf_counter() - write_t0 - merger.read_s - merger.merge_s
+        merge_wall_s = time.perf_counter() - merge_t0
         report_progress(Progress("write", total, total))
 
         config = lora_config_json(
@@ -227,10 +264,10 @@ def run_merge(
         (staging / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
         seconds = time.perf_counter() - started
         report = _report(
-            spec, readers, [h.result() for h in input_hashes], plan, merger.records,
+            spec, readers, [h.result() for h in input_hashes], plan, records,
             rank=rank, out_sha=out_sha, out_bytes=out_bytes, device=torch_device,
-            timings={"plan_s": plan_s, "read_s": merger.read_s, "merge_s": merger.merge_s,
-                     "write_s": max(write_s, 0.0), "total_s": seconds},
+            timings={"plan_s": plan_s, **busy, "merge_wall_s": merge_wall_s, "total_s": seconds,
+                     "merge_threads": threads},
         )  # fmt: skip
         # The report is written last: its presence marks a complete adapter.
         (staging / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n")

@@ -16,6 +16,7 @@ through :meth:`VeraReader.set_input_sizes` before the first read.
 from __future__ import annotations
 
 import re
+import threading
 from pathlib import Path
 
 import torch
@@ -42,6 +43,7 @@ class VeraReader:
         self.path = self.directory / WEIGHTS_NAME
         self.nbytes = self.path.stat().st_size
         self._projections: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._projections_lock = threading.Lock()  # modules are read from several threads
         try:
             with open(self.path, "rb") as f:
                 check_prefix(f.read(PREFIX_BYTES), self.nbytes)
@@ -123,6 +125,10 @@ class VeraReader:
     def _regenerated_projections(self) -> tuple[torch.Tensor, torch.Tensor]:
         """vera_A and vera_B as PEFT draws them: its own ``_kaiming_init``, seeded by the key,
         with the largest input and output sizes among the adapted modules."""
+        with self._projections_lock:
+            return self._regenerate_once()
+
+    def _regenerate_once(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self._projections is None:
             try:
                 from peft.tuners.vera.model import _kaiming_init
@@ -140,9 +146,12 @@ class VeraReader:
         return self._projections
 
     def read(
-        self, module: str, device: torch.device | str = "cpu"
+        self, module: str, device: torch.device | str = "cpu", *, check: bool = True
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """A′ = diag(λ_d) vera_A[:, :n] (r × n) and B′ = diag(λ_b) vera_B[:m, :] (m × r), float32."""
+        """A′ = diag(λ_d) vera_A[:, :n] (r × n) and B′ = diag(λ_b) vera_B[:m, :] (m × r), float32.
+
+        ``check`` as in :meth:`AdapterReader.read`.
+        """
         info = self.modules[module]
         n, m = info.in_features, info.out_features
         prefix = f"base_model.model.{module}"
@@ -162,7 +171,8 @@ class VeraReader:
             A, B = vera_A[:, :n], vera_B[:m, :]
         A = (lambda_d.float()[:, None] * A.float()).to(device)
         B = (lambda_b.float()[:, None] * B.float()).to(device)
-        check_finite(self.name, module, A, B)
+        if check:
+            check_finite(self.name, module, A, B)
         return A, B
 
     def close(self) -> None:

@@ -1,0 +1,108 @@
+"""Merging modules side by side: order, errors, early stops, thread counts, same results."""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from service.spec import MergeSpec
+from worker import runner
+from worker.pipeline import MAX_MERGE_THREADS, merge_threads, ordered_map
+from worker.runner import run_merge
+
+
+@pytest.fixture(autouse=True)
+def _restore_threads():
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
+def _jittered(x: int) -> int:
+    time.sleep(random.Random(x).uniform(0, 0.01))
+    return x * x
+
+
+@pytest.mark.parametrize("threads", [1, 2, 4])
+def test_results_come_in_order(threads):
+    assert list(ordered_map(_jittered, range(40), threads)) == [x * x for x in range(40)]
+
+
+def test_every_call_runs_on_one_intra_op_thread_and_the_count_is_put_back():
+    torch.set_num_threads(2)
+    seen = list(ordered_map(lambda _: torch.get_num_threads(), range(8), 2))
+    assert seen == [1] * 8
+    assert torch.get_num_threads() == 2
+
+
+def test_an_error_reaches_the_consumer_at_its_turn():
+    def fn(x: int) -> int:
+        if x == 5:
+            raise ValueError("five")
+        return x
+
+    got = []
+    with pytest.raises(ValueError, match="five"):
+        for x in ordered_map(fn, range(20), 3):
+            got.append(x)
+    assert got == [0, 1, 2, 3, 4]
+
+
+def test_a_consumer_that_stops_early_starts_no_more_work_and_waits_for_the_running():
+    started, finished = [], []
+    lock = threading.Lock()
+
+    def fn(x: int) -> int:
+        with lock:
+            started.append(x)
+        time.sleep(0.02)
+        with lock:
+            finished.append(x)
+        return x
+
+    threads = 2
+    results = ordered_map(fn, range(100), threads)
+    assert [next(results) for _ in range(3)] == [0, 1, 2]
+    results.close()  # what an exception in the consumer (a cancel) does
+    assert sorted(started) == sorted(finished)  # nothing still running
+    assert len(started) <= 3 + threads + 1  # taken ahead: at most threads + 1
+    time.sleep(0.05)
+    assert len(started) == len(finished) <= 3 + threads + 1  # and nothing started later
+
+
+def test_merge_threads_follow_torch_capped_and_one_on_a_gpu():
+    torch.set_num_threads(2)
+    assert merge_threads(torch.device("cpu")) == 2
+    torch.set_num_threads(MAX_MERGE_THREADS + 3)
+    assert merge_threads(torch.device("cpu")) == MAX_MERGE_THREADS
+    assert merge_threads(torch.device("cuda")) == 1
+
+
+@pytest.mark.parametrize("method", ["ta", "tsv"])
+def test_a_merge_is_the_same_bit_for_bit_on_any_number_of_threads(
+    peft_adapters: list[Path], tmp_path: Path, monkeypatch, method
+):
+    spec = MergeSpec.model_validate(
+        {
+            "adapters": [{"uri": f"file://{d}"} for d in peft_adapters],
+            "method": method,
+            "output": {"uri": f"file://{tmp_path}/out"},
+        }
+    )
+    outputs = []
+    for threads in (1, 3):
+        monkeypatch.setattr(runner, "merge_threads", lambda device, n=threads: n)
+        out = tmp_path / f"threads-{threads}"
+        outcome = run_merge(spec, peft_adapters, out, device="cpu")
+        assert outcome.report["timings"]["merge_threads"] == threads
+        outputs.append(load_file(out / "adapter_model.safetensors"))
+    one, three = outputs
+    assert one.keys() == three.keys()
+    for name in one:
+        assert torch.equal(one[name], three[name]), name
