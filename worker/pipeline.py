@@ -5,8 +5,9 @@ products, two 128 × 128 eigendecompositions, the method, two more products. Spl
 cores inside each step (torch's intra-op threads), the sequential steps leave all but one core
 idle and the short parallel ones pay a fork and join each; merging whole modules side by
 side, each on one thread, keeps every core busy instead (measured in bench/engine.py on 2
-cores: see README.md). It also makes each module's floating-point results independent of
-the machine's core count: every module is merged on one thread, whatever the machine.
+cores: see README.md). It also makes a core-space merge's floating-point results independent
+of the machine's core count: every module is merged on one thread, whatever the machine
+(on one CPU, torch runs one thread anyway).
 """
 
 from __future__ import annotations
@@ -29,10 +30,13 @@ R = TypeVar("R")
 MAX_MERGE_THREADS = 4
 
 
-def merge_threads(device: torch.device) -> int:
+def merge_threads(device: torch.device, space: str) -> int:
     """How many modules to merge at once: one per usable CPU (as torch counts them), capped
-    at ``MAX_MERGE_THREADS``; one on a GPU, whose kernels already run one after another."""
-    if device.type != "cpu":
+    at ``MAX_MERGE_THREADS``, in core and knots space, whose per-module work is small. One
+    in full space, whose dense m × n products and SVDs use every core on their own and
+    whose memory per module is large, and one on a GPU, whose kernels run one after another.
+    """
+    if device.type != "cpu" or space == "full":
         return 1
     return max(1, min(torch.get_num_threads(), MAX_MERGE_THREADS))
 
@@ -55,25 +59,26 @@ def ordered_map(fn: Callable[[T], R], items: Iterable[T], threads: int) -> Itera
     that many results at most. When the consumer stops (an exception, a cancel, the
     generator closed), items not started are dropped and running ones finish before this
     returns; an exception in ``fn`` is raised to the consumer at that item's turn. With
-    ``threads`` ≤ 1, ``fn`` runs in the calling thread, still on one intra-op thread, so
-    the results do not depend on the thread count.
+    ``threads`` ≤ 1 it is plain ``map`` in the calling thread, torch's threads untouched.
     """
-    with _one_intra_op_thread():
-        if threads <= 1:
-            yield from map(fn, items)
-            return
-        pending: deque[Future[R]] = deque()
-        # OpenMP's thread count is per calling thread: each worker sets its own.
-        with ThreadPoolExecutor(
+    if threads <= 1:
+        yield from map(fn, items)
+        return
+    pending: deque[Future[R]] = deque()
+    # OpenMP's thread count is per calling thread: each worker sets its own.
+    with (
+        _one_intra_op_thread(),
+        ThreadPoolExecutor(
             threads, thread_name_prefix="merge", initializer=torch.set_num_threads, initargs=(1,)
-        ) as pool:
-            try:
-                for item in items:
-                    pending.append(pool.submit(fn, item))
-                    if len(pending) > threads:
-                        yield pending.popleft().result()
-                while pending:
+        ) as pool,
+    ):
+        try:
+            for item in items:
+                pending.append(pool.submit(fn, item))
+                if len(pending) > threads:
                     yield pending.popleft().result()
-            finally:
-                for future in pending:
-                    future.cancel()
+            while pending:
+                yield pending.popleft().result()
+        finally:
+            for future in pending:
+                future.cancel()

@@ -228,7 +228,7 @@ def run_merge(
     try:
         input_hashes = [hasher.submit(_sha256_file, r.path) for r in readers]
         merger = _ModuleMerger(spec, readers, torch_device)
-        threads = merge_threads(torch_device)
+        threads = merge_threads(torch_device, spec.space)
         records: list[dict[str, Any]] = []
         busy = {"read_s": 0.0, "merge_s": 0.0}
 

@@ -76,12 +76,19 @@ def test_a_consumer_that_stops_early_starts_no_more_work_and_waits_for_the_runni
     assert len(started) == len(finished) <= 3 + threads + 1  # and nothing started later
 
 
-def test_merge_threads_follow_torch_capped_and_one_on_a_gpu():
+def test_merge_threads_follow_torch_capped_and_one_on_a_gpu_or_in_full_space():
+    cpu = torch.device("cpu")
     torch.set_num_threads(2)
-    assert merge_threads(torch.device("cpu")) == 2
+    assert merge_threads(cpu, "core") == merge_threads(cpu, "knots") == 2
     torch.set_num_threads(MAX_MERGE_THREADS + 3)
-    assert merge_threads(torch.device("cpu")) == MAX_MERGE_THREADS
-    assert merge_threads(torch.device("cuda")) == 1
+    assert merge_threads(cpu, "core") == MAX_MERGE_THREADS
+    assert merge_threads(cpu, "full") == 1
+    assert merge_threads(torch.device("cuda"), "core") == 1
+
+
+def test_one_thread_is_plain_map_with_torch_threads_untouched():
+    torch.set_num_threads(2)
+    assert list(ordered_map(lambda _: torch.get_num_threads(), range(3), 1)) == [2, 2, 2]
 
 
 @pytest.mark.parametrize("method", ["ta", "tsv"])
@@ -97,7 +104,8 @@ def test_a_merge_is_the_same_bit_for_bit_on_any_number_of_threads(
     )
     outputs = []
     for threads in (1, 3):
-        monkeypatch.setattr(runner, "merge_threads", lambda device, n=threads: n)
+        monkeypatch.setattr(runner, "merge_threads", lambda device, space, n=threads: n)
+        torch.set_num_threads(threads if threads == 1 else 2)  # one CPU: torch runs one thread
         out = tmp_path / f"threads-{threads}"
         outcome = run_merge(spec, peft_adapters, out, device="cpu")
         assert outcome.report["timings"]["merge_threads"] == threads
