@@ -118,6 +118,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
+def _timings(timings: dict[str, float]) -> str:
+    """A report's timings on one line: seconds where the key says so (``_s``), counts as is."""
+    return ", ".join(
+        f"{k} {v:.2f} s" if k.endswith("_s") else f"{k} {v:g}" for k, v in timings.items()
+    )
+
+
 def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
@@ -566,7 +573,7 @@ def main(argv: list[str] | None = None) -> int:
             self_check=report.get("self_check", {}).get("max_projection_residual"),
         )
         if report.get("timings"):
-            log("  timings: " + ", ".join(f"{k} {v:.2f}" for k, v in report["timings"].items()))
+            log("  timings: " + _timings(report["timings"]))
         if not args.keep_outputs:
             fresh(out)
 
@@ -598,7 +605,7 @@ def main(argv: list[str] | None = None) -> int:
             note="wall = start-up + in-process time × layers/sample; RSS and inputs as measured on the sample",
         )
         if report.get("timings"):
-            log("  timings: " + ", ".join(f"{k} {v:.2f}" for k, v in report["timings"].items()))
+            log("  timings: " + _timings(report["timings"]))
         if not args.keep_outputs:
             fresh(out)
 
@@ -670,7 +677,7 @@ def main(argv: list[str] | None = None) -> int:
     print()
     for r in rows.values():
         if r.get("timings"):
-            print(f"{r['name']}: " + ", ".join(f"{k} {v:.2f} s" for k, v in r["timings"].items()))
+            print(f"{r['name']}: " + _timings(r["timings"]))
     for method, err in cross.items():
         if err is not None:
             print(

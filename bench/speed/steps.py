@@ -9,8 +9,8 @@ Per module, on the real inputs (every module the adapters share, in file order):
 |---|---|---|
 | read | ``AdapterReader.read`` of every adapter (as ``run_merge`` reads), scaling folded into B | same |
 | bases | ``reference_bases`` (QR/Gram + small SVD of the stacked factors) | — |
-| project | ``core_matrices`` (the R × R M_t) | ΔW_t = B_t A_t (m × n each) |
-| merge | ``apply_method`` on the M_t | ``apply_method`` on the ΔW_t |
+| project | ``core_factors`` and their products, the R × R M_t | ΔW_t = B_t A_t (m × n each) |
+| merge | ``apply_method`` on the M_t (with their thin factors, as the engine passes them) | ``apply_method`` on the ΔW_t |
 | reconstruct | B = U M, A = Vᵀ (``Basis.apply`` / ``transposed``; SVD of M when not square) | SVD of ΔW, cut at its numerical rank |
 | self_check | ``projection_residual`` (the report's residual) | — |
 | write | ``safetensors.torch.save_file`` of the module's (A, B), one file per module | same |
@@ -40,7 +40,7 @@ from worker.adapters.reader import open_adapter  # noqa: E402
 from worker.engine import (  # noqa: E402
     LoraFactors,
     apply_method,
-    core_matrices,
+    core_factors,
     linalg,
     merge_module,
     reference_bases,
@@ -128,9 +128,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.space == "core":
             bases = reference_bases(factors)
             t2 = clock()
-            Ms = core_matrices(factors, bases)
+            thin = core_factors(factors, bases)
+            Ms = [left @ right for left, right in thin]
             t3 = clock()
-            M = apply_method(args.method, Ms, params, gen)
+            M = apply_method(args.method, Ms, params, gen, thin)
             t4 = clock()
             B, A = reconstruct_core(bases, M)
             t5 = clock()
