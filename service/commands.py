@@ -15,6 +15,7 @@ imports (fastapi, uvicorn, rq, boto3, torch) happen inside the commands, so
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 from pathlib import Path
@@ -122,8 +123,11 @@ def cmd_worker(args: argparse.Namespace) -> int:
     from redis import Redis
     from rq.serializers import JSONSerializer
 
+    import service.queue
     from service.queue import MergeWorker, heartbeat_interval, make_queue, on_work_horse_killed
+    from worker.storage import release_claim  # boto3, no torch
 
+    service.queue.on_final_worker_death = functools.partial(release_claim, settings)
     redis = Redis.from_url(settings.redis_url, **settings.redis_kwargs)
     rq_worker = MergeWorker(
         [make_queue(redis, settings)],

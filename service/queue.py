@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from rq import Callback, Queue, Retry, Worker
@@ -52,6 +53,12 @@ log = logging.getLogger("coremerge.queue")
 
 #: The RQ job function, by name: the API never imports the worker side.
 JOB_FUNCTION = "worker.job.run_job"
+
+#: Called with (job id, output URI) when a job has just ended ``failed`` because its worker
+#: died on the last attempt. ``coremerge worker`` sets it to release the output claim that a
+#: run killed while publishing leaves (``worker.storage.release_claim``); the API, which
+#: never fails a job this way, leaves it unset.
+on_final_worker_death: Callable[[str, str], None] | None = None
 
 
 #: Seconds a worker holds the lock for cleaning a queue's registries. RQ takes it for 899 s
@@ -141,6 +148,18 @@ def _record_worker_death(job: Job, connection: Any, what: str) -> None:
     else:
         store.fail(job.id, "internal", f"{what}; no retries left")
         log.error("job %s: %s; marked failed", job.id, what)
+        _release_output(store, job.id)
+
+
+def _release_output(store: JobStore, job_id: str) -> None:
+    record = store.get(job_id)
+    uri = ((record.request if record else {}).get("output") or {}).get("uri")
+    if on_final_worker_death is None or not uri:
+        return
+    try:
+        on_final_worker_death(job_id, uri)
+    except Exception:  # best effort: a claim left is refused to later jobs by name
+        log.warning("job %s: could not release its claim on %s", job_id, uri, exc_info=True)
 
 
 def on_job_failure(job: Job, connection: Any, exc_type: Any, exc_value: Any, tb: Any) -> None:

@@ -162,6 +162,15 @@ def _check_safetensors_prefix(head: bytes, size: int, what: str) -> None:
         raise AdapterInvalid(f"{what}: not a valid safetensors file ({exc})") from None
 
 
+def release_claim(settings: Any, job_id: str, uri: str) -> None:
+    """Drop ``job_id``'s claim on the output at ``uri`` once the job has ended ``failed``
+    because its last run's worker died: a run killed while publishing leaves its claim, and
+    with no run of the job to come back, it would keep every later job off that output.
+    Only a claim this job holds is touched (best effort, as :meth:`Storage.drop_claim`)."""
+    if parse_uri(uri).scheme == "s3":
+        Storage(make_s3_client(settings)).drop_claim(uri, job_id)
+
+
 class Storage:
     """Fetches adapters and publishes outputs. ``s3`` is a boto3 S3 client (or ``None`` when
     only ``file://`` locations are used)."""

@@ -1,7 +1,7 @@
 """Crash safety (issue 6): a worker killed with ``kill -9`` mid-merge (parent and work horse,
 as a node preemption would) loses no job: RQ finds it abandoned, another worker runs it again,
 it succeeds once and its output is whole; killed on every attempt, it ends ``failed`` with
-``internal``, never stuck in ``running``. And the run token that keeps a replaced run (one
+``internal``, never stuck in ``running``, and leaves no claim on its output. And the run token that keeps a replaced run (one
 given up for dead that was not) from touching the record of the run that replaced it."""
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from service.queue import MAINTENANCE_LOCK_S, enqueue_merge, make_queue
 from service.spec import MergeSpec
 from tests.integration.conftest import Stack
 from tests.processes import Workers, wait_until
-from worker.storage import CONFIG_NAME, REPORT_NAME, WEIGHTS_NAME
+from worker.storage import CLAIM_NAME, CONFIG_NAME, JOB_ID_META, REPORT_NAME, WEIGHTS_NAME
 
 #: COREMERGE_WORKER_TTL for these workers: the smallest allowed. A dead worker's job is
 #: abandoned at most this long (plus a heartbeat interval, ttl/4) after its last heartbeat.
@@ -163,6 +163,13 @@ def test_a_job_killed_on_every_attempt_ends_failed_not_running(
     job_id = crash.submit(spec)
     for attempt in (1, 2):  # COREMERGE_JOB_RETRIES=1: two attempts
         victim = crash.wait_merging(job_id, attempt=attempt, timeout=WORKER_TTL + 60)
+        if attempt == 2:
+            # What a run killed while publishing leaves: its claim on the output. With no
+            # retry to come back for it, the worker that records the failure releases it.
+            crash.stack.s3.put_object(
+                Bucket="merged", Key=output.removeprefix("s3://merged/") + CLAIM_NAME,
+                Body=job_id.encode(), Metadata={JOB_ID_META: job_id},
+            )  # fmt: skip
         assert crash.workers.kill(victim)
         crash.workers.start(victim, wait=False)
     job = crash.wait_done(job_id, timeout=WORKER_TTL + 60)
@@ -170,7 +177,8 @@ def test_a_job_killed_on_every_attempt_ends_failed_not_running(
     assert job.error is not None and job.error["code"] == "internal"
     assert "no retries left" in job.error["message"]
     assert job.attempts == 2
-    assert output_keys(crash.stack, output) == []  # nothing published, nothing partial
+    # Nothing published, nothing partial, and no claim to keep the next job off the output.
+    assert wait_until(lambda: output_keys(crash.stack, output) == [], "claim released", 10)
 
 
 def test_a_replaced_run_cannot_touch_the_record(stack: Stack) -> None:
