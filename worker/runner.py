@@ -10,6 +10,7 @@ leaves nothing at ``out_dir``.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -232,8 +233,10 @@ def run_merge(
         records: list[dict[str, Any]] = []
         busy = {"read_s": 0.0, "merge_s": 0.0}
 
-        def merged_modules() -> Iterator[tuple[ModulePlan, MergedModule]]:
-            for done, result in enumerate(ordered_map(merger, plan.modules, threads)):
+        def merged_modules(
+            results: Iterator[_ModuleResult],
+        ) -> Iterator[tuple[ModulePlan, MergedModule]]:
+            for done, result in enumerate(results):
                 records.append(result.record)
                 busy["read_s"] += result.read_s
                 busy["merge_s"] += result.merge_s
@@ -247,9 +250,12 @@ def run_merge(
         if should_cancel is not None and should_cancel():
             raise Canceled(f"canceled after 0 of {total} modules; nothing was published")
         merge_t0 = time.perf_counter()
-        rank, out_sha, out_bytes = _write_weights(
-            staging, plan, merged_modules(), spec.output.dtype
-        )
+        # Closed on the way out, whatever happens: modules still queued are dropped and
+        # running ones finish here, not in the background while the staging dir is removed.
+        with contextlib.closing(ordered_map(merger, plan.modules, threads)) as results:
+            rank, out_sha, out_bytes = _write_weights(
+                staging, plan, merged_modules(results), spec.output.dtype
+            )
         merge_wall_s = time.perf_counter() - merge_t0
         report_progress(Progress("write", total, total))
 

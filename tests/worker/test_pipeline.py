@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import random
+import shutil
 import threading
 import time
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from service.spec import MergeSpec
 from worker import runner
+from worker.errors import AdapterInvalid, Canceled
 from worker.pipeline import MAX_MERGE_THREADS, merge_threads, ordered_map
 from worker.runner import run_merge
 
@@ -91,17 +93,21 @@ def test_one_thread_is_plain_map_with_torch_threads_untouched():
     assert list(ordered_map(lambda _: torch.get_num_threads(), range(3), 1)) == [2, 2, 2]
 
 
-@pytest.mark.parametrize("method", ["ta", "tsv"])
-def test_a_merge_is_the_same_bit_for_bit_on_any_number_of_threads(
-    peft_adapters: list[Path], tmp_path: Path, monkeypatch, method
-):
-    spec = MergeSpec.model_validate(
+def _spec(dirs: list[Path], method: str, tmp_path: Path) -> MergeSpec:
+    return MergeSpec.model_validate(
         {
-            "adapters": [{"uri": f"file://{d}"} for d in peft_adapters],
+            "adapters": [{"uri": f"file://{d}"} for d in dirs],
             "method": method,
             "output": {"uri": f"file://{tmp_path}/out"},
         }
     )
+
+
+@pytest.mark.parametrize("method", ["ta", "tsv"])
+def test_a_merge_is_the_same_bit_for_bit_on_any_number_of_threads(
+    peft_adapters: list[Path], tmp_path: Path, monkeypatch, method
+):
+    spec = _spec(peft_adapters, method, tmp_path)
     outputs = []
     for threads in (1, 3):
         monkeypatch.setattr(runner, "merge_threads", lambda device, space, n=threads: n)
@@ -114,3 +120,48 @@ def test_a_merge_is_the_same_bit_for_bit_on_any_number_of_threads(
     assert one.keys() == three.keys()
     for name in one:
         assert torch.equal(one[name], three[name]), name
+
+
+def _merge_threads_alive() -> list[str]:
+    return [t.name for t in threading.enumerate() if t.name.startswith("merge")]
+
+
+def test_a_failed_merge_stops_its_threads_before_it_raises(
+    peft_adapters: list[Path], tmp_path: Path, monkeypatch
+):
+    """A NaN in the last module fails the job; no merge thread outlives run_merge."""
+    bad = tmp_path / "bad"
+    shutil.copytree(peft_adapters[0], bad)
+    weights = load_file(bad / "adapter_model.safetensors")
+    last = sorted(weights)[-1]
+    weights[last] = torch.full_like(weights[last], float("nan"))
+    save_file(weights, bad / "adapter_model.safetensors")
+    monkeypatch.setattr(runner, "merge_threads", lambda device, space: 2)
+    spec = _spec([bad, *peft_adapters[1:]], "ta", tmp_path)
+    with pytest.raises(AdapterInvalid, match="NaN or infinite"):
+        run_merge(spec, [bad, *peft_adapters[1:]], tmp_path / "out", device="cpu")
+    assert _merge_threads_alive() == []
+    assert not (tmp_path / "out").exists() and list(tmp_path.glob(".out.partial-*")) == []
+
+
+def test_a_cancel_stops_taking_modules(peft_adapters: list[Path], tmp_path: Path, monkeypatch):
+    calls: list[str] = []
+    original = runner._ModuleMerger.__call__
+
+    def counting(self, mp):
+        calls.append(mp.module)
+        return original(self, mp)
+
+    monkeypatch.setattr(runner._ModuleMerger, "__call__", counting)
+    monkeypatch.setattr(runner, "merge_threads", lambda device, space: 2)
+    spec = _spec(peft_adapters, "ta", tmp_path)
+    done: list[int] = []
+    with pytest.raises(Canceled, match="canceled after 2 of"):
+        run_merge(
+            spec, peft_adapters, tmp_path / "out", device="cpu",
+            on_progress=lambda p: done.append(p.modules_done) if p.stage == "merge" else None,
+            should_cancel=lambda: len(done) >= 2,
+        )  # fmt: skip
+    assert _merge_threads_alive() == []
+    assert len(calls) <= 2 + 2 + 1  # the two consumed, and at most threads + 1 taken ahead
+    assert not (tmp_path / "out").exists()
