@@ -37,6 +37,10 @@ class Settings(BaseSettings):
     redis_url: str = Field(
         "redis://127.0.0.1:6379/0", description="Redis for the queue and the job records"
     )
+    redis_password: SecretStr | None = Field(
+        None,
+        description="Redis's password (its requirepass), kept out of the URL so no log shows it",
+    )
     queue: str = Field(
         "coremerge", pattern=r"^[A-Za-z0-9_.:-]+$", description="the RQ queue's name"
     )
@@ -119,8 +123,16 @@ class Settings(BaseSettings):
 
     @property
     def redis_kwargs(self) -> dict[str, object]:
-        """Timeouts for every Redis connection: a dead Redis fails a request, not hangs it."""
-        return {"socket_connect_timeout": 5, "socket_timeout": 30, "health_check_interval": 30}
+        """Every Redis connection's options: timeouts (a dead Redis fails a request, not hangs
+        it) and the password, when there is one (a password in the URL wins)."""
+        kwargs: dict[str, object] = {
+            "socket_connect_timeout": 5,
+            "socket_timeout": 30,
+            "health_check_interval": 30,
+        }
+        if self.redis_password is not None:
+            kwargs["password"] = self.redis_password.get_secret_value()
+        return kwargs
 
 
 def _default_text(value: object) -> str:

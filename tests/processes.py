@@ -112,9 +112,10 @@ class RedisServer:
     AOF (``appendfsync always``: an accepted job survives even a ``kill -9`` of Redis), so it
     can be killed and started again with its data."""
 
-    def __init__(self, dir: Path) -> None:
+    def __init__(self, dir: Path, password: str | None = None) -> None:
         self.dir = dir
         self.port = free_port()
+        self.password = password  # requirepass, when given
         self.proc: subprocess.Popen | None = None
 
     @property
@@ -126,8 +127,10 @@ class RedisServer:
         args = ["redis-server", "--bind", "127.0.0.1", "--port", str(self.port),
                 "--dir", str(self.dir), "--appendonly", "yes", "--appendfsync", "always",
                 "--save", "", "--maxmemory-policy", "noeviction"]  # fmt: skip
+        if self.password is not None:
+            args += ["--requirepass", self.password]
         self.proc = start(args, dict(os.environ), self.dir / "redis.log")
-        client = redis.Redis(port=self.port, socket_connect_timeout=1)
+        client = redis.Redis(port=self.port, password=self.password, socket_connect_timeout=1)
         wait_until(client.ping, "redis-server", 10, proc=self.proc)
 
     def kill(self) -> None:
