@@ -3,8 +3,8 @@
     python deploy/check_manifests.py deploy/base deploy/overlays/production
 
 Built-in kinds go through kubernetes-validate in strict mode (unknown fields are errors)
-against the oldest and the newest Kubernetes versions named below; KEDA's ScaledObject
-against the JSON Schema vendored from its CRD (deploy/schemas/); any other kind is an error,
+against the oldest and the newest Kubernetes versions named below; KEDA's ScaledObject and
+TriggerAuthentication against the JSON Schemas vendored from their CRDs (deploy/schemas/); any other kind is an error,
 so a misspelt ``apiVersion`` cannot slip through as "unknown, skipped". Rendering needs
 ``kubectl`` (its built-in kustomize) or ``kustomize`` on PATH; nothing is fetched.
 """
@@ -30,7 +30,10 @@ KUBERNETES_VERSIONS = ("1.30.0", kubernetes_validate.latest_version())
 
 SCHEMAS = Path(__file__).resolve().parent / "schemas"
 #: Custom resources, by (apiVersion, kind): their vendored schemas.
-CUSTOM_SCHEMAS = {("keda.sh/v1alpha1", "ScaledObject"): "keda.sh-scaledobject-v1alpha1.json"}
+CUSTOM_SCHEMAS = {
+    ("keda.sh/v1alpha1", "ScaledObject"): "keda.sh-scaledobject-v1alpha1.json",
+    ("keda.sh/v1alpha1", "TriggerAuthentication"): "keda.sh-triggerauthentication-v1alpha1.json",
+}
 
 
 def _kustomize_command(path: Path) -> list[str]:

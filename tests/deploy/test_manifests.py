@@ -85,7 +85,17 @@ def _container(pod: dict[str, Any]) -> dict[str, Any]:
 
 
 def _env(container: dict[str, Any]) -> dict[str, str]:
-    return {item["name"]: item["value"] for item in container.get("env", [])}
+    """The container's literal environment variables."""
+    return {item["name"]: item["value"] for item in container.get("env", []) if "value" in item}
+
+
+def _secret_env(container: dict[str, Any]) -> dict[str, tuple[str, str]]:
+    """The container's variables taken from Secrets, as {name: (secret, key)}."""
+    return {
+        item["name"]: (ref["name"], ref["key"])
+        for item in container.get("env", [])
+        if (ref := item.get("valueFrom", {}).get("secretKeyRef"))
+    }
 
 
 def _bytes(quantity: str) -> int:
@@ -166,10 +176,15 @@ def test_secrets_are_created_as_docs_deploy_says(docs: list[dict[str, Any]]) -> 
         named |= {
             s["secretRef"]["name"] for s in _container(pod).get("envFrom", []) if "secretRef" in s
         }
+        named |= {secret for secret, _ in _secret_env(_container(pod)).values()}
+    redis = _pod(docs, "StatefulSet", "coremerge-redis")
+    named |= {secret for secret, _ in _secret_env(_container(redis)).values()}
+    keda = _one(docs, "TriggerAuthentication", "coremerge-redis")
+    named |= {ref["name"] for ref in keda["spec"]["secretTargetRef"]}
     created = set(
         re.findall(r"kubectl .*create secret generic (\S+)", (ROOT / "docs/deploy.md").read_text())
     )
-    assert named == {"coremerge-tenants", "coremerge-s3"}
+    assert named == {"coremerge-tenants", "coremerge-s3", "coremerge-redis"}
     assert named <= created
 
 
@@ -273,6 +288,29 @@ def test_keda_reaches_the_redis_the_service_uses(docs: list[dict[str, Any]]) -> 
 
 
 # -- Redis ----------------------------------------------------------------------------------
+
+
+def test_every_redis_client_logs_in_with_the_password_redis_requires(
+    docs: list[dict[str, Any]],
+) -> None:
+    """One Secret key: Redis's requirepass, the API's and workers' COREMERGE_REDIS_PASSWORD
+    (a field of Settings, kept out of the URL) and KEDA's TriggerAuthentication on every
+    trigger. A client left out would fail with NOAUTH only once deployed."""
+    container = _container(_pod(docs, "StatefulSet", "coremerge-redis"))
+    variable = _redis_args(container["args"])["requirepass"]
+    name = re.fullmatch(r"\$\((\w+)\)", variable).group(1)  # expanded by the kubelet
+    password = _secret_env(container)[name]
+    assert "REDISCLI_AUTH" in " ".join(container["readinessProbe"]["exec"]["command"])
+    assert "redis_password" in Settings.model_fields
+    assert "@" not in _config(docs)["COREMERGE_REDIS_URL"]  # no password in the ConfigMap
+    for deployment in ("coremerge-api", "coremerge-worker"):
+        env = _secret_env(_container(_pod(docs, "Deployment", deployment)))
+        assert env["COREMERGE_REDIS_PASSWORD"] == password, deployment
+    scaled = _one(docs, "ScaledObject", "coremerge-worker")
+    for trigger in scaled["spec"]["triggers"]:
+        auth = _one(docs, "TriggerAuthentication", trigger["authenticationRef"]["name"])
+        refs = {r["parameter"]: (r["name"], r["key"]) for r in auth["spec"]["secretTargetRef"]}
+        assert refs == {"password": password}, trigger["name"]
 
 
 def test_redis_persists_and_never_evicts(docs: list[dict[str, Any]]) -> None:
