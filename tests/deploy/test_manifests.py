@@ -336,6 +336,15 @@ def test_compose_redis_persists_and_never_evicts() -> None:
     assert target == "/data" and volume in compose["volumes"]  # a named volume survives `down`
 
 
+def test_compose_clients_log_in_with_the_password_redis_requires() -> None:
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    services = compose["services"]
+    password = _redis_args(services["redis"]["command"])["requirepass"]
+    assert services["redis"]["environment"]["REDISCLI_AUTH"] == password  # the health check
+    for name in ("api", "worker", "worker-cpu"):
+        assert services[name]["environment"]["COREMERGE_REDIS_PASSWORD"] == password, name
+
+
 # -- every pod ------------------------------------------------------------------------------
 
 
