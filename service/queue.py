@@ -85,6 +85,31 @@ class MergeWorker(Worker):
     soon a dead worker's job is retried, at the price of a duplicate run should a live
     worker's heartbeat be late by that much (the job is idempotent: docs/service.md)."""
 
+    def handle_job_failure(
+        self,
+        job: Job,
+        queue: Queue,
+        started_job_registry: Any = None,
+        exc_string: str = "",
+        execution: Any = None,
+    ) -> None:
+        """RQ's, then the job record's. A worker that died between taking a job off the queue
+        and registering it leaves the job in RQ's intermediate queue, whose clean-up (any
+        worker's maintenance, a minute later) ends here and calls none of our callbacks: with
+        retries left RQ queues it again (the record is still ``queued``: right), on the last
+        one RQ fails it, and so must the record, or it would stay ``queued`` for ever."""
+        final = not job.should_retry
+        super().handle_job_failure(
+            job, queue, started_job_registry=started_job_registry, exc_string=exc_string,
+            execution=execution,
+        )  # fmt: skip
+        # Every other way here (a killed work horse, an exception out of the job function)
+        # has already ended the record through a callback: fail() then changes nothing.
+        if final and _store_for(job, self.connection).fail(
+            job.id, "internal", f"RQ gave up on it ({exc_string.strip()}); no retries left"
+        ):
+            log.error("job %s: RQ gave up on it (%s); marked failed", job.id, exc_string.strip())
+
     def get_heartbeat_ttl(self, job: Job, working_time: float = 0.0) -> int:
         interval = float(self.job_monitoring_interval)
         if job.timeout and job.timeout > 0:
