@@ -10,7 +10,7 @@ thin stacked factor or of an R × R core matrix, R = Σ r_t.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, overload
 
@@ -50,6 +50,15 @@ class LoraFactors:
     B: Tensor  # (m, r)
 
 
+def _rank_slices(ranks: Iterable[int]) -> list[slice]:
+    """Each adapter's columns of the stacked B (rows of the stacked A), from their ranks."""
+    out, start = [], 0
+    for r in ranks:
+        out.append(slice(start, start + r))
+        start += r
+    return out
+
+
 class FactorStack(Sequence[LoraFactors]):
     """One module's T updates side by side: B = [B_1 … B_T] (m × R), A = [A_1; …; A_T] (R × n).
 
@@ -65,10 +74,7 @@ class FactorStack(Sequence[LoraFactors]):
                 f"stacks of shapes {tuple(B.shape)} and {tuple(A.shape)} do not hold ranks {ranks}"
             )
         self.B, self.A, self.ranks = B, A, tuple(ranks)
-        self._slices, start = [], 0
-        for r in self.ranks:
-            self._slices.append(slice(start, start + r))
-            start += r
+        self._slices = _rank_slices(self.ranks)
 
     @classmethod
     def of(cls, factors: Sequence[LoraFactors]) -> FactorStack:
@@ -149,7 +155,7 @@ def core_factors(
     factors: Sequence[LoraFactors], bases: ReferenceBases
 ) -> list[tuple[Tensor, Tensor]]:
     """Each core matrix as its thin factors: M_t = (Uᵀ B_t)(A_t V), a × r_t times r_t × b."""
-    return [(bases.UtB[:, sl], bases.AV[sl]) for sl in FactorStack.of(factors).slices]
+    return [(bases.UtB[:, sl], bases.AV[sl]) for sl in _rank_slices(f.A.shape[0] for f in factors)]
 
 
 def core_matrices(factors: Sequence[LoraFactors], bases: ReferenceBases) -> list[Tensor]:
@@ -180,10 +186,8 @@ def projection_residual(
     rb = (B_s - bases.left.rows(rows) @ bases.UtB).norm(dim=0) ** 2  # per column of B_stack
     ra = (A_s - bases.AV @ bases.right.rows(cols).mT).norm(dim=1) ** 2  # per row of A_stack
     nb, na = B_s.norm(dim=0) ** 2, A_s.norm(dim=1) ** 2
-    worst, start = 0.0, 0
-    for f in factors:
-        sl = slice(start, start + f.A.shape[0])
-        start = sl.stop
+    worst = 0.0
+    for sl in _rank_slices(f.A.shape[0] for f in factors):
         for res, norm in ((rb[sl], nb[sl]), (ra[sl], na[sl])):
             total = float(norm.sum())
             if total > 0:
