@@ -129,10 +129,9 @@ class _ModuleMerger:
         an inf or an overflow are the adapters looked at one by one, for the message.
         """
         infos = [self.readers[i].modules[mp.module] for i in mp.sources]
-        R = sum(info.rank for info in infos)
         stack = FactorStack(
-            torch.empty(mp.out_features, R, device=self.device),
-            torch.empty(R, mp.in_features, device=self.device),
+            torch.empty(mp.out_features, mp.total_rank, device=self.device),
+            torch.empty(mp.total_rank, mp.in_features, device=self.device),
             [info.rank for info in infos],
         )
         scales = []
