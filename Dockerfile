@@ -24,6 +24,7 @@ RUN pip install \
       "pydantic>=2.7,<3" "pydantic-settings>=2.3,<3" "fastapi>=0.115" "uvicorn[standard]>=0.30" \
       "httpx>=0.27" "redis>=5" "rq>=2.0" "boto3>=1.36" "prometheus-client>=0.20"
 COPY pyproject.toml README.md ./
+COPY jobs ./jobs
 COPY service ./service
 COPY worker ./worker
 RUN pip install --no-deps . \
@@ -42,6 +43,7 @@ ARG TORCH_VERSION=2.13.0
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128
 RUN pip install "torch==${TORCH_VERSION}" --index-url "${TORCH_INDEX_URL}"
 COPY pyproject.toml README.md ./
+COPY jobs ./jobs
 COPY service ./service
 COPY worker ./worker
 RUN pip install .

@@ -13,13 +13,13 @@ from typing import Any
 from fastapi import FastAPI
 from redis import Redis
 
+from jobs.queue import make_queue
+from jobs.records import JobStore
+from jobs.settings import Settings
+from jobs.tenants import load_tenants
 from service.api import health, merges
-from service.auth import load_tenants
-from service.config import Settings
-from service.jobs import JobStore
 from service.metrics import RequestMetricsMiddleware, ServiceMetrics
 from service.problems import Problem, install
-from service.queue import make_queue
 
 __all__ = ["create_app"]
 

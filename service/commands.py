@@ -1,21 +1,18 @@
 """The service's ``coremerge`` subcommands; ``worker.cli`` calls :func:`register`.
 
     coremerge serve [--host 127.0.0.1] [--port 8000]     the HTTP API (uvicorn)
-    coremerge worker [--burst] [--max-jobs N]            an RQ worker running merges
-    coremerge worker --healthcheck                       is this host's worker registered?
     coremerge submit SPEC.json [--wait] [--idempotency-key K]
     coremerge status ID
     coremerge hash-key < key                             the sha256 for the tenants file
 
-Configuration comes from ``COREMERGE_*`` variables (``service.config.Settings``). Heavy
-imports (fastapi, uvicorn, rq, boto3, torch) happen inside the commands, so
+Configuration comes from ``COREMERGE_*`` variables (``jobs.settings.Settings``). Heavy
+imports (fastapi, uvicorn, httpx) happen inside the commands, so
 ``coremerge merge`` does not pay for them.
 """
 
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import sys
 from pathlib import Path
@@ -28,7 +25,7 @@ EXIT_USAGE = 2
 
 
 def register(subparsers: Any) -> None:
-    """Add ``serve``, ``worker``, ``submit``, ``status`` and ``hash-key`` to ``subparsers``."""
+    """Add ``serve``, ``submit``, ``status`` and ``hash-key`` to ``subparsers``."""
     serve = subparsers.add_parser("serve", help="run the HTTP API (uvicorn)")
     serve.add_argument(
         "--host", default="127.0.0.1", help="address to bind (default loopback: 127.0.0.1)"
@@ -37,21 +34,8 @@ def register(subparsers: Any) -> None:
     serve.add_argument("--access-log", action="store_true", help="log every request")
     serve.set_defaults(func=cmd_serve)
 
-    worker = subparsers.add_parser("worker", help="run an RQ worker that performs merges")
-    worker.add_argument("--burst", action="store_true", help="exit when the queue is empty")
-    worker.add_argument(
-        "--max-jobs", type=int, help="exit after this many jobs (a supervisor restarts it)"
-    )
-    worker.add_argument("--name", help="the worker's name in RQ (default: random)")
-    worker.add_argument(
-        "--healthcheck",
-        action="store_true",
-        help="exit 0 if a worker of this host is registered in Redis (container health check)",
-    )
-    worker.set_defaults(func=cmd_worker)
-
     submit = subparsers.add_parser("submit", help="submit a job spec to the service")
-    submit.add_argument("spec", metavar="SPEC.json", help="a job spec (DESIGN.md §3)")
+    submit.add_argument("spec", metavar="SPEC.json", help="a job spec (docs/job-spec.md)")
     submit.add_argument("--wait", action="store_true", help="show progress until it ends")
     submit.add_argument("--idempotency-key", help="a retried submit returns the same job")
     submit.add_argument("--url", help="the service (default COREMERGE_API_URL)")
@@ -69,13 +53,13 @@ def register(subparsers: Any) -> None:
 
 
 def _settings() -> Any:
-    from service.config import Settings
+    from jobs.settings import Settings
 
     return Settings()
 
 
 def _configure_logging(settings: Any) -> None:
-    from service.logs import configure_logging  # JSON lines (or text), job_id and tenant
+    from jobs.logs import configure_logging  # JSON lines (or text), job_id and tenant
 
     configure_logging(settings.log_level, settings.log_format)
 
@@ -92,70 +76,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         host=args.host,
         port=args.port,
         log_level=settings.log_level.lower(),
-        log_config=None,  # uvicorn's loggers go through the root handler of service.logs
+        log_config=None,  # uvicorn's loggers go through the root handler of jobs.logs
         access_log=args.access_log,
     )
     return 0
-
-
-def cmd_worker(args: argparse.Namespace) -> int:
-    import os
-
-    settings = _settings()
-    if args.healthcheck:
-        return _worker_health(settings)
-    _configure_logging(settings)
-    # CUDA and fork: RQ's forking ``Worker`` runs each job in a fresh child (the "work horse"),
-    # and CUDA cannot be used in a child forked from a process that initialised it. So this
-    # parent never initialises CUDA: it may *import* torch (settings.worker_preload: each job
-    # then starts without paying for the import), which touches no GPU, and the NVML-based
-    # check below keeps even torch.cuda.is_available() from creating a context. Each horse
-    # initialises CUDA for itself and frees it all when it exits, so a leak or a poisoned
-    # context cannot outlive one job. Not ``SimpleWorker`` (jobs in this process: one CUDA
-    # context for its whole life, no heartbeat during a job, stop commands ignored), and not
-    # ``SpawnWorker`` (a fresh interpreter per job, which would import torch for every job).
-    os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
-    if settings.worker_preload:
-        from worker.job import preload  # imports torch; CUDA stays uninitialised
-
-        preload(settings)
-
-    from redis import Redis
-    from rq.serializers import JSONSerializer
-
-    import service.queue
-    from service.queue import MergeWorker, heartbeat_interval, make_queue, on_work_horse_killed
-    from worker.storage import release_claim  # boto3, no torch
-
-    service.queue.on_final_worker_death = functools.partial(release_claim, settings)
-    redis = Redis.from_url(settings.redis_url, **settings.redis_kwargs)
-    rq_worker = MergeWorker(
-        [make_queue(redis, settings)],
-        name=args.name,
-        connection=redis,
-        serializer=JSONSerializer,
-        worker_ttl=settings.worker_ttl,
-        job_monitoring_interval=heartbeat_interval(settings),
-        maintenance_interval=settings.maintenance_interval,
-        work_horse_killed_handler=on_work_horse_killed,
-    )
-    rq_worker.work(burst=args.burst, max_jobs=args.max_jobs, logging_level=settings.log_level)
-    return 0
-
-
-def _worker_health(settings: Any) -> int:
-    """0 when an RQ worker of this host is registered (its registration expires when its
-    heartbeats stop), 1 otherwise."""
-    import socket
-
-    from redis import Redis
-    from rq import Worker
-
-    redis = Redis.from_url(settings.redis_url, **settings.redis_kwargs)
-    host = socket.gethostname()
-    alive = [w.name for w in Worker.all(connection=redis) if w.hostname == host]
-    print(f"workers on {host}: {', '.join(alive) or 'none'}")
-    return 0 if alive else EXIT_FAILED
 
 
 def _client(args: argparse.Namespace) -> Any:
@@ -211,7 +135,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_hash_key(args: argparse.Namespace) -> int:
-    from service.auth import hash_key
+    from jobs.tenants import hash_key
 
     key = sys.stdin.readline().rstrip("\r\n")
     if not key:

@@ -21,7 +21,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-from service.jobs import ACTIVE, MERGE_SECONDS_BUCKETS, STATUSES, JobStore
+from jobs.records import ACTIVE, MERGE_SECONDS_BUCKETS, STATUSES, JobStore
 
 __all__ = ["RequestMetricsMiddleware", "ServiceMetrics"]
 

@@ -126,7 +126,7 @@ def _allowed_methods(request: Request) -> list[str]:
     return sorted(methods)
 
 
-#: FastAPI's 400 for a body it could not decode; a malformed body is a 422 here (DESIGN.md §4).
+#: FastAPI's 400 for a body it could not decode; a malformed body is a 422 here (docs/job-spec.md).
 _BODY_NOT_PARSED = "There was an error parsing the body"
 _HTTP_METHODS = ("get", "put", "post", "delete", "options", "head", "patch", "trace")
 

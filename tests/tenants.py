@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from service.auth import hash_key
+from jobs.tenants import hash_key
 
 
 def two_tenants(key_a: str, key_b: str) -> dict:
-    """A tenants file (DESIGN.md §4) for team-a (key_a) and team-b (key_b)."""
+    """A tenants file (docs/job-spec.md) for team-a (key_a) and team-b (key_b)."""
     return {
         "tenants": {
             "team-a": {

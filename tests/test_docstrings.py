@@ -6,11 +6,11 @@ import doctest
 
 import pytest
 
-import service.spec
+import jobs.spec
 import worker.engine
 
 
-@pytest.mark.parametrize("module", [service.spec, worker.engine], ids=lambda m: m.__name__)
+@pytest.mark.parametrize("module", [jobs.spec, worker.engine], ids=lambda m: m.__name__)
 def test_docstring_examples(module) -> None:
     result = doctest.testmod(module)
     assert result.attempted > 0 and result.failed == 0

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from service.spec import params_table_markdown
+from jobs.spec import params_table_markdown
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 from typing import Any, NoReturn
 
-from service.spec import DTYPES, METHOD_PARAMS, METHODS, SPACES, MergeSpec
+from jobs.spec import DTYPES, METHOD_PARAMS, METHODS, SPACES, MergeSpec
 
 __all__ = ["main"]
 
@@ -260,7 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     merge.add_argument("--seed", type=int, help="seed for random methods (default 0)")
     merge.add_argument(
-        "--spec", metavar="JOB_JSON", help="a job spec file (DESIGN.md §3); flags override it"
+        "--spec", metavar="JOB_JSON", help="a job spec file (docs/job-spec.md); flags override it"
     )
     merge.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     merge.set_defaults(func=cmd_merge)
@@ -278,6 +278,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.set_defaults(func=cmd_demo)
 
+    from worker.commands import register as register_worker
+
+    register_worker(sub)
     try:
         from service.commands import register
     except ImportError:  # the service side is optional for the embedded CLI
@@ -292,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
     except SystemExit as exc:  # --help, or a bad argument already reported in one line
         return int(exc.code or 0)
-    from worker.errors import MergeError
+    from jobs.errors import MergeError
 
     try:
         return args.func(args)

@@ -131,7 +131,7 @@ def run_demo(workdir: Path | None = None) -> int:
 
     warnings.filterwarnings("ignore", category=FutureWarning)
 
-    from service.spec import MergeSpec
+    from jobs.spec import MergeSpec
     from worker.runner import run_merge
 
     tmp = None

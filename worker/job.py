@@ -7,7 +7,7 @@ Every outcome is written to the job record here, in one place: a ``MergeError`` 
 job's error with its code, RQ's timeout becomes ``timeout``, anything else ``internal`` (its
 traceback goes to the worker's log, never to the client). The function then returns
 normally, so RQ never retries a merge that failed: RQ's ``Retry`` re-runs only a job whose
-worker died (``service.queue``). Nothing is visible at the output URI unless the job
+worker died (``jobs.queue``). Nothing is visible at the output URI unless the job
 succeeded. Runs in the forked work horse: this is where torch (and CUDA) is first used.
 """
 
@@ -23,13 +23,7 @@ from typing import Any
 from redis import Redis
 from rq.timeouts import JobTimeoutException
 
-from service.auth import load_tenants, refusal
-from service.config import Settings
-from service.jobs import JobRecord, JobStore
-from service.logs import bind_log_context, log_context
-from service.spec import MergeSpec
-from service.uris import parse_uri
-from worker.errors import (
+from jobs.errors import (
     AccessDenied,
     Canceled,
     InternalError,
@@ -37,6 +31,12 @@ from worker.errors import (
     MergeError,
     StorageError,
 )
+from jobs.logs import bind_log_context, log_context
+from jobs.records import JobRecord, JobStore
+from jobs.settings import Settings
+from jobs.spec import MergeSpec
+from jobs.tenants import load_tenants, refusal
+from jobs.uris import parse_uri
 from worker.runner import Progress, run_merge
 from worker.storage import Storage, make_s3_client, make_transfer_config
 
@@ -70,7 +70,7 @@ class _Tracker:
 
     def on_progress(self, p: Progress) -> None:
         # The runner's "write" stage is the end of merging; the API's stages are
-        # download, plan, merge, upload (DESIGN.md §4).
+        # download, plan, merge, upload (docs/job-spec.md).
         self.publish("merge" if p.stage == "write" else p.stage, p.modules_done, p.modules_total)
 
     def should_cancel(self, *, now: bool = False) -> bool:
@@ -91,7 +91,7 @@ def preload(settings: Settings) -> None:
 
 def run_job(job_id: str) -> dict[str, Any] | None:
     """Run the merge job ``job_id`` (RQ calls this). Returns the result, or None. Every line
-    logged meanwhile carries the job id and its tenant (``service.logs``)."""
+    logged meanwhile carries the job id and its tenant (``jobs.logs``)."""
     with log_context(job_id=job_id):
         return _run_job(job_id)
 

@@ -2,7 +2,7 @@
 
 Made from the adapters' configs and safetensors headers only (no tensor is read), so every
 incompatibility is reported before any work starts, and the output's layout (one rank for
-every module, DESIGN.md §5) is known before the first module is merged.
+every module, docs/guarantees.md) is known before the first module is merged.
 """
 
 from __future__ import annotations
@@ -11,11 +11,11 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from service.spec import MergeSpec
+from jobs.errors import AdapterIncompatible, AdapterInvalid
+from jobs.spec import MergeSpec
 from worker.adapters.base_model import linear_input_sizes
 from worker.adapters.reader import AdapterReader
 from worker.adapters.vera import VeraReader
-from worker.errors import AdapterIncompatible, AdapterInvalid
 
 __all__ = ["MergePlan", "ModulePlan", "make_plan"]
 
@@ -127,7 +127,7 @@ def make_plan(
     *,
     max_modules: int | None = None,
 ) -> MergePlan:
-    """Check the adapters against each other and lay out the merge (DESIGN.md §2 "plan").
+    """Check the adapters against each other and lay out the merge (docs/architecture.md).
     ``max_modules`` caps the number of merged modules (a service limit; none by default)."""
     if max_modules is not None:
         _check_module_count(readers, max_modules)

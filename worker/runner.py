@@ -4,7 +4,7 @@ Peak memory is bounded by one module's inputs and outputs: each module's factors
 (``AdapterReader.read``), merged (``worker.engine``) and appended to the output file
 (``SafetensorsStreamWriter``) before the next one is touched. Everything is written into a
 staging directory beside ``out_dir`` and renamed into place only when the merge has fully
-succeeded, with ``merge_report.json`` written last (DESIGN.md §5): a failure or a cancel
+succeeded, with ``merge_report.json`` written last (docs/guarantees.md): a failure or a cancel
 leaves nothing at ``out_dir``.
 """
 
@@ -29,12 +29,12 @@ import safetensors
 import safetensors.torch
 import torch
 
-from service.spec import MergeSpec
+from jobs.errors import AdapterInvalid, Canceled, InternalError
+from jobs.spec import MergeSpec
 from worker.adapters.config import CONFIG_NAME
 from worker.adapters.reader import WEIGHTS_NAME, AdapterReader, open_adapter
 from worker.adapters.writer import SafetensorsStreamWriter, TensorSlot, lora_config_json
 from worker.engine import FactorStack, MergedModule, merge_module
-from worker.errors import AdapterInvalid, Canceled, InternalError
 from worker.pipeline import merge_threads, ordered_map
 from worker.plan import MergePlan, ModulePlan, make_plan
 
@@ -85,7 +85,7 @@ def _sha256_file(path: Path) -> str:
 
 
 def _pad(merged: MergedModule, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Zero-pad (B, A) to ``rank`` (DESIGN.md §5: one rank for every module)."""
+    """Zero-pad (B, A) to ``rank`` (docs/guarantees.md: one rank for every module)."""
     k = merged.rank
     if k == rank:
         return merged.B, merged.A
@@ -124,7 +124,7 @@ class _ModuleMerger:
     def _read(self, mp: ModulePlan) -> FactorStack:
         """The module's factors, ΔW_t = (w_t s_t B_t) A_t, copied straight into their stacks.
 
-        Scaling and job weight are folded into B as it is copied (DESIGN.md §6), and the
+        Scaling and job weight are folded into B as it is copied (docs/methods.md), and the
         values are checked in one pass over each finished stack; only when that finds a NaN,
         an inf or an overflow are the adapters looked at one by one, for the message.
         """
@@ -199,7 +199,7 @@ def run_merge(
 ) -> MergeOutcome:
     """Merge the adapters in ``adapter_dirs`` (local, in ``spec.adapters`` order) into ``out_dir``.
 
-    Raises a ``worker.errors.MergeError`` for every known failure (``Canceled`` when
+    Raises a ``jobs.errors.MergeError`` for every known failure (``Canceled`` when
     ``should_cancel()`` is true at a module boundary) and ``FileExistsError`` when ``out_dir``
     exists and is not empty. ``max_modules`` is a service limit, checked from the headers.
     """
@@ -341,7 +341,7 @@ def _report(
     device: torch.device,
     timings: dict[str, float],
 ) -> dict[str, Any]:
-    """``merge_report.json`` (DESIGN.md §5)."""
+    """``merge_report.json`` (docs/guarantees.md)."""
     residuals = [r["residual"] for r in records if r["residual"] is not None]
     return {
         "created_at": datetime.now(UTC).isoformat(timespec="seconds"),

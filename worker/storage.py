@@ -36,9 +36,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
 
-from service.uris import Location, parse_uri
+from jobs.errors import AccessDenied, AdapterInvalid, AdapterNotFound, MergeError, StorageError
+from jobs.uris import Location, parse_uri
 from worker.adapters.safetensors_header import PREFIX_BYTES, check_prefix
-from worker.errors import AccessDenied, AdapterInvalid, AdapterNotFound, MergeError, StorageError
 
 __all__ = [
     "CLAIM_NAME",

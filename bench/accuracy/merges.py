@@ -2,7 +2,7 @@
 ``add_weighted_adapter`` (the peers), each as ``{module: ΔW}`` at scaling coefficient 1.
 
 Both are linear in the global scale, so the alpha search multiplies ΔW instead of merging
-again: coremerge's merged update is alpha·X by definition (DESIGN.md §7), and PEFT's with equal
+again: coremerge's merged update is alpha·X by definition (docs/methods.md), and PEFT's with equal
 weights w scales by w (each of its combinations is homogeneous of degree one in the inputs, and
 its random DARE masks are drawn from a seed we fix). ``run.py --checks`` verifies both once.
 """
@@ -54,7 +54,7 @@ def coremerge_merge(
     seed: int = 0,
 ) -> Merged:
     """One ``run_merge`` into ``out_dir`` (replaced), read back as ΔW."""
-    from service.spec import MergeSpec
+    from jobs.spec import MergeSpec
     from worker.runner import run_merge
 
     if out_dir.exists():

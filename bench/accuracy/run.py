@@ -20,6 +20,7 @@ import sys
 import time
 from dataclasses import asdict
 from datetime import UTC, datetime
+from importlib import metadata
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script: make `bench` and the project importable
@@ -154,10 +155,8 @@ def versions() -> dict:
     import safetensors
     import transformers
 
-    from worker.runner import VERSION
-
     return {
-        "coremerge": VERSION,
+        "coremerge": metadata.version("coremerge"),
         "torch": torch.__version__,
         "peft": peft.__version__,
         "transformers": transformers.__version__,

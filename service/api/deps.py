@@ -12,9 +12,9 @@ from typing import Annotated, Any
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from service.auth import Tenant
-from service.config import Settings
-from service.jobs import JobStore
+from jobs.records import JobStore
+from jobs.settings import Settings
+from jobs.tenants import Tenant
 from service.metrics import ServiceMetrics
 from service.problems import Problem
 

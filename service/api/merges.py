@@ -1,4 +1,4 @@
-"""``/merges``: submit, read, list and cancel merge jobs (DESIGN.md §4).
+"""``/merges``: submit, read, list and cancel merge jobs (docs/job-spec.md).
 
 Routes are plain ``def``: RQ and redis-py are synchronous, so FastAPI runs them in its
 thread pool instead of blocking the event loop.
@@ -15,6 +15,11 @@ from fastapi import APIRouter, Depends, Header, Query
 from fastapi.responses import JSONResponse
 from rq import Queue
 
+from jobs.queue import DuplicateJobError, cancel_queued, enqueue_merge
+from jobs.records import ACCEPT_STALE_S, STATUSES, JobRecord, JobStore, fingerprint, job_id_for
+from jobs.settings import Settings
+from jobs.spec import MergeSpec
+from jobs.tenants import Tenant, refusal
 from service.api.deps import (
     MetricsDep,
     QueueDep,
@@ -24,12 +29,7 @@ from service.api.deps import (
     reject_unknown_query,
 )
 from service.api.models import Job, JobList
-from service.auth import Tenant, refusal
-from service.config import Settings
-from service.jobs import ACCEPT_STALE_S, STATUSES, JobRecord, JobStore, fingerprint, job_id_for
 from service.problems import Problem, problem_responses
-from service.queue import DuplicateJobError, cancel_queued, enqueue_merge
-from service.spec import MergeSpec
 
 __all__ = ["router"]
 

@@ -1,4 +1,4 @@
-"""Response bodies of the HTTP API (DESIGN.md §4), declared for the OpenAPI schema."""
+"""Response bodies of the HTTP API (docs/job-spec.md), declared for the OpenAPI schema."""
 
 from __future__ import annotations
 
@@ -6,8 +6,9 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
-from service.jobs import STATUSES
-from service.spec import ERROR_CODES, MergeSpec
+from jobs.errors import ERROR_CODES
+from jobs.records import STATUSES
+from jobs.spec import MergeSpec
 
 __all__ = ["Job", "JobError", "JobList", "JobProgress", "JobResult", "JobStatus"]
 

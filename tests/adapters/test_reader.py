@@ -9,10 +9,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from jobs.errors import AdapterInvalid, AdapterNotFound
 from tests.conftest import edit_config
 from worker.adapters.reader import AdapterReader
 from worker.demo import tiny_base_model
-from worker.errors import AdapterInvalid, AdapterNotFound
 
 
 def _peft_layers(adapter_dir: Path):

@@ -22,14 +22,14 @@ import yaml
 from fastapi.testclient import TestClient
 from redis import Redis
 
+from jobs.queue import make_queue
+from jobs.settings import Settings
 from service.app import create_app
-from service.config import Settings
-from service.queue import make_queue
 
 ROOT = Path(__file__).resolve().parents[2]
 TARGETS = ["deploy/base", "deploy/overlays/production"]
 #: Whoever has these keys and the workers' node pool can run merges; a Redis that evicts or
-#: forgets loses accepted jobs (FIELD-NOTES "Redis").
+#: forgets loses accepted jobs (docs/deploy.md).
 REDIS_PERSISTENCE = {
     "appendonly": "yes",
     "appendfsync": "everysec",
@@ -144,7 +144,7 @@ def test_configmap_holds_only_settings_that_exist(docs: list[dict[str, Any]]) ->
         if not key.startswith("COREMERGE_")
         or key.removeprefix("COREMERGE_").lower() not in Settings.model_fields
     ]
-    assert unknown == [], "not fields of service.config.Settings (credentials go in Secrets)"
+    assert unknown == [], "not fields of jobs.settings.Settings (credentials go in Secrets)"
     # ...and their values pass Settings' own validation.
     Settings(**{key.removeprefix("COREMERGE_").lower(): value for key, value in config.items()})
 

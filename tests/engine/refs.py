@@ -1,4 +1,4 @@
-"""Independent float64 references for the engine tests, written from DESIGN.md §6–7.
+"""Independent float64 references for the engine tests, written from docs/methods.md.
 
 Nothing here calls the engine's maths: the references use plain dense ``torch.linalg.svd``
 / ``eigh`` and explicit thresholds, so an engine bug cannot cancel out against itself.
@@ -16,13 +16,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from service.spec import validate_params
+from jobs.spec import validate_params
 from worker.engine import LoraFactors, MergedModule, merge_module
 
 F64 = torch.float64
 
 #: The heterogeneous adapters of most tests: ranks, per-adapter LoRA scaling s_t times job
-#: weight w_t (one negative: task negation), all folded into B as DESIGN.md §6 says.
+#: weight w_t (one negative: task negation), all folded into B as docs/methods.md says.
 HETERO_M, HETERO_N = 48, 40
 HETERO_RANKS = (2, 4, 8, 3)
 HETERO_SCALES = (16 / 2 * 1.0, 16 / 4 * 0.5, 16 / 8 * -0.7, 16 / 3 * 1.3)
@@ -189,7 +189,7 @@ def ref_isotropize(x: Tensor) -> Tensor:
 def ref_method(
     method: str, xs: Sequence[Tensor], params: Mapping[str, Any], seed: int = 0
 ) -> Tensor:
-    """alpha · [isotropize] · method({X_t}), DESIGN.md §7."""
+    """alpha · [isotropize] · method({X_t}), docs/methods.md."""
     p = validate_params(method, dict(params))
     xs = [x.to(F64) for x in xs]
     if method == "ta":

@@ -1,4 +1,4 @@
-"""Core space is lossless for task arithmetic (DESIGN.md §6, the paper's theorem)."""
+"""Core space is lossless for task arithmetic (docs/methods.md, the paper's theorem)."""
 
 from __future__ import annotations
 

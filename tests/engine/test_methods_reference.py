@@ -1,4 +1,4 @@
-"""Every merge method against an independent float64 reference of DESIGN.md §7."""
+"""Every merge method against an independent float64 reference of docs/methods.md."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from service.spec import validate_params
+from jobs.spec import validate_params
 from worker.engine import LoraFactors, apply_method
 
 from .refs import (

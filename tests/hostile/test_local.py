@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from service.spec import MAX_ADAPTERS, MergeSpec
+from jobs.errors import AdapterInvalid
+from jobs.spec import MAX_ADAPTERS, MergeSpec
 from tests.hostile.corpus import CASES, WEIGHTS, Case, many_modules, padded
 from worker.adapters import safetensors_header
 from worker.cli import main
-from worker.errors import AdapterInvalid
 from worker.runner import run_merge
 from worker.storage import Storage
 

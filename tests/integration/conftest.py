@@ -1,6 +1,6 @@
 """Real servers for the integration tests, started once per session and torn down after:
 
-- moto's standalone S3 server on 127.0.0.1 (a subprocess; FIELD-NOTES: bind it to loopback),
+- moto's standalone S3 server on 127.0.0.1 (a subprocess: bind it to loopback),
 - the API: ``python -m worker.cli serve`` (uvicorn), with a tenants file,
 - one worker: ``python -m worker.cli worker`` (RQ's forking worker),
 - a Redis database of their own on the machine's Redis.

@@ -16,10 +16,10 @@ from pathlib import Path
 import pytest
 from redis import Redis
 
-from service.config import Settings
-from service.jobs import TERMINAL, JobRecord, JobStore, job_id_for
-from service.queue import MAINTENANCE_LOCK_S, enqueue_merge, make_queue
-from service.spec import MergeSpec
+from jobs.queue import MAINTENANCE_LOCK_S, enqueue_merge, make_queue
+from jobs.records import TERMINAL, JobRecord, JobStore, job_id_for
+from jobs.settings import Settings
+from jobs.spec import MergeSpec
 from tests.integration.conftest import Stack
 from tests.processes import Workers, wait_until
 from worker.storage import CLAIM_NAME, CONFIG_NAME, JOB_ID_META, REPORT_NAME, WEIGHTS_NAME

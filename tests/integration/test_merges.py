@@ -1,5 +1,5 @@
 """The whole service: real PEFT adapters in moto's S3, the API (uvicorn) and a worker (RQ)
-as separate processes, talking through a real Redis. DESIGN.md §2-§5 end to end."""
+as separate processes, talking through a real Redis. docs/architecture.md, docs/guarantees.md end to end."""
 
 from __future__ import annotations
 
@@ -16,9 +16,9 @@ import torch
 from redis import Redis
 from safetensors.torch import load_file
 
+from jobs.records import JobStore
+from jobs.spec import MergeSpec
 from service.client import ApiError, CoremergeClient
-from service.jobs import JobStore
-from service.spec import MergeSpec
 from tests.integration.conftest import (
     ADAPTER_FILES,
     BIG_MODULES,

@@ -12,9 +12,9 @@ import pytest
 from botocore.awsrequest import AWSResponse
 from botocore.exceptions import ConnectionClosedError, ReadTimeoutError
 
-from service.config import Settings
+from jobs.errors import AccessDenied, AdapterInvalid, AdapterNotFound, StorageError
+from jobs.settings import Settings
 from tests.integration.conftest import AWS_ENV
-from worker.errors import AccessDenied, AdapterInvalid, AdapterNotFound, StorageError
 from worker.storage import (
     CLAIM_NAME,
     CONFIG_NAME,

@@ -12,11 +12,11 @@ from redis import Redis
 from rq import SimpleWorker
 from rq.serializers import JSONSerializer
 
-from service.auth import OPEN_TENANT
-from service.config import Settings
-from service.jobs import JobStore, job_id_for
-from service.queue import enqueue_merge, make_queue
-from service.spec import MergeSpec
+from jobs.queue import enqueue_merge, make_queue
+from jobs.records import JobStore, job_id_for
+from jobs.settings import Settings
+from jobs.spec import MergeSpec
+from jobs.tenants import OPEN_TENANT
 from tests.integration.conftest import AWS_ENV
 
 

@@ -11,8 +11,8 @@ import pytest
 from fastapi.testclient import TestClient
 from redis import Redis
 
+from jobs.settings import Settings
 from service.app import create_app
-from service.config import Settings
 from tests.redis_db import HOST, PORT, claimed_redis_db
 from tests.tenants import two_tenants
 

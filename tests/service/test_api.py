@@ -1,4 +1,4 @@
-"""The HTTP API against the real app and a real Redis (no worker): DESIGN.md §4."""
+"""The HTTP API against the real app and a real Redis (no worker): docs/job-spec.md."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ from rq import Queue
 from rq.job import Job as RQJob
 from rq.serializers import JSONSerializer
 
+from jobs.records import JobStore
+from jobs.settings import Settings
 from service.app import create_app
-from service.config import Settings
-from service.jobs import JobStore
 from tests.service.conftest import AUTH_A, AUTH_B, spec
 
 PROBLEM = "application/problem+json"
@@ -59,7 +59,7 @@ def test_enqueue_sets_json_serializer_timeouts_and_retry(client, settings, redis
     assert rq_job.failure_ttl == settings.result_ttl
     assert rq_job.retries_left == settings.job_retries
     raw = zlib.decompress(redis.hget(f"rq:job:{job_id}", "data"))
-    assert json.loads(raw)[0] == "worker.job.run_job"  # JSON, not pickle (FIELD-NOTES)
+    assert json.loads(raw)[0] == "worker.job.run_job"  # JSON, not pickle
 
 
 @pytest.mark.parametrize(
@@ -220,8 +220,8 @@ def test_idempotency_key_with_another_body_is_422(client) -> None:
 
 
 def test_idempotency_key_still_being_accepted_is_409(client, settings, redis) -> None:
-    from service.jobs import job_id_for
-    from service.spec import MergeSpec
+    from jobs.records import job_id_for
+    from jobs.spec import MergeSpec
 
     store = JobStore(redis, key_prefix=settings.key_prefix)
     request = MergeSpec.model_validate(spec()).model_dump(mode="json")

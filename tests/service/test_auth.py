@@ -1,4 +1,4 @@
-"""URI normalisation, the tenants file, key hashing and the allow-list (service.uris, service.auth)."""
+"""URI normalisation, the tenants file, key hashing and the allow-list (jobs.uris, jobs.tenants)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import json
 
 import pytest
 
-from service.auth import OPEN_TENANT, Tenant, Tenants, TenantsFileError, hash_key, refusal
-from service.uris import InvalidUri, parse_uri
+from jobs.tenants import OPEN_TENANT, Tenant, Tenants, TenantsFileError, hash_key, refusal
+from jobs.uris import InvalidUri, parse_uri
 from tests.service.conftest import KEY_A, KEY_B, TENANTS
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from service.config import settings_table_markdown
+from jobs.settings import settings_table_markdown
 
 ROOT = Path(__file__).resolve().parents[2]
 

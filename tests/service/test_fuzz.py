@@ -16,8 +16,8 @@ from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, settings
 from schemathesis.checks import positive_data_acceptance
 
+from jobs.settings import Settings
 from service.app import create_app
-from service.config import Settings
 from tests.redis_db import HOST, PORT
 from tests.service.conftest import AUTH_A, spec
 
@@ -69,7 +69,7 @@ def test_api_conforms_to_its_schema(case: schemathesis.Case) -> None:
         # positive_data_acceptance is off: a schema-valid spec is still refused with 422 when
         # its URI is not a location or its params are not the method's (the spec is shared
         # with the CLI, which takes local paths, and params depend on the method), and that
-        # is the API's contract (DESIGN.md §3), not a failure.
+        # is the API's contract (docs/job-spec.md), not a failure.
         case.call_and_validate(headers=headers, excluded_checks=[positive_data_acceptance])
 
 

@@ -1,10 +1,10 @@
-"""The job record's status machine, progress and counters (service.jobs) on a real Redis."""
+"""The job record's status machine, progress and counters (jobs.records) on a real Redis."""
 
 from __future__ import annotations
 
 import pytest
 
-from service.jobs import JobStore, fingerprint, job_id_for
+from jobs.records import JobStore, fingerprint, job_id_for
 
 REQUEST = {"adapters": [{"uri": "s3://a/x/"}], "output": {"uri": "s3://a/out/"}}
 

@@ -1,4 +1,4 @@
-"""Structured logs (``service.logs``): ``coremerge serve`` writes one JSON object per line, its
+"""Structured logs (``jobs.logs``): ``coremerge serve`` writes one JSON object per line, its
 access log included, and never an API key, valid or not. (The worker's lines carry job_id and
 tenant: ``tests/integration/test_hostile.py`` reads them from the worker of the stack.)"""
 
@@ -13,8 +13,8 @@ from pathlib import Path
 
 import httpx
 
-import service.logs
-from service.logs import JsonFormatter, bind_log_context, log_context
+import jobs.logs
+from jobs.logs import JsonFormatter, bind_log_context, log_context
 from tests.processes import CLI, free_port, start, stop, wait_until
 from tests.redis_db import HOST, PORT
 from tests.service.conftest import KEY_A, KEY_B, spec
@@ -68,7 +68,7 @@ def test_serve_logs_json_lines_and_never_an_api_key(
 
 
 def test_docstring_example() -> None:
-    result = doctest.testmod(service.logs)
+    result = doctest.testmod(jobs.logs)
     assert result.attempted > 0 and result.failed == 0
 
 

@@ -1,4 +1,4 @@
-"""service.queue with real RQ objects on a real Redis: a job RQ gives up on by itself (its
+"""jobs.queue with real RQ objects on a real Redis: a job RQ gives up on by itself (its
 worker died between taking it off the queue and starting it) does not leave the record
 ``queued`` for ever."""
 
@@ -11,10 +11,11 @@ import pytest
 from redis import Redis
 from rq.serializers import JSONSerializer
 
-from service.config import Settings
-from service.jobs import JobStore, job_id_for
-from service.queue import MergeWorker, enqueue_merge, make_queue
-from service.spec import MergeSpec
+from jobs.queue import enqueue_merge, make_queue
+from jobs.records import JobStore, job_id_for
+from jobs.settings import Settings
+from jobs.spec import MergeSpec
+from worker.rq_worker import MergeWorker
 
 from .conftest import spec
 

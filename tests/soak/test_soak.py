@@ -26,9 +26,9 @@ import torch
 from redis import Redis
 from safetensors.torch import load_file
 
+from jobs.records import ACTIVE, TERMINAL, JobStore
+from jobs.spec import MergeSpec
 from service.client import CoremergeClient
-from service.jobs import ACTIVE, TERMINAL, JobStore
-from service.spec import MergeSpec
 from tests.processes import AWS_ENV, RedisServer, Workers, moto_server, start_api, stop
 from tests.tenants import two_tenants
 from worker.runner import run_merge

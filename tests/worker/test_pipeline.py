@@ -12,9 +12,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from service.spec import MergeSpec
+from jobs.errors import AdapterInvalid, Canceled
+from jobs.spec import MergeSpec
 from worker import runner
-from worker.errors import AdapterInvalid, Canceled
 from worker.pipeline import MAX_MERGE_THREADS, merge_threads, ordered_map
 from worker.runner import run_merge
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import regex
 
-from worker.errors import AdapterInvalid
+from jobs.errors import AdapterInvalid
 
 __all__ = ["CONFIG_NAME", "LoraAdapterConfig", "PatternTimeout", "read_adapter_config"]
 
@@ -80,7 +80,7 @@ def _pattern_key(patterns: dict[str, Any], module: str) -> str:
 
 
 def _refusals(raw: dict[str, Any]) -> list[str]:
-    """Every feature of this config that coremerge cannot merge, in words (DESIGN.md §6)."""
+    """Every feature of this config that coremerge cannot merge, in words (docs/methods.md)."""
     out = []
     if raw.get("use_dora"):
         out.append("DoRA (use_dora) is not supported")

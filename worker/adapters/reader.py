@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 import torch
 from safetensors import SafetensorError, safe_open
 
-from worker.errors import AdapterInvalid, AdapterNotFound
+from jobs.errors import AdapterInvalid, AdapterNotFound
 
 from .config import LoraAdapterConfig, PatternTimeout, read_adapter_config
 from .safetensors_header import PREFIX_BYTES, check_prefix
@@ -58,7 +58,7 @@ class ModuleInfo:
 
 
 def _unsupported_key(key: str) -> str:
-    """Why a tensor key that is not a plain LoRA factor is refused (DESIGN.md §6)."""
+    """Why a tensor key that is not a plain LoRA factor is refused (docs/methods.md)."""
     if "lora_embedding_" in key:
         return "embedding LoRA is not supported"
     if "lora_magnitude_vector" in key:

@@ -3,7 +3,7 @@
 A VeRA module's update is ΔW = diag(λ_b) B diag(λ_d) A, with A and B slices of projections
 shared by every layer (PEFT: ``vera_A[:, :in_features]``, ``vera_B[:out_features, :]``). So
 A′ = diag(λ_d) A, B′ = diag(λ_b) B is a LoRA pair with scaling 1, and it enters core space like
-any LoRA (DESIGN.md §7, last line).
+any LoRA (docs/methods.md, last line).
 
 The adapter file holds λ_b (out) and λ_d (r) per module, and the projections only when saved
 with ``save_projection=True``; otherwise they are regenerated from ``projection_prng_key``
@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from worker.errors import AdapterInvalid
+from jobs.errors import AdapterInvalid
 
 from .config import LoraAdapterConfig
 from .reader import WEIGHTS_NAME, ModuleInfo, check_finite, check_weights_file

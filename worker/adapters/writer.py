@@ -1,4 +1,4 @@
-"""Writing the merged adapter: a streamed safetensors file and its PEFT config (DESIGN.md §5).
+"""Writing the merged adapter: a streamed safetensors file and its PEFT config (docs/guarantees.md).
 
 The safetensors layout (names, dtypes, shapes, offsets) is fixed before the first module is
 merged, so the header goes first and each module's factors are appended as soon as they

@@ -1,4 +1,4 @@
-"""The core-space merge engine: pure tensor maths, no I/O (DESIGN.md §6–7).
+"""The core-space merge engine: pure tensor maths, no I/O (docs/methods.md).
 
 >>> import torch
 >>> from worker.engine import LoraFactors, merge_module

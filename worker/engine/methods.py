@@ -1,4 +1,4 @@
-"""Merge methods: each maps T matrices X_t of one shape to one merged matrix X (DESIGN.md §7).
+"""Merge methods: each maps T matrices X_t of one shape to one merged matrix X (docs/methods.md).
 
 The same function serves every space: the X_t are the R × R core matrices in core space, the
 dense ΔW_t in full space and the per-task blocks V_t in knots space. The global ``alpha`` and
@@ -17,7 +17,6 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from service.spec import METHOD_PARAMS
 
 from .linalg import factored_svd, isotropize, numerical_rank, polar
 
@@ -170,7 +169,7 @@ def iso_c(xs: Sequence[Tensor]) -> Tensor:
 
 MethodFn = Callable[[Sequence[Tensor], Mapping[str, Any], torch.Generator, Factors | None], Tensor]
 
-#: Each method by its API name, called with the validated params (see ``service.spec``).
+#: Each method by its API name, called with the validated params (``jobs.spec.METHOD_PARAMS`` declares them; a test keeps the two in step).
 METHOD_FUNCTIONS: dict[str, MethodFn] = {
     "ta": lambda xs, p, g, f: task_arithmetic(xs),
     "ties": lambda xs, p, g, f: ties(xs, p["density"]),
@@ -180,7 +179,6 @@ METHOD_FUNCTIONS: dict[str, MethodFn] = {
     "cart": lambda xs, p, g, f: cart(xs, p["rank_fraction"], p["lam"]),
     "iso_c": lambda xs, p, g, f: iso_c(xs),
 }
-assert METHOD_FUNCTIONS.keys() == METHOD_PARAMS.keys()
 
 
 def apply_method(

@@ -1,4 +1,4 @@
-"""Merging one module's LoRA updates in core, full or knots space (DESIGN.md §6–7).
+"""Merging one module's LoRA updates in core, full or knots space (docs/methods.md).
 
 Input: for each adapter t that has the module, its factors with the scaling s_t and the job
 weight w_t already folded into B: ΔW_t = B_t A_t, B_t (m × r_t), A_t (r_t × n). Output: the
@@ -113,7 +113,7 @@ class MergedModule:
     B: Tensor  # (m, k)
     A: Tensor  # (k, n)
     kept_energy: float | None = None  # set when output.rank truncated the update
-    residual: float | None = None  # core space self-check (DESIGN.md §5); None elsewhere
+    residual: float | None = None  # core space self-check (docs/guarantees.md); None elsewhere
 
     @property
     def rank(self) -> int:
@@ -172,7 +172,7 @@ def _spread(size: int, count: int, device: torch.device) -> Tensor:
 def projection_residual(
     factors: Sequence[LoraFactors], bases: ReferenceBases, sample: int = 256
 ) -> float:
-    """The self-check of DESIGN.md §5: worst relative residual of any B_t or A_t off the bases.
+    """The self-check of docs/guarantees.md: worst relative residual of any B_t or A_t off the bases.
 
     ‖B_t − U Uᵀ B_t‖ / ‖B_t‖ and ‖A_t − A_t V Vᵀ‖ / ‖A_t‖; ~1e-7 in float32 when core space
     is lossless. Evaluated on at most ``sample`` evenly spaced rows of B and columns of A

@@ -1,6 +1,6 @@
 """Tenants: who a bearer key belongs to, and which locations that tenant may read and write.
 
-The tenants file (``COREMERGE_TENANTS_FILE``, DESIGN.md §4)::
+The tenants file (``COREMERGE_TENANTS_FILE``, docs/job-spec.md)::
 
     {"tenants": {"team-a": {"keys_sha256": ["9f86d0…"],
                             "allow": ["s3://adapters-a/", "s3://merged/team-a/"]}}}
@@ -8,7 +8,7 @@ The tenants file (``COREMERGE_TENANTS_FILE``, DESIGN.md §4)::
 Keys are stored only as their sha256 (``coremerge hash-key`` prints it). A presented key is
 hashed and compared with every stored hash in constant time, without stopping at a match, so
 the time taken says nothing about which key (or how much of one) matched. A location is
-allowed when its normal form (:mod:`service.uris`) starts with one of the tenant's ``allow``
+allowed when its normal form (:mod:`jobs.uris`) starts with one of the tenant's ``allow``
 prefixes; inputs and output alike. With no tenants file the service runs *open*: one tenant,
 ``open``, that may use every ``s3://`` location (and ``file://`` when enabled).
 
@@ -26,7 +26,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from service.uris import InvalidUri, Location, parse_uri
+from jobs.uris import InvalidUri, Location, parse_uri
 
 __all__ = [
     "OPEN_TENANT",

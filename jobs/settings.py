@@ -17,7 +17,7 @@ from typing import Literal
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from service.spec import MAX_ADAPTERS
+from jobs.spec import MAX_ADAPTERS
 
 __all__ = ["Settings", "settings_table_markdown"]
 
@@ -59,7 +59,7 @@ class Settings(BaseSettings):
         False, description="accept file:// URIs over HTTP (single-machine use)"
     )
 
-    # -- limits (DESIGN.md §3)
+    # -- limits (docs/job-spec.md)
     max_adapters: int = Field(
         MAX_ADAPTERS, ge=1, le=MAX_ADAPTERS, description="adapters per job (422 above)"
     )
@@ -75,7 +75,7 @@ class Settings(BaseSettings):
     max_output_rank: int = Field(512, ge=1, description="largest output.rank (422 above)")
     max_request_bytes: int = Field(1 * MiB, ge=1024, description="largest HTTP body (413 above)")
 
-    # -- jobs (FIELD-NOTES: RQ's defaults lose or repeat work; set every one explicitly)
+    # -- jobs (RQ's defaults lose or repeat work; set every one explicitly)
     job_timeout: int = Field(3600, ge=1, description="seconds before a running merge is stopped")
     result_ttl: int = Field(
         7 * DAY, ge=60, description="seconds a finished job stays readable (records and RQ)"

@@ -1,4 +1,4 @@
-"""The merge job spec: one schema for the HTTP API and the CLI's ``--spec`` (DESIGN.md §3, §7).
+"""The merge job spec: one schema for the HTTP API and the CLI's ``--spec`` (docs/job-spec.md, docs/methods.md).
 
 This module imports neither torch nor peft, so the API process stays small. Every merge
 method's parameters are declared exactly once, in :data:`METHOD_PARAMS`; the pydantic
@@ -29,7 +29,6 @@ from pydantic import (
 
 __all__ = [
     "DTYPES",
-    "ERROR_CODES",
     "MAX_ADAPTERS",
     "METHODS",
     "METHOD_PARAMS",
@@ -48,20 +47,8 @@ METHODS: tuple[str, ...] = Method.__args__
 SPACES: tuple[str, ...] = Space.__args__
 DTYPES: tuple[str, ...] = DType.__args__
 
-#: Default cap on the number of adapters in one job (DESIGN.md §3; the service makes it configurable).
+#: Default cap on the number of adapters in one job (docs/job-spec.md; the service makes it configurable).
 MAX_ADAPTERS = 64
-
-#: The closed set of job error codes (DESIGN.md §4).
-ERROR_CODES: tuple[str, ...] = (
-    "adapter_not_found",
-    "adapter_invalid",
-    "adapter_incompatible",
-    "access_denied",
-    "storage_error",
-    "canceled",
-    "timeout",
-    "internal",
-)
 
 
 @dataclass(frozen=True)
@@ -107,7 +94,7 @@ _DENSITY = Param(
 )
 _DROP = Param("drop", float, 0.3, "probability of dropping each entry (DARE)", ge=0.0, lt=1.0)
 
-#: The parameters of every method, in the API's names (DESIGN.md §7). ``seed`` is a top-level
+#: The parameters of every method, in the API's names (docs/methods.md). ``seed`` is a top-level
 #: field of the spec, not a param.
 METHOD_PARAMS: dict[str, tuple[Param, ...]] = {
     "ta": (_ALPHA, _ISOTROPIZE),
@@ -213,7 +200,7 @@ class OutputSpec(_Strict):
 
 
 class MergeSpec(_Strict):
-    """A merge job (DESIGN.md §3)."""
+    """A merge job (docs/job-spec.md)."""
 
     adapters: list[AdapterRef] = Field(min_length=1, max_length=MAX_ADAPTERS)
     method: Method = "tsv"

@@ -1,4 +1,4 @@
-"""Errors that end a merge, each with the job error code of DESIGN.md §4.
+"""Errors that end a merge, each with the job error code of docs/job-spec.md.
 
     MergeError                 (code)
     ├── AdapterNotFound        adapter_not_found
@@ -17,9 +17,8 @@ reason, and turned into a CLI exit status or a job's ``error`` in exactly one pl
 
 from __future__ import annotations
 
-from service.spec import ERROR_CODES
-
 __all__ = [
+    "ERROR_CODES",
     "AccessDenied",
     "AdapterIncompatible",
     "AdapterInvalid",
@@ -32,8 +31,21 @@ __all__ = [
 ]
 
 
+#: The closed set of job error codes (docs/job-spec.md).
+ERROR_CODES: tuple[str, ...] = (
+    "adapter_not_found",
+    "adapter_invalid",
+    "adapter_incompatible",
+    "access_denied",
+    "storage_error",
+    "canceled",
+    "timeout",
+    "internal",
+)
+
+
 class MergeError(Exception):
-    """A merge failed for a known reason; ``code`` is one of ``service.spec.ERROR_CODES``."""
+    """A merge failed for a known reason; ``code`` is one of :data:`ERROR_CODES`."""
 
     code = "internal"
 

@@ -1,80 +1,39 @@
-"""RQ glue: one way to enqueue a merge, and what happens when a worker dies under a job.
+"""The RQ worker that runs merges, and what happens when a worker dies under a job.
 
-FIELD-NOTES decide the details: RQ's defaults lose or repeat work (180 s timeout, results
-gone after 500 s, pickle), so every enqueue sets ``job_timeout``, ``result_ttl``,
-``failure_ttl`` and ``Retry`` and the queue and worker both use the JSON serializer. The RQ
-job id is the job id: hashed from the Idempotency-Key when there is one, and enqueued with
-``unique=True`` so the same id is never queued twice.
-
-RQ only re-runs a job whose *worker died* (``Retry``): the job function handles every merge
-failure itself and returns normally, so a bad adapter is never retried. When a worker dies,
-the record is moved back to ``queued`` (a retry follows) or to ``failed`` with ``internal``.
-
-Crash recovery is RQ's own (docs/service.md, "Crash safety"): a work horse that dies under a
-live worker is reported at once (``on_work_horse_killed``); a whole worker that vanishes stops
-heartbeating, and the next maintenance pass of any other worker finds its job abandoned in the
-``StartedJobRegistry`` and retries or fails it (``on_job_failure``). Two adjustments, both in
-:class:`MergeWorker` / :class:`MergeQueue`: a dead worker's job is abandoned
+When a worker dies, the job record is moved back to ``queued`` (RQ's ``Retry`` runs it again)
+or, on the last attempt, to ``failed`` with ``internal`` and the output claim its run may have
+left is released. Crash recovery is RQ's own (docs/service.md, "Crash safety"): a work horse
+that dies under a live worker is reported at once (:func:`on_work_horse_killed`); a whole
+worker that vanishes stops heartbeating, and the next maintenance pass of any other worker
+finds its job abandoned in the ``StartedJobRegistry`` and retries or fails it
+(:func:`on_job_failure`). Two adjustments to RQ: a dead worker's job is abandoned
 ``COREMERGE_WORKER_TTL`` seconds after its last heartbeat (RQ hard-codes 60 s more than the
-heartbeat interval), and the maintenance lock lasts seconds, not RQ's 15 minutes, so a worker
-killed while cleaning does not stall everybody's recovery.
+heartbeat interval, :class:`MergeWorker`), and the maintenance lock lasts seconds, not RQ's 15
+minutes (``jobs.queue.MergeQueue``), so a worker killed while cleaning does not stall
+everybody's recovery.
 
-This module imports RQ but never torch; ``worker.job`` is named by its import path only.
+This module imports RQ and boto3 but never torch: the worker's parent process uses it.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
-from collections.abc import Callable
 from typing import Any
 
-from rq import Callback, Queue, Retry, Worker
-from rq.exceptions import DuplicateJobError, InvalidJobOperation, NoSuchJobError
+from rq import Queue, Worker
 from rq.job import Job
-from rq.serializers import JSONSerializer
 
-from service.config import Settings
-from service.jobs import JobStore
+from jobs.records import JobStore
+from jobs.settings import Settings
 
 __all__ = [
-    "JOB_FUNCTION",
-    "DuplicateJobError",
-    "MergeQueue",
     "MergeWorker",
-    "cancel_queued",
-    "enqueue_merge",
-    "make_queue",
+    "heartbeat_interval",
     "on_job_failure",
     "on_work_horse_killed",
 ]
 
 log = logging.getLogger("coremerge.queue")
-
-#: The RQ job function, by name: the API never imports the worker side.
-JOB_FUNCTION = "worker.job.run_job"
-
-#: Called with (job id, output URI) when a job has just ended ``failed`` because its worker
-#: died on the last attempt. ``coremerge worker`` sets it to release the output claim that a
-#: run killed while publishing leaves (``worker.storage.release_claim``); the API, which
-#: never fails a job this way, leaves it unset.
-on_final_worker_death: Callable[[str, str], None] | None = None
-
-
-#: Seconds a worker holds the lock for cleaning a queue's registries. RQ takes it for 899 s
-#: and releases it when done; a worker killed in between would block every other worker's
-#: clean-up, and with it the recovery of abandoned jobs, for 15 minutes. A pass takes
-#: milliseconds.
-MAINTENANCE_LOCK_S = 30
-
-
-class MergeQueue(Queue):
-    """RQ's queue with a short maintenance lock (:data:`MAINTENANCE_LOCK_S`)."""
-
-    def acquire_maintenance_lock(self) -> bool:
-        return bool(
-            self.connection.set(self.registry_cleaning_key, 1, nx=True, ex=MAINTENANCE_LOCK_S)
-        )
 
 
 class MergeWorker(Worker):
@@ -122,38 +81,6 @@ def heartbeat_interval(settings: Settings) -> int:
     return max(1, settings.worker_ttl // 4)
 
 
-def make_queue(redis: Any, settings: Settings) -> Queue:
-    return MergeQueue(settings.queue, connection=redis, serializer=JSONSerializer)
-
-
-def enqueue_merge(queue: Queue, job_id: str, settings: Settings, *, pipeline: Any = None) -> Job:
-    """Queue the merge job ``job_id``. Alone, it is enqueued with ``unique=True`` and raises
-    ``DuplicateJobError`` when RQ already holds a job with this id (an Idempotency-Key's id);
-    with ``pipeline`` it joins that transaction (RQ ignores ``unique`` in a pipeline, so only
-    for ids that cannot collide)."""
-    return queue.enqueue_call(
-        JOB_FUNCTION,
-        args=(job_id,),
-        job_id=job_id,
-        unique=pipeline is None,
-        pipeline=pipeline,
-        timeout=settings.job_timeout,
-        result_ttl=settings.result_ttl,
-        failure_ttl=settings.result_ttl,
-        ttl=None,  # a queued merge waits for a worker as long as it takes
-        retry=Retry(max=settings.job_retries) if settings.job_retries else None,
-        on_failure=Callback(on_job_failure),
-        meta={"key_prefix": settings.key_prefix, "result_ttl": settings.result_ttl},
-        description=f"coremerge merge {job_id}",
-    )
-
-
-def cancel_queued(queue: Queue, job_id: str) -> None:
-    """Take a canceled job out of RQ's queue (best effort: the worker skips it anyway)."""
-    with contextlib.suppress(NoSuchJobError, InvalidJobOperation):
-        Job.fetch(job_id, connection=queue.connection, serializer=JSONSerializer).cancel()
-
-
 def _store_for(job: Job, connection: Any) -> JobStore:
     meta = job.meta or {}
     return JobStore(
@@ -179,10 +106,12 @@ def _record_worker_death(job: Job, connection: Any, what: str) -> None:
 def _release_output(store: JobStore, job_id: str) -> None:
     record = store.get(job_id)
     uri = ((record.request if record else {}).get("output") or {}).get("uri")
-    if on_final_worker_death is None or not uri:
+    if not uri:
         return
+    from worker.storage import release_claim  # boto3, no torch; only on this rare path
+
     try:
-        on_final_worker_death(job_id, uri)
+        release_claim(Settings(), job_id, uri)
     except Exception:  # best effort: a claim left is refused to later jobs by name
         log.warning("job %s: could not release its claim on %s", job_id, uri, exc_info=True)
 

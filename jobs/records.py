@@ -1,4 +1,4 @@
-"""Job records in Redis: the job of DESIGN.md §4, its status machine, progress, result, error.
+"""Job records in Redis: the job of docs/job-spec.md, its status machine, progress, result, error.
 
 RQ carries the work; this record is what clients read. Keys (defined here only)::
 
@@ -21,7 +21,7 @@ owns the record and stops at its next module boundary.
 
 Terminal records expire ``result_ttl`` seconds after they finish. Cancelling a running job
 only raises a flag; the worker sees it at the next module boundary and ends the job itself
-(FIELD-NOTES: RQ's ``job.cancel()`` does not stop a running job).
+(RQ's ``job.cancel()`` does not stop a running job).
 """
 
 from __future__ import annotations
@@ -173,7 +173,7 @@ class JobRecord:
         )
 
     def to_api(self) -> dict[str, Any]:
-        """The job as the API shows it (DESIGN.md §4)."""
+        """The job as the API shows it (docs/job-spec.md)."""
         return {
             "id": self.id,
             "status": self.status,

@@ -18,7 +18,7 @@ ends with ``/``, so that an allow-list prefix ``s3://merged/team-a/`` never matc
 >>> parse_uri("s3://adapters/a/../b")
 Traceback (most recent call last):
 ...
-service.uris.InvalidUri: 's3://adapters/a/../b': '.' and '..' segments are not allowed
+jobs.uris.InvalidUri: 's3://adapters/a/../b': '.' and '..' segments are not allowed
 """
 
 from __future__ import annotations
