@@ -176,7 +176,7 @@ class _progress_bar:  # noqa: N801 (used like a function)
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from worker.adapters.reader import open_adapter
+    from worker.adapters import open_adapter
 
     path = local_path(args.adapter)
     reader = open_adapter(path, path.name)

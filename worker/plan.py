@@ -13,9 +13,7 @@ from dataclasses import dataclass
 
 from jobs.errors import AdapterIncompatible, AdapterInvalid
 from jobs.spec import MergeSpec
-from worker.adapters.base_model import linear_input_sizes
-from worker.adapters.reader import AdapterReader
-from worker.adapters.vera import VeraReader
+from worker.adapters.source import AdapterSource
 
 __all__ = ["MergePlan", "ModulePlan", "make_plan"]
 
@@ -45,7 +43,7 @@ def _natural_key(name: str) -> list[object]:
     return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name)]
 
 
-def _single(readers: Sequence[AdapterReader], field: str) -> object:
+def _single(readers: Sequence[AdapterSource], field: str) -> object:
     """The one value of a config field shared by all adapters (None is unknown, not a conflict)."""
     values = {getattr(r.config, field) for r in readers} - {None}
     if len(values) > 1:
@@ -65,7 +63,7 @@ def _merged_rank_bound(spec: MergeSpec, m: int, n: int, total_rank: int) -> int 
     return min(spec.output.rank, exact)
 
 
-def _target_modules(readers: Sequence[AdapterReader], modules: list[str]) -> list[str] | str:
+def _target_modules(readers: Sequence[AdapterSource], modules: list[str]) -> list[str] | str:
     """The union of the inputs' target_modules; the exact module names when that is ambiguous."""
     targets = [r.config.target_modules for r in readers]
     if all(isinstance(t, list) for t in targets) and not any(
@@ -76,36 +74,7 @@ def _target_modules(readers: Sequence[AdapterReader], modules: list[str]) -> lis
     return modules
 
 
-def _resolve_vera_input_sizes(readers: Sequence[AdapterReader | VeraReader]) -> None:
-    """Give each VeRA input its modules' input sizes: from a LoRA input with the same module,
-    else from the base model's local config; a clear error when neither knows."""
-    known = {
-        m: info.in_features
-        for r in readers
-        if isinstance(r, AdapterReader)
-        for m, info in r.modules.items()
-    }
-    for reader in readers:
-        if not isinstance(reader, VeraReader):
-            continue
-        missing = [m for m in reader.modules if m not in known]
-        if missing:
-            config = reader.config
-            from_base = linear_input_sizes(
-                config.base_model_name_or_path, config.base_model_class, missing
-            )
-            if from_base is None:
-                raise AdapterInvalid(
-                    f"adapter {reader.name!r}: a VeRA adapter does not record its layers' input sizes, "
-                    f"and neither a LoRA input of this job nor a local base model config "
-                    f"(base_model_name_or_path={config.base_model_name_or_path!r}) gives them for "
-                    f"{len(missing)} module(s), e.g. {missing[0]!r}"
-                )
-            known.update(from_base)
-        reader.set_input_sizes({m: known[m] for m in reader.modules})
-
-
-def _check_module_count(readers: Sequence[AdapterReader | VeraReader], limit: int) -> None:
+def _check_module_count(readers: Sequence[AdapterSource], limit: int) -> None:
     """Refuse a merge over ``limit`` modules (the union over the adapters), from the headers."""
     largest = max(readers, key=lambda r: len(r.modules))
     if len(largest.modules) > limit:
@@ -122,7 +91,7 @@ def _check_module_count(readers: Sequence[AdapterReader | VeraReader], limit: in
 
 
 def make_plan(
-    readers: Sequence[AdapterReader | VeraReader],
+    readers: Sequence[AdapterSource],
     spec: MergeSpec,
     *,
     max_modules: int | None = None,
@@ -131,7 +100,6 @@ def make_plan(
     ``max_modules`` caps the number of merged modules (a service limit; none by default)."""
     if max_modules is not None:
         _check_module_count(readers, max_modules)
-    _resolve_vera_input_sizes(readers)
     base = _single(readers, "base_model_name_or_path")
     fan_in_fan_out = bool(_single(readers, "fan_in_fan_out"))
     task_types = {r.config.task_type for r in readers}

@@ -1,49 +1,52 @@
-"""The layer-by-layer merge: plan, then stream module by module from the inputs to the output.
+"""The layer-by-layer merge: open the inputs, plan, merge into a staging folder, finish.
 
-Peak memory is bounded by one module's inputs and outputs: each module's factors are read
-(``AdapterReader.read``), merged (``worker.engine``) and appended to the output file
-(``SafetensorsStreamWriter``) before the next one is touched. Everything is written into a
-staging directory beside ``out_dir`` and renamed into place only when the merge has fully
-succeeded, with ``merge_report.json`` written last (docs/guarantees.md): a failure or a cancel
-leaves nothing at ``out_dir``.
+    run_merge(spec, adapter_dirs, out_dir)
+    ├── open_adapters          configs and headers only: every refusal before any tensor
+    ├── make_plan              modules, shapes, sources, the output's one rank
+    ├── _merge_into_staging    module by module: read → merge → append to the output file
+    └── _finish                adapter_config.json, merge_report.json last, rename into place
+
+Peak memory is bounded by the modules at hand: each module's factors are read
+(``AdapterSource.read``), merged (``worker.engine``) and appended to the output file
+(``worker.output``) before later ones are touched, a few modules side by side
+(``worker.pipeline``). Everything is written into a staging directory beside ``out_dir`` and
+renamed into place only when the merge has fully succeeded, with ``merge_report.json`` written
+last (docs/guarantees.md): a failure or a cancel leaves nothing at ``out_dir``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import os
-import platform
 import shutil
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from datetime import UTC, datetime
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import safetensors
-import safetensors.torch
 import torch
 
 from jobs.errors import AdapterInvalid, Canceled, InternalError
 from jobs.spec import MergeSpec
-from worker.adapters.config import CONFIG_NAME
-from worker.adapters.reader import WEIGHTS_NAME, AdapterReader, open_adapter
-from worker.adapters.writer import SafetensorsStreamWriter, TensorSlot, lora_config_json
+from worker.adapters import AdapterSource, open_adapters
+from worker.adapters.format import REPORT_NAME
 from worker.engine import FactorStack, MergedModule, merge_module
+from worker.output import (
+    MAX_PROJECTION_RESIDUAL,
+    WrittenWeights,
+    build_report,
+    write_config,
+    write_report,
+    write_weights,
+)
 from worker.pipeline import merge_threads, ordered_map
 from worker.plan import MergePlan, ModulePlan, make_plan
 
 __all__ = ["REPORT_NAME", "MergeOutcome", "Progress", "resolve_device", "run_merge"]
-
-REPORT_NAME = "merge_report.json"
-#: A core-space merge whose factors lie further than this off the reference bases is wrong.
-MAX_PROJECTION_RESIDUAL = 1e-4
-VERSION = "0.1.0"
 
 
 @dataclass(frozen=True)
@@ -84,26 +87,6 @@ def _sha256_file(path: Path) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
-def _pad(merged: MergedModule, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Zero-pad (B, A) to ``rank`` (docs/guarantees.md: one rank for every module)."""
-    k = merged.rank
-    if k == rank:
-        return merged.B, merged.A
-    A = merged.A.new_zeros(rank, merged.A.shape[1])
-    B = merged.B.new_zeros(merged.B.shape[0], rank)
-    A[:k], B[:, :k] = merged.A, merged.B
-    return B, A
-
-
-def _slots(plan: MergePlan, rank: int) -> list[TensorSlot]:
-    slots = []
-    for mp in plan.modules:
-        prefix = f"base_model.model.{mp.module}"
-        slots.append(TensorSlot(f"{prefix}.lora_A.weight", (rank, mp.in_features)))
-        slots.append(TensorSlot(f"{prefix}.lora_B.weight", (mp.out_features, rank)))
-    return slots
-
-
 @dataclass(frozen=True)
 class _ModuleResult:
     plan: ModulePlan
@@ -117,9 +100,10 @@ class _ModuleMerger:
     """Reads, scales and merges one planned module; safe to call from several threads."""
 
     def __init__(
-        self, spec: MergeSpec, readers: Sequence[AdapterReader], device: torch.device
+        self, spec: MergeSpec, readers: Sequence[AdapterSource], device: torch.device
     ) -> None:
         self.spec, self.readers, self.device = spec, readers, device
+        self.threads = merge_threads(device, spec.space)  # modules merged side by side
 
     def _read(self, mp: ModulePlan) -> FactorStack:
         """The module's factors, ΔW_t = (w_t s_t B_t) A_t, copied straight into their stacks.
@@ -187,6 +171,41 @@ class _ModuleMerger:
         return _ModuleResult(mp, merged, record, read_s=t1 - t0, merge_s=t2 - t1)
 
 
+class _Control:
+    """The caller's progress callback and cancel flag, and the one place that checks it."""
+
+    def __init__(
+        self,
+        on_progress: Callable[[Progress], None] | None,
+        should_cancel: Callable[[], bool] | None,
+    ) -> None:
+        self._on_progress, self._should_cancel = on_progress, should_cancel
+
+    def progress(self, stage: str, done: int, total: int) -> None:
+        if self._on_progress is not None:
+            self._on_progress(Progress(stage, done, total))
+
+    def check_cancel(self, done: int, total: int) -> None:
+        """Raise ``Canceled`` at a module boundary when the caller asks to stop."""
+        if self._should_cancel is not None and self._should_cancel():
+            raise Canceled(f"canceled after {done} of {total} modules; nothing was published")
+
+
+@dataclass
+class _MergeStats:
+    """What the merge of the modules measured, for the report."""
+
+    records: list[dict[str, Any]] = field(default_factory=list)
+    read_s: float = 0.0
+    merge_s: float = 0.0
+    merge_wall_s: float = 0.0
+
+    def add(self, result: _ModuleResult) -> None:
+        self.records.append(result.record)
+        self.read_s += result.read_s
+        self.merge_s += result.merge_s
+
+
 def run_merge(
     spec: MergeSpec,
     adapter_dirs: Sequence[Path],
@@ -209,183 +228,86 @@ def run_merge(
         raise FileExistsError(f"output directory {out_dir} already exists and is not empty")
     if len(adapter_dirs) != len(spec.adapters):
         raise ValueError("one adapter directory per spec.adapters entry is required")
-    report_progress = on_progress or (lambda p: None)
+    control = _Control(on_progress, should_cancel)
     torch_device = resolve_device(device)
+    readers = open_adapters(adapter_dirs, [ref.display_name for ref in spec.adapters])
+    try:
+        plan = make_plan(readers, spec, max_modules=max_modules)
+        control.progress("plan", 0, len(plan.modules))
+        plan_s = time.perf_counter() - started
+        with _staging_beside(out_dir) as staging, _hashing(readers) as input_hashes:
+            merger = _ModuleMerger(spec, readers, torch_device)
+            weights, stats = _merge_into_staging(staging, plan, merger, spec, control)
+            seconds = time.perf_counter() - started
+            timings = {"plan_s": plan_s, "read_s": stats.read_s, "merge_s": stats.merge_s,
+                       "merge_wall_s": stats.merge_wall_s, "total_s": seconds,
+                       "merge_threads": merger.threads}  # fmt: skip
+            report = build_report(
+                spec, readers, [h.result() for h in input_hashes], plan, stats.records,
+                weights, torch_device, timings,
+            )  # fmt: skip
+            _finish(staging, plan, weights, report, out_dir)
+    finally:
+        for reader in readers:
+            reader.close()
+    return MergeOutcome(out_dir, weights.rank, len(plan.modules), weights.nbytes, seconds, report)
 
-    readers = [
-        open_adapter(Path(d), ref.display_name)
-        for d, ref in zip(adapter_dirs, spec.adapters, strict=True)
-    ]
-    plan = make_plan(readers, spec, max_modules=max_modules)
-    total = len(plan.modules)
-    report_progress(Progress("plan", 0, total))
-    plan_s = time.perf_counter() - started
 
+@contextlib.contextmanager
+def _staging_beside(out_dir: Path) -> Iterator[Path]:
+    """A fresh folder beside ``out_dir``, removed with everything in it unless :func:`_finish`
+    renamed it into place."""
     staging = out_dir.parent / f".{out_dir.name}.partial-{uuid.uuid4().hex[:12]}"
     staging.mkdir(parents=True)
-    # Input checksums for the report, computed beside the merge (hashlib releases the GIL).
-    hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sha256")
     try:
-        input_hashes = [hasher.submit(_sha256_file, r.path) for r in readers]
-        merger = _ModuleMerger(spec, readers, torch_device)
-        threads = merge_threads(torch_device, spec.space)
-        records: list[dict[str, Any]] = []
-        busy = {"read_s": 0.0, "merge_s": 0.0}
-
-        def merged_modules(
-            results: Iterator[_ModuleResult],
-        ) -> Iterator[tuple[ModulePlan, MergedModule]]:
-            for done, result in enumerate(results):
-                records.append(result.record)
-                busy["read_s"] += result.read_s
-                busy["merge_s"] += result.merge_s
-                yield result.plan, result.merged
-                report_progress(Progress("merge", done + 1, total))
-                if done + 1 < total and should_cancel is not None and should_cancel():
-                    raise Canceled(
-                        f"canceled after {done + 1} of {total} modules; nothing was published"
-                    )
-
-        if should_cancel is not None and should_cancel():
-            raise Canceled(f"canceled after 0 of {total} modules; nothing was published")
-        merge_t0 = time.perf_counter()
-        # Closed on the way out, whatever happens: modules still queued are dropped and
-        # running ones finish here, not in the background while the staging dir is removed.
-        with contextlib.closing(ordered_map(merger, plan.modules, threads)) as results:
-            rank, out_sha, out_bytes = _write_weights(
-                staging, plan, merged_modules(results), spec.output.dtype
-            )
-        merge_wall_s = time.perf_counter() - merge_t0
-        report_progress(Progress("write", total, total))
-
-        config = lora_config_json(
-            rank=rank,
-            target_modules=plan.target_modules,
-            base_model_name_or_path=plan.base_model_name_or_path,
-            task_type=plan.task_type,
-            fan_in_fan_out=plan.fan_in_fan_out,
-        )
-        (staging / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
-        seconds = time.perf_counter() - started
-        report = _report(
-            spec, readers, [h.result() for h in input_hashes], plan, records,
-            rank=rank, out_sha=out_sha, out_bytes=out_bytes, device=torch_device,
-            timings={"plan_s": plan_s, **busy, "merge_wall_s": merge_wall_s, "total_s": seconds,
-                     "merge_threads": threads},
-        )  # fmt: skip
-        # The report is written last: its presence marks a complete adapter.
-        (staging / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n")
-        os.rename(staging, out_dir)  # atomic; replaces an empty out_dir
+        yield staging
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+@contextlib.contextmanager
+def _hashing(readers: Sequence[AdapterSource]) -> Iterator[list[Future[str]]]:
+    """The inputs' sha256 for the report, computed beside the merge (hashlib releases the GIL)."""
+    hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sha256")
+    try:
+        yield [hasher.submit(_sha256_file, r.path) for r in readers]
     finally:
         hasher.shutdown(wait=True, cancel_futures=True)
-        for reader in readers:
-            reader.close()
-    return MergeOutcome(out_dir, rank, total, out_bytes, seconds, report)
 
 
-def _write_weights(staging: Path, plan: MergePlan, merged: Any, dtype: str) -> tuple[int, str, int]:
-    """Stream the merged modules into ``adapter_model.safetensors``; returns (rank, sha256, bytes).
+def _merge_into_staging(
+    staging: Path, plan: MergePlan, merger: _ModuleMerger, spec: MergeSpec, control: _Control
+) -> tuple[WrittenWeights, _MergeStats]:
+    """Merge every planned module, a few side by side, and stream them into the weights file."""
+    total = len(plan.modules)
+    stats = _MergeStats()
 
-    When the output rank is known from the plan, each module is written as soon as it is
-    merged. Otherwise (a dense full-space merge whose rank only the SVD tells) every module
-    is first spilled at its own rank, then copied into the final file padded to the largest.
-    """
-    path = staging / WEIGHTS_NAME
-    rank = plan.output_rank
-    if rank is not None:
-        writer = SafetensorsStreamWriter(path, _slots(plan, rank), dtype)
-        try:
-            for mp, module in merged:
-                B, A = _pad(module, rank)
-                writer.write(f"base_model.model.{mp.module}.lora_A.weight", A)
-                writer.write(f"base_model.model.{mp.module}.lora_B.weight", B)
-        except BaseException:
-            writer.abort()
-            raise
-        return rank, writer.close(), writer.nbytes
+    def merged_modules(
+        results: Iterator[_ModuleResult],
+    ) -> Iterator[tuple[ModulePlan, MergedModule]]:
+        for done, result in enumerate(results, start=1):
+            stats.add(result)
+            yield result.plan, result.merged
+            control.progress("merge", done, total)
+            if done < total:
+                control.check_cancel(done, total)
 
-    spill = staging / ".spill"
-    spill.mkdir()
-    ranks = []
-    for i, (_, module) in enumerate(merged):
-        safetensors.torch.save_file(
-            {"A": module.A.cpu().contiguous(), "B": module.B.cpu().contiguous()},
-            spill / f"{i}.safetensors",
-        )
-        ranks.append(module.rank)
-    rank = max(max(ranks), 1)
-    writer = SafetensorsStreamWriter(path, _slots(plan, rank), dtype)
-    for i, mp in enumerate(plan.modules):
-        tensors = safetensors.torch.load_file(spill / f"{i}.safetensors")
-        B, A = _pad(MergedModule(B=tensors["B"], A=tensors["A"]), rank)
-        writer.write(f"base_model.model.{mp.module}.lora_A.weight", A)
-        writer.write(f"base_model.model.{mp.module}.lora_B.weight", B)
-        (spill / f"{i}.safetensors").unlink()
-    spill.rmdir()
-    return rank, writer.close(), writer.nbytes
+    control.check_cancel(0, total)
+    t0 = time.perf_counter()
+    # Closed on the way out, whatever happens: modules still queued are dropped and running
+    # ones finish here, not in the background while the staging dir is removed.
+    with contextlib.closing(ordered_map(merger, plan.modules, merger.threads)) as results:
+        weights = write_weights(staging, plan, merged_modules(results), spec.output.dtype)
+    stats.merge_wall_s = time.perf_counter() - t0
+    control.progress("write", total, total)
+    return weights, stats
 
 
-def _report(
-    spec: MergeSpec,
-    readers: Sequence[AdapterReader],
-    input_hashes: list[str],
-    plan: MergePlan,
-    records: list[dict[str, Any]],
-    *,
-    rank: int,
-    out_sha: str,
-    out_bytes: int,
-    device: torch.device,
-    timings: dict[str, float],
-) -> dict[str, Any]:
-    """``merge_report.json`` (docs/guarantees.md)."""
-    residuals = [r["residual"] for r in records if r["residual"] is not None]
-    return {
-        "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
-        "method": spec.method,
-        "space": spec.space,
-        "params": spec.params,
-        "seed": spec.seed,
-        "device": str(device),
-        "inputs": [
-            {
-                "name": reader.name,
-                "uri": ref.uri,
-                "peft_type": reader.config.peft_type,
-                "weight": ref.weight,
-                "sha256": sha,
-                "bytes": reader.nbytes,
-                "r": reader.config.r,
-                "lora_alpha": reader.config.lora_alpha,
-                "use_rslora": reader.config.use_rslora,
-                "modules": len(reader.modules),
-            }
-            for reader, ref, sha in zip(readers, spec.adapters, input_hashes, strict=True)
-        ],
-        "output": {
-            "rank": rank,
-            "dtype": spec.output.dtype,
-            "requested_rank": spec.output.rank,
-            "modules": len(plan.modules),
-            "bytes": out_bytes,
-            "sha256": out_sha,
-            "base_model_name_or_path": plan.base_model_name_or_path,
-        },
-        "self_check": {
-            "max_projection_residual": max(residuals) if residuals else None,
-            "limit": MAX_PROJECTION_RESIDUAL,
-            "passed": True,
-        },
-        "notes": plan.notes,
-        "modules": records,
-        "timings": {k: round(v, 4) for k, v in timings.items()},
-        "software": {
-            "coremerge": VERSION,
-            "torch": torch.__version__,
-            "safetensors": safetensors.__version__,
-            "python": platform.python_version(),
-        },
-    }
+def _finish(
+    staging: Path, plan: MergePlan, weights: WrittenWeights, report: dict[str, Any], out_dir: Path
+) -> None:
+    """The config, then the report (its presence marks a complete adapter), then the rename."""
+    write_config(staging, plan, weights.rank)
+    write_report(staging, report)
+    os.rename(staging, out_dir)  # atomic; replaces an empty out_dir

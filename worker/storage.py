@@ -38,7 +38,14 @@ from typing import Any, NoReturn
 
 from jobs.errors import AccessDenied, AdapterInvalid, AdapterNotFound, MergeError, StorageError
 from jobs.uris import Location, parse_uri
-from worker.adapters.safetensors_header import PREFIX_BYTES, check_prefix
+from worker.adapters.format import (
+    CONFIG_NAME,
+    PICKLE_NAMES,
+    PREFIX_BYTES,
+    REPORT_NAME,
+    WEIGHTS_NAME,
+    check_prefix,
+)
 
 __all__ = [
     "CLAIM_NAME",
@@ -51,12 +58,9 @@ __all__ = [
     "make_transfer_config",
 ]
 
-CONFIG_NAME = "adapter_config.json"
-WEIGHTS_NAME = "adapter_model.safetensors"
-REPORT_NAME = "merge_report.json"
 #: The object that reserves an output for one job while it publishes (deleted afterwards).
 CLAIM_NAME = ".coremerge-claim"
-PICKLE_WEIGHTS = "adapter_model.bin"
+PICKLE_WEIGHTS = PICKLE_NAMES[0]  # the one PEFT writes without safe_serialization
 #: S3 object metadata naming the job that published an output.
 JOB_ID_META = "coremerge-job-id"
 

@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 
 from jobs.errors import AdapterInvalid, AdapterNotFound
 from tests.conftest import edit_config
-from worker.adapters.reader import AdapterReader
+from worker.adapters.lora import LoraReader as AdapterReader
 from worker.demo import tiny_base_model
 
 

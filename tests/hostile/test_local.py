@@ -13,7 +13,7 @@ import pytest
 from jobs.errors import AdapterInvalid
 from jobs.spec import MAX_ADAPTERS, MergeSpec
 from tests.hostile.corpus import CASES, WEIGHTS, Case, many_modules, padded
-from worker.adapters import safetensors_header
+from worker.adapters import format as safetensors_header
 from worker.cli import main
 from worker.runner import run_merge
 from worker.storage import Storage

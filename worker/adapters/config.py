@@ -17,9 +17,10 @@ import regex
 
 from jobs.errors import AdapterInvalid
 
+from .format import CONFIG_NAME
+
 __all__ = ["CONFIG_NAME", "LoraAdapterConfig", "PatternTimeout", "read_adapter_config"]
 
-CONFIG_NAME = "adapter_config.json"
 #: A config larger than this is not a PEFT config (limits are checked before parsing).
 MAX_CONFIG_BYTES = 1 << 20
 #: Seconds one rank/alpha pattern may take to match one module name (microseconds normally).

@@ -9,13 +9,13 @@ The adapter file holds λ_b (out) and λ_d (r) per module, and the projections o
 with ``save_projection=True``; otherwise they are regenerated from ``projection_prng_key``
 with PEFT's own initialisation code. Neither form records a module's input size, which the
 slice of ``vera_A`` needs: it comes from a LoRA adapter of the same job that has the module,
-or from the base model's config (see ``worker.adapters.base_model``); the plan supplies it
-through :meth:`VeraReader.set_input_sizes` before the first read.
+or from the base model's config (see ``worker.adapters.base_model``); both are looked up when
+the reader is opened (``worker.adapters.open_adapters``), so its modules are complete from the
+start.
 """
 
 from __future__ import annotations
 
-import re
 import threading
 from pathlib import Path
 
@@ -25,63 +25,63 @@ from safetensors import SafetensorError, safe_open
 from jobs.errors import AdapterInvalid
 
 from .config import LoraAdapterConfig
-from .reader import WEIGHTS_NAME, ModuleInfo, check_finite, check_weights_file
-from .safetensors_header import PREFIX_BYTES, check_prefix
+from .format import (
+    VERA_LAMBDA_KEY,
+    VERA_PROJECTIONS,
+    WEIGHTS_NAME,
+    check_weights_file,
+    vera_lambda_keys,
+)
+from .source import InputSizes, ModuleInfo, check_finite, read_header, vera_input_sizes
 
 __all__ = ["VeraReader"]
 
-_LAMBDA_KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.vera_lambda_(?P<which>[bd])$")
-_PROJECTIONS = ("base_model.vera_A", "base_model.vera_B")
-
 
 class VeraReader:
-    """A PEFT VeRA adapter on local disk; the same interface as ``AdapterReader``."""
+    """A PEFT VeRA adapter on local disk (an ``AdapterSource``). ``known_input_sizes`` gives
+    modules' input sizes (a LoRA input of the same job); the rest come from the base model's
+    local config (``worker.adapters.source.vera_input_sizes``)."""
 
-    def __init__(self, directory: Path, name: str, config: LoraAdapterConfig) -> None:
+    def __init__(
+        self, directory: Path, name: str, config: LoraAdapterConfig, known_input_sizes: InputSizes
+    ) -> None:
         self.directory, self.name, self.config = Path(directory), name, config
         check_weights_file(self.directory, name)
         self.path = self.directory / WEIGHTS_NAME
         self.nbytes = self.path.stat().st_size
         self._projections: tuple[torch.Tensor, torch.Tensor] | None = None
         self._projections_lock = threading.Lock()  # modules are read from several threads
-        try:
-            with open(self.path, "rb") as f:
-                check_prefix(f.read(PREFIX_BYTES), self.nbytes)
-            with safe_open(self.path, framework="pt") as f:
-                header = {k: f.get_slice(k).get_shape() for k in f.keys()}  # noqa: SIM118
-        except (SafetensorError, OSError, ValueError) as exc:
-            raise AdapterInvalid(
-                f"adapter {name!r}: {WEIGHTS_NAME} is not a valid safetensors file ({exc})"
-            ) from None
+        header = {k: shape for k, (shape, _) in read_header(self.path, name, self.nbytes).items()}
         self.saved_projection_shapes = self._check_projections(header)
         lambdas: dict[str, dict[str, list[int]]] = {}
         for key, shape in header.items():
-            if key in _PROJECTIONS:
+            if key in VERA_PROJECTIONS:
                 continue
-            match = _LAMBDA_KEY.match(key)
+            match = VERA_LAMBDA_KEY.match(key)
             if match is None or len(shape) != 1:
                 raise AdapterInvalid(
                     f"adapter {name!r}: tensor {key!r} is not a VeRA vector "
                     "(base_model.model.<module>.vera_lambda_{b,d})"
                 )
             lambdas.setdefault(match["module"], {})[match["which"]] = shape
-        r = config.r
-        self.modules: dict[str, ModuleInfo] = {}
         for module, pair in lambdas.items():
-            if set(pair) != {"b", "d"} or pair["d"][0] != r:
+            if set(pair) != {"b", "d"} or pair["d"][0] != config.r:
                 raise AdapterInvalid(
                     f"adapter {name!r}: module {module!r} needs vera_lambda_b and a vera_lambda_d "
-                    f"of length r = {r}"
+                    f"of length r = {config.r}"
                 )
-            # in_features is not in a VeRA adapter: 0 until set_input_sizes() is called.
-            self.modules[module] = ModuleInfo(module, r, 0, pair["b"][0], 1.0)
-        if not self.modules:
+        if not lambdas:
             raise AdapterInvalid(f"adapter {name!r}: {WEIGHTS_NAME} holds no VeRA vectors")
+        sizes = vera_input_sizes(name, config, list(lambdas), known_input_sizes)
+        self.modules: dict[str, ModuleInfo] = {
+            module: self._module_info(module, sizes[module], pair["b"][0])
+            for module, pair in lambdas.items()
+        }
 
     def _check_projections(
         self, header: dict[str, list[int]]
     ) -> tuple[list[int], list[int]] | None:
-        present = [k for k in _PROJECTIONS if k in header]
+        present = [k for k in VERA_PROJECTIONS if k in header]
         if self.config.save_projection != bool(present) or len(present) == 1:
             raise AdapterInvalid(
                 f"adapter {self.name!r}: save_projection={self.config.save_projection} but the "
@@ -89,7 +89,7 @@ class VeraReader:
             )
         if not present:
             return None
-        shape_a, shape_b = header[_PROJECTIONS[0]], header[_PROJECTIONS[1]]
+        shape_a, shape_b = header[VERA_PROJECTIONS[0]], header[VERA_PROJECTIONS[1]]
         if (
             len(shape_a) != 2
             or len(shape_b) != 2
@@ -102,25 +102,21 @@ class VeraReader:
             )
         return shape_a, shape_b
 
-    def set_input_sizes(self, sizes: dict[str, int]) -> None:
-        """Give every module its input size (which a VeRA adapter does not record)."""
-        in_max = self.saved_projection_shapes[0][1] if self.saved_projection_shapes else None
-        for module, info in self.modules.items():
-            n = sizes[module]
-            if in_max is not None and n > in_max:
-                raise AdapterInvalid(
-                    f"adapter {self.name!r}: module {module!r} has {n} inputs but the saved "
-                    f"vera_A has only {in_max} columns"
-                )
-            if (
-                self.saved_projection_shapes
-                and info.out_features > self.saved_projection_shapes[1][0]
-            ):
-                raise AdapterInvalid(
-                    f"adapter {self.name!r}: module {module!r} has {info.out_features} outputs "
-                    f"but the saved vera_B has only {self.saved_projection_shapes[1][0]} rows"
-                )
-            self.modules[module] = ModuleInfo(module, info.rank, n, info.out_features, 1.0)
+    def _module_info(self, module: str, n: int, m: int) -> ModuleInfo:
+        """``module``'s LoRA view: rank r, n inputs, m outputs, scaling 1; refused when the
+        saved projections are too small for it."""
+        saved = self.saved_projection_shapes
+        if saved is not None and n > saved[0][1]:
+            raise AdapterInvalid(
+                f"adapter {self.name!r}: module {module!r} has {n} inputs but the saved "
+                f"vera_A has only {saved[0][1]} columns"
+            )
+        if saved is not None and m > saved[1][0]:
+            raise AdapterInvalid(
+                f"adapter {self.name!r}: module {module!r} has {m} outputs "
+                f"but the saved vera_B has only {saved[1][0]} rows"
+            )
+        return ModuleInfo(module, self.config.r, n, m, 1.0)
 
     def _regenerated_projections(self) -> tuple[torch.Tensor, torch.Tensor]:
         """vera_A and vera_B as PEFT draws them: its own ``_kaiming_init``, seeded by the key,
@@ -150,18 +146,17 @@ class VeraReader:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """A′ = diag(λ_d) vera_A[:, :n] (r × n) and B′ = diag(λ_b) vera_B[:m, :] (m × r), float32.
 
-        ``check`` as in :meth:`AdapterReader.read`.
+        ``check`` as in :meth:`worker.adapters.source.AdapterSource.read`.
         """
         info = self.modules[module]
         n, m = info.in_features, info.out_features
-        prefix = f"base_model.model.{module}"
+        key_b, key_d = vera_lambda_keys(module)
         try:
             with safe_open(self.path, framework="pt") as f:
-                lambda_b = f.get_tensor(f"{prefix}.vera_lambda_b")
-                lambda_d = f.get_tensor(f"{prefix}.vera_lambda_d")
+                lambda_b, lambda_d = f.get_tensor(key_b), f.get_tensor(key_d)
                 if self.saved_projection_shapes:
-                    A = f.get_slice(_PROJECTIONS[0])[:, :n]
-                    B = f.get_slice(_PROJECTIONS[1])[:m, :]
+                    A = f.get_slice(VERA_PROJECTIONS[0])[:, :n]
+                    B = f.get_slice(VERA_PROJECTIONS[1])[:m, :]
         except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
             raise AdapterInvalid(
                 f"adapter {self.name!r}: cannot read module {module!r} ({exc})"

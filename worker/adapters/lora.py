@@ -1,7 +1,7 @@
-"""Lazy reading of a PEFT LoRA adapter, one module's factors at a time.
+"""Lazy reading of a PEFT LoRA adapter, one module's factors at a time (an ``AdapterSource``).
 
 Opening an adapter reads only ``adapter_config.json`` and the safetensors header (names,
-shapes, dtypes); :meth:`AdapterReader.read` loads one module's A and B through a
+shapes, dtypes); :meth:`LoraReader.read` loads one module's A and B through a
 ``safetensors.safe_open`` memory map. The map is dropped and reopened every
 ``REOPEN_EVERY`` reads: pages of a map count as the process's memory for as long as it is
 open, so an adapter held open for a whole merge would end up resident in full, while
@@ -11,11 +11,8 @@ hand, not the adapter's size.
 
 from __future__ import annotations
 
-import re
 import threading
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -23,38 +20,14 @@ from safetensors import SafetensorError, safe_open
 from jobs.errors import AdapterInvalid, AdapterNotFound
 
 from .config import LoraAdapterConfig, PatternTimeout, read_adapter_config
-from .safetensors_header import PREFIX_BYTES, check_prefix
+from .format import LORA_KEY, WEIGHTS_NAME, check_weights_file, lora_keys
+from .source import ModuleInfo, check_finite, read_header
 
-if TYPE_CHECKING:
-    from .vera import VeraReader
+__all__ = ["REOPEN_EVERY", "LoraReader"]
 
-__all__ = [
-    "WEIGHTS_NAME",
-    "AdapterReader",
-    "ModuleInfo",
-    "check_finite",
-    "check_weights_file",
-    "open_adapter",
-]
-
-WEIGHTS_NAME = "adapter_model.safetensors"
-_PICKLE_NAMES = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth")
 _FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
-_PREFIX = "base_model.model."
 #: Reads served by one memory map before it is dropped (see the module docstring).
 REOPEN_EVERY = 16
-_FACTOR_KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<which>[AB])\.weight$")
-
-
-@dataclass(frozen=True)
-class ModuleInfo:
-    """One LoRA module of one adapter, as the header describes it (no tensor read)."""
-
-    module: str  # name in the base model, e.g. model.layers.0.self_attn.q_proj
-    rank: int
-    in_features: int  # n
-    out_features: int  # m
-    scaling: float
 
 
 def _unsupported_key(key: str) -> str:
@@ -70,45 +43,10 @@ def _unsupported_key(key: str) -> str:
     return "not a LoRA factor of the form base_model.model.<module>.lora_{A,B}.weight"
 
 
-def check_finite(adapter: str, module: str, A: torch.Tensor, B: torch.Tensor) -> None:
-    """Refuse NaN or ±inf in a module's factors (one pass each: any makes the sum non-finite)."""
-    if not (torch.isfinite(A.sum()) and torch.isfinite(B.sum())):
-        raise AdapterInvalid(
-            f"adapter {adapter!r}: module {module!r} has NaN or infinite values "
-            "(or values too large to sum in float32)"
-        )
-
-
-def open_adapter(directory: Path, name: str) -> AdapterReader | VeraReader:
-    """The reader for the adapter in ``directory``: LoRA or VeRA, by its config's peft_type."""
-    directory = Path(directory)
-    if not directory.is_dir():
-        raise AdapterNotFound(f"adapter {name!r}: no directory at {directory}")
-    config = read_adapter_config(directory, name)
-    if config.peft_type == "VERA":
-        from .vera import VeraReader
-
-        return VeraReader(directory, name, config)
-    return AdapterReader(directory, name, config)
-
-
-def check_weights_file(directory: Path, name: str) -> None:
-    """Refuse a folder without adapter_model.safetensors (pickle weights are never loaded)."""
-    if not (directory / WEIGHTS_NAME).is_file():
-        pickles = [p for p in _PICKLE_NAMES if (directory / p).exists()]
-        reason = (
-            f"only pickle weights ({pickles[0]}) found: they are never loaded; "
-            "save the adapter with safe_serialization=True"
-            if pickles
-            else f"no {WEIGHTS_NAME}"
-        )
-        raise AdapterInvalid(f"adapter {name!r}: {reason}")
-
-
-class AdapterReader:
+class LoraReader:
     """A PEFT LoRA adapter on local disk, validated from its config and header alone.
 
-    >>> reader = AdapterReader(Path("my-adapter"), name="snli")  # doctest: +SKIP
+    >>> reader = LoraReader(Path("my-adapter"), name="snli")  # doctest: +SKIP
     >>> A, B = reader.read("model.layers.0.self_attn.q_proj")  # doctest: +SKIP
     """
 
@@ -120,7 +58,7 @@ class AdapterReader:
         self.config: LoraAdapterConfig = config or read_adapter_config(self.directory, name)
         if self.config.peft_type != "LORA":
             raise AdapterInvalid(
-                f"adapter {name!r}: a {self.config.peft_type} adapter (use open_adapter)"
+                f"adapter {name!r}: a {self.config.peft_type} adapter (use worker.adapters.open_adapter)"
             )
         check_weights_file(self.directory, name)
         self.path = self.directory / WEIGHTS_NAME
@@ -129,26 +67,13 @@ class AdapterReader:
         self._handle = None
         self._reads = 0
         self._lock = threading.Lock()  # the runner reads modules from several threads
-        self._keys = {
-            m: (f"{_PREFIX}{m}.lora_A.weight", f"{_PREFIX}{m}.lora_B.weight") for m in self.modules
-        }
+        self._keys = {m: lora_keys(m) for m in self.modules}
 
     def _index(self) -> dict[str, ModuleInfo]:
-        try:
-            with open(self.path, "rb") as f:
-                check_prefix(f.read(PREFIX_BYTES), self.nbytes)
-            with safe_open(self.path, framework="pt") as f:
-                header = {
-                    k: (f.get_slice(k).get_shape(), f.get_slice(k).get_dtype())
-                    for k in f.keys()  # noqa: SIM118 (safe_open is not iterable)
-                }
-        except (SafetensorError, OSError, ValueError) as exc:
-            raise AdapterInvalid(
-                f"adapter {self.name!r}: {WEIGHTS_NAME} is not a valid safetensors file ({exc})"
-            ) from None
+        header = read_header(self.path, self.name, self.nbytes)
         factors: dict[str, dict[str, tuple[list[int], str]]] = {}
         for key, (shape, dtype) in header.items():
-            match = _FACTOR_KEY.match(key)
+            match = LORA_KEY.match(key)
             if match is None:
                 raise AdapterInvalid(
                     f"adapter {self.name!r}: tensor {key!r}: {_unsupported_key(key)}"

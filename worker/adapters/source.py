@@ -1,0 +1,164 @@
+"""Adapters as merge inputs: one interface, :class:`AdapterSource`, and one factory.
+
+Whatever its PEFT type, an input adapter hands out one module's update at a time as a LoRA
+pair (A r × n, B m × r, float32): a LoRA adapter its stored factors, a VeRA adapter
+diag(λ_d)·A and diag(λ_b)·B. Opening one reads only its config and its safetensors header,
+so every refusal happens before a tensor is read.
+
+    open_adapters(dirs, names)     the job's inputs, LoRA first, then VeRA with input sizes
+    └── open_adapter(dir, name)    one input, by its config's peft_type
+        ├── LoraReader             worker.adapters.lora
+        └── VeraReader             worker.adapters.vera
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from jobs.errors import AdapterInvalid, AdapterNotFound
+
+from .base_model import linear_input_sizes
+from .config import LoraAdapterConfig, read_adapter_config
+from .format import PREFIX_BYTES, WEIGHTS_NAME, check_prefix
+
+__all__ = [
+    "AdapterSource",
+    "InputSizes",
+    "ModuleInfo",
+    "check_finite",
+    "open_adapter",
+    "open_adapters",
+    "read_header",
+]
+
+
+@dataclass(frozen=True)
+class ModuleInfo:
+    """One module of one adapter, as its header describes it (no tensor read)."""
+
+    module: str  # name in the base model, e.g. model.layers.0.self_attn.q_proj
+    rank: int
+    in_features: int  # n
+    out_features: int  # m
+    scaling: float
+
+
+class AdapterSource(Protocol):
+    """A merge input, opened and validated from its config and header alone."""
+
+    name: str
+    config: LoraAdapterConfig
+    path: Path  # the weights file (the report records its sha256)
+    nbytes: int
+    modules: dict[str, ModuleInfo]
+
+    def read(
+        self, module: str, device: torch.device | str = "cpu", *, check: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """A (r × n) and B (m × r) of ``module``, float32 on ``device``, no scaling applied;
+        ``check`` refuses NaN or inf (a caller that checks the values anyway passes False)."""
+        ...
+
+    def close(self) -> None:
+        """Release what the source holds open (a later read reopens it)."""
+        ...
+
+
+#: ``{module: in_features}``: what a VeRA adapter does not record and needs to be read.
+InputSizes = dict[str, int]
+
+
+def check_finite(adapter: str, module: str, A: torch.Tensor, B: torch.Tensor) -> None:
+    """Refuse NaN or ±inf in a module's factors (one pass each: any makes the sum non-finite)."""
+    if not (torch.isfinite(A.sum()) and torch.isfinite(B.sum())):
+        raise AdapterInvalid(
+            f"adapter {adapter!r}: module {module!r} has NaN or infinite values "
+            "(or values too large to sum in float32)"
+        )
+
+
+def read_header(path: Path, name: str, nbytes: int) -> dict[str, tuple[list[int], str]]:
+    """``{key: (shape, dtype)}`` of the safetensors file at ``path``, its prefix checked first."""
+    try:
+        with open(path, "rb") as f:
+            check_prefix(f.read(PREFIX_BYTES), nbytes)
+        with safe_open(path, framework="pt") as f:
+            return {
+                k: (f.get_slice(k).get_shape(), f.get_slice(k).get_dtype())
+                for k in f.keys()  # noqa: SIM118 (safe_open is not iterable)
+            }
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise AdapterInvalid(
+            f"adapter {name!r}: {WEIGHTS_NAME} is not a valid safetensors file ({exc})"
+        ) from None
+
+
+def open_adapter(
+    directory: Path, name: str, *, known_input_sizes: InputSizes | None = None
+) -> AdapterSource:
+    """The source for the adapter in ``directory``: LoRA or VeRA, by its config's peft_type.
+
+    A VeRA adapter's input sizes come from ``known_input_sizes`` (e.g. the LoRA inputs of the
+    same job), else from the base model's local config; see :func:`open_adapters`.
+    """
+    return _open(Path(directory), name, _config(Path(directory), name), known_input_sizes or {})
+
+
+def open_adapters(directories: Sequence[Path], names: Sequence[str]) -> list[AdapterSource]:
+    """Open a job's inputs (in their order). The LoRA ones are opened first: their modules'
+    input sizes are what a VeRA input of the same job, opened next, needs."""
+    dirs = [Path(d) for d in directories]
+    configs = [_config(d, name) for d, name in zip(dirs, names, strict=True)]
+    sources: dict[int, AdapterSource] = {}
+    known: InputSizes = {}
+    for vera in (False, True):
+        for i, config in enumerate(configs):
+            if (config.peft_type == "VERA") == vera:
+                sources[i] = _open(dirs[i], names[i], config, known)
+                known.update({m: info.in_features for m, info in sources[i].modules.items()})
+    return [sources[i] for i in range(len(configs))]
+
+
+def _config(directory: Path, name: str) -> LoraAdapterConfig:
+    if not directory.is_dir():
+        raise AdapterNotFound(f"adapter {name!r}: no directory at {directory}")
+    return read_adapter_config(directory, name)
+
+
+def _open(
+    directory: Path, name: str, config: LoraAdapterConfig, known: InputSizes
+) -> AdapterSource:
+    from .lora import LoraReader
+    from .vera import VeraReader
+
+    if config.peft_type == "VERA":
+        return VeraReader(directory, name, config, known)
+    return LoraReader(directory, name, config)
+
+
+def vera_input_sizes(
+    name: str, config: LoraAdapterConfig, modules: Sequence[str], known: InputSizes
+) -> InputSizes:
+    """Each module's input size: from ``known``, else from the base model's local config; a
+    clear error when neither knows."""
+    missing = [m for m in modules if m not in known]
+    sizes = {m: known[m] for m in modules if m in known}
+    if missing:
+        from_base = linear_input_sizes(
+            config.base_model_name_or_path, config.base_model_class, missing
+        )
+        if from_base is None:
+            raise AdapterInvalid(
+                f"adapter {name!r}: a VeRA adapter does not record its layers' input sizes, "
+                f"and neither a LoRA input of this job nor a local base model config "
+                f"(base_model_name_or_path={config.base_model_name_or_path!r}) gives them for "
+                f"{len(missing)} module(s), e.g. {missing[0]!r}"
+            )
+        sizes.update(from_base)
+    return sizes

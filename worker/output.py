@@ -1,0 +1,198 @@
+"""The merged adapter's files, written into a staging folder: weights, config, report.
+
+``adapter_model.safetensors`` has ONE rank for every module (a module whose merged rank is
+smaller is zero-padded; docs/guarantees.md), so its layout is fixed by the plan and each
+module is appended as soon as it is merged. When only the merge knows the rank (a dense
+full-space merge without ``output.rank``), each module is first spilled at its own rank and
+then copied into the final file padded to the largest. ``merge_report.json`` is built here
+and written last by the runner: its presence marks a complete adapter.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import safetensors
+import safetensors.torch
+import torch
+
+from jobs.spec import MergeSpec
+from worker.adapters.format import CONFIG_NAME, REPORT_NAME, WEIGHTS_NAME, lora_keys
+from worker.adapters.source import AdapterSource
+from worker.adapters.writer import SafetensorsStreamWriter, TensorSlot, lora_config_json
+from worker.engine import MergedModule
+from worker.plan import MergePlan, ModulePlan
+
+__all__ = ["MAX_PROJECTION_RESIDUAL", "VERSION", "WrittenWeights", "build_report", "write_weights"]
+
+#: A core-space merge whose factors lie further than this off the reference bases is wrong.
+MAX_PROJECTION_RESIDUAL = 1e-4
+VERSION = "0.1.0"
+
+
+@dataclass(frozen=True)
+class WrittenWeights:
+    rank: int
+    sha256: str
+    nbytes: int
+
+
+def _pad(merged: MergedModule, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Zero-pad (B, A) to ``rank`` (one rank for every module)."""
+    k = merged.rank
+    if k == rank:
+        return merged.B, merged.A
+    A = merged.A.new_zeros(rank, merged.A.shape[1])
+    B = merged.B.new_zeros(merged.B.shape[0], rank)
+    A[:k], B[:, :k] = merged.A, merged.B
+    return B, A
+
+
+def _slots(plan: MergePlan, rank: int) -> list[TensorSlot]:
+    slots = []
+    for mp in plan.modules:
+        key_a, key_b = lora_keys(mp.module)
+        slots.append(TensorSlot(key_a, (rank, mp.in_features)))
+        slots.append(TensorSlot(key_b, (mp.out_features, rank)))
+    return slots
+
+
+def _write_module(writer: SafetensorsStreamWriter, module: str, B: torch.Tensor, A: torch.Tensor):
+    key_a, key_b = lora_keys(module)
+    writer.write(key_a, A)
+    writer.write(key_b, B)
+
+
+def write_weights(
+    staging: Path,
+    plan: MergePlan,
+    merged: Iterable[tuple[ModulePlan, MergedModule]],
+    dtype: str,
+) -> WrittenWeights:
+    """Stream the merged modules, in plan order, into the staging folder's weights file."""
+    path = staging / WEIGHTS_NAME
+    rank = plan.output_rank
+    if rank is None:
+        return _write_weights_spilled(staging, plan, merged, dtype)
+    writer = SafetensorsStreamWriter(path, _slots(plan, rank), dtype)
+    try:
+        for mp, module in merged:
+            _write_module(writer, mp.module, *_pad(module, rank))
+    except BaseException:
+        writer.abort()
+        raise
+    return WrittenWeights(rank, writer.close(), writer.nbytes)
+
+
+def _write_weights_spilled(
+    staging: Path,
+    plan: MergePlan,
+    merged: Iterable[tuple[ModulePlan, MergedModule]],
+    dtype: str,
+) -> WrittenWeights:
+    """The output rank is the largest merged rank: spill each module at its own rank first."""
+    spill = staging / ".spill"
+    spill.mkdir()
+    ranks = []
+    for i, (_, module) in enumerate(merged):
+        safetensors.torch.save_file(
+            {"A": module.A.cpu().contiguous(), "B": module.B.cpu().contiguous()},
+            spill / f"{i}.safetensors",
+        )
+        ranks.append(module.rank)
+    rank = max(max(ranks), 1)
+    writer = SafetensorsStreamWriter(staging / WEIGHTS_NAME, _slots(plan, rank), dtype)
+    for i, mp in enumerate(plan.modules):
+        tensors = safetensors.torch.load_file(spill / f"{i}.safetensors")
+        _write_module(writer, mp.module, *_pad(MergedModule(B=tensors["B"], A=tensors["A"]), rank))
+        (spill / f"{i}.safetensors").unlink()
+    spill.rmdir()
+    return WrittenWeights(rank, writer.close(), writer.nbytes)
+
+
+def write_config(staging: Path, plan: MergePlan, rank: int) -> None:
+    """The merged adapter's ``adapter_config.json``."""
+    config = lora_config_json(
+        rank=rank,
+        target_modules=plan.target_modules,
+        base_model_name_or_path=plan.base_model_name_or_path,
+        task_type=plan.task_type,
+        fan_in_fan_out=plan.fan_in_fan_out,
+    )
+    (staging / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
+
+
+def write_report(staging: Path, report: dict[str, Any]) -> None:
+    """``merge_report.json``; written last, it marks a complete adapter."""
+    (staging / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n")
+
+
+def _inputs(spec: MergeSpec, readers: Sequence[AdapterSource], hashes: list[str]) -> list[dict]:
+    return [
+        {
+            "name": reader.name,
+            "uri": ref.uri,
+            "peft_type": reader.config.peft_type,
+            "weight": ref.weight,
+            "sha256": sha,
+            "bytes": reader.nbytes,
+            "r": reader.config.r,
+            "lora_alpha": reader.config.lora_alpha,
+            "use_rslora": reader.config.use_rslora,
+            "modules": len(reader.modules),
+        }
+        for reader, ref, sha in zip(readers, spec.adapters, hashes, strict=True)
+    ]
+
+
+def build_report(
+    spec: MergeSpec,
+    readers: Sequence[AdapterSource],
+    input_hashes: list[str],
+    plan: MergePlan,
+    records: list[dict[str, Any]],
+    weights: WrittenWeights,
+    device: torch.device,
+    timings: dict[str, float],
+) -> dict[str, Any]:
+    """``merge_report.json``: inputs with their sha256, the job, per-module records, the
+    self-check, timings and software versions (docs/guarantees.md)."""
+    residuals = [r["residual"] for r in records if r["residual"] is not None]
+    return {
+        "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "method": spec.method,
+        "space": spec.space,
+        "params": spec.params,
+        "seed": spec.seed,
+        "device": str(device),
+        "inputs": _inputs(spec, readers, input_hashes),
+        "output": {
+            "rank": weights.rank,
+            "dtype": spec.output.dtype,
+            "requested_rank": spec.output.rank,
+            "modules": len(plan.modules),
+            "bytes": weights.nbytes,
+            "sha256": weights.sha256,
+            "base_model_name_or_path": plan.base_model_name_or_path,
+        },
+        "self_check": {
+            "max_projection_residual": max(residuals) if residuals else None,
+            "limit": MAX_PROJECTION_RESIDUAL,
+            "passed": True,
+        },
+        "notes": plan.notes,
+        "modules": records,
+        "timings": {k: round(v, 4) for k, v in timings.items()},
+        "software": {
+            "coremerge": VERSION,
+            "torch": torch.__version__,
+            "safetensors": safetensors.__version__,
+            "python": platform.python_version(),
+        },
+    }
