@@ -6,12 +6,9 @@ RQ carries the work; this record is what clients read. Keys (defined here only):
     {prefix}:tenant:{name}:jobs   sorted set of the tenant's job ids by creation time
     {prefix}:stats                hash: jobs entered per status, active counts, merge seconds
 
-Every status change goes through :meth:`JobStore.transition`, one Lua script that checks the
-current status and moves it atomically; this is the one place where the machine lives::
-
-    queued ──▶ running ──▶ succeeded | failed | canceled
-       │          └──▶ queued   (its worker died and RQ re-queues it)
-       └──▶ canceled            (DELETE before a worker took it)
+Every status change goes through :meth:`JobStore.transition`, one Lua script
+(``jobs.scripts.TRANSITION``) that checks the current status and moves it atomically; the
+statuses and the moves between them are drawn in ``jobs.status``.
 
 Each run of a job holds a *run token* (``run``), set by :meth:`JobStore.start`: the worker's
 progress and its final transition are fenced by it, so a run that was given up for dead (its
@@ -34,20 +31,21 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+from jobs import scripts
+from jobs.status import ACTIVE, STATUSES, TERMINAL, JobStatus
+
 __all__ = [
     "ACTIVE",
     "MERGE_SECONDS_BUCKETS",
     "STATUSES",
     "TERMINAL",
     "JobRecord",
+    "JobStatus",
     "JobStore",
     "fingerprint",
     "job_id_for",
 ]
 
-STATUSES = ("queued", "running", "succeeded", "failed", "canceled")
-ACTIVE = ("queued", "running")
-TERMINAL = ("succeeded", "failed", "canceled")
 #: Upper bounds (seconds) of the merge-time histogram exposed at /metrics.
 MERGE_SECONDS_BUCKETS = (0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
 #: A record still marked "accepting" this long after creation was left by a crashed request.
@@ -135,7 +133,7 @@ def job_id_for(tenant: str, idempotency_key: str | None) -> str:
 class JobRecord:
     id: str
     tenant: str
-    status: str
+    status: JobStatus
     created_at: str
     request: dict[str, Any]
     fingerprint: str
@@ -157,7 +155,7 @@ class JobRecord:
         return cls(
             id=d["id"],
             tenant=d["tenant"],
-            status=d["status"],
+            status=JobStatus(d["status"]),
             created_at=d["created_at"],
             request=d["request"],
             fingerprint=d["fingerprint"],
@@ -172,20 +170,6 @@ class JobRecord:
             run=d.get("run"),
         )
 
-    def to_api(self) -> dict[str, Any]:
-        """The job as the API shows it (docs/job-spec.md)."""
-        return {
-            "id": self.id,
-            "status": self.status,
-            "created_at": self.created_at,
-            "started_at": self.started_at,
-            "finished_at": self.finished_at,
-            "progress": self.progress,
-            "request": self.request,
-            "result": self.result,
-            "error": self.error,
-        }
-
 
 class JobStore:
     """Job records of one deployment (``key_prefix``) in one Redis."""
@@ -194,10 +178,10 @@ class JobStore:
         self.redis = redis
         self.prefix = key_prefix
         self.result_ttl = result_ttl
-        self._transition = redis.register_script(_TRANSITION)
-        self._create = redis.register_script(_CREATE)
-        self._discard = redis.register_script(_DISCARD)
-        self._progress = redis.register_script(_PROGRESS)
+        self._transition = redis.register_script(scripts.TRANSITION)
+        self._create = redis.register_script(scripts.CREATE)
+        self._discard = redis.register_script(scripts.DISCARD)
+        self._progress = redis.register_script(scripts.PROGRESS)
 
     # -- keys
     def job_key(self, job_id: str) -> str:
@@ -271,7 +255,7 @@ class JobStore:
             self._create(keys=keys, args=args, client=pipeline)
         elif not self._create(keys=keys, args=args):
             return None
-        return JobRecord(job_id, tenant, "queued", created_at, request, fields["fingerprint"],
+        return JobRecord(job_id, tenant, JobStatus.QUEUED, created_at, request, fields["fingerprint"],
                          accepting_since=accepting)  # fmt: skip
 
     def mark_accepted(self, job_id: str) -> None:

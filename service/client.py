@@ -18,9 +18,9 @@ from typing import Any
 
 import httpx
 
-__all__ = ["TERMINAL", "ApiError", "CoremergeClient"]
+from jobs.status import TERMINAL
 
-TERMINAL = ("succeeded", "failed", "canceled")
+__all__ = ["TERMINAL", "ApiError", "CoremergeClient"]
 
 
 class ApiError(Exception):

@@ -21,7 +21,8 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-from jobs.records import ACTIVE, MERGE_SECONDS_BUCKETS, STATUSES, JobStore
+from jobs.records import MERGE_SECONDS_BUCKETS, JobStore
+from jobs.status import ACTIVE, STATUSES
 
 __all__ = ["RequestMetricsMiddleware", "ServiceMetrics"]
 

@@ -16,9 +16,10 @@ from fastapi.responses import JSONResponse
 from rq import Queue
 
 from jobs.queue import DuplicateJobError, cancel_queued, enqueue_merge
-from jobs.records import ACCEPT_STALE_S, STATUSES, JobRecord, JobStore, fingerprint, job_id_for
+from jobs.records import ACCEPT_STALE_S, JobRecord, JobStore, fingerprint, job_id_for
 from jobs.settings import Settings
 from jobs.spec import MergeSpec
+from jobs.status import STATUSES
 from jobs.tenants import Tenant, refusal
 from service.api.deps import (
     MetricsDep,
@@ -28,7 +29,7 @@ from service.api.deps import (
     TenantDep,
     reject_unknown_query,
 )
-from service.api.models import Job, JobList
+from service.api.models import Job, JobList, job_view
 from service.problems import Problem, problem_responses
 
 __all__ = ["router"]
@@ -40,7 +41,7 @@ _LOCATION = {"Location": {"description": "the job's URL", "schema": {"type": "st
 
 
 def _job_response(record: JobRecord, status: int) -> JSONResponse:
-    return JSONResponse(record.to_api(), status, headers={"Location": f"/merges/{record.id}"})
+    return JSONResponse(job_view(record), status, headers={"Location": f"/merges/{record.id}"})
 
 
 def _check_limits_and_access(spec: MergeSpec, tenant: Tenant, settings: Settings) -> None:
@@ -194,7 +195,7 @@ def _repeat(
     responses=problem_responses(401, 404, 503),
 )
 def get_merge(job_id: str, tenant: TenantDep, store: StoreDep) -> JSONResponse:
-    return JSONResponse(_own_job(store, tenant, job_id).to_api())
+    return JSONResponse(job_view(_own_job(store, tenant, job_id)))
 
 
 @router.get(
@@ -212,7 +213,7 @@ def list_merges(
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
 ) -> JSONResponse:
     records = store.list(tenant.name, status=status, limit=limit)
-    return JSONResponse({"jobs": [r.to_api() for r in records]})
+    return JSONResponse({"jobs": [job_view(r) for r in records]})
 
 
 @router.delete(
@@ -231,9 +232,9 @@ def cancel_merge(job_id: str, tenant: TenantDep, store: StoreDep, queue: QueueDe
     record = _own_job(store, tenant, job_id)
     if outcome == "canceled":
         cancel_queued(queue, job_id)
-        return JSONResponse(record.to_api(), 200)
+        return JSONResponse(job_view(record), 200)
     if outcome == "requested":
-        return JSONResponse(record.to_api(), 202)
+        return JSONResponse(job_view(record), 202)
     if record.status == "canceled":
-        return JSONResponse(record.to_api(), 200)
+        return JSONResponse(job_view(record), 200)
     raise Problem(409, f"job {job_id} has already {record.status}", slug="already-finished")

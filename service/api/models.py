@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
 from jobs.errors import ERROR_CODES
-from jobs.records import STATUSES
+from jobs.records import JobRecord
 from jobs.spec import MergeSpec
+from jobs.status import STATUSES
 
-__all__ = ["Job", "JobError", "JobList", "JobProgress", "JobResult", "JobStatus"]
+__all__ = ["Job", "JobError", "JobList", "JobProgress", "JobResult", "JobStatus", "job_view"]
 
 JobStatus = Literal[STATUSES]  # type: ignore[valid-type]
 ErrorCode = Literal[ERROR_CODES]  # type: ignore[valid-type]
@@ -52,3 +53,19 @@ class Job(BaseModel):
 
 class JobList(BaseModel):
     jobs: list[Job] = Field(description="the caller's jobs, newest first")
+
+
+def job_view(record: JobRecord) -> dict[str, Any]:
+    """The job as the API shows it (a :class:`Job`; docs/job-spec.md): the record less its
+    bookkeeping (tenant, fingerprint, run token, attempts)."""
+    return {
+        "id": record.id,
+        "status": record.status,
+        "created_at": record.created_at,
+        "started_at": record.started_at,
+        "finished_at": record.finished_at,
+        "progress": record.progress,
+        "request": record.request,
+        "result": record.result,
+        "error": record.error,
+    }

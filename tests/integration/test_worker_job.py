@@ -17,6 +17,7 @@ from jobs.records import JobStore, job_id_for
 from jobs.settings import Settings
 from jobs.spec import MergeSpec
 from jobs.tenants import OPEN_TENANT
+from service.api.models import job_view
 from tests.integration.conftest import AWS_ENV
 
 
@@ -53,7 +54,7 @@ def run_one(settings: Settings, spec: dict) -> dict:
     enqueue_merge(queue, job_id, settings)
     store.mark_accepted(job_id)
     SimpleWorker([queue], connection=redis, serializer=JSONSerializer).work(burst=True)
-    return store.get(job_id).to_api()
+    return job_view(store.get(job_id))
 
 
 def test_a_merge_over_its_timeout_fails_with_timeout(settings, big, stack) -> None:

@@ -17,7 +17,6 @@ from typing import Any
 import torch
 from torch import Tensor
 
-
 from .linalg import factored_svd, isotropize, numerical_rank, polar
 
 __all__ = [
