@@ -5,6 +5,9 @@
     ├── AdapterInvalid         adapter_invalid
     ├── AdapterIncompatible    adapter_incompatible
     ├── AccessDenied           access_denied
+    ├── OutputExists           output_exists
+    ├── OutputNotFinite        output_not_finite
+    ├── LimitExceeded          limit_exceeded
     ├── StorageError           storage_error
     ├── Canceled               canceled
     ├── JobTimeout             timeout
@@ -26,7 +29,10 @@ __all__ = [
     "Canceled",
     "InternalError",
     "JobTimeout",
+    "LimitExceeded",
     "MergeError",
+    "OutputExists",
+    "OutputNotFinite",
     "StorageError",
 ]
 
@@ -37,6 +43,9 @@ ERROR_CODES: tuple[str, ...] = (
     "adapter_invalid",
     "adapter_incompatible",
     "access_denied",
+    "output_exists",
+    "output_not_finite",
+    "limit_exceeded",
     "storage_error",
     "canceled",
     "timeout",
@@ -71,6 +80,24 @@ class AdapterIncompatible(MergeError):
 
 class AccessDenied(MergeError):
     code = "access_denied"
+
+
+class OutputExists(MergeError):
+    """The output location holds objects this job did not write; nothing there is touched."""
+
+    code = "output_exists"
+
+
+class OutputNotFinite(MergeError):
+    """A merged factor is NaN or inf once cast to ``output.dtype``; nothing is published."""
+
+    code = "output_not_finite"
+
+
+class LimitExceeded(MergeError):
+    """A configured limit (adapters, bytes, modules, work memory, patterns) is exceeded."""
+
+    code = "limit_exceeded"
 
 
 class StorageError(MergeError):

@@ -74,6 +74,18 @@ class Settings(BaseSettings):
     )
     max_output_rank: int = Field(512, ge=1, description="largest output.rank (422 above)")
     max_request_bytes: int = Field(1 * MiB, ge=1024, description="largest HTTP body (413 above)")
+    max_work_bytes: int | None = Field(
+        None,
+        ge=1,
+        description="a job's estimated peak working memory, checked before any tensor is read "
+        "(unset: 80 % of the worker's memory limit, from its cgroup or RAM)",
+    )
+    max_active_jobs: int = Field(
+        100, ge=1, description="per tenant, jobs queued or running at once (429 above)"
+    )
+    submits_per_minute: int = Field(
+        600, ge=1, description="per tenant, submissions in any minute (429 above)"
+    )
 
     # -- jobs (RQ's defaults lose or repeat work; set every one explicitly)
     job_timeout: int = Field(3600, ge=1, description="seconds before a running merge is stopped")

@@ -1,4 +1,4 @@
-"""docs/service.md stays true: its configuration table is the one generated from Settings."""
+"""docs/configuration.md stays true: its settings table is the one generated from Settings."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_configuration_table_matches_settings() -> None:
-    text = (ROOT / "docs" / "service.md").read_text()
+    text = (ROOT / "docs" / "configuration.md").read_text()
     table = re.search(
         r"<!-- settings-table:start -->\n(.*?)\n<!-- settings-table:end -->", text, re.S
     )
