@@ -41,10 +41,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from _common import machine_info, run_measured, wait_for_quiet, write_json
-
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from bench.speed.machine import machine_info, write_json  # noqa: E402
+from bench.speed.measure import run_measured, wait_for_quiet  # noqa: E402
 
 API_KEY = "bench-key"
 TARGET_JOBS_PER_S = 300
@@ -306,7 +307,7 @@ def main() -> int:
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "out")
     opts = p.parse_args()
 
-    from service.auth import hash_key
+    from jobs.tenants import hash_key
 
     name = f"bench{uuid.uuid4().hex[:8]}"
     tmp = Path(tempfile.mkdtemp(prefix="coremerge-bench-"))

@@ -4,7 +4,7 @@ A module's merge is a chain of small steps: copying its factors out of the input
 products, two 128 × 128 eigendecompositions, the method, two more products. Split over the
 cores inside each step (torch's intra-op threads), the sequential steps leave all but one core
 idle and the short parallel ones pay a fork and join each; merging whole modules side by
-side, each on one thread, keeps every core busy instead (measured on bench/engine.py's inputs, 2
+side, each on one thread, keeps every core busy instead (measured on the engine benchmark's inputs, 2
 cores: see README.md). It also makes a core-space merge's floating-point results independent
 of the machine's core count: every module is merged on one thread, whatever the machine
 (on one CPU, torch runs one thread anyway).

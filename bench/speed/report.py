@@ -1,6 +1,8 @@
-"""The speed benchmark's Markdown tables and PNG plot, from its JSON record.
+"""The reports, from a run's JSON record: the speed profile's Markdown tables and PNG plot,
+the engine profile's text table and PASS/FAIL targets.
 
-python -m bench.speed.report RECORD.json     # re-render RECORD.md and RECORD.png beside it
+python -m bench.speed.report RECORD.json     # speed: re-render RECORD.md and RECORD.png beside it;
+                                             # engine: print the table and targets again
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ def machine_lines(rec: dict[str, Any]) -> list[str]:
         f"child processes' OMP/MKL threads: {m.get('child_threads', 'torch default')}"
         f"{f' (torch reports {threads})' if threads else ''}.",
         f"- **Run**: {rec['created_at']}, commit {str(rec['project']['commit'])[:10]}"
-        + (" (uncommitted changes in worker/service)" if rec["project"]["uncommitted"] else "")
+        + (" (uncommitted changes in worker/service/jobs)" if rec["project"]["uncommitted"] else "")
         + f", device `{rec['config']['device']}`, {_f(rec.get('run_wall_s'), '.0f')} s in all; "
         f"load average {m.get('load_average_start')} at start, {m.get('load_average_end')} at end; "
         f"CPU busy elsewhere during the main rows: mean {_pct(c.get('main_rows_other_cpu_share_mean'))}, "
@@ -48,8 +50,13 @@ def machine_lines(rec: dict[str, Any]) -> list[str]:
         f"lora_alpha {mi['lora_alpha']}, {mi['layers']} Llama-3-shaped layers of width {mi['hidden']} "
         f"(q,o {mi['hidden']}→{mi['hidden']}; k,v →{mi['kv']}; gate,up →{mi['mlp']}; down "
         f"{mi['mlp']}→{mi['hidden']}), {mi['modules']} modules, {mi['inputs_bytes'] / 2**20:.0f} MiB "
-        f"float32. Full space and PEFT `svd`/`ties_svd` ran on {rec['sample_inputs']['layers']} "
-        f"layer(s) and are scaled to {mi['layers']} (start-up once, the work × layers).",
+        f"{mi['dtype']}. "
+        + (
+            f"Full space and PEFT `svd`/`ties_svd` ran on {rec['sample_inputs']['layers']} "
+            f"layer(s) and are scaled to {mi['layers']} (start-up once, the work × layers)."
+            if rec.get("sample_inputs")
+            else "Full space and PEFT `svd`/`ties_svd` were skipped (`--sample-layers 0`)."
+        ),
     ]
     return lines
 
@@ -61,7 +68,7 @@ def main_tables(rec: dict[str, Any]) -> list[str]:
     out = [
         "## Main comparison: method × space, whole process",
         "",
-        f"Floor (read every input + write a rank-Σr output, `bench/_floor.py`): "
+        f"Floor (read every input + write a rank-Σr output, `bench/speed/floor.py`): "
         f"**{_f(floor.get('wall_s'))} s**. Each cell: wall s (× floor). `full` and `knots` ÷ `core` "
         "is how many times slower than core space the same method is.",
         "",
@@ -481,10 +488,86 @@ def _plot_breakdown(ax, cur: dict[str, Any]) -> None:
     ax.legend(fontsize=7, loc="upper center", ncol=4)
 
 
+# ----------------------------------------------------------------------------- engine profile
+
+
+def timings_line(timings: dict[str, float]) -> str:
+    """A merge report's timings on one line: seconds where the key says so (``_s``)."""
+    return ", ".join(
+        f"{k} {v:.2f} s" if k.endswith("_s") else f"{k} {v:g}" for k, v in timings.items()
+    )
+
+
+def engine_table(rows: list[dict[str, Any]]) -> list[str]:
+    def fmt(v: Any, spec: str) -> str:
+        width = int(spec.split(".")[0])
+        return "—".rjust(width) if v is None else format(v, spec)
+
+    names = [r["name"] + (" *" if r.get("contended") else "") for r in rows]
+    width = max(map(len, names), default=4)
+    head = (
+        f"{'name':<{width}} {'wall s':>9} {'× floor':>8} {'peak RSS MiB':>13} "
+        f"{'peak − start-up MiB':>20} {'inputs GiB':>11} {'CPU busy elsewhere':>19}"
+    )
+    out = [head, "-" * len(head)]
+    for name, r in zip(names, rows, strict=True):
+        share = r.get("other_cpu_share")
+        out.append(
+            f"{name:<{width}} {fmt(r['wall_s'], '9.2f')} {fmt(r['ratio_to_floor'], '8.2f')} "
+            f"{fmt(r.get('peak_rss_mib'), '13.0f')} {fmt(r.get('peak_minus_startup_mib'), '20.0f')} "
+            f"{fmt(r['inputs_gib'], '11.2f')} {fmt(None if share is None else 100 * share, '18.0f')}"
+            + ("" if share is None else "%")
+        )
+    out.append(
+        "CPU busy elsewhere: share of all CPUs' time used by other processes during the step "
+        "(a shared machine); well above a few % means the wall time is inflated."
+    )
+    if any(r.get("contended") for r in rows):
+        out.append("* no run of this step was free of contention: its figures are unreliable.")
+    return out
+
+
+def engine_text(rec: dict[str, Any]) -> str:
+    """The engine profile's table, the merges' own timings, the cross-check and the targets."""
+    w, m, st = rec["config"]["workload"], rec["machine"], rec["startup"]
+    lines = [
+        f"engine benchmark: {w['adapters']} adapters × rank {w['rank']}, {w['layers']} layers of "
+        f"Llama-3 shapes (width {w['hidden']}), inputs {rec['inputs_bytes'] / 2**30:.2f} GiB "
+        f"{w['dtype']}, device {rec['config']['device']}; {m['nproc']} CPUs ({m['cpu_model']}), "
+        f"{m['ram_total_gib']} GiB RAM, torch {m['torch']}",
+        "start-up: "
+        + ", ".join(f"{k} {v['wall_s']:.2f} s / {v['rss_mib']:.0f} MiB RSS" for k, v in st.items()),
+        "",
+        *engine_table(rec["rows"]),
+        "",
+    ]
+    lines += [f"{r['name']}: {timings_line(r['timings'])}" for r in rec["rows"] if r.get("timings")]
+    module = (rec.get("reference") or {}).get("dump_module")
+    for method, err in rec.get("cross_check_rel_error", {}).items():
+        lines.append(f"cross-check core {method} vs reference ({module}): rel. error {err:.1e}")
+    for f in rec.get("failures", []):
+        lines.append(f"FAILED {f['step']}: {f['error'].strip().splitlines()[-1]}")
+    lines.append("")
+    for t in rec["targets"]:
+        verdict = {True: "PASS", False: "FAIL", None: "SKIP"}[t["passed"]]
+        value = (
+            ""
+            if t.get("value") is None
+            else f": {t['value']} (limit {t['limit']}{' ' + t['unit'] if t.get('unit') else ''})"
+        )
+        lines.append(f"[{verdict}] {t['target']}{value}")
+        if t.get("note"):
+            lines.append(f"       {t['note']}")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     for name in argv if argv is not None else sys.argv[1:]:
         path = Path(name)
         rec = json.loads(path.read_text())
+        if rec.get("benchmark") == "engine":
+            print(engine_text(rec))
+            continue
         path.with_suffix(".md").write_text(markdown(rec))
         plot(rec, path.with_suffix(".png"))
     return 0

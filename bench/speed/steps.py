@@ -35,8 +35,8 @@ T_START = time.perf_counter()
 import torch  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
-from service.spec import METHOD_PARAMS  # noqa: E402
-from worker.adapters.reader import open_adapter  # noqa: E402
+from jobs.spec import METHOD_PARAMS  # noqa: E402
+from worker.adapters import open_adapter  # noqa: E402
 from worker.engine import (  # noqa: E402
     LoraFactors,
     apply_method,

@@ -1,26 +1,83 @@
-"""The speed benchmark's input sets: real PEFT adapters of random factors (``bench/_inputs.py``).
+"""The benchmarks' inputs: T random LoRA adapters on Llama-3-shaped layers, as real PEFT adapters.
 
-Shapes follow Llama-3's ratios at a chosen width w: q, o w → w; k, v w → w/4; gate, up
-w → 3.5 w; down 3.5 w → w (w = 4096 is Llama-3-8B). Peer fixtures use ``lora_alpha = r``
-(FIELD-NOTES: PEFT's ``add_weighted_adapter`` has known trouble otherwise), so every scaling
-is 1. Sets are generated in a child process (this one stays free of torch) and cached under
-``bench/out/inputs/``.
+Each adapter is a folder with ``adapter_config.json`` (written from peft's own ``LoraConfig``
+when peft is importable) and ``adapter_model.safetensors`` holding
+``base_model.model.model.layers.{i}.{self_attn|mlp}.{proj}.lora_{A,B}.weight``: A is r × in,
+B is out × r. peft cannot build an 8B model here, so the tensors are written with safetensors
+directly. Every factor is drawn from its own generator seeded by (seed, adapter, layer,
+module), so a one-layer set is exactly the first layer of a 32-layer set.
+
+Shapes follow Llama-3's ratios at a width w: q, o w → w; k, v w → w/4; gate, up w → 3.5 w;
+down 3.5 w → w (w = 4096 is Llama-3-8B). The engine profile uses Llama-3-8B itself
+(``lora_alpha`` 32, base model ``meta-llama/Meta-Llama-3-8B``); the speed profile's sets use
+``lora_alpha = r`` (PEFT's ``add_weighted_adapter`` has known trouble otherwise),
+so every scaling is 1.
+
+Sets are generated in a child process (``python bench/speed/workloads.py --root DIR --workload
+JSON``: the benchmark's own process stays free of torch, and a child's ``ru_maxrss`` inherits
+the parent's) and cached under ``bench/out/inputs/`` in a folder named after the configuration;
+a set is built in a temporary folder and renamed into place when complete, so an interrupted
+run is never reused.
 """
 
 from __future__ import annotations
 
+import argparse
+import hashlib
 import json
+import os
+import shutil
 import subprocess
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from bench._inputs import Workload, adapter_dirs, input_bytes, module_shapes
+__all__ = [
+    "CurvePoint",
+    "InputSet",
+    "Workload",
+    "adapter_dirs",
+    "curve_points",
+    "ensure_inputs",
+    "input_set",
+    "llama_workload",
+    "module_shapes",
+]
 
-__all__ = ["CurvePoint", "InputSet", "curve_points", "input_set", "llama_workload"]
+#: Bump when the generated tensors or config change, so stale caches are not reused.
+GENERATOR_VERSION = 1
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-def llama_workload(*, width: int, layers: int, adapters: int, rank: int, seed: int = 0) -> Workload:
-    """``layers`` Llama-3-shaped layers of width ``width``; lora_alpha = r."""
+@dataclass(frozen=True)
+class Workload:
+    """The shapes and sizes of one input set (defaults: Llama-3-8B, 8 adapters of rank 16)."""
+
+    layers: int = 32
+    adapters: int = 8
+    rank: int = 16
+    lora_alpha: int = 32
+    hidden: int = 4096
+    kv: int = 1024
+    mlp: int = 14336
+    dtype: str = "float32"
+    seed: int = 0
+    base_model: str = "meta-llama/Meta-Llama-3-8B"
+
+    @property
+    def key(self) -> str:
+        blob = json.dumps({**asdict(self), "v": GENERATOR_VERSION}, sort_keys=True)
+        digest = hashlib.sha256(blob.encode()).hexdigest()[:10]
+        return f"L{self.layers}-T{self.adapters}-r{self.rank}-{self.dtype}-{digest}"
+
+    def with_layers(self, layers: int) -> Workload:
+        return Workload(**{**asdict(self), "layers": layers})
+
+
+def llama_workload(
+    *, width: int, layers: int, adapters: int, rank: int, seed: int = 0, dtype: str = "float32"
+) -> Workload:
+    """The speed profile's sets: ``layers`` Llama-3-shaped layers of width ``width``; alpha = r."""
     return Workload(
         layers=layers,
         adapters=adapters,
@@ -29,9 +86,113 @@ def llama_workload(*, width: int, layers: int, adapters: int, rank: int, seed: i
         hidden=width,
         kv=width // 4,
         mlp=width * 7 // 2,
+        dtype=dtype,
         seed=seed,
         base_model=f"bench/llama3-shapes-w{width}",
     )
+
+
+def module_shapes(w: Workload) -> list[tuple[str, int, int]]:
+    """(module name in the base model, in_features, out_features), layer by layer."""
+    h, kv, mlp = w.hidden, w.kv, w.mlp
+    per_layer = {
+        "self_attn.q_proj": (h, h),
+        "self_attn.k_proj": (h, kv),
+        "self_attn.v_proj": (h, kv),
+        "self_attn.o_proj": (h, h),
+        "mlp.gate_proj": (h, mlp),
+        "mlp.up_proj": (h, mlp),
+        "mlp.down_proj": (mlp, h),
+    }
+    return [
+        (f"model.layers.{i}.{name}", n, m)
+        for i in range(w.layers)
+        for name, (n, m) in per_layer.items()
+    ]
+
+
+def adapter_dirs(root: Path) -> list[Path]:
+    return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("adapter-"))
+
+
+def input_bytes(root: Path) -> int:
+    return sum((d / "adapter_model.safetensors").stat().st_size for d in adapter_dirs(root))
+
+
+# ----------------------------------------------------------------------------- generation
+
+
+def _config_json(w: Workload) -> str:
+    fields = {
+        "r": w.rank,
+        "lora_alpha": w.lora_alpha,
+        "lora_dropout": 0.0,
+        "target_modules": list(PROJECTIONS),
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": w.base_model,
+        "bias": "none",
+    }
+    try:
+        from peft import LoraConfig
+
+        config = LoraConfig(**fields).to_dict()
+    except ImportError:  # a bare machine: the same fields PEFT reads
+        config = {**fields, "peft_type": "LORA", "fan_in_fan_out": False, "use_rslora": False}
+    config["target_modules"] = sorted(config["target_modules"])
+    return json.dumps(config, indent=2, sort_keys=True, default=sorted) + "\n"
+
+
+def _generator_seed(w: Workload, adapter: int, module: str) -> int:
+    digest = hashlib.sha256(f"{w.seed}:{adapter}:{module}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+def _write_adapter(w: Workload, t: int, directory: Path) -> int:
+    import torch
+    from safetensors.torch import save_file
+
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[w.dtype]
+    tensors = {}
+    for module, n, m in module_shapes(w):
+        g = torch.Generator().manual_seed(_generator_seed(w, t, module))
+        # A like PEFT's Kaiming init (std ≈ 1/√n); B small and non-zero, as after training.
+        A = torch.randn(w.rank, n, generator=g) / n**0.5
+        B = torch.randn(m, w.rank, generator=g) * (0.02 / w.rank**0.5)
+        prefix = f"base_model.model.{module}"
+        tensors[f"{prefix}.lora_A.weight"] = A.to(dtype)
+        tensors[f"{prefix}.lora_B.weight"] = B.to(dtype)
+    directory.mkdir(parents=True)
+    (directory / "adapter_config.json").write_text(_config_json(w))
+    path = directory / "adapter_model.safetensors"
+    save_file(tensors, path, metadata={"format": "pt"})
+    return path.stat().st_size
+
+
+def ensure_inputs(w: Workload, root: Path, log=print) -> Path:
+    """The folder holding ``adapter-0`` … ``adapter-{T-1}`` for ``w``; generated if absent."""
+    final = root / w.key
+    if (final / "workload.json").exists():
+        return final
+    tmp = root / f".{w.key}.partial-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        total = 0
+        for t in range(w.adapters):
+            total += _write_adapter(w, t, tmp / f"adapter-{t}")
+            log(f"  generated adapter {t + 1}/{w.adapters} ({total / 2**30:.2f} GiB so far)")
+        (tmp / "workload.json").write_text(
+            json.dumps({**asdict(w), "generator_version": GENERATOR_VERSION, "bytes": total}) + "\n"
+        )
+        shutil.rmtree(final, ignore_errors=True)
+        os.rename(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
+# ----------------------------------------------------------------------------- in the parent
 
 
 @dataclass(frozen=True)
@@ -56,9 +217,9 @@ class InputSet:
         }
 
 
-def input_set(python: str, bench_dir: Path, workload: Workload, root: Path) -> InputSet:
-    """Generate (or find) the set for ``workload`` in a child process."""
-    cmd = [python, str(bench_dir / "_inputs.py"), "--root", str(root)]
+def input_set(python: str, workload: Workload, root: Path) -> InputSet:
+    """Generate (or find) the set for ``workload`` in a child process running this file."""
+    cmd = [python, str(Path(__file__).resolve()), "--root", str(root)]
     cmd += ["--workload", json.dumps(asdict(workload))]
     done = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=True)
     path = Path(done.stdout.strip().splitlines()[-1])
@@ -87,3 +248,19 @@ def curve_points(
         "rank": [CurvePoint(base.adapters, r, base.width) for r in ranks],
         "width": [CurvePoint(base.adapters, base.rank, w) for w in widths],
     }
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python bench/speed/workloads.py --root DIR --workload JSON``: build (or find) a set."""
+    ap = argparse.ArgumentParser(description="build a cached benchmark input set; print its path")
+    ap.add_argument("--root", type=Path, required=True)
+    ap.add_argument("--workload", required=True, help="Workload fields as JSON")
+    args = ap.parse_args(argv)
+    w = Workload(**json.loads(args.workload))
+    path = ensure_inputs(w, args.root, lambda msg: print(msg, file=sys.stderr, flush=True))
+    print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

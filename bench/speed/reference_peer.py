@@ -1,6 +1,6 @@
 """The paper's reference code as a peer: its core-space path, timed per layer, in-process.
 
-    python bench/_reference.py --repo MIRROR_GIT_DIR --layers 1 --methods tv,tsv \\
+    python bench/speed/reference_peer.py --repo MIRROR_GIT_DIR --layers 1 --methods tv,tsv \\
         --json OUT.json [--dump-deltas OUT.safetensors] ADAPTER_DIR...
 
 At run time, ``task_merger.py``, ``merging_functions.py``, ``masking_ops.py`` and ``utils.py``

@@ -1,6 +1,6 @@
 """The floor: read every input tensor and write an output of the merged adapter's size, nothing else.
 
-    python bench/_floor.py -o OUT.safetensors [--dtype float32] ADAPTER_DIR...
+    python bench/speed/floor.py -o OUT.safetensors [--dtype float32] ADAPTER_DIR...
 
 Every tensor of every input is read with ``safetensors.safe_open(...).get_tensor`` and its
 bytes copied into a buffer (get_tensor alone only maps the file). Then one safetensors file
