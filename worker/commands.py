@@ -11,6 +11,7 @@ them.
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import Any
 
 __all__ = ["register"]
@@ -65,7 +66,12 @@ def cmd_worker(args: argparse.Namespace) -> int:
     from jobs.queue import make_queue
     from worker.rq_worker import MergeWorker, heartbeat_interval, on_work_horse_killed
 
+    refused = _unsafe_store(settings)
+    if refused is not None:
+        print(f"coremerge worker: {refused}", file=sys.stderr)
+        return EXIT_FAILED
     redis = Redis.from_url(settings.redis_url, **settings.redis_kwargs)
+    _sweep_dead_attempts(settings, redis)
     rq_worker = MergeWorker(
         [make_queue(redis, settings)],
         name=args.name,
@@ -78,6 +84,58 @@ def cmd_worker(args: argparse.Namespace) -> int:
     )
     rq_worker.work(burst=args.burst, max_jobs=args.max_jobs, logging_level=settings.log_level)
     return 0
+
+
+def _unsafe_store(settings: Any) -> str | None:
+    """Why this worker must not start: a bucket it would publish to (a tenant's ``allow``
+    prefix) that ignores conditional writes, so publishing could overwrite data. A bucket
+    that cannot be probed now is logged and left to the check every job makes."""
+    import logging
+    import uuid
+
+    from jobs.errors import MergeError
+    from jobs.tenants import load_tenants
+    from jobs.uris import parse_uri
+    from worker.storage import S3Store, conditional_writes_honoured, make_s3_client
+
+    log = logging.getLogger("coremerge.worker")
+    prefixes = {}
+    for tenant in load_tenants(settings.tenants_file, warn_open=False).all():
+        for prefix in tenant.allow or ():
+            loc = parse_uri(prefix)
+            if loc.scheme == "s3":
+                prefixes.setdefault(loc.bucket, loc.key)
+    if not prefixes:
+        log.info("no S3 output prefix configured: conditional writes are checked by each job")
+        return None
+    client = make_s3_client(settings)
+    for bucket, key in sorted(prefixes.items()):
+        probe = f"{key}.coremerge-probe-{uuid.uuid4().hex}"
+        try:
+            honoured = conditional_writes_honoured(S3Store(client, bucket), probe)
+        except MergeError as exc:
+            log.warning("could not probe s3://%s/ for conditional writes (%s)", bucket, exc.code)
+            continue
+        if not honoured:
+            return (
+                f"s3://{bucket}/ ignores conditional writes (If-None-Match: *): publishing there "
+                "could overwrite data; use a store that honours them (see docs/deploy.md)"
+            )
+    return None
+
+
+def _sweep_dead_attempts(settings: Any, redis: Any) -> None:
+    """Remove the scratch folders that attempts killed on this machine left behind."""
+    from jobs.records import JobStore
+    from worker.workdir import sweep_dead_attempts
+
+    store = JobStore(redis, key_prefix=settings.key_prefix, result_ttl=settings.result_ttl)
+
+    def running(job_id: str) -> bool:
+        record = store.get(job_id)
+        return record is not None and record.status == "running"
+
+    sweep_dead_attempts(settings.work_dir, running)
 
 
 def _worker_health(settings: Any) -> int:

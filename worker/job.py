@@ -1,7 +1,8 @@
 """The RQ job function: one merge job from its record to its published output.
 
-    run_job(job_id): queued → running → fetch inputs → run_merge (layer by layer, in a temp
-    dir) → publish (report last) → succeeded | failed | canceled
+    run_job(job_id): queued → running → claim the output (refused when it holds others'
+    objects) → fetch inputs → run_merge (layer by layer, in a temp dir) → publish (report
+    last) → succeeded | failed | canceled
 
 Every outcome is written to the job record here, in one place: a ``MergeError`` becomes the
 job's error with its code, RQ's timeout becomes ``timeout``, anything else ``internal`` (its
@@ -14,7 +15,6 @@ succeeded. Runs in the forked work horse: this is where torch (and CUDA) is firs
 from __future__ import annotations
 
 import logging
-import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -29,7 +29,6 @@ from jobs.errors import (
     InternalError,
     JobTimeout,
     MergeError,
-    StorageError,
 )
 from jobs.logs import bind_log_context, log_context
 from jobs.records import JobRecord, JobStore
@@ -39,6 +38,7 @@ from jobs.tenants import load_tenants, refusal
 from jobs.uris import parse_uri
 from worker.runner import Progress, run_merge
 from worker.storage import Storage, make_s3_client, make_transfer_config
+from worker.workdir import ATTEMPT_PREFIX, sweep_attempts
 
 __all__ = ["preload", "run_job"]
 
@@ -109,7 +109,7 @@ def _run_job(job_id: str) -> dict[str, Any] | None:
         return None
     started = time.perf_counter()
     try:
-        result = _merge(record, settings, _Tracker(store, job_id, run), started)
+        result = _merge(record, settings, _Tracker(store, job_id, run), started, run)
     except JobTimeoutException:
         error: MergeError = JobTimeout(
             f"the merge ran over {settings.job_timeout} s (COREMERGE_JOB_TIMEOUT); nothing was published"
@@ -118,7 +118,11 @@ def _run_job(job_id: str) -> dict[str, Any] | None:
         error = exc
     except Exception as exc:
         log.exception("job %s: internal error", job_id)
-        error = InternalError(f"{type(exc).__name__}: {exc}")
+        # The exception's text can carry paths or addresses: it goes to the log only.
+        error = InternalError(
+            f"an internal error ({type(exc).__name__}) ended the merge; nothing was published "
+            "and the worker's log has the details"
+        )
     else:
         if not store.succeed(job_id, result, run=run):
             log.warning("job %s: finished, but this run no longer held its record", job_id)
@@ -133,7 +137,7 @@ def _run_job(job_id: str) -> dict[str, Any] | None:
 
 
 def _merge(
-    record: JobRecord, settings: Settings, tracker: _Tracker, started: float
+    record: JobRecord, settings: Settings, tracker: _Tracker, started: float, run: str
 ) -> dict[str, Any]:
     spec = MergeSpec.model_validate(record.request)
     _check_access(record, spec, settings)
@@ -146,38 +150,37 @@ def _merge(
     output_uri = spec.output.uri
     # An earlier attempt of this job killed on this machine (kill -9 runs no clean-up) left
     # its inputs and staged output behind: they would pile up on a long-lived worker.
-    for leftover in Path(settings.work_dir or tempfile.gettempdir()).glob(
-        f"coremerge-{record.id}-*"
-    ):
-        shutil.rmtree(leftover, ignore_errors=True)
+    sweep_attempts(settings.work_dir, record.id)
 
-    owner = storage.published_by(output_uri)
-    if owner == record.id:  # an earlier run of this job published before its worker died
-        storage.drop_claim(output_uri, record.id)  # …maybe before it dropped its claim
-        return _result(spec, storage.read_report(output_uri), output_uri, started)
-    if owner is not None:
-        raise StorageError(
-            f"{output_uri}: already holds a merged adapter; give each job its own output.uri"
-        )
-
-    with tempfile.TemporaryDirectory(
-        prefix=f"coremerge-{record.id}-", dir=settings.work_dir
-    ) as tmp:
-        tmp_dir = Path(tmp)
-        tracker.publish("download", 0, 0)
-        dirs = storage.fetch_adapters([a.uri for a in spec.adapters], tmp_dir / "inputs")
-        if tracker.should_cancel():
-            raise Canceled("canceled before merging; nothing was published")
-        outcome = run_merge(
-            spec, dirs, tmp_dir / "merged", device=settings.device,
-            on_progress=tracker.on_progress, should_cancel=tracker.should_cancel,
-            max_modules=settings.max_modules,
-        )  # fmt: skip
-        if tracker.should_cancel(now=True):  # the last chance to stop: publishing is final
-            raise Canceled("canceled after merging; nothing was published")
-        tracker.publish("upload", outcome.modules, outcome.modules)
-        published = storage.publish(outcome.out_dir, output_uri, job_id=record.id)
-    return _result(spec, outcome.report, published.uri, started)
+    # Before any input is read: an output holding others' objects ends the job here.
+    publisher = storage.publisher(
+        output_uri, job_id=record.id, run=run, claim_wait_s=2.0 * settings.worker_ttl
+    )
+    try:
+        if publisher.prepare() is not None:  # an earlier run of this job published it
+            storage.drop_claim(output_uri, record.id)  # …maybe before it dropped its claim
+            return _result(spec, storage.read_report(output_uri), output_uri, started)
+        with tempfile.TemporaryDirectory(
+            prefix=f"{ATTEMPT_PREFIX}{record.id}-", dir=settings.work_dir
+        ) as tmp:
+            tmp_dir = Path(tmp)
+            tracker.publish("download", 0, 0)
+            dirs = storage.fetch_adapters([a.uri for a in spec.adapters], tmp_dir / "inputs")
+            if tracker.should_cancel():
+                raise Canceled("canceled before merging; nothing was published")
+            outcome = run_merge(
+                spec, dirs, tmp_dir / "merged", device=settings.device,
+                on_progress=tracker.on_progress, should_cancel=tracker.should_cancel,
+                max_modules=settings.max_modules,
+            )  # fmt: skip
+            tracker.publish("upload", outcome.modules, outcome.modules)
+            # A cancel is honoured until the report is written: checked before every file.
+            publisher.publish(
+                outcome.out_dir, should_cancel=lambda: tracker.should_cancel(now=True)
+            )
+    finally:
+        publisher.release()
+    return _result(spec, outcome.report, output_uri, started)
 
 
 def _result(spec: MergeSpec, report: dict[str, Any], uri: str, started: float) -> dict[str, Any]:

@@ -23,8 +23,9 @@ from typing import Any
 from rq import Queue, Worker
 from rq.job import Job
 
-from jobs.records import JobStore
+from jobs.records import JobRecord, JobStore
 from jobs.settings import Settings
+from worker.workdir import sweep_attempts
 
 __all__ = [
     "MergeWorker",
@@ -92,28 +93,33 @@ def _store_for(job: Job, connection: Any) -> JobStore:
 
 def _record_worker_death(job: Job, connection: Any, what: str) -> None:
     store = _store_for(job, connection)
+    record = store.get(job.id)
+    dead_run = record.run if record else None  # read before the record lets it go
     if job.retries_left:
         store.requeue(job.id, what)
         log.warning(
             "job %s: %s; RQ runs it again (%d retries left)", job.id, what, job.retries_left
         )
+        _remove_leftovers(record, dead_run)
     else:
         store.fail(job.id, "internal", f"{what}; no retries left")
         log.error("job %s: %s; marked failed", job.id, what)
-        _release_output(store, job.id)
+        _remove_leftovers(record, None)  # no run of it is left: every object of the job
 
 
-def _release_output(store: JobStore, job_id: str) -> None:
-    record = store.get(job_id)
+def _remove_leftovers(record: JobRecord | None, run: str | None) -> None:
+    """What the dead run left at the output: its claim, a partial upload (only objects that
+    run wrote, or with ``run`` None that the job wrote; ``worker.storage.publish``)."""
     uri = ((record.request if record else {}).get("output") or {}).get("uri")
-    if not uri:
+    if record is None or not uri:
         return
     from worker.storage import release_claim  # boto3, no torch; only on this rare path
 
     try:
-        release_claim(Settings(), job_id, uri)
-    except Exception:  # best effort: a claim left is refused to later jobs by name
-        log.warning("job %s: could not release its claim on %s", job_id, uri, exc_info=True)
+        release_claim(Settings(), record.id, uri, run)
+    except Exception:  # best effort: a claim left is waited for, then the job fails
+        log.warning("job %s: could not remove what its dead run left at its output", record.id,
+                    exc_info=True)  # fmt: skip
 
 
 def on_job_failure(job: Job, connection: Any, exc_type: Any, exc_value: Any, tb: Any) -> None:
@@ -127,7 +133,9 @@ def on_job_failure(job: Job, connection: Any, exc_type: Any, exc_value: Any, tb:
 
 
 def on_work_horse_killed(job: Job, retpid: int, ret_val: int, rusage: Any) -> None:
-    """The forked work horse died under a job (killed, out of memory, segfault)."""
+    """The forked work horse died under a job (killed, out of memory, segfault): its local
+    scratch folders go at once, then the record and the output are seen to."""
+    sweep_attempts(Settings().work_dir, job.id)
     _record_worker_death(
         job, job.connection, f"the merge process died (wait status {ret_val}; out of memory?)"
     )

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from jobs.errors import AdapterInvalid
+from jobs.errors import AdapterInvalid, LimitExceeded
 from jobs.spec import MAX_ADAPTERS, MergeSpec
 from tests.hostile.corpus import CASES, WEIGHTS, Case, many_modules, padded
 from worker.adapters import format as safetensors_header
@@ -77,10 +77,10 @@ def test_size_limits_are_checked_before_reading(peft_adapters: list[Path], tmp_p
     big = padded(good, tmp_path / "big", 2 * size + 1)
     uris = [f"file://{good}", f"file://{big}"]
     with pytest.raises(
-        AdapterInvalid, match=r"big/: \d+ bytes, over .*\(COREMERGE_MAX_ADAPTER_BYTES\)"
+        LimitExceeded, match=r"big/: \d+ bytes, over .*\(COREMERGE_MAX_ADAPTER_BYTES\)"
     ):
         Storage(None, max_adapter_bytes=2 * size).fetch_adapters(uris, tmp_path / "in")
-    with pytest.raises(AdapterInvalid, match="COREMERGE_MAX_JOB_BYTES"):
+    with pytest.raises(LimitExceeded, match="COREMERGE_MAX_JOB_BYTES"):
         Storage(None, max_adapter_bytes=3 * size, max_job_bytes=3 * size).fetch_adapters(
             uris, tmp_path / "in"
         )

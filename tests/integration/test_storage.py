@@ -12,7 +12,14 @@ import pytest
 from botocore.awsrequest import AWSResponse
 from botocore.exceptions import ConnectionClosedError, ReadTimeoutError
 
-from jobs.errors import AccessDenied, AdapterInvalid, AdapterNotFound, StorageError
+from jobs.errors import (
+    AccessDenied,
+    AdapterInvalid,
+    AdapterNotFound,
+    LimitExceeded,
+    OutputExists,
+    StorageError,
+)
 from jobs.settings import Settings
 from tests.integration.conftest import AWS_ENV
 from worker.storage import (
@@ -20,11 +27,13 @@ from worker.storage import (
     CONFIG_NAME,
     JOB_ID_META,
     REPORT_NAME,
+    RUN_META,
     WEIGHTS_NAME,
     Storage,
     make_s3_client,
     make_transfer_config,
 )
+from worker.storage.local import META_DIR
 
 
 @pytest.fixture
@@ -129,7 +138,7 @@ def test_pickle_weights_and_broken_safetensors_are_adapter_invalid(s3_client, s3
 def test_size_limit_is_checked_before_downloading(s3_client, s3, prefix, tmp_path) -> None:
     put_dir(s3, fake_adapter(tmp_path / "src", b"\0" * 4096), "adapters-a", f"{prefix}big/")
     storage = Storage(s3_client, max_job_bytes=1000)
-    with pytest.raises(AdapterInvalid, match="COREMERGE_MAX_JOB_BYTES"):
+    with pytest.raises(LimitExceeded, match="COREMERGE_MAX_JOB_BYTES"):
         storage.fetch_adapters([f"s3://adapters-a/{prefix}big/"], tmp_path / "in")
     assert not (tmp_path / "in").exists()
 
@@ -170,8 +179,10 @@ def test_publish_writes_the_report_last_and_conditionally(s3_client, s3, prefix,
     assert storage.published_by(uri) is None
     published = storage.publish(_merged_dir(tmp_path), uri, job_id="job-1")
     assert published.uri == uri and published.report_uri == uri + REPORT_NAME
-    # the claim first, the report last; the claim is gone once the report marks completion
+    # the claim first (twice: the second, refused, proves the store honours If-None-Match),
+    # the report last; the claim is gone once the report marks completion
     assert [k.rsplit("/", 1)[1] for k in order] == [
+        CLAIM_NAME,
         CLAIM_NAME,
         CONFIG_NAME,
         WEIGHTS_NAME,
@@ -183,45 +194,55 @@ def test_publish_writes_the_report_last_and_conditionally(s3_client, s3, prefix,
     assert storage.published_by(uri) == "job-1"
     assert storage.read_report(uri) == {"output": {"rank": 4}}
 
-    # a re-run of the same job finds its own output and writes nothing; another job is refused
-    # and writes nothing either: the published weights are never overwritten
+    # a re-run of the same job finds its own output and writes nothing; another job ends
+    # output_exists and writes nothing either: the published weights are never overwritten
     weights_key = f"team-a/{prefix}run/{WEIGHTS_NAME}"
     etag = s3.head_object(Bucket="merged", Key=weights_key)["ETag"]
     order.clear()
     assert storage.publish(_merged_dir(tmp_path / "again"), uri, job_id="job-1").already
-    with pytest.raises(StorageError, match="already holds a merged adapter"):
+    with pytest.raises(OutputExists, match="which this job did not write"):
         storage.publish(_merged_dir(tmp_path / "other", b"\1" * 64), uri, job_id="job-2")
-    assert [k.rsplit("/", 1)[1] for k in order] == [CLAIM_NAME, CLAIM_NAME]  # claims only
+    assert order == []  # not even a claim
     assert s3.head_object(Bucket="merged", Key=weights_key)["ETag"] == etag
     assert storage.published_by(uri) == "job-1"
     assert s3.list_objects_v2(Bucket="merged", Prefix=f"team-a/{prefix}run/")["KeyCount"] == 3
 
 
 def test_a_job_publishing_keeps_other_jobs_off_the_output(s3_client, s3, prefix, tmp_path):
-    """While job-1 holds the claim (it is uploading, or it died uploading), job-2 writes
-    nothing; a re-run of job-1 takes its own claim over, replaces its leftovers, publishes."""
+    """While a run of job-1 holds the claim (it is uploading, or it died uploading), job-2
+    ends output_exists and writes nothing, and a second run of job-1 waits; once the worker
+    that saw the first run die removes what it left, the second run publishes."""
     storage = Storage(s3_client)
     uri = f"s3://merged/team-a/{prefix}busy/"
     base = f"team-a/{prefix}busy/"
-    # job-1's first run died after its claim and a partial upload
-    s3.put_object(Bucket="merged", Key=base + CLAIM_NAME, Body=b"job-1",
-                  Metadata={JOB_ID_META: "job-1"})  # fmt: skip
-    s3.put_object(Bucket="merged", Key=base + WEIGHTS_NAME, Body=b"partial",
-                  Metadata={JOB_ID_META: "job-1"})  # fmt: skip
-    with pytest.raises(StorageError, match="job job-1 is publishing to this output"):
+    # job-1's first run (run-a) died after its claim and a partial upload
+    meta = {JOB_ID_META: "job-1", RUN_META: "run-a"}
+    s3.put_object(Bucket="merged", Key=base + CLAIM_NAME, Body=b"run-a", Metadata=meta)
+    s3.put_object(Bucket="merged", Key=base + WEIGHTS_NAME, Body=b"partial", Metadata=meta)
+    with pytest.raises(OutputExists):
         storage.publish(_merged_dir(tmp_path / "two", b"\2" * 64), uri, job_id="job-2")
     assert s3.get_object(Bucket="merged", Key=base + WEIGHTS_NAME)["Body"].read() == b"partial"
     assert storage.published_by(uri) is None
 
+    second = storage.publisher(uri, job_id="job-1", run="run-b", claim_wait_s=0.5)
+    with pytest.raises(StorageError, match="another run of this job has held the output"):
+        second.prepare()  # only the claim holder writes
+    second.release()
+    assert s3.get_object(Bucket="merged", Key=base + CLAIM_NAME)["Body"].read() == b"run-a"
+
+    storage.remove_leftovers(uri, "job-1", "run-a")  # the dead run's supervisor
+    assert output_keys(s3, base) == []
     merged = _merged_dir(tmp_path / "one")
     assert not storage.publish(merged, uri, job_id="job-1").already
     body = s3.get_object(Bucket="merged", Key=base + WEIGHTS_NAME)["Body"].read()
     assert body == (merged / WEIGHTS_NAME).read_bytes()
     assert storage.published_by(uri) == "job-1"
+    assert output_keys(s3, base) == sorted([CONFIG_NAME, WEIGHTS_NAME, REPORT_NAME])
+
+
+def output_keys(s3, base: str) -> list[str]:
     listing = s3.list_objects_v2(Bucket="merged", Prefix=base)
-    assert sorted(o["Key"].rsplit("/", 1)[1] for o in listing["Contents"]) == [
-        CONFIG_NAME, WEIGHTS_NAME, REPORT_NAME
-    ]  # fmt: skip
+    return sorted(o["Key"].removeprefix(base) for o in listing.get("Contents", []))
 
 
 def test_failed_publish_leaves_nothing(s3_client, s3, prefix, tmp_path) -> None:
@@ -232,16 +253,20 @@ def test_failed_publish_leaves_nothing(s3_client, s3, prefix, tmp_path) -> None:
     assert s3.list_objects_v2(Bucket="merged", Prefix=f"team-a/{prefix}").get("KeyCount") == 0
 
 
-def test_publish_to_file_uri_is_atomic(tmp_path) -> None:
+def test_publish_to_a_file_uri_creates_files_conditionally(tmp_path) -> None:
     target = tmp_path / "out" / "run"
     storage = Storage(None)
     assert storage.published_by(f"file://{target}") is None
     storage.publish(_merged_dir(tmp_path), f"file://{target}", job_id="j")
-    assert sorted(p.name for p in target.iterdir()) == [CONFIG_NAME, WEIGHTS_NAME, REPORT_NAME]
+    files = sorted(p.name for p in target.iterdir() if p.is_file())
+    assert files == [CONFIG_NAME, WEIGHTS_NAME, REPORT_NAME]  # the claim is gone
+    assert sorted(p.name for p in target.iterdir() if p.is_dir()) == [META_DIR]
     assert [p.name for p in target.parent.iterdir()] == ["run"]  # no staging left
-    assert storage.published_by(f"file://{target}") == ""
-    with pytest.raises(StorageError, match="not empty"):
-        storage.publish(_merged_dir(tmp_path / "b"), f"file://{target}", job_id="j")
+    assert storage.published_by(f"file://{target}") == "j"
+    before = {name: (target / name).read_bytes() for name in files}
+    with pytest.raises(OutputExists):
+        storage.publish(_merged_dir(tmp_path / "b", b"\3" * 64), f"file://{target}", job_id="k")
+    assert {name: (target / name).read_bytes() for name in files} == before
 
 
 # -- faults (issue 6): transient ones are retried with backoff, permanent ones end at once.
@@ -399,3 +424,33 @@ def test_a_claim_left_beside_a_published_report_is_dropped_by_the_same_job(
     storage.drop_claim(uri, "job-1")
     assert s3.list_objects_v2(Bucket="merged", Prefix=claim)["KeyCount"] == 0
     assert storage.published_by(uri) == "job-1"
+
+
+# -- issue 14: reads pinned to what was measured; stores that ignore conditions are refused
+
+
+def test_an_input_swapped_after_it_was_sized_is_refused(s3_client, s3, prefix, tmp_path):
+    """The size limits are checked on the object a HEAD saw; a download reads only that
+    object (If-Match on its ETag), so a swap in between cannot slip a bigger one through."""
+    from worker.storage.inputs import check_adapter, download_adapter
+    from worker.storage.s3 import S3Store
+
+    put_dir(s3, fake_adapter(tmp_path / "src"), "adapters-a", f"{prefix}x/")
+    storage = Storage(s3_client)
+    store, key_prefix, loc = storage.locate(f"s3://adapters-a/{prefix}x/")
+    assert isinstance(store, S3Store)
+    checked = check_adapter(store, loc, key_prefix)
+    s3.put_object(Bucket="adapters-a", Key=f"{prefix}x/{WEIGHTS_NAME}", Body=b"\0" * 10_000_000)
+    with pytest.raises(StorageError, match="changed while this job was reading it"):
+        download_adapter(store, checked, tmp_path / "in")
+
+
+def test_the_s3_server_honours_conditional_writes_and_the_probe_cleans_up(
+    s3_client, s3, prefix
+) -> None:
+    from worker.storage import MemoryStore, S3Store, conditional_writes_honoured
+
+    key = f"team-a/{prefix}.probe"
+    assert conditional_writes_honoured(S3Store(s3_client, "merged"), key)
+    assert s3.list_objects_v2(Bucket="merged", Prefix=key)["KeyCount"] == 0
+    assert not conditional_writes_honoured(MemoryStore(honour_conditions=False), key)

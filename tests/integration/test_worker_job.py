@@ -81,10 +81,12 @@ def test_file_uris_in_and_out(
     assert job["result"]["uri"] == f"file://{out}/"
     report = json.loads((out / "merge_report.json").read_text())
     assert report["output"]["rank"] == job["result"]["rank"]
-    # a second job may not publish over it
+    # a second job may not publish over it: it ends output_exists before reading an input
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
     job = run_one(settings, {"adapters": [{"uri": f"file://{peft_adapters[0]}"}],
                              "output": {"uri": f"file://{out}"}})  # fmt: skip
-    assert job["status"] == "failed" and job["error"]["code"] == "storage_error"
+    assert job["status"] == "failed" and job["error"]["code"] == "output_exists", job
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
 
 
 def test_worker_rechecks_access(settings, monkeypatch, tmp_path, peft_adapters) -> None:

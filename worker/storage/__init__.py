@@ -1,0 +1,192 @@
+"""Where adapters come from and where merged adapters go: ``s3://`` and ``file://``.
+
+    objects.py   ObjectStore, the one interface both stores implement (and a MemoryStore)
+    s3.py        S3Store: one bucket through boto3 (pinned reads, conditional creates)
+    local.py     LocalStore: the local file system (atomic, conditional creates)
+    errors.py    S3's errors as job errors
+    inputs.py    checking and downloading input adapters
+    publish.py   publishing an output without destroying data (claim, files, report last)
+
+:class:`Storage` puts them together for a job: it picks the store for each location and runs
+the input and publishing protocols on it. Stores are made by a factory that tests can replace
+(``Storage(stores=...)``), so a job runs against an in-memory store as it would against S3.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from jobs.uris import Location, parse_uri
+from worker.adapters.format import CONFIG_NAME, REPORT_NAME, WEIGHTS_NAME
+
+from .inputs import check_adapter, check_limits, download_adapter
+from .local import LocalStore
+from .objects import MemoryStore, ObjectStore
+from .publish import (
+    CLAIM_NAME,
+    JOB_ID_META,
+    RUN_META,
+    OutputPublisher,
+    conditional_writes_honoured,
+    remove_run_leftovers,
+)
+from .s3 import S3Store, make_s3_client
+
+__all__ = [
+    "CLAIM_NAME",
+    "CONFIG_NAME",
+    "JOB_ID_META",
+    "REPORT_NAME",
+    "RUN_META",
+    "WEIGHTS_NAME",
+    "LocalStore",
+    "MemoryStore",
+    "ObjectStore",
+    "OutputPublisher",
+    "Published",
+    "S3Store",
+    "Storage",
+    "conditional_writes_honoured",
+    "make_s3_client",
+    "make_transfer_config",
+    "release_claim",
+]
+
+
+def make_transfer_config(settings: Any) -> Any:
+    """The transfer sizes and concurrency of ``settings`` (multipart threshold and part size,
+    parallel parts), as boto3's ``TransferConfig``."""
+    from boto3.s3.transfer import TransferConfig
+
+    return TransferConfig(
+        multipart_threshold=settings.s3_multipart_threshold,
+        multipart_chunksize=settings.s3_multipart_chunksize,
+        max_concurrency=settings.s3_max_concurrency,
+    )
+
+
+@dataclass(frozen=True)
+class Published:
+    uri: str
+    report_uri: str
+    already: bool = False  # this job had published it before (a re-run after a worker died)
+
+
+class Storage:
+    """Fetches adapters and publishes outputs. ``s3`` is a boto3 S3 client (or ``None`` when
+    only ``file://`` locations are used); ``stores`` replaces the store factory (tests)."""
+
+    def __init__(
+        self,
+        s3: Any = None,
+        *,
+        transfer_config: Any = None,
+        max_job_bytes: int | None = None,
+        max_adapter_bytes: int | None = None,
+        max_parallel: int = 8,
+        stores: Callable[[Location], ObjectStore] | None = None,
+    ) -> None:
+        self.s3 = s3
+        self.transfer_config = transfer_config
+        self.max_job_bytes = max_job_bytes
+        self.max_adapter_bytes = max_adapter_bytes
+        self.max_parallel = max_parallel
+        self._stores = stores or self._default_store
+
+    def _default_store(self, loc: Location) -> ObjectStore:
+        if loc.scheme == "file":
+            return LocalStore()
+        t = self.transfer_config
+        sizes = {} if t is None else {
+            "multipart_threshold": t.multipart_threshold,
+            "chunk_size": t.multipart_chunksize,
+            "concurrency": t.max_concurrency,
+        }  # fmt: skip
+        return S3Store(self.s3, loc.bucket, **sizes)
+
+    def locate(self, uri: str) -> tuple[ObjectStore, str, Location]:
+        """The store holding ``uri``, the key prefix of its folder there, and the location."""
+        loc = parse_uri(uri)
+        prefix = loc.key if loc.scheme == "s3" else loc.path.strip("/") + "/"
+        return self._stores(loc), prefix, loc
+
+    # -- inputs
+    def fetch_adapters(self, uris: Sequence[str], dest: Path) -> list[Path]:
+        """Local directories holding the adapters at ``uris``, in order. Every adapter's size
+        and safetensors header are checked first; S3 adapters are then downloaded, pinned to
+        what was checked, to ``dest/<index>/``; ``file://`` ones are used in place."""
+        located = [self.locate(u) for u in uris]
+        with ThreadPoolExecutor(min(self.max_parallel, len(located)) or 1) as pool:
+            checked = list(pool.map(lambda sp: check_adapter(sp[0], sp[2], sp[1]), located))
+            check_limits(checked, self.max_adapter_bytes, self.max_job_bytes)
+
+            def fetch(i: int) -> Path:
+                store, _, loc = located[i]
+                if loc.scheme == "file":
+                    return Path(loc.path)
+                return download_adapter(store, checked[i], dest / str(i))
+
+            return list(pool.map(fetch, range(len(located))))
+
+    # -- output
+    def publisher(
+        self, uri: str, *, job_id: str, run: str, claim_wait_s: float = 120.0
+    ) -> OutputPublisher:
+        """The publisher of one run of ``job_id`` at ``uri`` (``worker.storage.publish``)."""
+        store, prefix, loc = self.locate(uri)
+        return OutputPublisher(
+            store, prefix, loc.normalized, job_id=job_id, run=run, claim_wait_s=claim_wait_s
+        )
+
+    def published_by(self, uri: str) -> str | None:
+        """The job id that published the adapter at ``uri``, ``""`` for an output that exists
+        but is not ours to tell, ``None`` when no report is there."""
+        store, prefix, _ = self.locate(uri)
+        report = store.head(prefix + REPORT_NAME)
+        return None if report is None else report.metadata.get(JOB_ID_META, "")
+
+    def read_report(self, uri: str) -> dict[str, Any]:
+        store, prefix, _ = self.locate(uri)
+        return json.loads(store.read(prefix + REPORT_NAME))
+
+    def publish(self, local_dir: Path, uri: str, *, job_id: str) -> Published:
+        """Publish the merged adapter in ``local_dir`` at ``uri`` as one run of ``job_id``:
+        check, claim, files, the report last (``worker.storage.publish``)."""
+        loc = parse_uri(uri)
+        report_uri = f"{loc}{REPORT_NAME}"
+        publisher = self.publisher(uri, job_id=job_id, run=uuid.uuid4().hex)
+        try:
+            if publisher.prepare() is not None:
+                return Published(loc.normalized, report_uri, already=True)
+            publisher.publish(local_dir)
+        finally:
+            publisher.release()
+        return Published(loc.normalized, report_uri)
+
+    def drop_claim(self, uri: str, job_id: str) -> None:
+        """Delete ``job_id``'s claim on the output at ``uri``, if one is left beside its
+        published report (a run killed between the two); another job's claim stays."""
+        store, prefix, _ = self.locate(uri)
+        info = store.head(prefix + CLAIM_NAME)
+        if info is not None and info.metadata.get(JOB_ID_META) == job_id:
+            store.delete(prefix + CLAIM_NAME)
+
+    def remove_leftovers(self, uri: str, job_id: str, run: str | None) -> None:
+        """What a dead run of ``job_id`` left at ``uri`` (``publish.remove_run_leftovers``)."""
+        store, prefix, _ = self.locate(uri)
+        remove_run_leftovers(store, prefix, job_id, run)
+
+
+def release_claim(settings: Any, job_id: str, uri: str, run: str | None = None) -> None:
+    """For the worker that saw a run of ``job_id`` die: remove what that run (``run``; every
+    run of the job when None, its last one) left at the output ``uri``."""
+    loc = parse_uri(uri)
+    Storage(make_s3_client(settings) if loc.scheme == "s3" else None).remove_leftovers(
+        uri, job_id, run
+    )

@@ -1,0 +1,210 @@
+"""Publishing a merged adapter without ever destroying data (docs/guarantees.md).
+
+One run of one job publishes at an output prefix, on any ``ObjectStore``:
+
+1. **prepare** (before any input is read): list the prefix. An object that this job did not
+   write ends the job ``output_exists`` and stays as it is. This job's own report means an
+   earlier run published already: nothing more to do. Otherwise the run *claims* the output:
+   ``.coremerge-claim``, created conditionally, naming the job and the run. The claim is then
+   created a second time, which must fail: a store that ignores ``If-None-Match`` would let
+   two writers overwrite each other, so publishing stops there with ``storage_error``.
+   A claim of another run of the same job (a run given up for dead that is in fact alive)
+   is waited for: only the claim holder writes.
+2. **publish**: every file is created conditionally with the job and run in its metadata, the
+   report last; a cancel is honoured up to the report. A report whose PUT reached the store
+   but whose answer was lost is recognised by its metadata and counts as published.
+3. **release**: the run deletes its claim, and after a failure every object it created in
+   this run, and nothing else.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from jobs.errors import Canceled, MergeError, OutputExists, StorageError
+from worker.adapters.format import REPORT_NAME
+
+from .objects import AlreadyExists, ObjectInfo, ObjectStore
+
+__all__ = [
+    "CLAIM_NAME",
+    "JOB_ID_META",
+    "RUN_META",
+    "OutputPublisher",
+    "conditional_writes_honoured",
+]
+
+#: The object that reserves an output for one run while it publishes (deleted afterwards).
+CLAIM_NAME = ".coremerge-claim"
+#: Metadata naming the job, and the run of it, that wrote an object.
+JOB_ID_META = "coremerge-job-id"
+RUN_META = "coremerge-run"
+#: Seconds between looks at a claim held by another run of the same job.
+CLAIM_POLL_S = 1.0
+
+
+def conditional_writes_honoured(store: ObjectStore, key: str) -> bool:
+    """Create ``key`` twice with ``If-None-Match: *``: True when the second is refused, as
+    it must be. Deletes the probe key (it created it) either way."""
+    try:
+        store.create(key, b"probe", {})
+        try:
+            store.create(key, b"probe", {})
+        except AlreadyExists:
+            return True
+        return False
+    finally:
+        with contextlib.suppress(MergeError):
+            store.delete(key)
+
+
+class OutputPublisher:
+    """One run (``run``) of one job (``job_id``) publishing at ``prefix`` of ``store``;
+    ``uri`` names the output in messages. ``claim_wait_s`` bounds the wait for another run
+    of the same job that holds the claim."""
+
+    def __init__(
+        self,
+        store: ObjectStore,
+        prefix: str,
+        uri: str,
+        *,
+        job_id: str,
+        run: str,
+        claim_wait_s: float = 120.0,
+    ) -> None:
+        self.store, self.prefix, self.uri = store, prefix, uri
+        self.job_id, self.run, self.claim_wait_s = job_id, run, claim_wait_s
+        self.metadata = {JOB_ID_META: job_id, RUN_META: run}
+        self.created: list[str] = []  # keys this run created, claim first
+        self.published = False
+
+    @property
+    def claim_key(self) -> str:
+        return self.prefix + CLAIM_NAME
+
+    def _ours(self, info: ObjectInfo | None) -> bool:
+        return info is not None and info.metadata.get(JOB_ID_META) == self.job_id
+
+    # -- 1. before any input is read
+    def prepare(self) -> ObjectInfo | None:
+        """Refuse an output holding others' objects; return this job's report when it is
+        published already; otherwise take the claim (and check that the store honours it)."""
+        report = self._check_contents()
+        if report is not None:
+            return report
+        deadline = time.monotonic() + self.claim_wait_s
+        while True:
+            try:
+                self.store.create(self.claim_key, self.run.encode(), self.metadata)
+                break
+            except AlreadyExists:
+                holder = self.store.head(self.claim_key)
+            if holder is not None and not self._ours(holder):
+                raise OutputExists(
+                    f"{self.uri}: another job is publishing to this output; give each job "
+                    "its own output.uri"
+                )
+            if time.monotonic() > deadline:
+                raise StorageError(
+                    f"{self.uri}: another run of this job has held the output for over "
+                    f"{self.claim_wait_s:.0f} s; nothing was written"
+                )
+            time.sleep(CLAIM_POLL_S)
+            report = self._check_contents()  # that run may have published meanwhile
+            if report is not None:
+                return report
+        self.created.append(self.claim_key)
+        try:
+            self.store.create(self.claim_key, self.run.encode(), self.metadata)
+        except AlreadyExists:
+            return None
+        raise StorageError(
+            f"{self.uri}: the store does not honour conditional writes (If-None-Match); "
+            "publishing there could overwrite data, so nothing was written"
+        )
+
+    def _check_contents(self) -> ObjectInfo | None:
+        """OutputExists for an object this job did not write; this job's report, if any."""
+        for key in self.store.list(self.prefix):
+            info = self.store.head(key)
+            if info is not None and not self._ours(info) and key == self.claim_key:
+                raise OutputExists(
+                    f"{self.uri}: another job is publishing to this output; give each job its "
+                    "own output.uri"
+                )
+            if info is not None and not self._ours(info):
+                raise OutputExists(
+                    f"{self.uri}: holds {key.removeprefix(self.prefix)!r}, which this job did "
+                    "not write; nothing there was touched (give each job its own output.uri)"
+                )
+        report = self.store.head(self.prefix + REPORT_NAME)
+        return report if self._ours(report) else None
+
+    # -- 2. the files, the report last
+    def publish(self, local_dir: Path, *, should_cancel: Callable[[], bool] | None = None) -> None:
+        """Create every file of ``local_dir`` (the report last) under the claim."""
+        names = sorted(p.name for p in local_dir.iterdir() if p.is_file() and p.name != REPORT_NAME)
+        for name in [*names, REPORT_NAME]:
+            if should_cancel is not None and should_cancel():
+                raise Canceled("canceled while publishing; nothing was published")
+            key = self.prefix + name
+            try:
+                self.store.create(key, local_dir / name, self.metadata)
+            except AlreadyExists:
+                self._taken(key)
+                continue
+            except MergeError:
+                if name == REPORT_NAME and self._written_by_this_run(key):
+                    self.created.append(key)  # the PUT landed; only its answer was lost
+                    break
+                raise
+            self.created.append(key)
+        self.published = True
+
+    def _written_by_this_run(self, key: str) -> bool:
+        try:
+            info = self.store.head(key)
+        except MergeError:
+            return False
+        return info is not None and info.metadata.get(RUN_META) == self.run
+
+    def _taken(self, key: str) -> None:
+        """A file's key was taken after the contents were checked: ours (an answer lost, or
+        an earlier run of this job) is kept, anything else ends the job."""
+        info = self.store.head(key)
+        if not self._ours(info):
+            raise OutputExists(
+                f"{self.uri}: {key.removeprefix(self.prefix)!r} was written by someone else "
+                "while this job published; nothing there was touched"
+            )
+
+    # -- 3. always
+    def release(self) -> None:
+        """Delete the claim, and, unless published, every other object this run created."""
+        keys = self.created if not self.published else self.created[:1]
+        for key in reversed(keys):
+            with contextlib.suppress(MergeError):
+                self.store.delete(key)
+        self.created = [] if not self.published else self.created[1:]
+
+
+def remove_run_leftovers(store: ObjectStore, prefix: str, job_id: str, run: str | None) -> None:
+    """What a dead run of ``job_id`` left at ``prefix`` (its claim, a partial upload), for
+    the worker that saw it die: the objects that run wrote (every object of the job when
+    ``run`` is None: no run of it is left), unless the job's report is there (then the
+    adapter is complete and only the claim goes). Nothing written by anyone else is touched."""
+    report = store.head(prefix + REPORT_NAME)
+    published = report is not None and report.metadata.get(JOB_ID_META) == job_id
+    for key in store.list(prefix):
+        if published and key != prefix + CLAIM_NAME:
+            continue
+        info = store.head(key)
+        if info is None or info.metadata.get(JOB_ID_META) != job_id:
+            continue
+        if run is None or info.metadata.get(RUN_META) in (run, None):
+            with contextlib.suppress(MergeError):
+                store.delete(key)

@@ -1,0 +1,196 @@
+"""One S3 bucket as an ``ObjectStore`` (boto3), and the S3 client the worker builds.
+
+Reads are pinned: a ranged ``GetObject`` with ``If-Match`` on the ETag seen when the input
+was sized, so an object swapped in between is refused instead of read. Writes are conditional
+creates: ``PutObject`` with ``If-None-Match: *`` for small objects, and for large ones a
+multipart upload driven by hand (boto3's transfer helpers refuse conditional headers) whose
+``CompleteMultipartUpload`` carries the condition; a failed upload is aborted. Both go
+through botocore's retries (``standard`` mode); what still fails is mapped to a job error
+(``worker.storage.errors``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from jobs.errors import StorageError
+
+from .errors import (
+    CONDITIONAL_CONFLICT,
+    NOT_FOUND,
+    PRECONDITION_FAILED,
+    error_code,
+    raise_mapped,
+)
+from .objects import AlreadyExists, ObjectInfo
+
+__all__ = ["S3Store", "make_s3_client"]
+
+MiB = 1 << 20
+#: Attempts at a conditional create that S3 answers 409 (a concurrent conditional write).
+CONFLICT_ATTEMPTS = 3
+
+
+def make_s3_client(settings: Any) -> Any:
+    """A boto3 S3 client for ``settings`` (endpoint, retries, checksums); credentials and
+    region from boto3's own chain."""
+    import boto3
+    from botocore.config import Config
+
+    config = Config(
+        retries={"mode": "standard", "total_max_attempts": settings.s3_max_attempts},
+        request_checksum_calculation=settings.s3_checksum_calculation,
+        response_checksum_validation=settings.s3_checksum_validation,
+        connect_timeout=10,
+        read_timeout=60,
+        max_pool_connections=max(10, settings.s3_max_concurrency * 2),
+    )
+    return boto3.client("s3", endpoint_url=settings.s3_endpoint_url, config=config)
+
+
+def _content_type(key: str) -> str:
+    return "application/json" if key.endswith(".json") else "application/octet-stream"
+
+
+class S3Store:
+    """The bucket ``bucket`` through the boto3 client ``client``. Transfers of more than
+    ``multipart_threshold`` bytes go in ``chunk_size`` parts, ``concurrency`` at a time."""
+
+    def __init__(
+        self,
+        client: Any,
+        bucket: str,
+        *,
+        multipart_threshold: int = 64 * MiB,
+        chunk_size: int = 16 * MiB,
+        concurrency: int = 8,
+    ) -> None:
+        self.client, self.bucket = client, bucket
+        self.multipart_threshold, self.chunk_size = multipart_threshold, chunk_size
+        self.concurrency = concurrency
+
+    def _uri(self, key: str) -> str:
+        return f"s3://{self.bucket}/{key}"
+
+    def head(self, key: str) -> ObjectInfo | None:
+        try:
+            head = self.client.head_object(Bucket=self.bucket, Key=key)
+        except Exception as exc:
+            # A HEAD of a missing key answers a bare 404; a named code (NoSuchBucket) says
+            # more than "not here", and the message keeps it.
+            if error_code(exc) in ("404", "NotFound"):
+                return None
+            raise_mapped(exc, self._uri(key))
+        return ObjectInfo(key, head["ContentLength"], head["ETag"], head.get("Metadata", {}))
+
+    def list(self, prefix: str) -> list[str]:
+        try:
+            pages = self.client.get_paginator("list_objects_v2").paginate(
+                Bucket=self.bucket, Prefix=prefix
+            )
+            return [obj["Key"] for page in pages for obj in page.get("Contents", [])]
+        except Exception as exc:
+            raise_mapped(exc, self._uri(prefix))
+
+    def _get(self, key: str, etag: str | None, start: int, end: int | None) -> bytes:
+        kwargs: dict[str, Any] = {"Bucket": self.bucket, "Key": key}
+        if etag is not None:
+            kwargs["IfMatch"] = etag
+        if start or end is not None:
+            kwargs["Range"] = f"bytes={start}-{'' if end is None else end - 1}"
+        try:
+            return self.client.get_object(**kwargs)["Body"].read()
+        except Exception as exc:
+            if error_code(exc) in PRECONDITION_FAILED:
+                raise StorageError(
+                    f"{self._uri(key)}: changed while this job was reading it; nothing was merged"
+                ) from None
+            raise_mapped(exc, self._uri(key))
+
+    def read(self, key: str, *, etag: str | None = None, length: int | None = None) -> bytes:
+        return self._get(key, etag, 0, length)
+
+    def download(self, key: str, dest: Path, *, etag: str, size: int) -> None:
+        """Ranged GETs of ``chunk_size``, ``concurrency`` at a time, each pinned to ``etag``
+        and written at its offset."""
+        ranges = [(s, min(s + self.chunk_size, size)) for s in range(0, size, self.chunk_size)]
+        fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.ftruncate(fd, size)
+
+            def fetch(span: tuple[int, int]) -> None:
+                data = self._get(key, etag, span[0], span[1])
+                if len(data) != span[1] - span[0]:
+                    raise StorageError(f"{self._uri(key)}: short read; nothing was merged")
+                os.pwrite(fd, data, span[0])
+
+            if len(ranges) <= 1:  # one plain GET
+                os.pwrite(fd, self._get(key, etag, 0, None), 0)
+            else:
+                with ThreadPoolExecutor(min(self.concurrency, len(ranges))) as pool:
+                    list(pool.map(fetch, ranges))
+        finally:
+            os.close(fd)
+
+    def create(self, key: str, source: Path | bytes, metadata: Mapping[str, str]) -> None:
+        size = len(source) if isinstance(source, bytes) else Path(source).stat().st_size
+        for attempt in range(CONFLICT_ATTEMPTS):
+            try:
+                if isinstance(source, bytes) or size <= self.multipart_threshold:
+                    body = source if isinstance(source, bytes) else Path(source).read_bytes()
+                    self.client.put_object(
+                        Bucket=self.bucket, Key=key, Body=body, IfNoneMatch="*",
+                        Metadata=dict(metadata), ContentType=_content_type(key),
+                    )  # fmt: skip
+                else:
+                    self._create_multipart(key, Path(source), size, metadata)
+                return
+            except Exception as exc:
+                code = error_code(exc)
+                if code in PRECONDITION_FAILED:
+                    raise AlreadyExists(key) from None
+                if code in CONDITIONAL_CONFLICT and attempt + 1 < CONFLICT_ATTEMPTS:
+                    continue
+                raise_mapped(exc, self._uri(key))
+
+    def _create_multipart(
+        self, key: str, path: Path, size: int, metadata: Mapping[str, str]
+    ) -> None:
+        upload = self.client.create_multipart_upload(
+            Bucket=self.bucket, Key=key, Metadata=dict(metadata), ContentType=_content_type(key)
+        )["UploadId"]
+        spans = [(s, min(s + self.chunk_size, size)) for s in range(0, size, self.chunk_size)]
+
+        def put(numbered: tuple[int, tuple[int, int]]) -> dict[str, Any]:
+            number, (start, end) = numbered
+            with open(path, "rb") as f:
+                f.seek(start)
+                body = f.read(end - start)
+            part = self.client.upload_part(
+                Bucket=self.bucket, Key=key, UploadId=upload, PartNumber=number, Body=body
+            )
+            return {"PartNumber": number, "ETag": part["ETag"]}
+
+        try:
+            with ThreadPoolExecutor(min(self.concurrency, len(spans))) as pool:
+                parts = list(pool.map(put, enumerate(spans, start=1)))
+            self.client.complete_multipart_upload(
+                Bucket=self.bucket, Key=key, UploadId=upload,
+                MultipartUpload={"Parts": parts}, IfNoneMatch="*",
+            )  # fmt: skip
+        except BaseException:
+            with contextlib.suppress(Exception):
+                self.client.abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload)
+            raise
+
+    def delete(self, key: str) -> None:
+        try:
+            self.client.delete_object(Bucket=self.bucket, Key=key)
+        except Exception as exc:
+            if error_code(exc) not in NOT_FOUND:
+                raise_mapped(exc, self._uri(key))
