@@ -127,8 +127,6 @@ DEMO_ADAPTERS = [
 def run_demo(workdir: Path | None = None) -> int:
     import warnings
 
-    from peft import PeftModel
-
     warnings.filterwarnings("ignore", category=FutureWarning)
 
     from jobs.spec import MergeSpec
@@ -165,11 +163,22 @@ def run_demo(workdir: Path | None = None) -> int:
         )
     )
 
-    # Round trip: the merged adapter loads in stock PEFT and adds exactly B @ A to each layer.
+    worst = _round_trip_error(out, report["modules"])
+    print(f"loaded with PeftModel.from_pretrained; max |layer output − (W + ΔW)x| = {worst:.2e}")
+    if tmp is not None:
+        tmp.cleanup()
+    return 0
+
+
+def _round_trip_error(out: Path, modules: list[dict]) -> float:
+    """Load the merged adapter in stock PEFT; the largest gap, over every merged layer, between
+    its output and (W + B A)x: the adapter adds exactly its update to each layer."""
+    from peft import PeftModel
+
     model = PeftModel.from_pretrained(tiny_base_model(), out).eval()
     worst = 0.0
     gen = torch.Generator().manual_seed(1)
-    for record in report["modules"]:
+    for record in modules:
         layer = model.base_model.model.get_submodule(record["module"])
         x = torch.randn(3, layer.in_features, generator=gen)
         delta = (
@@ -181,7 +190,4 @@ def run_demo(workdir: Path | None = None) -> int:
             worst = max(
                 worst, float((layer(x) - x @ (layer.base_layer.weight + delta).T).abs().max())
             )
-    print(f"loaded with PeftModel.from_pretrained; max |layer output − (W + ΔW)x| = {worst:.2e}")
-    if tmp is not None:
-        tmp.cleanup()
-    return 0
+    return worst
