@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from tests.conftest import edit_config
 from worker.cli import main
-from worker.demo import make_tiny_adapters, tiny_base_model
+from worker.demo import tiny_base_model
 
 
 def _peft_model(adapter_dir: Path):
@@ -60,18 +60,6 @@ def test_ta_round_trip_through_peft(peft_adapters: list[Path], tmp_path: Path) -
     assert report["self_check"]["max_projection_residual"] < 1e-5
     assert [i["weight"] for i in report["inputs"]] == [1.0, 0.5, -1.0]
     assert all(len(i["sha256"]) == 64 for i in report["inputs"])
-
-
-def test_output_layout_is_one_rank_padded(peft_adapters: list[Path], tmp_path: Path) -> None:
-    out = tmp_path / "merged"
-    assert _merge(*peft_adapters, "-o", out, "--method", "tsv") == 0
-    tensors = load_file(out / "adapter_model.safetensors")
-    rank = json.loads((out / "adapter_config.json").read_text())["r"]
-    # q_proj of layer 0 is in all three adapters: 4 + 8 + 2 = 14; k_proj only in one (6).
-    assert rank == 14
-    assert {t.shape[0] for k, t in tensors.items() if k.endswith("lora_A.weight")} == {rank}
-    k_a = tensors["base_model.model.model.layers.0.self_attn.k_proj.lora_A.weight"]
-    assert torch.count_nonzero(k_a[6:]) == 0  # zero padding beyond the module's rank
 
 
 @pytest.mark.parametrize("space", ["full", "knots"])
@@ -180,53 +168,6 @@ def test_error_paths(peft_adapters: list[Path], adapter_copy, tmp_path: Path, ca
     (out / "keep.txt").write_text("x")
     _fails(capsys, [*a, "-o", out], "already exists and is not empty", None)
     assert (out / "keep.txt").exists()
-
-
-def test_incompatible_adapters(
-    peft_adapters: list[Path], adapter_copy, tmp_path: Path, capsys
-) -> None:
-    other_base = adapter_copy(1)
-    edit_config(other_base, base_model_name_or_path="someone/else")
-    _fails(
-        capsys,
-        [peft_adapters[0], other_base, "-o", tmp_path / "o1"],
-        "adapters disagree on base_model_name_or_path",
-        tmp_path / "o1",
-    )
-    wide = make_tiny_adapters(tmp_path / "wide", [{"r": 4, "target_modules": ["q_proj"]}])[0]
-    # Same name, different model: q_proj shapes differ from the 64-wide tiny model's.
-    from worker.demo import tiny_base_model as _  # noqa: F401  (documents where shapes come from)
-
-    tensors = load_file(wide / "adapter_model.safetensors")
-    from safetensors.torch import save_file
-
-    save_file(
-        {
-            k: torch.randn(t.shape[0], 2 * t.shape[1]) if "lora_A" in k else t
-            for k, t in tensors.items()
-        },
-        wide / "adapter_model.safetensors",
-    )
-    _fails(
-        capsys,
-        [peft_adapters[0], wide, "-o", tmp_path / "o2"],
-        "adapter_incompatible: module 'model.layers.0.self_attn.q_proj' has different shapes",
-        tmp_path / "o2",
-    )
-
-
-def test_nan_midway_leaves_nothing(
-    peft_adapters: list[Path], adapter_copy, tmp_path: Path, capsys
-) -> None:
-    bad = adapter_copy(0)
-    path = bad / "adapter_model.safetensors"
-    tensors = load_file(path)
-    tensors["base_model.model.model.layers.1.mlp.down_proj.lora_B.weight"][0, 0] = float("inf")
-    from safetensors.torch import save_file
-
-    save_file(tensors, path)
-    out = tmp_path / "out"
-    _fails(capsys, [bad, peft_adapters[1], "-o", out], "NaN or infinite", out)
 
 
 def test_inspect(peft_adapters: list[Path], capsys) -> None:

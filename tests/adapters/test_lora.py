@@ -1,16 +1,15 @@
-"""The adapter reader against adapters written by peft itself, and every refusal."""
+"""The LoRA reader against adapters written by peft itself, and every refusal of its weights."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from jobs.errors import AdapterInvalid, AdapterNotFound
-from tests.conftest import edit_config
+from jobs.errors import AdapterNotFound
+from tests.adapters.refusals import expect_invalid as _expect_invalid
 from worker.adapters.lora import LoraReader as AdapterReader
 from worker.demo import tiny_base_model
 
@@ -39,37 +38,6 @@ def test_modules_ranks_and_scalings_match_peft(peft_adapters: list[Path]) -> Non
             A, B = reader.read(name)
             assert torch.equal(A, layer.lora_A["default"].weight)
             assert torch.equal(B, layer.lora_B["default"].weight)
-
-
-def test_rank_and_alpha_patterns_are_applied(peft_adapters: list[Path]) -> None:
-    reader = AdapterReader(peft_adapters[2], "patterns")
-    assert reader.modules["model.layers.0.self_attn.k_proj"].rank == 6
-    assert reader.modules["model.layers.0.self_attn.q_proj"].scaling == pytest.approx(4 / 2)
-    assert reader.modules["model.layers.1.self_attn.q_proj"].scaling == pytest.approx(16 / 2)
-
-
-def _expect_invalid(adapter_dir: Path, fragment: str) -> None:
-    with pytest.raises(AdapterInvalid) as info:
-        AdapterReader(adapter_dir, "bad").read("model.layers.0.self_attn.q_proj")
-    assert "'bad'" in info.value.message and fragment in info.value.message
-    assert info.value.code == "adapter_invalid"
-
-
-@pytest.mark.parametrize(
-    ("changes", "fragment"),
-    [
-        ({"use_dora": True}, "DoRA"),
-        ({"modules_to_save": ["lm_head"]}, "modules_to_save"),
-        ({"peft_type": "IA3"}, "peft_type 'IA3' is not supported"),
-        ({"bias": "all"}, "bias='all'"),
-        ({"init_lora_weights": "pissa"}, "changes the base weights"),
-        ({"r": 3}, "has rank 4 but the config says 3"),
-    ],
-)
-def test_refused_configs(adapter_copy, changes: dict, fragment: str) -> None:
-    adapter = adapter_copy(0)
-    edit_config(adapter, **changes)
-    _expect_invalid(adapter, fragment)
 
 
 def test_missing_directory_is_not_found(tmp_path: Path) -> None:
@@ -122,11 +90,3 @@ def test_embedding_lora_key(adapter_copy) -> None:
     key = "base_model.model.model.embed_tokens.lora_embedding_A"
     _rewrite_tensors(adapter, lambda t: t.__setitem__(key, torch.zeros(4, 8)))
     _expect_invalid(adapter, "embedding LoRA")
-
-
-def test_config_that_is_not_json(adapter_copy) -> None:
-    adapter = adapter_copy(0)
-    (adapter / "adapter_config.json").write_text("{not json")
-    _expect_invalid(adapter, "not valid JSON")
-    (adapter / "adapter_config.json").write_text(json.dumps([1, 2]))
-    _expect_invalid(adapter, "not a JSON object")

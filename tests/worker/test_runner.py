@@ -1,0 +1,45 @@
+"""run_merge: the output's layout, and a failure midway that leaves nothing behind."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from jobs.errors import AdapterInvalid
+from jobs.spec import MergeSpec
+from worker.runner import run_merge
+
+
+def _spec(dirs: list[Path], out: Path, **spec: object) -> MergeSpec:
+    full = {"adapters": [{"uri": str(d)} for d in dirs], "output": {"uri": str(out)}, **spec}
+    return MergeSpec.model_validate(full)
+
+
+def test_output_layout_is_one_rank_padded(peft_adapters: list[Path], tmp_path: Path) -> None:
+    out = tmp_path / "merged"
+    run_merge(_spec(peft_adapters, out, method="tsv"), peft_adapters, out, device="cpu")
+    tensors = load_file(out / "adapter_model.safetensors")
+    rank = json.loads((out / "adapter_config.json").read_text())["r"]
+    # q_proj of layer 0 is in all three adapters: 4 + 8 + 2 = 14; k_proj only in one (6).
+    assert rank == 14
+    assert {t.shape[0] for k, t in tensors.items() if k.endswith("lora_A.weight")} == {rank}
+    k_a = tensors["base_model.model.model.layers.0.self_attn.k_proj.lora_A.weight"]
+    assert torch.count_nonzero(k_a[6:]) == 0  # zero padding beyond the module's rank
+
+
+def test_nan_midway_leaves_nothing(peft_adapters: list[Path], adapter_copy, tmp_path: Path) -> None:
+    bad = adapter_copy(0)
+    path = bad / "adapter_model.safetensors"
+    tensors = load_file(path)
+    tensors["base_model.model.model.layers.1.mlp.down_proj.lora_B.weight"][0, 0] = float("inf")
+    save_file(tensors, path)
+    out = tmp_path / "out"
+    dirs = [bad, peft_adapters[1]]
+    with pytest.raises(AdapterInvalid, match="NaN or infinite"):
+        run_merge(_spec(dirs, out), dirs, out, device="cpu")
+    assert not out.exists()
+    assert not list(out.parent.glob(f".{out.name}.partial-*"))
