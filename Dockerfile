@@ -22,7 +22,7 @@ FROM base AS api
 # goes in with --no-deps so that torch, peft and transformers stay out of this image.
 RUN pip install \
       "pydantic>=2.7,<3" "pydantic-settings>=2.3,<3" "fastapi>=0.115" "uvicorn[standard]>=0.30" \
-      "httpx>=0.27" "redis>=5" "rq>=2.0" "boto3>=1.36" "prometheus-client>=0.20"
+      "httpx>=0.27" "redis>=5" "rq>=3,<4" "boto3>=1.36" "prometheus-client>=0.20"
 COPY pyproject.toml README.md ./
 COPY jobs ./jobs
 COPY service ./service
@@ -33,7 +33,9 @@ USER 10001:10001
 EXPOSE 8000
 HEALTHCHECK --interval=10s --timeout=3s --start-period=5s --retries=3 \
   CMD ["python", "-c", "import urllib.request as u; u.urlopen('http://127.0.0.1:8000/healthz', timeout=2)"]
-# 0.0.0.0 inside the container; compose publishes it on the host's loopback only.
+# 0.0.0.0 inside the container, so this needs COREMERGE_TENANTS_FILE (a mounted tenants
+# file, as deploy/ does): without one, `serve` refuses a non-loopback address rather than run
+# an open API. docker-compose.yml passes --allow-open-non-loopback for its loopback-only stack.
 CMD ["coremerge", "serve", "--host", "0.0.0.0", "--port", "8000"]
 
 # ---------------------------------------------------------------------------------------------

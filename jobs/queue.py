@@ -32,7 +32,9 @@ __all__ = [
     "MergeQueue",
     "cancel_queued",
     "enqueue_merge",
+    "enqueue_merge_once",
     "make_queue",
+    "withdraw",
 ]
 
 #: The RQ job function, by name: the API never imports the worker side.
@@ -81,6 +83,29 @@ def enqueue_merge(queue: Queue, job_id: str, settings: Settings, *, pipeline: An
         meta={"key_prefix": settings.key_prefix, "result_ttl": settings.result_ttl},
         description=f"coremerge merge {job_id}",
     )
+
+
+def enqueue_merge_once(queue: Queue, job_id: str, settings: Settings) -> None:
+    """Queue the merge ``job_id`` unless RQ already has it queued or running: for keyed ids,
+    which a submission, its repeat and the API's sweep of stranded submissions may all try
+    to queue. A *finished* RQ job under this id (its record expired before RQ's result did)
+    is replaced."""
+    try:
+        enqueue_merge(queue, job_id, settings)
+    except DuplicateJobError:
+        old = Job.fetch(job_id, connection=queue.connection, serializer=JSONSerializer)
+        if old.get_status() in ("queued", "started", "deferred", "scheduled"):
+            return  # the job is in the queue already
+        old.delete()
+        enqueue_merge(queue, job_id, settings)
+
+
+def withdraw(queue: Queue, job_id: str) -> None:
+    """Delete the RQ job ``job_id`` that went into the queue together with a record the
+    same transaction then refused (a quota): no worker should run it (one that already took
+    it finds no record and does nothing)."""
+    with contextlib.suppress(NoSuchJobError, InvalidJobOperation):
+        Job.fetch(job_id, connection=queue.connection, serializer=JSONSerializer).delete()
 
 
 def cancel_queued(queue: Queue, job_id: str) -> None:

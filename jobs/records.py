@@ -2,9 +2,16 @@
 
 RQ carries the work; this record is what clients read. Keys (defined here only)::
 
-    {prefix}:job:{id}             hash: status, tenant, request, progress, result, error, …
-    {prefix}:tenant:{name}:jobs   sorted set of the tenant's job ids by creation time
-    {prefix}:stats                hash: jobs entered per status, active counts, merge seconds
+    {prefix}:job:{id}                     hash: status, tenant, request, progress, result, …
+    {prefix}:tenant:{name}:jobs           sorted set: the tenant's job keys by creation time
+    {prefix}:tenant:{name}:status:{s}     sorted set: the same, only those in status s
+    {prefix}:tenant:{name}:submits        sorted set: job ids by submission time, last minute
+    {prefix}:accepting                    sorted set: keyed jobs created but not yet queued
+    {prefix}:stats                        hash: jobs entered per status, active counts, merge seconds
+
+The indexes change in the same Lua script as the record (``jobs.scripts``), so a listing by
+status reads only that status's index, and a tenant's active jobs (its ``queued`` and
+``running`` index sizes) are what the quota in :meth:`JobStore.create` counts.
 
 Every status change goes through :meth:`JobStore.transition`, one Lua script
 (``jobs.scripts.TRANSITION``) that checks the current status and moves it atomically; the
@@ -27,6 +34,7 @@ import hashlib
 import json
 import time
 import uuid
+import zlib
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -42,6 +50,7 @@ __all__ = [
     "JobRecord",
     "JobStatus",
     "JobStore",
+    "QuotaExceeded",
     "fingerprint",
     "job_id_for",
 ]
@@ -52,63 +61,34 @@ MERGE_SECONDS_BUCKETS = (0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
 ACCEPT_STALE_S = 30.0
 
 _JSON_FIELDS = ("request", "progress", "result", "error")
+#: A JSON field (request, result, error) longer than this is stored zlib-compressed, as
+#: ``<name>_z``: a spec of 64 adapters with long URIs is most of a record's bytes, and URIs
+#: compress well (a maximal record: docs/service.md, "Redis").
+COMPRESS_OVER = 1024
+#: Seconds over which ``submits_per_minute`` counts submissions (a sliding window).
+SUBMIT_WINDOW_S = 60
+#: Retry-After (seconds) of a submission refused because the tenant has too many active jobs:
+#: a slot frees when any of them ends, which cannot be predicted.
+ACTIVE_RETRY_AFTER_S = 5
 
-# KEYS: job, stats. ARGV: to, allowed-from (",a,b,"), ttl (0: keep), run token ('' = any run),
-# then field/value pairs. Returns {1, previous} when moved, {0, current or ""} when the record
-# is not in an allowed state or is held by another run.
-_TRANSITION = """
-local current = redis.call('HGET', KEYS[1], 'status')
-if not current then return {0, ''} end
-if not string.find(ARGV[2], ',' .. current .. ',', 1, true) then return {0, current} end
-if ARGV[4] ~= '' and redis.call('HGET', KEYS[1], 'run') ~= ARGV[4] then return {0, current} end
-redis.call('HSET', KEYS[1], 'status', ARGV[1])
-for i = 5, #ARGV, 2 do
-  if ARGV[i + 1] == '' then redis.call('HDEL', KEYS[1], ARGV[i])
-  else redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
-end
-if current ~= ARGV[1] then
-  redis.call('HINCRBY', KEYS[2], 'entered:' .. ARGV[1], 1)
-  if current == 'queued' or current == 'running' then
-    redis.call('HINCRBY', KEYS[2], 'active:' .. current, -1)
-  end
-  if ARGV[1] == 'queued' or ARGV[1] == 'running' then
-    redis.call('HINCRBY', KEYS[2], 'active:' .. ARGV[1], 1)
-  end
-end
-if tonumber(ARGV[3]) > 0 then redis.call('EXPIRE', KEYS[1], ARGV[3]) end
-return {1, current}
-"""
 
-# KEYS: job, tenant index, stats. ARGV: score, then field/value pairs. 1 = created, 0 = exists.
-_CREATE = """
-if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
-redis.call('HSET', KEYS[1], unpack(ARGV, 2))
-redis.call('ZADD', KEYS[2], ARGV[1], KEYS[1])
-redis.call('HINCRBY', KEYS[3], 'entered:queued', 1)
-redis.call('HINCRBY', KEYS[3], 'active:queued', 1)
-return 1
-"""
+class QuotaExceeded(Exception):
+    """A submission refused by a per-tenant quota (HTTP 429): ``limit`` is
+    ``max_active_jobs`` or ``submits_per_minute``, ``retry_after`` whole seconds."""
 
-# KEYS: job. ARGV: progress JSON, run token ('' = any). Publishes progress of a running job;
-# 1 = it should stop (canceled, no longer running, or this run was replaced by another).
-_PROGRESS = """
-if redis.call('HGET', KEYS[1], 'status') ~= 'running' then return 1 end
-if ARGV[2] ~= '' and redis.call('HGET', KEYS[1], 'run') ~= ARGV[2] then return 1 end
-redis.call('HSET', KEYS[1], 'progress', ARGV[1])
-if redis.call('HGET', KEYS[1], 'cancel_requested') == '1' then return 1 end
-return 0
-"""
+    def __init__(self, limit: str, retry_after: int, message: str) -> None:
+        super().__init__(message)
+        self.limit = limit
+        self.retry_after = retry_after
+        self.message = message
 
-# KEYS: job, tenant index, stats. Undo a create whose enqueue failed.
-_DISCARD = """
-if redis.call('HGET', KEYS[1], 'status') == 'queued' then
-  redis.call('HINCRBY', KEYS[3], 'entered:queued', -1)
-  redis.call('HINCRBY', KEYS[3], 'active:queued', -1)
-end
-redis.call('DEL', KEYS[1])
-redis.call('ZREM', KEYS[2], KEYS[1])
-return 1
-"""
+
+def _json_field(name: str, value: dict[str, Any]) -> tuple[str, str | bytes]:
+    """How a JSON field is stored: ``(name, json)``, or ``(name_z, zlib(json))`` when long."""
+    text = json.dumps(value, separators=(",", ":"))
+    if len(text) > COMPRESS_OVER:
+        return f"{name}_z", zlib.compress(text.encode(), 6)
+    return name, text
 
 
 def now_iso() -> str:
@@ -149,7 +129,12 @@ class JobRecord:
 
     @classmethod
     def from_hash(cls, raw: dict[bytes, bytes]) -> JobRecord:
+        raw = dict(raw)
+        packed = {name: raw.pop(f"{name}_z".encode(), None) for name in _JSON_FIELDS}
         d = {k.decode(): v.decode() for k, v in raw.items()}
+        for name, value in packed.items():
+            if value is not None:
+                d[name] = zlib.decompress(value).decode()
         for name in _JSON_FIELDS:
             d[name] = json.loads(d[name]) if name in d else None
         return cls(
@@ -172,27 +157,62 @@ class JobRecord:
 
 
 class JobStore:
-    """Job records of one deployment (``key_prefix``) in one Redis."""
+    """Job records of one deployment (``key_prefix``) in one Redis.
 
-    def __init__(self, redis: Any, *, key_prefix: str = "coremerge", result_ttl: int = 604_800):
+    ``max_active_jobs`` and ``submits_per_minute`` are the per-tenant quotas that
+    :meth:`create` enforces (``None``: no limit; the worker's store creates nothing)."""
+
+    def __init__(
+        self,
+        redis: Any,
+        *,
+        key_prefix: str = "coremerge",
+        result_ttl: int = 604_800,
+        max_active_jobs: int | None = None,
+        submits_per_minute: int | None = None,
+    ) -> None:
         self.redis = redis
         self.prefix = key_prefix
         self.result_ttl = result_ttl
+        self.max_active_jobs = max_active_jobs
+        self.submits_per_minute = submits_per_minute
         self._transition = redis.register_script(scripts.TRANSITION)
         self._create = redis.register_script(scripts.CREATE)
+        self._quota = redis.register_script(scripts.QUOTA)
         self._discard = redis.register_script(scripts.DISCARD)
+        self._commit = redis.register_script(scripts.COMMIT)
+        self._request_cancel = redis.register_script(scripts.REQUEST_CANCEL)
         self._progress = redis.register_script(scripts.PROGRESS)
+        self._claim_stale = redis.register_script(scripts.CLAIM_STALE)
 
     # -- keys
     def job_key(self, job_id: str) -> str:
         return f"{self.prefix}:job:{job_id}"
 
     def tenant_key(self, tenant: str) -> str:
+        """The index of all the tenant's jobs."""
         return f"{self.prefix}:tenant:{tenant}:jobs"
+
+    def status_key(self, tenant: str, status: str) -> str:
+        """The index of the tenant's jobs in ``status``."""
+        return f"{self.prefix}:tenant:{tenant}:status:{status}"
+
+    def submits_key(self, tenant: str) -> str:
+        """The tenant's submissions of the last minute (for ``submits_per_minute``)."""
+        return f"{self.prefix}:tenant:{tenant}:submits"
+
+    @property
+    def accepting_key(self) -> str:
+        """Keyed jobs whose record exists but whose enqueueing was not confirmed yet."""
+        return f"{self.prefix}:accepting"
 
     @property
     def stats_key(self) -> str:
         return f"{self.prefix}:stats"
+
+    def _indexes(self, tenant: str) -> list[str]:
+        """The tenant's six indexes, in the order ``jobs.scripts`` expects them."""
+        return [self.tenant_key(tenant), *(self.status_key(tenant, s) for s in STATUSES)]
 
     # -- reading
     def get(self, job_id: str) -> JobRecord | None:
@@ -200,10 +220,14 @@ class JobStore:
         return JobRecord.from_hash(raw) if raw else None
 
     def list(self, tenant: str, *, status: str | None = None, limit: int = 50) -> list[JobRecord]:
-        """The tenant's jobs, newest first, optionally only those with ``status``."""
-        index = self.tenant_key(tenant)
+        """The tenant's jobs, newest first, optionally only those with ``status``: read from
+        the status's own index, never from every record of the tenant. Entries whose record
+        has expired are dropped from the index on the way."""
+        index = self.tenant_key(tenant) if status is None else self.status_key(tenant, status)
         found: list[JobRecord] = []
-        start, batch = 0, max(limit, 50)
+        # The index holds just the records wanted: read ``limit`` of them, and more only for
+        # those that expired or moved on meanwhile.
+        start, batch = 0, max(limit, 1)
         while len(found) < limit and start < 20_000:
             keys = self.redis.zrevrange(index, start, start + batch - 1)
             if not keys:
@@ -217,6 +241,7 @@ class JobStore:
                 self.redis.zrem(index, *expired)
                 start -= len(expired)
             for raw in rows:
+                # A record that moved on between the two reads is in its new index now.
                 if raw and (record := JobRecord.from_hash(raw)).status == (status or record.status):
                     found.append(record)
             start += batch
@@ -225,47 +250,133 @@ class JobStore:
     def stats(self) -> dict[str, float]:
         return {k.decode(): float(v) for k, v in self.redis.hgetall(self.stats_key).items()}
 
+    # -- quotas
+    def _quota_args(self) -> list[Any]:
+        return [
+            self.max_active_jobs or 0,
+            self.submits_per_minute or 0,
+            SUBMIT_WINDOW_S * 1000,
+            ACTIVE_RETRY_AFTER_S,
+        ]
+
+    def _refused(self, code: int, retry_after: int) -> QuotaExceeded:
+        if code == -1:
+            return QuotaExceeded(
+                "max_active_jobs",
+                retry_after,
+                f"this tenant already has {self.max_active_jobs} jobs queued or running, its "
+                "limit (COREMERGE_MAX_ACTIVE_JOBS); retry when one has ended",
+            )
+        return QuotaExceeded(
+            "submits_per_minute",
+            retry_after,
+            f"this tenant submitted {self.submits_per_minute} jobs in the last minute, its "
+            f"limit (COREMERGE_SUBMITS_PER_MINUTE); retry in {retry_after} s",
+        )
+
+    def quota_refusal(self, tenant: str) -> QuotaExceeded | None:
+        """Whether a submission by ``tenant`` would be refused now (it creates nothing). A
+        cheap look before a transaction that would queue the job; :meth:`create` decides."""
+        if not (self.max_active_jobs or self.submits_per_minute):
+            return None
+        keys = [
+            self.status_key(tenant, "queued"),
+            self.status_key(tenant, "running"),
+            self.submits_key(tenant),
+        ]
+        code, retry_after = self._quota(keys=keys, args=self._quota_args())
+        return None if code == 1 else self._refused(int(code), int(retry_after))
+
     # -- creating
     def create(
         self, job_id: str, tenant: str, request: dict[str, Any], *, pipeline: Any = None
     ) -> JobRecord | None:
-        """Create a queued record; ``None`` when the id exists already.
+        """Create a queued record; ``None`` when the id exists already (whatever the quotas
+        say: a repeat gets its job back). Raises :class:`QuotaExceeded` when the tenant is at
+        one of its limits; the check and the creation are one script, so concurrent
+        submissions cannot overshoot.
 
         Without ``pipeline`` the record is marked *accepting* until :meth:`mark_accepted`
-        (the caller queues the job in between). With one, the creation is only added to that
-        transaction, which must also queue the job: for ids that cannot collide (random ones),
-        record and queue entry then appear together or not at all.
+        (the caller queues the job in between; :meth:`claim_stale_accepting` finds it should
+        the caller die there). With one, the creation is only added to that transaction,
+        which must also queue the job: for ids that cannot collide (random ones), record and
+        queue entry then appear together or not at all. The script's answer is then among
+        the transaction's results: pass it to :meth:`created`, which raises
+        :class:`QuotaExceeded` if the record was refused (the caller must then take the job
+        back out of the queue).
         """
         created_at = now_iso()
-        fields = {
+        digest = fingerprint(request)
+        fields: dict[str, str | bytes] = {
             "id": job_id,
             "tenant": tenant,
             "status": "queued",
             "created_at": created_at,
-            "request": json.dumps(request, separators=(",", ":")),
-            "fingerprint": fingerprint(request),
+            "fingerprint": digest,
         }
+        stored, payload = _json_field("request", request)
+        fields[stored] = payload
         accepting = None
         if pipeline is None:
             accepting = time.time()
             fields["accepting"] = repr(accepting)
-        args = [repr(time.time())] + [x for kv in fields.items() for x in kv]
-        keys = [self.job_key(job_id), self.tenant_key(tenant), self.stats_key]
+        args = [
+            repr(time.time()),
+            *self._quota_args(),
+            fields.get("accepting", ""),
+            *(x for kv in fields.items() for x in kv),
+        ]
+        keys = [
+            self.job_key(job_id),
+            self.stats_key,
+            *self._indexes(tenant),
+            self.submits_key(tenant),
+            self.accepting_key,
+        ]
+        record = JobRecord(job_id, tenant, JobStatus.QUEUED, created_at, request, digest,
+                           accepting_since=accepting)  # fmt: skip
         if pipeline is not None:
             self._create(keys=keys, args=args, client=pipeline)
-        elif not self._create(keys=keys, args=args):
-            return None
-        return JobRecord(job_id, tenant, JobStatus.QUEUED, created_at, request, fields["fingerprint"],
-                         accepting_since=accepting)  # fmt: skip
+            return record
+        return record if self.created(self._create(keys=keys, args=args)) else None
+
+    def created(self, answer: Any) -> bool:
+        """The create script's ``answer``: True created, False the id existed; raises
+        :class:`QuotaExceeded` when a quota refused it."""
+        code, retry_after = (int(x) for x in answer)
+        if code < 0:
+            raise self._refused(code, retry_after)
+        return code == 1
 
     def mark_accepted(self, job_id: str) -> None:
         """The job is in the queue: a repeat of its request now gets it back (not 409)."""
-        self.redis.hdel(self.job_key(job_id), "accepting")
+        with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hdel(self.job_key(job_id), "accepting")
+            pipe.zrem(self.accepting_key, self.job_key(job_id))
+            pipe.execute()
 
     def discard(self, job_id: str, tenant: str) -> None:
         """Undo :meth:`create` when the job could not be queued."""
-        keys = [self.job_key(job_id), self.tenant_key(tenant), self.stats_key]
-        self._discard(keys=keys, args=[])
+        keys = [
+            self.job_key(job_id),
+            self.stats_key,
+            *self._indexes(tenant),
+            self.submits_key(tenant),
+            self.accepting_key,
+        ]
+        self._discard(keys=keys, args=[job_id])
+
+    def claim_stale_accepting(self, older_than: float, *, limit: int = 100) -> list[str]:
+        """Ids of keyed jobs marked *accepting* for over ``older_than`` seconds: their API
+        request died between creating the record and queueing the job. Each is handed to one
+        caller only (its mark is moved to now; it comes back after ``older_than`` again if
+        that caller dies too). The caller queues it and calls :meth:`mark_accepted`."""
+        now = time.time()
+        keys = self._claim_stale(
+            keys=[self.accepting_key], args=[repr(now - older_than), repr(now), limit]
+        )
+        marker = f"{self.prefix}:job:"
+        return [k.decode().removeprefix(marker) for k in keys]
 
     # -- the status machine
     def transition(
@@ -288,10 +399,18 @@ class JobStore:
             if value is None:
                 args += [name, ""]
             elif isinstance(value, dict):
-                args += [name, json.dumps(value, separators=(",", ":"))]
+                stored, payload = _json_field(name, value)
+                other = f"{name}_z" if stored == name else name
+                args += [stored, payload, other, ""]  # and never both spellings at once
             else:
                 args += [name, str(value)]
-        moved, status = self._transition(keys=[self.job_key(job_id), self.stats_key], args=args)
+        # The tenant names the indexes the script moves the job between; a job's tenant never
+        # changes, so reading it first cannot race with anything.
+        tenant = self.redis.hget(self.job_key(job_id), "tenant")
+        if tenant is None:
+            return False, None
+        keys = [self.job_key(job_id), self.stats_key, *self._indexes(tenant.decode())]
+        moved, status = self._transition(keys=keys, args=args)
         status = status.decode() if isinstance(status, bytes) else status
         return bool(moved), (status or None)
 
@@ -348,11 +467,19 @@ class JobStore:
         )  # fmt: skip
         if moved:
             return "canceled"
-        if status == "running":
-            # Racing a finishing worker is harmless: the flag on a finished job is never read.
-            self.redis.hset(self.job_key(job_id), "cancel_requested", "1")
-            return "requested"
-        return status
+        if status != "running":
+            return status
+        # One script, so that it and the worker's commit (before the report) cannot cross:
+        # either the flag is set first and the worker stops, or the report is being written
+        # and the cancel is refused ("committing").
+        outcome = self._request_cancel(keys=[self.job_key(job_id)])
+        outcome = outcome.decode() if isinstance(outcome, bytes) else outcome
+        return outcome or None
+
+    def commit(self, job_id: str, *, run: str) -> bool:
+        """The worker is about to write the report: True when it may (from now on a cancel is
+        refused), False when it must stop (canceled first, or this run was replaced)."""
+        return bool(self._commit(keys=[self.job_key(job_id)], args=[run]))
 
     # -- the running job
     def report_progress(

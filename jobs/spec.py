@@ -27,6 +27,8 @@ from pydantic import (
     field_validator,
 )
 
+from jobs.uris import canonical_scheme
+
 __all__ = [
     "DTYPES",
     "MAX_ADAPTERS",
@@ -181,6 +183,13 @@ class AdapterRef(_Strict):
         None, max_length=200, description="defaults to the last path segment of the URI"
     )
 
+    @field_validator("uri")
+    @classmethod
+    def _lower_scheme(cls, uri: str) -> str:
+        """``S3://`` and ``s3://`` are one scheme: every reader of a spec sees the lower-case
+        one (the API, the CLI and the worker alike)."""
+        return canonical_scheme(uri)
+
     @property
     def display_name(self) -> str:
         return self.name or self.uri.rstrip("/").rsplit("/", 1)[-1] or self.uri
@@ -197,6 +206,12 @@ class OutputSpec(_Strict):
         "best rank-k approximation",
     )
     dtype: DType = "float32"
+
+    @field_validator("uri")
+    @classmethod
+    def _lower_scheme(cls, uri: str) -> str:
+        """As :meth:`AdapterRef._lower_scheme`."""
+        return canonical_scheme(uri)
 
 
 class MergeSpec(_Strict):

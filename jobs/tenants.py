@@ -3,16 +3,21 @@
 The tenants file (``COREMERGE_TENANTS_FILE``, docs/job-spec.md)::
 
     {"tenants": {"team-a": {"keys_sha256": ["9f86d0…"],
-                            "allow": ["s3://adapters-a/", "s3://merged/team-a/"]}}}
+                            "allow": ["s3://adapters-a/", "s3://merged/team-a/"],
+                            "read_only": ["s3://shared-catalogue/"]}}}
 
 Keys are stored only as their sha256 (``coremerge hash-key`` prints it). A presented key is
 hashed and compared with every stored hash in constant time, without stopping at a match, so
 the time taken says nothing about which key (or how much of one) matched. A location is
 allowed when its normal form (:mod:`jobs.uris`) starts with one of the tenant's ``allow``
-prefixes; inputs and output alike. With no tenants file the service runs *open*: one tenant,
-``open``, that may use every ``s3://`` location (and ``file://`` when enabled).
+prefixes, inputs and output alike; a ``read_only`` prefix allows inputs only (an output under
+one is refused even when an ``allow`` prefix covers it too). With no tenants file the service
+runs *open*: one tenant, ``open``, that may use every ``s3://`` location (and ``file://`` when
+enabled).
 
 The same check runs in the API at submission and again in the worker before any byte moves.
+The API re-reads a changed file while it runs (:class:`TenantsFile`); the worker reads it for
+every job.
 """
 
 from __future__ import annotations
@@ -22,7 +27,9 @@ import hmac
 import json
 import logging
 import re
-from collections.abc import Iterable
+import threading
+import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +40,7 @@ __all__ = [
     "Refusal",
     "Tenant",
     "Tenants",
+    "TenantsFile",
     "TenantsFileError",
     "hash_key",
     "load_tenants",
@@ -43,6 +51,9 @@ log = logging.getLogger("coremerge.auth")
 
 _SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
 _TENANT_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+_TENANT_FIELDS = frozenset({"keys_sha256", "allow", "read_only"})
+#: The API looks at the tenants file's identity (inode, size, mtime) at most this often.
+RELOAD_CHECK_S = 1.0
 
 
 class TenantsFileError(ValueError):
@@ -56,16 +67,26 @@ def hash_key(key: str) -> str:
 
 @dataclass(frozen=True)
 class Tenant:
-    """A tenant and its allowed location prefixes (normalised; ``None`` = everything)."""
+    """A tenant and its location prefixes (normalised): ``allow`` for inputs and outputs
+    (``None`` = everything), ``read_only`` for inputs only."""
 
     name: str
     allow: tuple[str, ...] | None
+    read_only: tuple[str, ...] = ()
 
-    def may_use(self, location: Location) -> bool:
+    def may_use(self, location: Location, *, for_output: bool = False) -> bool:
+        """Whether the tenant may read (``for_output=False``) or write at ``location``."""
+        normalized = location.normalized
+        if any(normalized.startswith(prefix) for prefix in self.read_only):
+            return not for_output
         if self.allow is None:
             return True
-        normalized = location.normalized
         return any(normalized.startswith(prefix) for prefix in self.allow)
+
+    def is_read_only(self, location: Location) -> bool:
+        """Whether ``location`` lies under one of the tenant's ``read_only`` prefixes."""
+        normalized = location.normalized
+        return any(normalized.startswith(prefix) for prefix in self.read_only)
 
 
 OPEN_TENANT = Tenant("open", None)
@@ -79,8 +100,12 @@ class Refusal:
     message: str
 
 
-def refusal(tenant: Tenant, uri: str, *, allow_file_uris: bool) -> Refusal | None:
-    """``None`` when ``tenant`` may use ``uri``; otherwise the reason it may not."""
+def refusal(
+    tenant: Tenant, uri: str, *, allow_file_uris: bool, for_output: bool = False
+) -> Refusal | None:
+    """``None`` when ``tenant`` may use ``uri`` (as the output when ``for_output``, else as an
+    input); otherwise the reason it may not. ``uri`` is parsed and normalised first
+    (:func:`jobs.uris.parse_uri`: ``S3://b/p`` is ``s3://b/p/``)."""
     try:
         location = parse_uri(uri)
     except InvalidUri as exc:
@@ -89,9 +114,29 @@ def refusal(tenant: Tenant, uri: str, *, allow_file_uris: bool) -> Refusal | Non
         return Refusal(
             "forbidden", f"{uri!r}: file:// URIs are disabled here (COREMERGE_ALLOW_FILE_URIS)"
         )
-    if not tenant.may_use(location):
+    if for_output and tenant.is_read_only(location):
+        return Refusal(
+            "forbidden",
+            f"{uri!r}: tenant {tenant.name!r} may only read here (a read_only prefix), "
+            "not write the output",
+        )
+    if not tenant.may_use(location, for_output=for_output):
         return Refusal("forbidden", f"{uri!r}: tenant {tenant.name!r} may not use this location")
     return None
+
+
+def _prefixes(raw: object, what: str, bad: Callable[[str], TenantsFileError]) -> tuple[str, ...]:
+    """A list of location prefixes, each parsed and normalised like a spec's location (so
+    ``..``, empty segments and percent-escapes are refused here as there)."""
+    if not isinstance(raw, list) or not all(isinstance(a, str) for a in raw):
+        raise bad(f"{what} must be a list of URI prefixes")
+    prefixes = []
+    for prefix in raw:
+        try:
+            prefixes.append(parse_uri(prefix).normalized)
+        except InvalidUri as exc:
+            raise bad(f"{what} {exc}") from None
+    return tuple(prefixes)
 
 
 class Tenants:
@@ -130,28 +175,26 @@ class Tenants:
             or set(raw) != {"tenants"}
             or not isinstance(raw["tenants"], dict)
         ):
-            raise bad('expected {"tenants": {NAME: {"keys_sha256": [...], "allow": [...]}}}')
+            raise bad(
+                'expected {"tenants": {NAME: {"keys_sha256": [...], "allow": [...], '
+                '"read_only": [...]}}}'
+            )
         entries = []
         for name, body in raw["tenants"].items():
             if not _TENANT_NAME.match(name):
                 raise bad(f"tenant name {name!r}: letters, digits, '_', '.', '-' only")
-            if not isinstance(body, dict) or not set(body) <= {"keys_sha256", "allow"}:
-                raise bad(f"tenant {name!r}: only 'keys_sha256' and 'allow' are accepted")
+            if not isinstance(body, dict) or not set(body) <= _TENANT_FIELDS:
+                raise bad(
+                    f"tenant {name!r}: only 'keys_sha256', 'allow' and 'read_only' are accepted"
+                )
             hashes = body.get("keys_sha256", [])
-            allow = body.get("allow", [])
             if not isinstance(hashes, list) or not all(
                 isinstance(h, str) and _SHA256_HEX.match(h) for h in hashes
             ):
                 raise bad(f"tenant {name!r}: keys_sha256 must be lower-case sha256 hex digests")
-            if not isinstance(allow, list) or not all(isinstance(a, str) for a in allow):
-                raise bad(f"tenant {name!r}: allow must be a list of URI prefixes")
-            prefixes = []
-            for prefix in allow:
-                try:
-                    prefixes.append(parse_uri(prefix).normalized)
-                except InvalidUri as exc:
-                    raise bad(f"tenant {name!r}: allow {exc}") from None
-            entries.append((Tenant(name, tuple(prefixes)), hashes))
+            allow = _prefixes(body.get("allow", []), f"tenant {name!r}: allow", bad)
+            read_only = _prefixes(body.get("read_only", []), f"tenant {name!r}: read_only", bad)
+            entries.append((Tenant(name, allow, read_only), hashes))
         seen: set[str] = set()
         for _, hashes in entries:
             if seen & set(hashes):
@@ -178,6 +221,10 @@ class Tenants:
         """The tenant called ``name`` (the worker's second check looks it up by name)."""
         return self._by_name.get(name)
 
+    def all(self) -> list[Tenant]:
+        """Every tenant (the worker probes the buckets they may publish to)."""
+        return list(self._by_name.values())
+
 
 def load_tenants(tenants_file: Path | None, *, warn_open: bool = True) -> Tenants:
     """The tenants file, or open mode (said loudly) when none is configured."""
@@ -190,3 +237,66 @@ def load_tenants(tenants_file: Path | None, *, warn_open: bool = True) -> Tenant
             "credentials can. Keep it on loopback, or configure tenants."
         )
     return Tenants.open()
+
+
+def _identity(path: Path) -> tuple[int, int, int, int] | None:
+    """What tells a rewritten file from the one read before: device, inode (a Kubernetes
+    Secret volume swaps a symlink, an editor renames a new file in), size and mtime (ns)."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+class TenantsFile:
+    """The API's tenants, re-read when the file changes, so that a revoked key stops working
+    within about :data:`RELOAD_CHECK_S` seconds and without a restart.
+
+    :meth:`current` is called on every authenticated request; it looks at the file at most
+    once per ``check_every`` seconds (one ``stat``) and parses it only when its identity
+    changed. A file that became unreadable or invalid keeps the last good tenants and logs
+    an error (once per change), so a half-written edit never opens or closes the service.
+    Without a file (open mode) there is nothing to watch."""
+
+    def __init__(
+        self,
+        path: Path | None,
+        *,
+        check_every: float = RELOAD_CHECK_S,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.path = Path(path) if path is not None else None
+        self.check_every = check_every
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._identity = _identity(self.path) if self.path is not None else None
+        self._tenants = load_tenants(self.path)  # an invalid file stops the API at start-up
+        self._checked = clock()
+
+    def current(self) -> Tenants:
+        """The tenants to authenticate this request with."""
+        if self.path is None or self._clock() - self._checked < self.check_every:
+            return self._tenants
+        with self._lock:
+            if self._clock() - self._checked >= self.check_every:
+                self._checked = self._clock()
+                self._reload_if_changed()
+        return self._tenants
+
+    def _reload_if_changed(self) -> None:
+        assert self.path is not None
+        identity = _identity(self.path)
+        if identity is None or identity == self._identity:
+            if identity is None and self._identity is not None:
+                log.error("tenants file %s: unreadable; keeping the last good one", self.path)
+                self._identity = None
+            return
+        self._identity = identity
+        try:
+            tenants = Tenants.from_file(self.path)
+        except TenantsFileError as exc:
+            log.error("%s; keeping the last good tenants", exc)
+            return
+        self._tenants = tenants
+        log.info("tenants file %s: reloaded", self.path)

@@ -15,6 +15,8 @@ ends with ``/``, so that an allow-list prefix ``s3://merged/team-a/`` never matc
 
 >>> parse_uri("S3://adapters/snli").normalized
 's3://adapters/snli/'
+>>> overlaps(parse_uri("s3://adapters/snli/out"), parse_uri("S3://adapters/snli/"))
+True
 >>> parse_uri("s3://adapters/a/../b")
 Traceback (most recent call last):
 ...
@@ -24,16 +26,26 @@ jobs.uris.InvalidUri: 's3://adapters/a/../b': '.' and '..' segments are not allo
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import PurePosixPath
+from pathlib import Path, PurePosixPath
 
-__all__ = ["InvalidUri", "Location", "parse_uri"]
+__all__ = [
+    "InvalidUri",
+    "Location",
+    "canonical_scheme",
+    "local_location",
+    "output_overlap",
+    "overlaps",
+    "parse_uri",
+]
 
 SCHEMES = ("s3", "file")
 # S3's bucket naming rules: 3-63 characters, lower-case letters, digits, '.', '-'.
 _BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 _FORBIDDEN_CHARS = re.compile(r"[\x00-\x20\x7f%\\?#]")
 _IP_ADDRESS = re.compile(r"^\d+\.\d+\.\d+\.\d+$")
+_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 
 
 class InvalidUri(ValueError):
@@ -117,3 +129,53 @@ def parse_uri(uri: str) -> Location:
         raise InvalidUri(uri, "file:// URIs need an absolute path: file:///abs/dir")
     local = str(PurePosixPath("/" + "/".join(s for s in segments if s)))
     return Location("file", "", "", local)
+
+
+def canonical_scheme(uri: str) -> str:
+    """``uri`` with its scheme lower-cased (``S3://b/p`` → ``s3://b/p``), anything else as is.
+
+    Schemes are case-insensitive (RFC 3986), but code that tests ``uri.startswith("s3://")``
+    is not: the job spec applies this to every location, so the API, the CLI and the worker
+    all see one spelling, even for a record stored before the API normalised its URIs.
+    A string without a scheme (a CLI's local path) is returned unchanged."""
+    match = _SCHEME.match(uri)
+    if match is None:
+        return uri
+    return match.group(1).lower() + uri[match.end(1) :]
+
+
+def local_location(path: str | Path) -> Location:
+    """A ``file`` :class:`Location` for a local path, resolved to an absolute one (symlinks
+    followed, as the CLI will open it). Not checked like :func:`parse_uri` (a local path may
+    hold characters a URI may not): only for comparing the CLI's folders with each other."""
+    return Location("file", "", "", str(Path(path).expanduser().resolve()))
+
+
+def _segments(location: Location) -> tuple[str, ...]:
+    """The location as path segments below its scheme: bucket then key parts, or the path's."""
+    if location.scheme == "s3":
+        return (location.bucket, *(s for s in location.key.split("/") if s))
+    return tuple(s for s in location.path.split("/") if s)
+
+
+def overlaps(a: Location, b: Location) -> bool:
+    """Whether ``a`` and ``b`` are the same folder or one lies inside the other.
+
+    Compared segment by segment on the normal form, so ``s3://b/run`` and ``s3://b/run-2``
+    do not overlap while ``s3://b/run`` and ``S3://b/run/x/`` do."""
+    if a.scheme != b.scheme:
+        return False
+    sa, sb = _segments(a), _segments(b)
+    shorter = min(len(sa), len(sb))
+    return sa[:shorter] == sb[:shorter]
+
+
+def output_overlap(output: Location, inputs: Sequence[Location]) -> int | None:
+    """The index of the first input that the output equals, contains or lies inside, or
+    ``None``. Writing there would change an input while it is read, or publish the merge
+    among its own inputs (where the next job that lists the folder would take it for one):
+    the API refuses it with 422 naming ``output.uri``, the CLI with exit status 2."""
+    for index, location in enumerate(inputs):
+        if overlaps(output, location):
+            return index
+    return None

@@ -1,25 +1,34 @@
 """The FastAPI application: ``create_app(settings)`` wires settings, tenants, the job store,
 the queue and the metrics into one app. ``coremerge serve`` runs it under uvicorn.
 
+While it runs, the app re-reads a changed tenants file (``jobs.tenants.TenantsFile``) and,
+at start-up and every :data:`SWEEP_INTERVAL_S` seconds, queues the keyed submissions whose
+API request died before queueing them (``service.stranded``).
+
 It never imports torch (the API image has none, and it starts in well under a second);
 ``tests/service/test_import.py`` holds it to that.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
+from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import FastAPI
 from redis import Redis
+from starlette.concurrency import run_in_threadpool
 
 from jobs.queue import make_queue
 from jobs.records import JobStore
 from jobs.settings import Settings
-from jobs.tenants import load_tenants
+from jobs.tenants import TenantsFile
 from service.api import health, merges
 from service.metrics import RequestMetricsMiddleware, ServiceMetrics
 from service.problems import Problem, install
+from service.stranded import SWEEP_INTERVAL_S, repair_stranded
 
 __all__ = ["create_app"]
 
@@ -64,15 +73,49 @@ class _BodyLimit:
         await self.app(scope, replay, send)
 
 
-def create_app(settings: Settings | None = None, *, redis: Redis | None = None) -> FastAPI:
+async def _sweep_forever(app: FastAPI, interval: float) -> None:
+    """Repair stranded keyed submissions now and then every ``interval`` seconds, for as long
+    as the app runs. A failed pass (Redis away) is logged and tried again next time."""
+    state = app.state
+    while True:
+        try:
+            await run_in_threadpool(repair_stranded, state.store, state.queue, state.settings)
+        except Exception as exc:
+            log.warning("the sweep of stranded submissions failed: %s", type(exc).__name__)
+        await asyncio.sleep(interval)
+
+
+def create_app(
+    settings: Settings | None = None,
+    *,
+    redis: Redis | None = None,
+    sweep_interval: float = SWEEP_INTERVAL_S,
+) -> FastAPI:
     """The API for ``settings`` (default: from the environment)."""
     settings = settings or Settings()
     redis = redis or Redis.from_url(settings.redis_url, **settings.redis_kwargs)
-    store = JobStore(redis, key_prefix=settings.key_prefix, result_ttl=settings.result_ttl)
+    store = JobStore(
+        redis,
+        key_prefix=settings.key_prefix,
+        result_ttl=settings.result_ttl,
+        max_active_jobs=settings.max_active_jobs,
+        submits_per_minute=settings.submits_per_minute,
+    )
     queue = make_queue(redis, settings)
     metrics = ServiceMetrics(store, queue)
 
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        sweeper = asyncio.create_task(_sweep_forever(app, sweep_interval))
+        try:
+            yield
+        finally:
+            sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await sweeper
+
     app = FastAPI(
+        lifespan=lifespan,
         title="coremerge",
         version=VERSION,
         summary="Merge many LoRA adapters into one, in Core Space.",
@@ -80,7 +123,7 @@ def create_app(settings: Settings | None = None, *, redis: Redis | None = None) 
         "from the output URI. Errors are RFC 9457 application/problem+json.",
     )
     app.state.settings = settings
-    app.state.tenants = load_tenants(settings.tenants_file)
+    app.state.tenants_file = TenantsFile(settings.tenants_file)
     app.state.store = store
     app.state.queue = queue
     app.state.metrics = metrics

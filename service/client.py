@@ -7,7 +7,9 @@
 ('succeeded', 's3://merged/team-a/run-42/')
 
 Errors: every non-2xx answer raises :class:`ApiError` carrying the status and the
-problem+json body; transport failures raise ``httpx.HTTPError`` as they come.
+problem+json body; transport failures raise ``httpx.HTTPError`` as they come. A submission
+refused by a quota (429: nothing was created) is retried after its ``Retry-After`` for up to
+``busy_timeout`` seconds before that error is raised.
 """
 
 from __future__ import annotations
@@ -23,12 +25,24 @@ from jobs.status import TERMINAL
 __all__ = ["TERMINAL", "ApiError", "CoremergeClient"]
 
 
+def _seconds(value: str | None) -> float | None:
+    """A ``Retry-After`` in seconds (the API sends whole seconds, never an HTTP date)."""
+    try:
+        return max(0.0, float(value)) if value is not None else None
+    except ValueError:
+        return None
+
+
 class ApiError(Exception):
     """A non-2xx answer. ``problem`` is its RFC 9457 body (or a stand-in for a non-JSON one)."""
 
-    def __init__(self, status: int, problem: dict[str, Any]) -> None:
+    def __init__(
+        self, status: int, problem: dict[str, Any], *, retry_after: float | None = None
+    ) -> None:
         self.status = status
         self.problem = problem
+        #: The answer's ``Retry-After`` in seconds (429, 409, 503), when it had one.
+        self.retry_after = retry_after
         super().__init__(f"HTTP {status}: {problem.get('detail') or problem.get('title')}")
 
 
@@ -66,13 +80,36 @@ class CoremergeClient:
             problem = response.json()
         except ValueError:
             problem = {"title": response.reason_phrase, "detail": response.text[:500]}
-        raise ApiError(response.status_code, problem)
+        raise ApiError(
+            response.status_code, problem, retry_after=_seconds(response.headers.get("Retry-After"))
+        )
 
-    def submit(self, spec: Any, *, idempotency_key: str | None = None) -> dict[str, Any]:
-        """Submit a job spec (a dict, or a ``MergeSpec``); returns the job."""
+    def submit(
+        self,
+        spec: Any,
+        *,
+        idempotency_key: str | None = None,
+        busy_timeout: float = 600.0,
+        on_busy: Callable[[dict[str, Any], float], None] | None = None,
+    ) -> dict[str, Any]:
+        """Submit a job spec (a dict, or a ``MergeSpec``); returns the job.
+
+        A 429 (the tenant is at a quota; nothing was created, so a retry cannot make a second
+        job) is retried after the answer's ``Retry-After`` while ``busy_timeout`` seconds
+        last, calling ``on_busy(problem, seconds)`` before each wait; then it is raised."""
         body = spec.model_dump(mode="json") if hasattr(spec, "model_dump") else spec
         headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
-        return self._call("POST", "/merges", json=body, headers=headers)
+        deadline = time.monotonic() + busy_timeout
+        while True:
+            try:
+                return self._call("POST", "/merges", json=body, headers=headers)
+            except ApiError as exc:
+                wait = exc.retry_after
+                if exc.status != 429 or wait is None or time.monotonic() + wait > deadline:
+                    raise
+                if on_busy is not None:
+                    on_busy(exc.problem, wait)
+                time.sleep(wait)
 
     def get(self, job_id: str) -> dict[str, Any]:
         return self._call("GET", f"/merges/{job_id}")

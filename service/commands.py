@@ -1,9 +1,13 @@
 """The service's ``coremerge`` subcommands; ``worker.cli`` calls :func:`register`.
 
-    coremerge serve [--host 127.0.0.1] [--port 8000]     the HTTP API (uvicorn)
+    coremerge serve [--host 127.0.0.1] [--port 8000] [--allow-open-non-loopback]
+                                                         the HTTP API (uvicorn)
     coremerge submit SPEC.json [--wait] [--idempotency-key K]
     coremerge status ID
     coremerge hash-key < key                             the sha256 for the tenants file
+
+Without a tenants file the API is open (no keys), so ``serve`` then refuses any address but
+a loopback one unless ``--allow-open-non-loopback`` says that is meant.
 
 Configuration comes from ``COREMERGE_*`` variables (``jobs.settings.Settings``). Heavy
 imports (fastapi, uvicorn, httpx) happen inside the commands, so
@@ -13,6 +17,7 @@ imports (fastapi, uvicorn, httpx) happen inside the commands, so
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import json
 import sys
 from pathlib import Path
@@ -32,6 +37,11 @@ def register(subparsers: Any) -> None:
     )
     serve.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     serve.add_argument("--access-log", action="store_true", help="log every request")
+    serve.add_argument(
+        "--allow-open-non-loopback",
+        action="store_true",
+        help="without a tenants file (open mode: no keys), bind a non-loopback --host anyway",
+    )
     serve.set_defaults(func=cmd_serve)
 
     submit = subparsers.add_parser("submit", help="submit a job spec to the service")
@@ -64,12 +74,37 @@ def _configure_logging(settings: Any) -> None:
     configure_logging(settings.log_level, settings.log_format)
 
 
+def is_loopback(host: str) -> bool:
+    """Whether binding ``host`` keeps the API on this machine: ``localhost`` or a loopback
+    address (127.0.0.0/8, ::1). Anything else, ``0.0.0.0`` and host names included, may be
+    reachable from elsewhere."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
+    settings = _settings()
+    if (
+        settings.tenants_file is None
+        and not is_loopback(args.host)
+        and not args.allow_open_non_loopback
+    ):
+        print(
+            f"coremerge: error: refusing to serve without a tenants file on {args.host!r}, "
+            "a non-loopback address: anyone reaching it could run merges. Set "
+            "COREMERGE_TENANTS_FILE, bind 127.0.0.1, or pass --allow-open-non-loopback",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
+
     import uvicorn
 
     from service.app import create_app
 
-    settings = _settings()
     _configure_logging(settings)
     uvicorn.run(
         create_app(settings),
@@ -98,6 +133,14 @@ def _print_progress(job: dict[str, Any]) -> None:
     print(f"{job['id']}: {job['status']} {stage}{counts}", file=sys.stderr, flush=True)
 
 
+def _print_busy(problem: dict[str, Any], retry_after: float) -> None:
+    print(
+        f"coremerge: busy: {problem.get('detail', 'quota reached')}; retrying in {retry_after:g} s",
+        file=sys.stderr,
+        flush=True,
+    )
+
+
 def _outcome(job: dict[str, Any]) -> int:
     print(json.dumps(job, indent=2))
     return 0 if job["status"] in ("succeeded", "queued", "running") else EXIT_FAILED
@@ -113,7 +156,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     with _client(args) as client:
         try:
-            job = client.submit(spec, idempotency_key=args.idempotency_key)
+            job = client.submit(spec, idempotency_key=args.idempotency_key, on_busy=_print_busy)
             if args.wait:
                 job = client.wait(job["id"], on_progress=_print_progress)
         except ApiError as exc:

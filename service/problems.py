@@ -147,8 +147,13 @@ def install(app: FastAPI) -> None:
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         detail = exc.detail if isinstance(exc.detail, str) else HTTPStatus(exc.status_code).phrase
         if exc.status_code == 400 and detail == _BODY_NOT_PARSED:  # e.g. a body not in UTF-8
+            # Said in our words: an exception's own text is no part of a response.
             cause = exc.__cause__
-            reason = f"{type(cause).__name__}: {cause}" if cause is not None else detail
+            reason = (
+                f"not UTF-8 at byte {cause.start}"
+                if isinstance(cause, UnicodeDecodeError)
+                else "the body could not be decoded"
+            )
             return Problem.invalid("body", f"not valid JSON ({reason})").response()
         if exc.status_code == 404 and detail == "Not Found":
             detail = f"no such endpoint: {request.method} {request.url.path}"
@@ -171,7 +176,9 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def _bug(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return Problem(500, f"internal error ({type(exc).__name__})", slug="internal").response()
+        return Problem(
+            500, "internal error; the API's log has the details", slug="internal"
+        ).response()
 
 
 def problem_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:

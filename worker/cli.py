@@ -123,15 +123,33 @@ def build_spec(args: argparse.Namespace) -> MergeSpec:
     if args.dtype is not None:
         output["dtype"] = args.dtype
     try:
-        return MergeSpec.model_validate(raw)
+        spec = MergeSpec.model_validate(raw)
     except ValueError as exc:
         raise UsageError(_validation_message(exc)) from None
+    _check_output_apart(spec)
+    return spec
+
+
+def _check_output_apart(spec: MergeSpec) -> None:
+    """The output folder must not equal, contain or lie inside an input folder: compared as
+    absolute paths with symlinks resolved, ``file://`` URIs and local paths alike (the one
+    comparison the service makes too, ``jobs.uris.output_overlap``)."""
+    from jobs.uris import local_location, output_overlap
+
+    output = local_location(local_path(spec.output.uri))
+    inputs = [local_location(local_path(a.uri)) for a in spec.adapters]
+    clash = output_overlap(output, inputs)
+    if clash is not None:
+        raise UsageError(
+            f"output {output.path} overlaps input {inputs[clash].path}: the output must not "
+            "equal, contain or lie inside an input folder"
+        )
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
+    spec = build_spec(args)
     from worker.runner import run_merge
 
-    spec = build_spec(args)
     dirs = [local_path(a.uri) for a in spec.adapters]
     out_dir = local_path(spec.output.uri)
     bar = _progress_bar(args.quiet)

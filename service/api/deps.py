@@ -3,7 +3,8 @@ the job store and the queue (all built once by ``service.app.create_app``).
 
 They are ``async def`` although they never await: FastAPI runs a plain ``def`` dependency in
 its thread pool, and five thread hops per request cost more CPU than the request itself.
-None of them blocks (the tenant check is a few sha256 compares in memory)."""
+None of them blocks for long: the tenant check is a few sha256 compares in memory, and at
+most once a second a ``stat`` of the tenants file (re-read only when it changed)."""
 
 from __future__ import annotations
 
@@ -51,7 +52,7 @@ async def _tenant(
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> Tenant:
     key = credentials.credentials if credentials is not None else None
-    tenant = request.app.state.tenants.authenticate(key)
+    tenant = request.app.state.tenants_file.current().authenticate(key)
     if tenant is None:
         raise Problem(
             401,

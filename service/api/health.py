@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import logging
+
 from fastapi import APIRouter, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
@@ -12,6 +14,7 @@ from service.problems import Problem, problem_responses
 __all__ = ["router"]
 
 router = APIRouter(tags=["operations"])
+log = logging.getLogger("coremerge.api")
 
 
 @router.get("/healthz", summary="The process is alive")
@@ -24,8 +27,13 @@ def readyz(store: StoreDep) -> dict[str, str]:
     try:
         store.redis.ping()
     except Exception as exc:
+        # The cause names Redis's host and port: it goes to the log, never to the caller.
+        log.warning("readyz: the job store (Redis) does not answer: %s", exc)
         raise Problem(
-            503, f"Redis does not answer: {exc}", slug="unavailable", headers={"Retry-After": "5"}
+            503,
+            "the job store (Redis) does not answer",
+            slug="unavailable",
+            headers={"Retry-After": "5"},
         ) from None
     return {"status": "ready"}
 

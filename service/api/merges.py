@@ -15,12 +15,20 @@ from fastapi import APIRouter, Depends, Header, Query
 from fastapi.responses import JSONResponse
 from rq import Queue
 
-from jobs.queue import DuplicateJobError, cancel_queued, enqueue_merge
-from jobs.records import ACCEPT_STALE_S, JobRecord, JobStore, fingerprint, job_id_for
+from jobs.queue import cancel_queued, enqueue_merge, enqueue_merge_once, withdraw
+from jobs.records import (
+    ACCEPT_STALE_S,
+    JobRecord,
+    JobStore,
+    QuotaExceeded,
+    fingerprint,
+    job_id_for,
+)
 from jobs.settings import Settings
 from jobs.spec import MergeSpec
 from jobs.status import STATUSES
 from jobs.tenants import Tenant, refusal
+from jobs.uris import output_overlap, parse_uri
 from service.api.deps import (
     MetricsDep,
     QueueDep,
@@ -45,24 +53,58 @@ def _job_response(record: JobRecord, status: int) -> JSONResponse:
 
 
 def _check_limits_and_access(spec: MergeSpec, tenant: Tenant, settings: Settings) -> None:
-    """Configured limits (422 naming the field) and the tenant's allow-list (403)."""
+    """Configured limits (422 naming the field), well-formed locations (422), an output
+    apart from every input (422 naming ``output.uri``) and the tenant's access: inputs under
+    its ``allow`` or ``read_only`` prefixes, the output under ``allow`` only (403)."""
     if len(spec.adapters) > settings.max_adapters:
         raise Problem.invalid("adapters", f"at most {settings.max_adapters} adapters per job")
     if spec.output.rank is not None and spec.output.rank > settings.max_output_rank:
         raise Problem.invalid("output.rank", f"at most {settings.max_output_rank}")
-    fields = [(f"adapters.{i}.uri", a.uri) for i, a in enumerate(spec.adapters)]
+    inputs = [(f"adapters.{i}.uri", a.uri, False) for i, a in enumerate(spec.adapters)]
     refusals = []
-    for field, uri in [*fields, ("output.uri", spec.output.uri)]:
-        refused = refusal(tenant, uri, allow_file_uris=settings.allow_file_uris)
+    for field, uri, for_output in [*inputs, ("output.uri", spec.output.uri, True)]:
+        refused = refusal(
+            tenant, uri, allow_file_uris=settings.allow_file_uris, for_output=for_output
+        )
         if refused is not None:
             refusals.append((field, refused))
     invalid = [{"field": f, "message": r.message} for f, r in refusals if r.kind == "invalid"]
     if invalid:  # a malformed location is a bad request whatever else is wrong with it
         detail = "; ".join(f"{e['field']}: {e['message']}" for e in invalid)
         raise Problem(422, detail, slug="invalid-request", title="Invalid request", errors=invalid)
+    output = parse_uri(spec.output.uri)
+    clash = output_overlap(output, [parse_uri(a.uri) for a in spec.adapters])
+    if clash is not None:
+        raise Problem.invalid(
+            "output.uri",
+            f"{output.normalized!r} overlaps the input adapters.{clash}.uri "
+            f"({parse_uri(spec.adapters[clash].uri).normalized!r}): the output must not "
+            "equal, contain or lie inside an input location",
+        )
     if refusals:
         field, refused = refusals[0]
         raise Problem(403, f"{field}: {refused.message}", slug="forbidden-location")
+
+
+def _normalized_request(spec: MergeSpec) -> dict:
+    """The spec as stored and echoed: validated, defaults filled in, and every location in
+    its normal form (``S3://b/p`` → ``s3://b/p/``), so that the worker, the allow-list and an
+    idempotent repeat all see one spelling of each location."""
+    request = spec.model_dump(mode="json")
+    for adapter in request["adapters"]:
+        adapter["uri"] = parse_uri(adapter["uri"]).normalized
+    request["output"]["uri"] = parse_uri(request["output"]["uri"]).normalized
+    return request
+
+
+def _too_many(exc: QuotaExceeded) -> Problem:
+    """A quota's refusal as 429, with when to retry."""
+    return Problem(
+        429,
+        exc.message,
+        slug="quota-exceeded",
+        headers={"Retry-After": str(exc.retry_after)},
+    )
 
 
 def _own_job(store: JobStore, tenant: Tenant, job_id: str) -> JobRecord:
@@ -82,7 +124,7 @@ def _own_job(store: JobStore, tenant: Tenant, job_id: str) -> JobRecord:
         202: {"description": "the job was queued", "headers": _LOCATION},
         200: {"model": Job, "description": "a repeat (same Idempotency-Key, same body)",
               "headers": _LOCATION},
-        **problem_responses(401, 403, 409, 413, 422, 503),
+        **problem_responses(401, 403, 409, 413, 422, 429, 503),
     },
 )  # fmt: skip
 def submit_merge(
@@ -104,22 +146,44 @@ def submit_merge(
     ] = None,
 ) -> JSONResponse:
     _check_limits_and_access(spec, tenant, settings)
-    request = spec.model_dump(mode="json")
+    request = _normalized_request(spec)
     job_id = job_id_for(tenant.name, idempotency_key)
     if idempotency_key is None:
-        # A random id cannot collide: the record and the queue entry go in one transaction.
-        with store.redis.pipeline(transaction=True) as pipe:
-            pipe.multi()
-            record = store.create(job_id, tenant.name, request, pipeline=pipe)
-            enqueue_merge(queue, job_id, settings, pipeline=pipe)
-            pipe.execute()
+        record = _create_unkeyed(job_id, tenant, request, settings, store, queue)
     else:
-        record, created = _create_keyed(job_id, tenant, request, settings, store, queue)
+        try:
+            record, created = _create_keyed(job_id, tenant, request, settings, store, queue)
+        except QuotaExceeded as exc:
+            raise _too_many(exc) from None
         if not created:
             return _job_response(record, 200)
     metrics.submitted.inc()
-    assert record is not None
     return _job_response(record, 202)
+
+
+def _create_unkeyed(
+    job_id: str, tenant: Tenant, request: dict, settings: Settings, store: JobStore, queue: Queue
+) -> JobRecord:
+    """Create and queue a job with a random id: the record and the queue entry go in one
+    transaction, so both exist or neither does. The quotas are checked by the record's
+    creation inside it; a look beforehand keeps a refused submission from queueing a job
+    nearly always, and when two submissions race for the last slot, the loser's queue entry
+    is taken out again."""
+    refused = store.quota_refusal(tenant.name)
+    if refused is not None:
+        raise _too_many(refused)
+    with store.redis.pipeline(transaction=True) as pipe:
+        pipe.multi()
+        record = store.create(job_id, tenant.name, request, pipeline=pipe)
+        enqueue_merge(queue, job_id, settings, pipeline=pipe)
+        answers = pipe.execute()
+    try:
+        store.created(answers[0])
+    except QuotaExceeded as exc:
+        withdraw(queue, job_id)
+        raise _too_many(exc) from None
+    assert record is not None
+    return record
 
 
 def _create_keyed(
@@ -137,27 +201,12 @@ def _create_keyed(
     else:
         raise Problem(409, "the job record is changing under this request; retry", slug="conflict")
     try:
-        _enqueue(queue, job_id, settings)
+        enqueue_merge_once(queue, job_id, settings)
     except BaseException:
         store.discard(job_id, tenant.name)
         raise
     store.mark_accepted(job_id)
     return replace(record, accepting_since=None), True
-
-
-def _enqueue(queue: Queue, job_id: str, settings: Settings) -> None:
-    try:
-        enqueue_merge(queue, job_id, settings)
-    except DuplicateJobError:
-        # RQ still holds a finished job under this id (its record expired first): replace it.
-        from rq.job import Job as RQJob
-        from rq.serializers import JSONSerializer
-
-        old = RQJob.fetch(job_id, connection=queue.connection, serializer=JSONSerializer)
-        if old.get_status() in ("queued", "started", "deferred", "scheduled"):
-            return  # the job is in the queue already
-        old.delete()
-        enqueue_merge(queue, job_id, settings)
 
 
 def _repeat(
@@ -182,7 +231,7 @@ def _repeat(
                 headers={"Retry-After": "1"},
             )
         # The first request died between creating the record and queueing it: finish its work.
-        _enqueue(queue, existing.id, settings)
+        enqueue_merge_once(queue, existing.id, settings)
         store.mark_accepted(existing.id)
         existing = store.get(existing.id) or existing
     return replace(existing, accepting_since=None)
@@ -235,6 +284,10 @@ def cancel_merge(job_id: str, tenant: TenantDep, store: StoreDep, queue: QueueDe
         return JSONResponse(job_view(record), 200)
     if outcome == "requested":
         return JSONResponse(job_view(record), 202)
+    if outcome == "committing":
+        raise Problem(
+            409, f"job {job_id} is writing its report: its output is final", slug="already-finished"
+        )
     if record.status == "canceled":
         return JSONResponse(job_view(record), 200)
     raise Problem(409, f"job {job_id} has already {record.status}", slug="already-finished")

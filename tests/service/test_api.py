@@ -292,6 +292,19 @@ def test_cancel_finished_job_is_409(client, settings, redis) -> None:
     assert r.status_code == 409 and r.headers["content-type"] == PROBLEM
 
 
+def test_cancel_while_the_report_is_written_is_409(client, settings, redis) -> None:
+    """Once the worker has committed to writing the report, the output is final: a cancel is
+    refused (it used to answer 202 while the job went on to succeed)."""
+    store = JobStore(redis, key_prefix=settings.key_prefix)
+    job_id = submit(client).json()["id"]
+    run = store.start(job_id)
+    assert run is not None and store.commit(job_id, run=run)
+    r = client.delete(f"/merges/{job_id}", headers=AUTH_A)
+    assert r.status_code == 409 and r.headers["content-type"] == PROBLEM
+    assert "writing its report" in r.json()["detail"]
+    assert not store.should_stop(job_id, run=run)
+
+
 # -- operations
 
 
