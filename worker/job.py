@@ -73,6 +73,13 @@ class _Tracker:
         # download, plan, merge, upload (docs/job-spec.md).
         self.publish("merge" if p.stage == "write" else p.stage, p.modules_done, p.modules_total)
 
+    def commit(self) -> bool:
+        """Right before the report: True to write it (a cancel is refused from now on)."""
+        if self.run is None:
+            return not self.should_cancel(now=True)
+        self.stop = self.stop or not self.store.commit(self.job_id, run=self.run)
+        return not self.stop
+
     def should_cancel(self, *, now: bool = False) -> bool:
         t = time.monotonic()
         if not self.stop and (now or t - self._last >= POLL_INTERVAL_S):
@@ -176,7 +183,9 @@ def _merge(
             tracker.publish("upload", outcome.modules, outcome.modules)
             # A cancel is honoured until the report is written: checked before every file.
             publisher.publish(
-                outcome.out_dir, should_cancel=lambda: tracker.should_cancel(now=True)
+                outcome.out_dir,
+                should_cancel=lambda: tracker.should_cancel(now=True),
+                commit=tracker.commit,
             )
     finally:
         publisher.release()
@@ -206,6 +215,8 @@ def _check_access(record: JobRecord, spec: MergeSpec, settings: Settings) -> Non
     if tenant is None:
         raise AccessDenied(f"tenant {record.tenant!r} is not in this worker's tenants file")
     for uri in [*(a.uri for a in spec.adapters), spec.output.uri]:
-        refused = refusal(tenant, uri, allow_file_uris=settings.allow_file_uris)
+        refused = refusal(
+            tenant, uri, allow_file_uris=settings.allow_file_uris, for_output=uri == spec.output.uri
+        )
         if refused is not None:
             raise AccessDenied(refused.message)

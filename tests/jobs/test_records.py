@@ -106,3 +106,21 @@ def test_list_drops_expired_records(store, redis) -> None:
     assert redis.zcard(store.tenant_key("lister")) == 3
     assert [r.id for r in store.list("lister", limit=2)] == [ids[3], ids[2]]
     assert store.list("lister", status="running") == []
+
+
+def test_a_cancel_is_honoured_until_the_report_and_refused_after(store: JobStore) -> None:
+    """The worker commits right before it writes the report; a cancel and a commit cannot
+    cross: whichever comes first decides."""
+    first = new_job(store)
+    run = store.start(first)
+    assert run is not None
+    assert store.cancel(first) == "requested"
+    assert not store.commit(first, run=run)  # canceled first: the worker stops
+
+    second = new_job(store)
+    run = store.start(second)
+    assert run is not None
+    assert store.commit(second, run=run)  # the report is being written
+    assert store.cancel(second) == "committing"  # too late: the API answers 409
+    assert not store.should_stop(second, run=run)
+    assert not store.commit(second, run="another-run")  # a replaced run never commits

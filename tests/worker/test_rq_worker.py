@@ -15,9 +15,8 @@ from jobs.queue import enqueue_merge, make_queue
 from jobs.records import JobStore, job_id_for
 from jobs.settings import Settings
 from jobs.spec import MergeSpec
+from tests.service.conftest import spec
 from worker.rq_worker import MergeWorker
-
-from .conftest import spec
 
 
 def _stuck_in_the_intermediate_queue(settings: Settings) -> tuple[JobStore, str]:

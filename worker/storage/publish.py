@@ -145,11 +145,23 @@ class OutputPublisher:
         return report if self._ours(report) else None
 
     # -- 2. the files, the report last
-    def publish(self, local_dir: Path, *, should_cancel: Callable[[], bool] | None = None) -> None:
-        """Create every file of ``local_dir`` (the report last) under the claim."""
+    def publish(
+        self,
+        local_dir: Path,
+        *,
+        should_cancel: Callable[[], bool] | None = None,
+        commit: Callable[[], bool] | None = None,
+    ) -> None:
+        """Create every file of ``local_dir`` (the report last) under the claim. Before each
+        file, ``should_cancel()`` may stop it; before the report, ``commit()`` decides (it
+        returns False to stop, and once it returns True a cancel can no longer come)."""
         names = sorted(p.name for p in local_dir.iterdir() if p.is_file() and p.name != REPORT_NAME)
         for name in [*names, REPORT_NAME]:
-            if should_cancel is not None and should_cancel():
+            last = commit if name == REPORT_NAME and commit is not None else None
+            stop = (last is not None and not last()) or (
+                last is None and should_cancel is not None and should_cancel()
+            )
+            if stop:
                 raise Canceled("canceled while publishing; nothing was published")
             key = self.prefix + name
             try:

@@ -1,0 +1,5 @@
+"""The RQ worker tests use the service tests' Redis database and settings fixtures."""
+
+from tests.service.conftest import make_settings, redis, redis_db, settings, tenants_file
+
+__all__ = ["make_settings", "redis", "redis_db", "settings", "tenants_file"]
