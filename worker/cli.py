@@ -153,7 +153,12 @@ def cmd_merge(args: argparse.Namespace) -> int:
     dirs = [local_path(a.uri) for a in spec.adapters]
     out_dir = local_path(spec.output.uri)
     bar = _progress_bar(args.quiet)
-    outcome = run_merge(spec, dirs, out_dir, device=args.device, on_progress=bar.update)
+    from worker.memory import default_max_work_bytes
+
+    outcome = run_merge(
+        spec, dirs, out_dir, device=args.device, on_progress=bar.update,
+        max_work_bytes=args.max_memory or default_max_work_bytes(),
+    )  # fmt: skip
     bar.close()
     report = outcome.report
     print(
@@ -249,10 +254,21 @@ def _method_help() -> str:
     return "method parameters (--param NAME=VALUE):\n" + "\n".join(lines)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="coremerge", description="Merge LoRA adapters in Core Space.")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+def _byte_size(text: str) -> int:
+    """``8GiB``, ``512MiB``, ``1.5G`` or a plain number of bytes."""
+    units = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+    number = text.strip().lower().removesuffix("ib").removesuffix("b")
+    unit = number[-1:] if number[-1:] in units else ""
+    try:
+        value = float(number[: len(number) - len(unit)] if unit else number) * units[unit]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size such as 8GiB") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: the size must be positive")
+    return int(value)
 
+
+def _add_merge_parser(sub: Any) -> None:
     merge = sub.add_parser(
         "merge",
         help="merge local PEFT LoRA adapters into one",
@@ -282,6 +298,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     merge.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     merge.set_defaults(func=cmd_merge)
+    merge.add_argument(
+        "--max-memory",
+        type=_byte_size,
+        metavar="SIZE",
+        help="refuse a merge whose estimated peak working memory is larger (e.g. 8GiB; "
+        "default: 80%% of this machine's memory limit)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="coremerge", description="Merge LoRA adapters in Core Space.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    _add_merge_parser(sub)
 
     inspect = sub.add_parser("inspect", help="show an adapter's modules, ranks and scalings")
     inspect.add_argument("adapter", metavar="ADAPTER_DIR")

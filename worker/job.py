@@ -36,6 +36,7 @@ from jobs.settings import Settings
 from jobs.spec import MergeSpec
 from jobs.tenants import load_tenants, refusal
 from jobs.uris import parse_uri
+from worker.memory import default_max_work_bytes
 from worker.runner import Progress, run_merge
 from worker.storage import Storage, make_s3_client, make_transfer_config
 from worker.workdir import ATTEMPT_PREFIX, sweep_attempts
@@ -179,6 +180,7 @@ def _merge(
                 spec, dirs, tmp_dir / "merged", device=settings.device,
                 on_progress=tracker.on_progress, should_cancel=tracker.should_cancel,
                 max_modules=settings.max_modules,
+                max_work_bytes=settings.max_work_bytes or default_max_work_bytes(),
             )  # fmt: skip
             tracker.publish("upload", outcome.modules, outcome.modules)
             # A cancel is honoured until the report is written: checked before every file.

@@ -22,10 +22,16 @@ import safetensors
 import safetensors.torch
 import torch
 
+from jobs.errors import OutputNotFinite
 from jobs.spec import MergeSpec
 from worker.adapters.format import CONFIG_NAME, REPORT_NAME, WEIGHTS_NAME, lora_keys
 from worker.adapters.source import AdapterSource
-from worker.adapters.writer import SafetensorsStreamWriter, TensorSlot, lora_config_json
+from worker.adapters.writer import (
+    NonFiniteTensor,
+    SafetensorsStreamWriter,
+    TensorSlot,
+    lora_config_json,
+)
 from worker.engine import MergedModule
 from worker.plan import MergePlan, ModulePlan
 
@@ -63,10 +69,21 @@ def _slots(plan: MergePlan, rank: int) -> list[TensorSlot]:
     return slots
 
 
-def _write_module(writer: SafetensorsStreamWriter, module: str, B: torch.Tensor, A: torch.Tensor):
+def _write_module(
+    writer: SafetensorsStreamWriter, module: str, B: torch.Tensor, A: torch.Tensor
+) -> None:
+    """Append one module's factors; the writer checks each is finite in the output dtype."""
     key_a, key_b = lora_keys(module)
-    writer.write(key_a, A)
-    writer.write(key_b, B)
+    for key, factor, which in ((key_a, A, "lora_A"), (key_b, B, "lora_B")):
+        try:
+            writer.write(key, factor)
+        except NonFiniteTensor as exc:
+            finite_max = torch.finfo(writer.torch_dtype).max
+            raise OutputNotFinite(
+                f"module {module!r}: the merged {which} has NaN or infinite values once cast to "
+                f"{exc.dtype} (largest finite value {finite_max:.4g}): the weights, alpha or "
+                "scalings make the update too large for it; nothing was written"
+            ) from None
 
 
 def write_weights(
@@ -108,10 +125,15 @@ def _write_weights_spilled(
         ranks.append(module.rank)
     rank = max(max(ranks), 1)
     writer = SafetensorsStreamWriter(staging / WEIGHTS_NAME, _slots(plan, rank), dtype)
-    for i, mp in enumerate(plan.modules):
-        tensors = safetensors.torch.load_file(spill / f"{i}.safetensors")
-        _write_module(writer, mp.module, *_pad(MergedModule(B=tensors["B"], A=tensors["A"]), rank))
-        (spill / f"{i}.safetensors").unlink()
+    try:
+        for i, mp in enumerate(plan.modules):
+            tensors = safetensors.torch.load_file(spill / f"{i}.safetensors")
+            merged_module = MergedModule(B=tensors["B"], A=tensors["A"])
+            _write_module(writer, mp.module, *_pad(merged_module, rank))
+            (spill / f"{i}.safetensors").unlink()
+    except BaseException:
+        writer.abort()
+        raise
     spill.rmdir()
     return WrittenWeights(rank, writer.close(), writer.nbytes)
 
@@ -185,6 +207,11 @@ def build_report(
             "max_projection_residual": max(residuals) if residuals else None,
             "limit": MAX_PROJECTION_RESIDUAL,
             "passed": True,
+        },
+        "memory": {
+            "estimated_peak_bytes": plan.work.peak_bytes if plan.work else None,
+            "largest_module": plan.work.module if plan.work else None,
+            "limit_bytes": plan.work_limit,
         },
         "notes": plan.notes,
         "modules": records,

@@ -1,8 +1,12 @@
-"""The merge plan: which modules to merge, from which adapters, at which output rank.
+"""The merge plan: which modules to merge, from which adapters, at which output rank, and
+how much memory that will take.
 
 Made from the adapters' configs and safetensors headers only (no tensor is read), so every
 incompatibility is reported before any work starts, and the output's layout (one rank for
-every module, docs/guarantees.md) is known before the first module is merged.
+every module, docs/guarantees.md) is known before the first module is merged. So are the
+service's limits: the number of modules, and the job's peak working memory, estimated from
+the shapes (``worker.memory``), since a small adapter can declare shapes that need
+gigabytes.
 """
 
 from __future__ import annotations
@@ -11,9 +15,10 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from jobs.errors import AdapterIncompatible, AdapterInvalid
+from jobs.errors import AdapterIncompatible, LimitExceeded
 from jobs.spec import MergeSpec
 from worker.adapters.source import AdapterSource
+from worker.memory import DTYPE_BYTES, ModuleShape, WorkEstimate, check_work, estimate_work
 
 __all__ = ["MergePlan", "ModulePlan", "make_plan"]
 
@@ -37,6 +42,8 @@ class MergePlan:
     task_type: str | None
     fan_in_fan_out: bool
     notes: list[str]
+    work: WorkEstimate | None = None  # the estimated peak working memory (worker.memory)
+    work_limit: int | None = None  # the limit it was checked against (None: none)
 
 
 def _natural_key(name: str) -> list[object]:
@@ -78,16 +85,71 @@ def _check_module_count(readers: Sequence[AdapterSource], limit: int) -> None:
     """Refuse a merge over ``limit`` modules (the union over the adapters), from the headers."""
     largest = max(readers, key=lambda r: len(r.modules))
     if len(largest.modules) > limit:
-        raise AdapterInvalid(
+        raise LimitExceeded(
             f"adapter {largest.name!r}: {len(largest.modules)} LoRA modules, over this "
             f"service's limit of {limit} (COREMERGE_MAX_MODULES)"
         )
     total = len({m for r in readers for m in r.modules})
     if total > limit:
-        raise AdapterInvalid(
+        raise LimitExceeded(
             f"the adapters have {total} distinct LoRA modules together, over this service's "
             f"limit of {limit} (COREMERGE_MAX_MODULES)"
         )
+
+
+def _estimate_work(
+    readers: Sequence[AdapterSource],
+    spec: MergeSpec,
+    modules: list[ModulePlan],
+    output_rank: int | None,
+    threads: int,
+) -> WorkEstimate:
+    """The job's peak working memory, from the planned shapes (``worker.memory``)."""
+    shapes = [
+        ModuleShape(
+            mp.module,
+            mp.out_features,
+            mp.in_features,
+            tuple(readers[i].modules[mp.module].rank for i in mp.sources),
+            max(readers[i].modules[mp.module].read_bytes for i in mp.sources),
+        )
+        for mp in modules
+    ]
+    return estimate_work(
+        shapes,
+        space=spec.space,
+        method=spec.method,
+        params=spec.params,
+        rank=spec.output.rank,
+        output_rank=output_rank,
+        dtype_bytes=DTYPE_BYTES[spec.output.dtype],
+        threads=threads,
+        held_bytes=sum(r.held_bytes for r in readers),
+    )
+
+
+def _module_plan(
+    readers: Sequence[AdapterSource], spec: MergeSpec, name: str, notes: list[str]
+) -> ModulePlan:
+    """One module: the adapters that have it, its shape (the same in all), its total rank."""
+    sources = tuple(i for i, r in enumerate(readers) if name in r.modules)
+    infos = [readers[i].modules[name] for i in sources]
+    shapes = {(info.out_features, info.in_features) for info in infos}
+    if len(shapes) > 1:
+        detail = ", ".join(
+            f"{readers[i].name!r}: {info.out_features}×{info.in_features}"
+            for i, info in zip(sources, infos, strict=True)
+        )
+        raise AdapterIncompatible(
+            f"module {name!r} has different shapes across adapters ({detail})"
+        )
+    (m, n) = shapes.pop()
+    total = sum(info.rank for info in infos)
+    if spec.space == "core" and total > min(m, n):
+        notes.append(
+            f"{name}: Σr = {total} exceeds min(m, n) = {min(m, n)}; core space is no smaller than full space"
+        )
+    return ModulePlan(name, n, m, sources, total, _merged_rank_bound(spec, m, n, total))
 
 
 def make_plan(
@@ -95,9 +157,15 @@ def make_plan(
     spec: MergeSpec,
     *,
     max_modules: int | None = None,
+    max_work_bytes: int | None = None,
+    threads: int = 1,
 ) -> MergePlan:
     """Check the adapters against each other and lay out the merge (docs/architecture.md).
-    ``max_modules`` caps the number of merged modules (a service limit; none by default)."""
+
+    Service limits (none by default), both raising ``LimitExceeded``: ``max_modules`` caps
+    the number of merged modules; ``max_work_bytes`` the job's estimated peak working memory
+    with ``threads`` modules merged side by side (``worker.pipeline.merge_threads``).
+    """
     if max_modules is not None:
         _check_module_count(readers, max_modules)
     base = _single(readers, "base_model_name_or_path")
@@ -109,30 +177,11 @@ def make_plan(
             f"inputs have different task_type values {sorted(map(str, task_types))}; output has none"
         )
     names = sorted({m for r in readers for m in r.modules}, key=_natural_key)
-    modules = []
-    for name in names:
-        sources = tuple(i for i, r in enumerate(readers) if name in r.modules)
-        infos = [readers[i].modules[name] for i in sources]
-        shapes = {(info.out_features, info.in_features) for info in infos}
-        if len(shapes) > 1:
-            detail = ", ".join(
-                f"{readers[i].name!r}: {info.out_features}×{info.in_features}"
-                for i, info in zip(sources, infos, strict=True)
-            )
-            raise AdapterIncompatible(
-                f"module {name!r} has different shapes across adapters ({detail})"
-            )
-        (m, n) = shapes.pop()
-        total = sum(info.rank for info in infos)
-        if spec.space == "core" and total > min(m, n):
-            notes.append(
-                f"{name}: Σr = {total} exceeds min(m, n) = {min(m, n)}; core space is no smaller than full space"
-            )
-        modules.append(
-            ModulePlan(name, n, m, sources, total, _merged_rank_bound(spec, m, n, total))
-        )
+    modules = [_module_plan(readers, spec, name, notes) for name in names]
     bounds = [mp.max_rank for mp in modules]
     output_rank = None if None in bounds else max(bounds)  # type: ignore[type-var]
+    work = _estimate_work(readers, spec, modules, output_rank, threads)
+    check_work(work, max_work_bytes, space=spec.space, method=spec.method)
     return MergePlan(
         modules=modules,
         output_rank=output_rank,
@@ -141,4 +190,6 @@ def make_plan(
         task_type=task_types.pop() if len(task_types) == 1 else None,
         fan_in_fan_out=fan_in_fan_out,
         notes=notes,
+        work=work,
+        work_limit=max_work_bytes,
     )

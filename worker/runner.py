@@ -30,11 +30,11 @@ from typing import Any
 
 import torch
 
-from jobs.errors import AdapterInvalid, Canceled, InternalError
+from jobs.errors import AdapterInvalid, Canceled, InternalError, OutputNotFinite
 from jobs.spec import MergeSpec
 from worker.adapters import AdapterSource, open_adapters
 from worker.adapters.format import REPORT_NAME
-from worker.engine import FactorStack, MergedModule, merge_module
+from worker.engine import FactorStack, MergedModule, NonFiniteError, merge_module
 from worker.output import (
     MAX_PROJECTION_RESIDUAL,
     WrittenWeights,
@@ -144,14 +144,20 @@ class _ModuleMerger:
         t0 = time.perf_counter()
         factors = self._read(mp)
         t1 = time.perf_counter()
-        merged = merge_module(
-            factors,
-            self.spec.method,
-            self.spec.params,
-            space=self.spec.space,
-            rank=self.spec.output.rank,
-            generator=module_generator(self.spec.seed, mp.module),
-        )
+        try:
+            merged = merge_module(
+                factors,
+                self.spec.method,
+                self.spec.params,
+                space=self.spec.space,
+                rank=self.spec.output.rank,
+                generator=module_generator(self.spec.seed, mp.module),
+            )
+        except NonFiniteError as exc:  # the inputs were finite: the merge itself overflowed
+            raise OutputNotFinite(
+                f"module {mp.module!r}: the merge overflowed float32 ({exc}): the weights, "
+                "alpha or scalings make the update too large; nothing was written"
+            ) from None
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         t2 = time.perf_counter()
@@ -215,12 +221,15 @@ def run_merge(
     on_progress: Callable[[Progress], None] | None = None,
     should_cancel: Callable[[], bool] | None = None,
     max_modules: int | None = None,
+    max_work_bytes: int | None = None,
 ) -> MergeOutcome:
     """Merge the adapters in ``adapter_dirs`` (local, in ``spec.adapters`` order) into ``out_dir``.
 
     Raises a ``jobs.errors.MergeError`` for every known failure (``Canceled`` when
     ``should_cancel()`` is true at a module boundary) and ``FileExistsError`` when ``out_dir``
-    exists and is not empty. ``max_modules`` is a service limit, checked from the headers.
+    exists and is not empty. ``max_modules`` and ``max_work_bytes`` (the estimated peak
+    working memory, ``worker.memory``) are service limits, checked from the headers before
+    any tensor is read (``LimitExceeded``).
     """
     started = time.perf_counter()
     out_dir = Path(out_dir)
@@ -232,11 +241,14 @@ def run_merge(
     torch_device = resolve_device(device)
     readers = open_adapters(adapter_dirs, [ref.display_name for ref in spec.adapters])
     try:
-        plan = make_plan(readers, spec, max_modules=max_modules)
+        merger = _ModuleMerger(spec, readers, torch_device)
+        plan = make_plan(
+            readers, spec, max_modules=max_modules, max_work_bytes=max_work_bytes,
+            threads=merger.threads,
+        )  # fmt: skip
         control.progress("plan", 0, len(plan.modules))
         plan_s = time.perf_counter() - started
         with _staging_beside(out_dir) as staging, _hashing(readers) as input_hashes:
-            merger = _ModuleMerger(spec, readers, torch_device)
             weights, stats = _merge_into_staging(staging, plan, merger, spec, control)
             seconds = time.perf_counter() - started
             timings = {"plan_s": plan_s, "read_s": stats.read_s, "merge_s": stats.merge_s,

@@ -238,6 +238,12 @@ CASES: list[Case] = [
         "rank/alpha pattern '(a|aa)+b' takes over",
     ),
     Case(
+        "too-many-patterns",
+        _config(rank_pattern={f"no_such_module_{i}": 4 for i in range(1025)}),
+        "limit_exceeded",
+        "1025 rank_pattern and alpha_pattern entries, over the limit of 1024 per adapter",
+    ),
+    Case(
         "stray-key",
         _add("foo.weight", torch.zeros(4, 4)),
         "adapter_invalid",

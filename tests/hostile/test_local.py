@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from jobs.errors import AdapterInvalid, LimitExceeded
+from jobs.errors import LimitExceeded
 from jobs.spec import MAX_ADAPTERS, MergeSpec
 from tests.hostile.corpus import CASES, WEIGHTS, Case, many_modules, padded
 from worker.adapters import format as safetensors_header
@@ -61,10 +61,10 @@ def test_module_limit_is_checked_from_the_headers(peft_adapters: list[Path], tmp
     good = peft_adapters[0]  # 6 modules
     wide = many_modules(good, tmp_path / "wide", 12)
     out = tmp_path / "out"
-    with pytest.raises(AdapterInvalid, match=r"'wide': 12 LoRA modules, over .* limit of 11"):
+    with pytest.raises(LimitExceeded, match=r"'wide': 12 LoRA modules, over .* limit of 11"):
         run_merge(_spec([good, wide], out), [good, wide], out, device="cpu", max_modules=11)
     # Two adapters within the limit alone, over it together (q, v, down + q, k, down + k's).
-    with pytest.raises(AdapterInvalid, match="8 distinct LoRA modules together"):
+    with pytest.raises(LimitExceeded, match="8 distinct LoRA modules together"):
         run_merge(_spec(peft_adapters, out), peft_adapters, out, device="cpu", max_modules=7)
     assert not out.exists()
     done = run_merge(_spec([good, wide], out), [good, wide], out, device="cpu", max_modules=12)

@@ -23,9 +23,9 @@ MODULE_LIMIT = LIMITS["COREMERGE_MAX_MODULES"]
 
 #: case → (job error code, fragment of its message): the corpus, then the service limits.
 EXPECTED = {c.name: (c.code, c.says) for c in CASES} | {
-    "over-adapter-bytes": ("adapter_invalid", f"limit of {ADAPTER_LIMIT} per adapter"),
-    "over-job-bytes": ("adapter_invalid", f"limit of {JOB_LIMIT} (COREMERGE_MAX_JOB_BYTES)"),
-    "over-modules": ("adapter_invalid", f"limit of {MODULE_LIMIT} (COREMERGE_MAX_MODULES)"),
+    "over-adapter-bytes": ("limit_exceeded", f"limit of {ADAPTER_LIMIT} per adapter"),
+    "over-job-bytes": ("limit_exceeded", f"limit of {JOB_LIMIT} (COREMERGE_MAX_JOB_BYTES)"),
+    "over-modules": ("limit_exceeded", f"limit of {MODULE_LIMIT} (COREMERGE_MAX_MODULES)"),
 }
 
 

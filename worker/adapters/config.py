@@ -9,22 +9,40 @@ from __future__ import annotations
 import json
 import math
 import re
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import regex
 
-from jobs.errors import AdapterInvalid
+from jobs.errors import AdapterInvalid, LimitExceeded
 
 from .format import CONFIG_NAME
 
-__all__ = ["CONFIG_NAME", "LoraAdapterConfig", "PatternTimeout", "read_adapter_config"]
+__all__ = [
+    "CONFIG_NAME",
+    "MAX_PATTERNS",
+    "PATTERN_BUDGET_S",
+    "LoraAdapterConfig",
+    "PatternBudget",
+    "PatternBudgetExceeded",
+    "PatternTimeout",
+    "read_adapter_config",
+]
 
 #: A config larger than this is not a PEFT config (limits are checked before parsing).
 MAX_CONFIG_BYTES = 1 << 20
 #: Seconds one rank/alpha pattern may take to match one module name (microseconds normally).
 PATTERN_TIMEOUT_S = 0.2
+#: rank_pattern plus alpha_pattern entries one adapter may have. Every pattern is matched
+#: against every module name, so the count multiplies the work; PEFT writes one per module
+#: at most, and no real model is near a thousand distinct patterns.
+MAX_PATTERNS = 1024
+#: Seconds all of one adapter's pattern matching may take together. Each match is capped at
+#: PATTERN_TIMEOUT_S, but 0.2 s times thousands of modules and patterns would still hold a
+#: worker for hours; a normal adapter spends milliseconds here.
+PATTERN_BUDGET_S = 2.0
 
 # Initialisations that rewrite the base weights: the adapter alone does not describe ΔW.
 _BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq")
@@ -50,33 +68,94 @@ class LoraAdapterConfig:
     save_projection: bool = True
     base_model_class: str | None = None  # from PEFT's auto_mapping, e.g. LlamaForCausalLM
 
-    def scaling(self, module: str) -> float:
-        """s_t for ``module`` (its name in the base model, e.g. ``model.layers.0.self_attn.q_proj``)."""
-        r = self.rank_pattern.get(_pattern_key(self.rank_pattern, module), self.r)
-        alpha = self.alpha_pattern.get(_pattern_key(self.alpha_pattern, module), self.lora_alpha)
+    def scaling(self, module: str, budget: PatternBudget | None = None) -> float:
+        """s_t for ``module`` (its name in the base model, e.g. ``model.layers.0.self_attn.q_proj``).
+
+        ``budget`` counts the time spent matching patterns (one per adapter, see
+        :class:`PatternBudget`); without one, only each match's own timeout applies.
+        """
+        r = self.rank_pattern.get(_pattern_key(self.rank_pattern, module, budget), self.r)
+        alpha = self.alpha_pattern.get(
+            _pattern_key(self.alpha_pattern, module, budget), self.lora_alpha
+        )
         return alpha / math.sqrt(r) if self.use_rslora else alpha / r
 
-    def expected_rank(self, module: str) -> int:
-        return self.rank_pattern.get(_pattern_key(self.rank_pattern, module), self.r)
+    def expected_rank(self, module: str, budget: PatternBudget | None = None) -> int:
+        return self.rank_pattern.get(_pattern_key(self.rank_pattern, module, budget), self.r)
+
+
+#: The clock that pattern matching is timed with (a test replaces it).
+_clock = time.perf_counter
+
+
+def _compile(key: str) -> Any:
+    """A pattern's matcher: PEFT's rule, the pattern matches a dotted suffix of the name."""
+    return regex.compile(rf"(.*\.)?({key})$")
 
 
 class PatternTimeout(ValueError):
     """A rank/alpha pattern took too long to match a module name (catastrophic backtracking)."""
 
 
-def _pattern_key(patterns: dict[str, Any], module: str) -> str:
+class PatternBudgetExceeded(ValueError):
+    """One adapter's pattern matching took over :data:`PATTERN_BUDGET_S` in total."""
+
+
+class PatternBudget:
+    """The time one adapter's rank/alpha pattern matching may still take, summed over every
+    match (a reader makes one and passes it to each ``scaling`` / ``expected_rank`` call)."""
+
+    def __init__(self, seconds: float | None = None) -> None:
+        self.seconds = PATTERN_BUDGET_S if seconds is None else seconds
+        self.spent = 0.0
+        # Each pattern compiled once per adapter: every module name is matched against every
+        # pattern, and regex's own cache (a few hundred entries) would thrash on more.
+        self.compiled: dict[str, Any] = {}
+
+    def matcher(self, key: str) -> Any:
+        if key not in self.compiled:
+            self.compiled[key] = _compile(key)
+        return self.compiled[key]
+
+    def timeout(self) -> float:
+        """The timeout for the next match: the per-match cap, or what is left if less."""
+        left = self.seconds - self.spent
+        if left <= 0:
+            raise self.exceeded()
+        return min(PATTERN_TIMEOUT_S, left)
+
+    def charge(self, seconds: float) -> None:
+        self.spent += seconds
+
+    def exceeded(self) -> PatternBudgetExceeded:
+        return PatternBudgetExceeded(
+            f"rank/alpha pattern matching took over {self.seconds:g} s in total, the limit "
+            "per adapter (too many patterns or modules, or patterns too slow to match)"
+        )
+
+
+def _pattern_key(patterns: dict[str, Any], module: str, budget: PatternBudget | None = None) -> str:
     # Same rule as peft.utils.other.get_pattern_key: a pattern matches a dotted suffix. The
     # patterns come from the adapter, so a hostile one such as "(a|aa)+b" could backtrack for
     # hours on a long module name: the ``regex`` module (re-compatible) stops it.
     for key in patterns:
+        timeout = PATTERN_TIMEOUT_S if budget is None else budget.timeout()
+        started = _clock()
         try:
-            if regex.match(rf"(.*\.)?({key})$", module, timeout=PATTERN_TIMEOUT_S):
-                return key
+            matcher = _compile(key) if budget is None else budget.matcher(key)
+            matched = matcher.match(module, timeout=timeout) is not None
         except TimeoutError:
+            if timeout < PATTERN_TIMEOUT_S:  # the adapter's total ran out, not this match's
+                raise budget.exceeded() from None  # type: ignore[union-attr]
             raise PatternTimeout(
                 f"rank/alpha pattern {key!r} takes over {PATTERN_TIMEOUT_S} s to match "
                 f"module {module[:80]!r} (catastrophic backtracking)"
             ) from None
+        finally:
+            if budget is not None:
+                budget.charge(_clock() - started)
+        if matched:
+            return key
     return module
 
 
@@ -119,24 +198,27 @@ def _wrong_types(raw: dict[str, Any]) -> list[str]:
     for name in ("rank_pattern", "alpha_pattern", "auto_mapping"):
         if not isinstance(raw.get(name), dict | None):
             out.append(f"{name} must be an object, got {type(raw[name]).__name__}")
+    model_class = (raw.get("auto_mapping") or {}).get("base_model_class")
+    if not isinstance(model_class, str | None):
+        out.append(
+            f"auto_mapping.base_model_class must be a string, got {type(model_class).__name__}"
+        )
     return out
+
+
+def _check_pattern_count(raw: dict[str, Any], adapter: str) -> None:
+    """Refuse more than :data:`MAX_PATTERNS` rank/alpha patterns, before any is compiled."""
+    count = len(raw.get("rank_pattern") or {}) + len(raw.get("alpha_pattern") or {})
+    if count > MAX_PATTERNS:
+        raise LimitExceeded(
+            f"adapter {adapter!r}: {count} rank_pattern and alpha_pattern entries, over the "
+            f"limit of {MAX_PATTERNS} per adapter"
+        )
 
 
 def read_adapter_config(directory: Path, adapter: str) -> LoraAdapterConfig:
     """Parse and check ``directory/adapter_config.json``; ``adapter`` names it in errors."""
-    path = directory / CONFIG_NAME
-    if not path.is_file():
-        raise AdapterInvalid(f"adapter {adapter!r}: no {CONFIG_NAME} in {directory}")
-    if path.stat().st_size > MAX_CONFIG_BYTES:
-        raise AdapterInvalid(f"adapter {adapter!r}: {CONFIG_NAME} is larger than 1 MiB")
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise AdapterInvalid(
-            f"adapter {adapter!r}: {CONFIG_NAME} is not valid JSON ({exc})"
-        ) from None
-    if not isinstance(raw, dict):
-        raise AdapterInvalid(f"adapter {adapter!r}: {CONFIG_NAME} is not a JSON object")
+    raw = _load_json(directory, adapter)
     peft_type = raw.get("peft_type")
     if peft_type not in ("LORA", "VERA"):
         raise AdapterInvalid(
@@ -145,6 +227,7 @@ def read_adapter_config(directory: Path, adapter: str) -> LoraAdapterConfig:
     wrong_types = _wrong_types(raw)
     if wrong_types:
         raise AdapterInvalid(f"adapter {adapter!r}: {CONFIG_NAME}: " + "; ".join(wrong_types))
+    _check_pattern_count(raw, adapter)
     refused = _refusals(raw)
     if refused:
         raise AdapterInvalid(f"adapter {adapter!r}: " + "; ".join(refused))
@@ -168,6 +251,30 @@ def read_adapter_config(directory: Path, adapter: str) -> LoraAdapterConfig:
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise AdapterInvalid(f"adapter {adapter!r}: bad value in {CONFIG_NAME}: {exc!r}") from None
+    _check_values(config, adapter)
+    return config
+
+
+def _load_json(directory: Path, adapter: str) -> dict[str, Any]:
+    """The config file as a JSON object: present, at most 1 MiB, valid JSON."""
+    path = directory / CONFIG_NAME
+    if not path.is_file():
+        raise AdapterInvalid(f"adapter {adapter!r}: no {CONFIG_NAME} in {directory}")
+    if path.stat().st_size > MAX_CONFIG_BYTES:
+        raise AdapterInvalid(f"adapter {adapter!r}: {CONFIG_NAME} is larger than 1 MiB")
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise AdapterInvalid(
+            f"adapter {adapter!r}: {CONFIG_NAME} is not valid JSON ({exc})"
+        ) from None
+    if not isinstance(raw, dict):
+        raise AdapterInvalid(f"adapter {adapter!r}: {CONFIG_NAME} is not a JSON object")
+    return raw
+
+
+def _check_values(config: LoraAdapterConfig, adapter: str) -> None:
+    """Ranks ≥ 1, finite alphas, patterns that compile."""
     ranks = [config.r, *config.rank_pattern.values()]
     if min(ranks) < 1:
         raise AdapterInvalid(f"adapter {adapter!r}: LoRA rank must be ≥ 1, got {min(ranks)}")
@@ -183,4 +290,3 @@ def read_adapter_config(directory: Path, adapter: str) -> LoraAdapterConfig:
             raise AdapterInvalid(
                 f"adapter {adapter!r}: bad rank/alpha pattern {pattern!r}: {exc}"
             ) from None
-    return config

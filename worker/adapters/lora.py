@@ -17,17 +17,25 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from jobs.errors import AdapterInvalid, AdapterNotFound
+from jobs.errors import AdapterInvalid, AdapterNotFound, LimitExceeded
 
-from .config import LoraAdapterConfig, PatternTimeout, read_adapter_config
+from .config import (
+    LoraAdapterConfig,
+    PatternBudget,
+    PatternBudgetExceeded,
+    PatternTimeout,
+    read_adapter_config,
+)
 from .format import LORA_KEY, WEIGHTS_NAME, check_weights_file, lora_keys
 from .source import ModuleInfo, check_finite, read_header
 
 __all__ = ["REOPEN_EVERY", "LoraReader"]
 
-_FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
+#: Bytes per value of the float dtypes a factor may be stored in.
+_FLOAT_DTYPES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2}
 #: Reads served by one memory map before it is dropped (see the module docstring).
 REOPEN_EVERY = 16
+F32 = 4
 
 
 def _unsupported_key(key: str) -> str:
@@ -64,6 +72,7 @@ class LoraReader:
         self.path = self.directory / WEIGHTS_NAME
         self.nbytes = self.path.stat().st_size
         self.modules: dict[str, ModuleInfo] = self._index()
+        self.held_bytes = self._mapped_bytes()
         self._handle = None
         self._reads = 0
         self._lock = threading.Lock()  # the runner reads modules from several threads
@@ -91,6 +100,8 @@ class LoraReader:
         if not factors:
             raise AdapterInvalid(f"adapter {self.name!r}: {WEIGHTS_NAME} holds no LoRA factors")
         modules = {}
+        self._stored: dict[str, int] = {}  # each module's bytes in the file
+        budget = PatternBudget()  # all of this adapter's pattern matching, together
         for module, pair in factors.items():
             if set(pair) != {"A", "B"}:
                 missing = "lora_B" if "A" in pair else "lora_A"
@@ -103,10 +114,12 @@ class LoraReader:
                     f"adapter {self.name!r}: module {module!r}: lora_A has rank {r} but lora_B has rank {r_b}"
                 )
             try:
-                expected = self.config.expected_rank(module)
-                scaling = self.config.scaling(module)
+                expected = self.config.expected_rank(module, budget)
+                scaling = self.config.scaling(module, budget)
             except PatternTimeout as exc:
                 raise AdapterInvalid(f"adapter {self.name!r}: {exc}") from None
+            except PatternBudgetExceeded as exc:
+                raise LimitExceeded(f"adapter {self.name!r}: {exc}") from None
             if r != expected:
                 raise AdapterInvalid(
                     f"adapter {self.name!r}: module {module!r} has rank {r} but the config says {expected}"
@@ -115,8 +128,16 @@ class LoraReader:
                 raise AdapterInvalid(
                     f"adapter {self.name!r}: module {module!r} has an empty factor"
                 )
-            modules[module] = ModuleInfo(module, r, n, m, scaling)
+            stored = r * n * _FLOAT_DTYPES[pair["A"][1]] + m * r * _FLOAT_DTYPES[pair["B"][1]]
+            converted = F32 * r * (n + m) if {pair["A"][1], pair["B"][1]} != {"F32"} else 0
+            self._stored[module] = stored
+            modules[module] = ModuleInfo(module, r, n, m, scaling, read_bytes=stored + converted)
         return modules
+
+    def _mapped_bytes(self) -> int:
+        """The file pages one memory map may hold at most: the tensors of the
+        ``REOPEN_EVERY`` largest modules (a map is dropped after that many reads)."""
+        return sum(sorted(self._stored.values(), reverse=True)[:REOPEN_EVERY])
 
     def read(
         self, module: str, device: torch.device | str = "cpu", *, check: bool = True

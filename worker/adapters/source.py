@@ -23,7 +23,7 @@ from safetensors import SafetensorError, safe_open
 
 from jobs.errors import AdapterInvalid, AdapterNotFound
 
-from .base_model import linear_input_sizes
+from .base_model import BaseModelRefused, linear_input_sizes
 from .config import LoraAdapterConfig, read_adapter_config
 from .format import PREFIX_BYTES, WEIGHTS_NAME, check_prefix
 
@@ -47,6 +47,9 @@ class ModuleInfo:
     in_features: int  # n
     out_features: int  # m
     scaling: float
+    # Bytes a read of this module allocates before its factors are copied into the merge's
+    # stack (the file's tensors, their float32 conversions): the work-memory estimate's input.
+    read_bytes: int = 0
 
 
 class AdapterSource(Protocol):
@@ -57,6 +60,9 @@ class AdapterSource(Protocol):
     path: Path  # the weights file (the report records its sha256)
     nbytes: int
     modules: dict[str, ModuleInfo]
+    # Memory the source may keep for the whole merge once reading starts (the file pages it
+    # keeps mapped, the projections a VeRA adapter regenerates), for the work-memory estimate.
+    held_bytes: int
 
     def read(
         self, module: str, device: torch.device | str = "cpu", *, check: bool = True
@@ -150,9 +156,12 @@ def vera_input_sizes(
     missing = [m for m in modules if m not in known]
     sizes = {m: known[m] for m in modules if m in known}
     if missing:
-        from_base = linear_input_sizes(
-            config.base_model_name_or_path, config.base_model_class, missing
-        )
+        try:
+            from_base = linear_input_sizes(
+                config.base_model_name_or_path, config.base_model_class, missing
+            )
+        except BaseModelRefused as exc:
+            raise AdapterInvalid(f"adapter {name!r}: {exc}") from None
         if from_base is None:
             raise AdapterInvalid(
                 f"adapter {name!r}: a VeRA adapter does not record its layers' input sizes, "

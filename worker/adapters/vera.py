@@ -36,6 +36,10 @@ from .source import InputSizes, ModuleInfo, check_finite, read_header, vera_inpu
 
 __all__ = ["VeraReader"]
 
+F32 = 4
+#: Bytes per value of safetensors dtypes (an unknown one counts as 8, the widest).
+_ITEMSIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2}
+
 
 class VeraReader:
     """A PEFT VeRA adapter on local disk (an ``AdapterSource``). ``known_input_sizes`` gives
@@ -51,7 +55,9 @@ class VeraReader:
         self.nbytes = self.path.stat().st_size
         self._projections: tuple[torch.Tensor, torch.Tensor] | None = None
         self._projections_lock = threading.Lock()  # modules are read from several threads
-        header = {k: shape for k, (shape, _) in read_header(self.path, name, self.nbytes).items()}
+        full_header = read_header(self.path, name, self.nbytes)
+        header = {k: shape for k, (shape, _) in full_header.items()}
+        self._itemsizes = {k: _ITEMSIZES.get(dtype, 8) for k, (_, dtype) in full_header.items()}
         self.saved_projection_shapes = self._check_projections(header)
         lambdas: dict[str, dict[str, list[int]]] = {}
         for key, shape in header.items():
@@ -77,6 +83,7 @@ class VeraReader:
             module: self._module_info(module, sizes[module], pair["b"][0])
             for module, pair in lambdas.items()
         }
+        self.held_bytes = self._projection_bytes()
 
     def _check_projections(
         self, header: dict[str, list[int]]
@@ -116,7 +123,31 @@ class VeraReader:
                 f"adapter {self.name!r}: module {module!r} has {m} outputs "
                 f"but the saved vera_B has only {saved[1][0]} rows"
             )
-        return ModuleInfo(module, self.config.r, n, m, 1.0)
+        return ModuleInfo(
+            module, self.config.r, n, m, 1.0, read_bytes=self._read_bytes(module, n, m)
+        )
+
+    def _read_bytes(self, module: str, n: int, m: int) -> int:
+        """What :meth:`read` allocates: λ_b and λ_d, the saved projections' slices (mapped,
+        copied, converted to float32), and the products diag(λ) · projection."""
+        r = self.config.r
+        key_b, key_d = vera_lambda_keys(module)
+        lambdas = m * self._itemsizes.get(key_b, 8) + r * self._itemsizes.get(key_d, 8)
+        total = lambdas + F32 * (m + r) + F32 * r * (n + m)
+        if self.saved_projection_shapes is not None:
+            size_a, size_b = (self._itemsizes[k] for k in VERA_PROJECTIONS)
+            stored = r * n * size_a + m * r * size_b
+            total += 2 * stored + (F32 * r * (n + m) if (size_a, size_b) != (F32, F32) else 0)
+        return total
+
+    def _projection_bytes(self) -> int:
+        """vera_A (r × max n) and vera_B (max m × r) in float32, regenerated once and held
+        for the whole merge when the file does not hold them; nothing otherwise."""
+        if self.saved_projection_shapes is not None:
+            return 0
+        in_max = max(info.in_features for info in self.modules.values())
+        out_max = max(info.out_features for info in self.modules.values())
+        return F32 * self.config.r * (in_max + out_max)
 
     def _regenerated_projections(self) -> tuple[torch.Tensor, torch.Tensor]:
         """vera_A and vera_B as PEFT draws them: its own ``_kaiming_init``, seeded by the key,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import struct
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -19,7 +20,14 @@ from typing import Any, BinaryIO
 
 import torch
 
-__all__ = ["OUTPUT_DTYPES", "SafetensorsStreamWriter", "TensorSlot", "lora_config_json"]
+__all__ = [
+    "OUTPUT_DTYPES",
+    "NonFiniteTensor",
+    "SafetensorsStreamWriter",
+    "TensorSlot",
+    "all_finite",
+    "lora_config_json",
+]
 
 #: Chunks handed to the writing and hashing threads and not yet done with; a producer that
 #: gets this far ahead waits. Bounds the memory the queue holds (a chunk is one tensor).
@@ -33,10 +41,36 @@ OUTPUT_DTYPES: dict[str, tuple[torch.dtype, str]] = {
 }
 
 
+#: Elements the finiteness check sums at a time: its float64 temporary stays at 8 MiB.
+FINITE_CHECK_CHUNK = 1 << 20
+
+
 @dataclass(frozen=True)
 class TensorSlot:
     name: str
     shape: tuple[int, ...]
+
+
+class NonFiniteTensor(ValueError):
+    """A tensor holds NaN or ±inf once cast to the file's dtype; nothing of it was written."""
+
+    def __init__(self, name: str, dtype: str) -> None:
+        super().__init__(f"tensor {name!r} has NaN or infinite values in {dtype}")
+        self.name, self.dtype = name, dtype
+
+
+def all_finite(t: torch.Tensor) -> bool:
+    """Whether every value of ``t`` is finite, in one pass and without a copy of ``t``.
+
+    A sum is finite exactly when every summand is, as long as finite summands cannot overflow
+    it: a float64 sum of at most :data:`FINITE_CHECK_CHUNK` float32 (or narrower) values
+    cannot. So ``t`` is summed chunk by chunk in float64, and only a chunk's float64 copy is
+    ever allocated (``torch.isfinite(t).all()`` would allocate about twice ``t``).
+    """
+    for chunk in t.reshape(-1).split(FINITE_CHECK_CHUNK):
+        if not math.isfinite(float(chunk.sum(dtype=torch.float64))):
+            return False
+    return True
 
 
 class SafetensorsStreamWriter:
@@ -53,6 +87,7 @@ class SafetensorsStreamWriter:
         dtype: str,
         metadata: dict[str, str] | None = None,
     ) -> None:
+        self.dtype = dtype
         self.torch_dtype, st_dtype = OUTPUT_DTYPES[dtype]
         itemsize = torch.empty((), dtype=self.torch_dtype).element_size()
         header: dict[str, Any] = {"__metadata__": metadata} if metadata else {}
@@ -95,11 +130,19 @@ class SafetensorsStreamWriter:
             future.result()
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
-        """Append ``tensor`` as the next slot, which must be ``name`` with the planned shape."""
+        """Append ``tensor`` as the next slot, which must be ``name`` with the planned shape.
+
+        Raises :class:`NonFiniteTensor`, writing nothing of it, when a value is NaN or
+        infinite once cast to the file's dtype (a float32 value beyond float16's ±65504 is
+        finite before the cast and inf after it): a PEFT model would load such a file and
+        produce NaN, so it is never written.
+        """
         slot = self._pending.pop(0)
         if slot.name != name or tuple(tensor.shape) != slot.shape:
             raise ValueError(f"expected {slot.name} {slot.shape}, got {name} {tuple(tensor.shape)}")
         t = tensor.detach().to(device="cpu", dtype=self.torch_dtype).contiguous()
+        if not all_finite(t):
+            raise NonFiniteTensor(name, self.dtype)
         # numpy has no bfloat16: write the raw bytes through a same-size integer view.
         raw = t.view(torch.int16) if t.element_size() == 2 else t
         self._emit(memoryview(raw.numpy()).cast("B"))

@@ -17,11 +17,13 @@ __all__ = [
     "MAX_F32_GRAM_CONDITION",
     "MAX_GRAM_CONDITION",
     "Basis",
+    "NonFiniteError",
     "factored_svd",
     "isotropize",
     "left_singular_basis",
     "numerical_rank",
     "polar",
+    "svd",
     "truncate",
 ]
 
@@ -33,6 +35,24 @@ MAX_GRAM_CONDITION = 32.0
 #: CPU): its rounding error grows as cond², and at 4 U is still orthonormal to about 4e-6,
 #: as good as the float64 Gram at 32 or a float32 Householder QR (tests/engine/test_bases.py).
 MAX_F32_GRAM_CONDITION = 4.0
+
+
+class NonFiniteError(ArithmeticError):
+    """A matrix to decompose holds NaN or ±inf: the merge's own arithmetic overflowed float32
+    (huge weights, alpha or scalings), since the inputs are checked finite as they are read."""
+
+
+def svd(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Economy SVD ``torch.linalg.svd(x, full_matrices=False)``, refusing NaN and ±inf first.
+
+    LAPACK given a non-finite matrix either fails ("failed to converge", after printing its
+    own error lines) or returns garbage; :class:`NonFiniteError` says what happened instead.
+    The check is one pass over x (an SVD costs min(m, n) passes): its sum, and the exact
+    test only when the sum is not finite (finite values near float32's limit can overflow it).
+    """
+    if not bool(torch.isfinite(x.sum())) and not bool(torch.isfinite(x).all()):
+        raise NonFiniteError(f"a {tuple(x.shape)} matrix to decompose has NaN or infinite values")
+    return torch.linalg.svd(x, full_matrices=False)
 
 
 @dataclass(frozen=True)
@@ -71,7 +91,7 @@ class Basis:
 
 def _basis_by_qr(x: Tensor) -> tuple[Basis, Tensor]:
     Q, Rx = torch.linalg.qr(x, mode="reduced")
-    Ur, _, _ = torch.linalg.svd(Rx, full_matrices=False)
+    Ur, _, _ = svd(Rx)
     return Basis(x=x, U=Q @ Ur), Ur.mT @ Rx
 
 
@@ -136,7 +156,7 @@ def factored_svd(B: Tensor, A: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """
     Qb, Rb = torch.linalg.qr(B, mode="reduced")
     Qa, Ra = torch.linalg.qr(A.mT, mode="reduced")
-    Us, S, Vhs = torch.linalg.svd(Rb @ Ra.mT, full_matrices=False)
+    Us, S, Vhs = svd(Rb @ Ra.mT)
     return Qb @ Us, S, Vhs @ Qa.mT
 
 
@@ -161,11 +181,11 @@ def truncate(U: Tensor, S: Tensor, Vh: Tensor, k: int) -> tuple[Tensor, Tensor, 
 
 def polar(x: Tensor) -> Tensor:
     """Orthogonal polar factor of x: with x = P Σ Qᵀ, returns P Qᵀ (the nearest semi-orthogonal)."""
-    P, _, Qh = torch.linalg.svd(x, full_matrices=False)
+    P, _, Qh = svd(x)
     return P @ Qh
 
 
 def isotropize(x: Tensor) -> Tensor:
     """Replace every singular value of x (all min(m, n) of them) by their mean (Iso-C)."""
-    U, S, Vh = torch.linalg.svd(x, full_matrices=False)
+    U, S, Vh = svd(x)
     return (U * S.mean()) @ Vh

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .linalg import factored_svd, isotropize, numerical_rank, polar
+from .linalg import factored_svd, isotropize, numerical_rank, polar, svd
 
 __all__ = [
     "METHOD_FUNCTIONS",
@@ -134,7 +134,7 @@ def tsv(xs: Sequence[Tensor], factors: Factors | None = None) -> Tensor:
     us, ss, vhs = [], [], []
     for t, x in enumerate(xs):
         if factors is None:
-            U, S, Vh = torch.linalg.svd(x, full_matrices=False)
+            U, S, Vh = svd(x)
         else:
             U, S, Vh = factored_svd(*factors[t])
         k = min(K // T, numerical_rank(S, tuple(x.shape)))
@@ -155,7 +155,7 @@ def cart(xs: Sequence[Tensor], rank_fraction: float, lam: float) -> Tensor:
     avg = torch.stack(list(xs)).mean(0)
     total = torch.zeros_like(avg)
     for x in xs:
-        U, S, Vh = torch.linalg.svd(x - avg, full_matrices=False)
+        U, S, Vh = svd(x - avg)
         k = _ceil_product(rank_fraction, S.numel())
         total += (U[:, :k] * S[:k]) @ Vh[:k]
     return avg + lam * total

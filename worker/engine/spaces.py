@@ -23,6 +23,7 @@ from .linalg import (
     isotropize,
     left_singular_basis,
     numerical_rank,
+    svd,
     truncate,
 )
 from .methods import apply_method
@@ -201,7 +202,7 @@ def _as_lora_pair(
     """Write U X Vᵀ as (B, A): exactly when X is square, else via the SVD of the small X."""
     if rank is None and X.shape[0] == X.shape[1]:
         return bases.left.apply(X), bases.right.transposed(), None
-    P, S, Qh = torch.linalg.svd(X, full_matrices=False)
+    P, S, Qh = svd(X)
     if rank is None:
         return bases.left.apply(P * S), bases.right.apply_t(Qh), None
     B_small, A_small, kept = truncate(P, S, Qh, rank)
@@ -229,7 +230,7 @@ def merge_in_core_space(
 
 def _dense_to_lora(dW: Tensor, rank: int | None) -> tuple[Tensor, Tensor, float | None]:
     """Factor a dense update exactly (numerical rank) or truncated to ``rank`` by its SVD."""
-    U, S, Vh = torch.linalg.svd(dW, full_matrices=False)
+    U, S, Vh = svd(dW)
     k = numerical_rank(S, tuple(dW.shape)) if rank is None else rank
     B, A, kept = truncate(U, S, Vh, k)
     return B, A, (kept if rank is not None else None)
@@ -259,7 +260,7 @@ def knots_components(factors: Sequence[LoraFactors]) -> tuple[Tensor, Tensor, li
     Qb, Rb = torch.linalg.qr(FactorStack.of(factors).B, mode="reduced")
     qrs = [torch.linalg.qr(f.A.mT, mode="reduced") for f in factors]
     middle = Rb @ torch.block_diag(*[R.mT for _, R in qrs])
-    Us, S, Vhs = torch.linalg.svd(middle, full_matrices=False)
+    Us, S, Vhs = svd(middle)
     keep = S > 1e-5
     Us, S, Vhs = Us[:, keep], S[keep], Vhs[keep]
     blocks, start = [], 0
