@@ -10,6 +10,8 @@
 (12, True)
 """
 
+from .batched import merge_group_in_core_space, merge_stacks_in_core_space, shape_groups
+from .linalg import NonFiniteError
 from .methods import METHOD_FUNCTIONS, apply_method
 from .spaces import (
     FactorStack,
@@ -29,12 +31,16 @@ __all__ = [
     "FactorStack",
     "LoraFactors",
     "MergedModule",
+    "NonFiniteError",
     "apply_method",
     "core_factors",
     "core_matrices",
+    "merge_group_in_core_space",
     "merge_in_core_space",
     "merge_in_full_space",
     "merge_in_knots_space",
     "merge_module",
+    "merge_stacks_in_core_space",
     "reference_bases",
+    "shape_groups",
 ]
