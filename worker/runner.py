@@ -34,7 +34,13 @@ from jobs.errors import AdapterInvalid, Canceled, InternalError, OutputNotFinite
 from jobs.spec import MergeSpec
 from worker.adapters import AdapterSource, open_adapters
 from worker.adapters.format import REPORT_NAME
-from worker.engine import FactorStack, MergedModule, NonFiniteError, merge_module
+from worker.engine import (
+    FactorStack,
+    MergedModule,
+    NonFiniteError,
+    merge_module,
+    merge_stacks_in_core_space,
+)
 from worker.output import (
     MAX_PROJECTION_RESIDUAL,
     WrittenWeights,
@@ -47,6 +53,11 @@ from worker.pipeline import merge_threads, ordered_map
 from worker.plan import MergePlan, ModulePlan, make_plan
 
 __all__ = ["REPORT_NAME", "MergeOutcome", "Progress", "resolve_device", "run_merge"]
+
+#: Core-space modules merged at a time on a GPU, those of one shape in one batched call: 8
+#: Llama layers (56 modules, 4 shapes) give groups of 8-16, and device memory holds about
+#: three times their factors.
+GPU_WINDOW_MODULES = 56
 
 
 @dataclass(frozen=True)
@@ -100,10 +111,17 @@ class _ModuleMerger:
     """Reads, scales and merges one planned module; safe to call from several threads."""
 
     def __init__(
-        self, spec: MergeSpec, readers: Sequence[AdapterSource], device: torch.device
+        self,
+        spec: MergeSpec,
+        readers: Sequence[AdapterSource],
+        device: torch.device,
+        window: int | None = None,
     ) -> None:
         self.spec, self.readers, self.device = spec, readers, device
         self.threads = merge_threads(device, spec.space)  # modules merged side by side
+        if window is None:  # a GPU merges core-space modules a window at a time, batched
+            window = GPU_WINDOW_MODULES if device.type == "cuda" and spec.space == "core" else 1
+        self.window = window
 
     def _read(self, mp: ModulePlan) -> FactorStack:
         """The module's factors, ΔW_t = (w_t s_t B_t) A_t, copied straight into their stacks.
@@ -160,7 +178,31 @@ class _ModuleMerger:
             ) from None
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-        t2 = time.perf_counter()
+        return self._result(mp, merged, t1 - t0, time.perf_counter() - t1)
+
+    def merge_window(self, mps: Sequence[ModulePlan]) -> list[_ModuleResult]:
+        """Merge several modules in core space, those of one shape in one batched call
+        (``worker.engine.batched``): the same results as one by one, in fewer, larger
+        kernels, which is what a GPU needs."""
+        t0 = time.perf_counter()
+        stacks = [self._read(mp) for mp in mps]
+        t1 = time.perf_counter()
+        try:
+            merged = merge_stacks_in_core_space(
+                stacks, self.spec.method, self.spec.params, rank=self.spec.output.rank,
+                generators=[module_generator(self.spec.seed, mp.module) for mp in mps],
+            )  # fmt: skip
+        except NonFiniteError:
+            return [self(mp) for mp in mps]  # one by one, to name the module that overflowed
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        read_s, merge_s = (t1 - t0) / len(mps), (time.perf_counter() - t1) / len(mps)
+        return [self._result(mp, m, read_s, merge_s) for mp, m in zip(mps, merged, strict=True)]
+
+    def _result(
+        self, mp: ModulePlan, merged: MergedModule, read_s: float, merge_s: float
+    ) -> _ModuleResult:
+        """The self-check, and the module's entry in the report."""
         if merged.residual is not None and merged.residual > MAX_PROJECTION_RESIDUAL:
             raise InternalError(
                 f"self-check failed on module {mp.module!r}: the inputs lie {merged.residual:.2e} off "
@@ -174,7 +216,13 @@ class _ModuleMerger:
             "kept_energy": merged.kept_energy,
             "residual": merged.residual,
         }
-        return _ModuleResult(mp, merged, record, read_s=t1 - t0, merge_s=t2 - t1)
+        return _ModuleResult(mp, merged, record, read_s=read_s, merge_s=merge_s)
+
+
+def _windowed(merger: _ModuleMerger, modules: Sequence[ModulePlan]) -> Iterator[_ModuleResult]:
+    """The modules' results in plan order, merged ``merger.window`` at a time."""
+    for i in range(0, len(modules), merger.window):
+        yield from merger.merge_window(modules[i : i + merger.window])
 
 
 class _Control:
@@ -222,6 +270,7 @@ def run_merge(
     should_cancel: Callable[[], bool] | None = None,
     max_modules: int | None = None,
     max_work_bytes: int | None = None,
+    batch_window: int | None = None,
 ) -> MergeOutcome:
     """Merge the adapters in ``adapter_dirs`` (local, in ``spec.adapters`` order) into ``out_dir``.
 
@@ -229,7 +278,8 @@ def run_merge(
     ``should_cancel()`` is true at a module boundary) and ``FileExistsError`` when ``out_dir``
     exists and is not empty. ``max_modules`` and ``max_work_bytes`` (the estimated peak
     working memory, ``worker.memory``) are service limits, checked from the headers before
-    any tensor is read (``LimitExceeded``).
+    any tensor is read (``LimitExceeded``). ``batch_window`` modules are merged at a time in
+    one batched call per shape (core space only); by default that is done on CUDA only.
     """
     started = time.perf_counter()
     out_dir = Path(out_dir)
@@ -241,10 +291,10 @@ def run_merge(
     torch_device = resolve_device(device)
     readers = open_adapters(adapter_dirs, [ref.display_name for ref in spec.adapters])
     try:
-        merger = _ModuleMerger(spec, readers, torch_device)
+        merger = _ModuleMerger(spec, readers, torch_device, batch_window)
         plan = make_plan(
             readers, spec, max_modules=max_modules, max_work_bytes=max_work_bytes,
-            threads=merger.threads,
+            threads=max(merger.threads, merger.window),
         )  # fmt: skip
         control.progress("plan", 0, len(plan.modules))
         plan_s = time.perf_counter() - started
@@ -309,7 +359,13 @@ def _merge_into_staging(
     t0 = time.perf_counter()
     # Closed on the way out, whatever happens: modules still queued are dropped and running
     # ones finish here, not in the background while the staging dir is removed.
-    with contextlib.closing(ordered_map(merger, plan.modules, merger.threads)) as results:
+    windowed = merger.window > 1 and spec.space == "core"
+    results = (
+        _windowed(merger, plan.modules)
+        if windowed
+        else ordered_map(merger, plan.modules, merger.threads)
+    )
+    with contextlib.closing(results):
         weights = write_weights(staging, plan, merged_modules(results), spec.output.dtype)
     stats.merge_wall_s = time.perf_counter() - t0
     control.progress("write", total, total)

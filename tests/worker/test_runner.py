@@ -43,3 +43,22 @@ def test_nan_midway_leaves_nothing(peft_adapters: list[Path], adapter_copy, tmp_
         run_merge(_spec(dirs, out), dirs, out, device="cpu")
     assert not out.exists()
     assert not list(out.parent.glob(f".{out.name}.partial-*"))
+
+
+@pytest.mark.parametrize("method", ["ta", "ties", "dare", "tsv"])
+def test_a_batched_window_merges_as_module_by_module(
+    peft_adapters: list[Path], tmp_path: Path, method: str
+) -> None:
+    """What a GPU runs (modules of one shape merged in one batched call, a window at a time),
+    forced here on the CPU: the same adapter as merging module by module."""
+    outs = {}
+    for window in (1, 5):
+        out = tmp_path / f"w{window}"
+        spec = _spec(peft_adapters, out, method=method, seed=3)
+        run_merge(spec, peft_adapters, out, device="cpu", batch_window=window)
+        outs[window] = load_file(out / "adapter_model.safetensors")
+    for key, A in outs[1].items():
+        if key.endswith("lora_A.weight"):
+            b = key.replace("lora_A", "lora_B")
+            single, batched = outs[1][b] @ A, outs[5][b] @ outs[5][key]
+            assert torch.allclose(batched, single, rtol=1e-5, atol=1e-6 * single.abs().max()), key
