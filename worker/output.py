@@ -24,7 +24,13 @@ import torch
 
 from jobs.errors import OutputNotFinite
 from jobs.spec import MergeSpec
-from worker.adapters.format import CONFIG_NAME, REPORT_NAME, WEIGHTS_NAME, lora_keys
+from worker.adapters.format import (
+    CONFIG_NAME,
+    MODEL_CARD_NAME,
+    REPORT_NAME,
+    WEIGHTS_NAME,
+    lora_keys,
+)
 from worker.adapters.source import AdapterSource
 from worker.adapters.writer import (
     NonFiniteTensor,
@@ -35,7 +41,16 @@ from worker.adapters.writer import (
 from worker.engine import MergedModule
 from worker.plan import MergePlan, ModulePlan
 
-__all__ = ["MAX_PROJECTION_RESIDUAL", "VERSION", "WrittenWeights", "build_report", "write_weights"]
+__all__ = [
+    "MAX_PROJECTION_RESIDUAL",
+    "VERSION",
+    "WrittenWeights",
+    "build_report",
+    "write_config",
+    "write_model_card",
+    "write_report",
+    "write_weights",
+]
 
 #: A core-space merge whose factors lie further than this off the reference bases is wrong.
 MAX_PROJECTION_RESIDUAL = 1e-4
@@ -148,6 +163,42 @@ def write_config(staging: Path, plan: MergePlan, rank: int) -> None:
         fan_in_fan_out=plan.fan_in_fan_out,
     )
     (staging / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
+
+
+def write_model_card(staging: Path, report: dict[str, Any]) -> None:
+    """``README.md``: what the adapter is, for people and for model hubs (YAML front matter
+    with the base model and the tags, then the inputs with their weights and sha256, the
+    method, its parameters, the rank), all taken from the report."""
+    out = report["output"]
+    base = out["base_model_name_or_path"]
+    front = ["---", "library_name: peft"]
+    if base:
+        front.append(f"base_model: {json.dumps(base)}")
+    front += ["tags:", *(f"- {tag}" for tag in ("peft", "lora", "merge", "coremerge")), "---"]
+    rows = [
+        f"| {i['name']} | `{i['uri']}` | {i['weight']:g} | {i['r']} | `{i['sha256']}` |"
+        for i in report["inputs"]
+    ]
+    params = ", ".join(f"`{k}={v}`" for k, v in report["params"].items()) or "none"
+    body = [
+        "# Merged LoRA adapter",
+        "",
+        f"{len(report['inputs'])} LoRA adapters of `{base or 'an unnamed base model'}` merged "
+        f"into one by coremerge {report['software']['coremerge']} with `{report['method']}` in "
+        f"{report['space']} space (Core Space merging, [Panariello et al., NeurIPS 2025]"
+        "(https://arxiv.org/abs/2509.17786)). Load it like any PEFT LoRA adapter.",
+        "",
+        "| input | uri | weight | r | sha256 of adapter_model.safetensors |",
+        "|---|---|---|---|---|",
+        *rows,
+        "",
+        f"- method: `{report['method']}`, space: `{report['space']}`, parameters: {params}, "
+        f"seed: {report['seed']}",
+        f"- rank: {out['rank']} for every module ({out['modules']} modules), "
+        f"dtype: {out['dtype']}, `lora_alpha` = r (every scaling is in the factors)",
+        f"- `{REPORT_NAME}` beside this card has the per-module details and the self-check.",
+    ]
+    (staging / MODEL_CARD_NAME).write_text("\n".join([*front, "", *body]) + "\n")
 
 
 def write_report(staging: Path, report: dict[str, Any]) -> None:

@@ -46,6 +46,7 @@ from worker.output import (
     WrittenWeights,
     build_report,
     write_config,
+    write_model_card,
     write_report,
     write_weights,
 )
@@ -375,7 +376,9 @@ def _merge_into_staging(
 def _finish(
     staging: Path, plan: MergePlan, weights: WrittenWeights, report: dict[str, Any], out_dir: Path
 ) -> None:
-    """The config, then the report (its presence marks a complete adapter), then the rename."""
+    """The config and the model card, then the report (its presence marks a complete
+    adapter), then the rename."""
     write_config(staging, plan, weights.rank)
+    write_model_card(staging, report)
     write_report(staging, report)
     os.rename(staging, out_dir)  # atomic; replaces an empty out_dir

@@ -22,6 +22,7 @@ from jobs.settings import Settings
 from jobs.spec import MergeSpec
 from tests.integration.conftest import Stack
 from tests.processes import Workers, wait_until
+from worker.adapters.format import MODEL_CARD_NAME
 from worker.storage import CLAIM_NAME, CONFIG_NAME, JOB_ID_META, REPORT_NAME, WEIGHTS_NAME
 
 #: COREMERGE_WORKER_TTL for these workers: the smallest allowed. A dead worker's job is
@@ -143,7 +144,7 @@ def test_a_killed_worker_s_job_runs_again_elsewhere_and_succeeds_once(
     # A whole adapter from one run: the three files, no claim left, and the report's digest
     # is the weights' digest.
     assert sorted(output_keys(crash.stack, output)) == sorted(
-        [CONFIG_NAME, REPORT_NAME, WEIGHTS_NAME]
+        [CONFIG_NAME, MODEL_CARD_NAME, REPORT_NAME, WEIGHTS_NAME]
     )
     bucket, key = "merged", output.removeprefix("s3://merged/")
     weights = crash.stack.s3.get_object(Bucket=bucket, Key=key + WEIGHTS_NAME)["Body"].read()

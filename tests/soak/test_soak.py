@@ -31,6 +31,7 @@ from jobs.spec import MergeSpec
 from service.client import CoremergeClient
 from tests.processes import AWS_ENV, RedisServer, Workers, moto_server, start_api, stop
 from tests.tenants import two_tenants
+from worker.adapters.format import MODEL_CARD_NAME
 from worker.runner import run_merge
 from worker.storage import CLAIM_NAME, CONFIG_NAME, REPORT_NAME, WEIGHTS_NAME
 
@@ -185,9 +186,9 @@ def _soak(peft_adapters: list[Path], tmp_path: Path, redis_server: RedisServer, 
             keys = sorted(
                 o["Key"] for o in s3.list_objects_v2(Bucket="merged", Prefix=prefix)["Contents"]
             )
-            assert keys == sorted(prefix + n for n in (CONFIG_NAME, REPORT_NAME, WEIGHTS_NAME)), (
-                keys
-            )
+            assert keys == sorted(
+                prefix + n for n in (CONFIG_NAME, MODEL_CARD_NAME, REPORT_NAME, WEIGHTS_NAME)
+            ), keys
             assert prefix + CLAIM_NAME not in keys
             local_dir = tmp_path / "served" / job_id
             local_dir.mkdir(parents=True)

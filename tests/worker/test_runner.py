@@ -62,3 +62,18 @@ def test_a_batched_window_merges_as_module_by_module(
             b = key.replace("lora_A", "lora_B")
             single, batched = outs[1][b] @ A, outs[5][b] @ outs[5][key]
             assert torch.allclose(batched, single, rtol=1e-5, atol=1e-6 * single.abs().max()), key
+
+
+def test_the_merged_adapter_carries_a_model_card(peft_adapters: list[Path], tmp_path: Path):
+    out = tmp_path / "merged"
+    spec = _spec(peft_adapters, out, method="ties", params={"density": 0.2})
+    outcome = run_merge(spec, peft_adapters, out, device="cpu")
+    card = (out / "README.md").read_text()
+    front, _, body = card.removeprefix("---\n").partition("\n---\n")
+    assert "library_name: peft" in front
+    assert 'base_model: "coremerge/tiny-llama-demo"' in front
+    assert all(f"- {tag}" in front for tag in ("peft", "lora", "merge", "coremerge"))
+    for entry in outcome.report["inputs"]:
+        assert f"| {entry['name']} |" in body and entry["sha256"] in body
+    assert "`ties`" in body and "`density=0.2`" in body
+    assert f"rank: {outcome.rank} for every module" in body

@@ -32,6 +32,7 @@ __all__ = [
     "CONFIG_NAME",
     "LORA_KEY",
     "MAX_HEADER_BYTES",
+    "MODEL_CARD_NAME",
     "PICKLE_NAMES",
     "PREFIX_BYTES",
     "REPORT_NAME",
@@ -48,6 +49,8 @@ CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 #: coremerge's own file beside a merged adapter; written last, it marks a complete output.
 REPORT_NAME = "merge_report.json"
+#: The merged adapter's model card (the Hugging Face convention: YAML front matter, Markdown).
+MODEL_CARD_NAME = "README.md"
 #: Weights saved by ``torch.save``: never loaded (unpickling runs code).
 PICKLE_NAMES = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth")
 
