@@ -34,6 +34,7 @@ __all__ = [
     "OutputExists",
     "OutputNotFinite",
     "StorageError",
+    "reason",
 ]
 
 
@@ -51,6 +52,15 @@ ERROR_CODES: tuple[str, ...] = (
     "timeout",
     "internal",
 )
+
+
+def reason(exc: BaseException) -> str:
+    """An exception's text for a job error message, without what only the worker should see:
+    an ``OSError`` names its file (a path on the worker), so only its kind and strerror are
+    kept; the other exceptions met while reading adapters describe the data, not the host."""
+    if isinstance(exc, OSError):
+        return f"{type(exc).__name__}: {exc.strerror or 'I/O error'}"
+    return str(exc)
 
 
 class MergeError(Exception):

@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from jobs.errors import AdapterNotFound
+from jobs.errors import AdapterInvalid, AdapterNotFound
 from tests.adapters.refusals import expect_invalid as _expect_invalid
 from worker.adapters.lora import LoraReader as AdapterReader
 from worker.demo import tiny_base_model
@@ -90,3 +90,16 @@ def test_embedding_lora_key(adapter_copy) -> None:
     key = "base_model.model.model.embed_tokens.lora_embedding_A"
     _rewrite_tensors(adapter, lambda t: t.__setitem__(key, torch.zeros(4, 8)))
     _expect_invalid(adapter, "embedding LoRA")
+
+
+def test_a_read_error_names_no_local_path(adapter_copy) -> None:
+    """The job's message says what failed, not where on the worker: an OSError's file name
+    (a path in the worker's scratch space) stays in the worker's log."""
+    adapter = adapter_copy(0)
+    reader = AdapterReader(adapter, "gone")
+    reader.close()
+    (adapter / "adapter_model.safetensors").unlink()
+    with pytest.raises(AdapterInvalid) as info:
+        reader.read("model.layers.0.self_attn.q_proj")
+    message = info.value.message
+    assert "cannot read module" in message and str(adapter) not in message, message

@@ -19,6 +19,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from jobs.errors import reason
+
 __all__ = ["ALLOWED_AUTO_MAPPINGS", "BaseModelRefused", "linear_input_sizes"]
 
 #: The transformers auto mappings (config class → model class) a base model may come from, in
@@ -91,7 +93,9 @@ def linear_input_sizes(
     try:  # trust_remote_code stays False: a config asking for custom code is refused
         config = transformers.AutoConfig.from_pretrained(name_or_path, local_files_only=True)
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise BaseModelRefused(f"the base model's config.json cannot be read ({exc})") from None
+        raise BaseModelRefused(
+            f"the base model's config.json cannot be read ({reason(exc)})"
+        ) from None
     cls = resolve_model_class(config, model_class)
     with torch.device("meta"):  # shapes only: no parameter gets storage
         model = cls(config)

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from jobs.errors import AdapterInvalid, AdapterNotFound, LimitExceeded
+from jobs.errors import AdapterInvalid, AdapterNotFound, LimitExceeded, reason
 
 from .config import (
     LoraAdapterConfig,
@@ -158,7 +158,7 @@ class LoraReader:
             A, B = handle.get_tensor(key_a), handle.get_tensor(key_b)
         except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
             raise AdapterInvalid(
-                f"adapter {self.name!r}: cannot read module {module!r} ({exc})"
+                f"adapter {self.name!r}: cannot read module {module!r} ({reason(exc)})"
             ) from None
         A = A.to(device=device, dtype=torch.float32)
         B = B.to(device=device, dtype=torch.float32)

@@ -21,7 +21,7 @@ from typing import Protocol
 import torch
 from safetensors import SafetensorError, safe_open
 
-from jobs.errors import AdapterInvalid, AdapterNotFound
+from jobs.errors import AdapterInvalid, AdapterNotFound, reason
 
 from .base_model import BaseModelRefused, linear_input_sizes
 from .config import LoraAdapterConfig, read_adapter_config
@@ -101,7 +101,7 @@ def read_header(path: Path, name: str, nbytes: int) -> dict[str, tuple[list[int]
             }
     except (SafetensorError, OSError, ValueError) as exc:
         raise AdapterInvalid(
-            f"adapter {name!r}: {WEIGHTS_NAME} is not a valid safetensors file ({exc})"
+            f"adapter {name!r}: {WEIGHTS_NAME} is not a valid safetensors file ({reason(exc)})"
         ) from None
 
 

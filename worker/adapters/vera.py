@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from jobs.errors import AdapterInvalid
+from jobs.errors import AdapterInvalid, reason
 
 from .config import LoraAdapterConfig
 from .format import (
@@ -190,7 +190,7 @@ class VeraReader:
                     B = f.get_slice(VERA_PROJECTIONS[1])[:m, :]
         except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
             raise AdapterInvalid(
-                f"adapter {self.name!r}: cannot read module {module!r} ({exc})"
+                f"adapter {self.name!r}: cannot read module {module!r} ({reason(exc)})"
             ) from None
         if not self.saved_projection_shapes:
             vera_A, vera_B = self._regenerated_projections()
