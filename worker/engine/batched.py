@@ -47,7 +47,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .linalg import MAX_F32_GRAM_CONDITION, MAX_GRAM_CONDITION, svd
+from .linalg import MAX_F32_GRAM_CONDITION, MAX_GRAM_CONDITION, Basis, svd
 from .methods import METHOD_FUNCTIONS, _ceil_product, _floor_product
 from .spaces import FactorStack, LoraFactors, MergedModule, _rank_slices, _spread
 
@@ -138,31 +138,17 @@ def _take(t: Tensor, index: list[int]) -> Tensor:
 
 
 @dataclass(frozen=True)
-class _Bases:
+class _Bases(Basis):
     """Orthonormal bases U (G × m × k) of G stacked factors x (G × m × R), and Uᵀ x.
 
     U is kept implicitly as x K (K: G × R × k) when every module took a Gram route, as
     :class:`worker.engine.linalg.Basis` does (U @ M is then x @ (K M), one product with the
-    tall factor), else explicitly.
+    tall factor), else explicitly. Its products broadcast over the leading G unchanged; only
+    :meth:`rows` indexes the second dimension.
     """
 
-    x: Tensor
-    coords: Tensor  # Uᵀ x, (G, k, R)
-    K: Tensor | None = None
-    U: Tensor | None = None
+    coords: Tensor | None = None  # Uᵀ x, (G, k, R)
     routes: tuple[str, ...] = ()  # per module: "gram32", "gram64" or "qr", as linalg chooses
-
-    def apply(self, M: Tensor) -> Tensor:
-        """U @ M."""
-        return self.U @ M if self.U is not None else self.x @ (self.K @ M)
-
-    def apply_t(self, M: Tensor) -> Tensor:
-        """M @ Uᵀ."""
-        return M @ self.U.mT if self.U is not None else (M @ self.K.mT) @ self.x.mT
-
-    def transposed(self) -> Tensor:
-        """Uᵀ (G × k × m), each module's slice contiguous."""
-        return self.U.mT.contiguous() if self.U is not None else self.K.mT @ self.x.mT
 
     def rows(self, index: Tensor) -> Tensor:
         """U[:, index]."""
