@@ -454,3 +454,26 @@ def test_the_s3_server_honours_conditional_writes_and_the_probe_cleans_up(
     assert conditional_writes_honoured(S3Store(s3_client, "merged"), key)
     assert s3.list_objects_v2(Bucket="merged", Prefix=key)["KeyCount"] == 0
     assert not conditional_writes_honoured(MemoryStore(honour_conditions=False), key)
+
+
+def test_a_report_whose_answer_was_lost_counts_as_published(s3_client, s3, prefix, tmp_path):
+    """The report's PUT reaches S3 but its answer is lost (the connection drops after S3
+    wrote it): the run finds its own report by its metadata and the job is published, not
+    failed with its files deleted."""
+
+    def lose_the_answer(http_response, parsed, model, **kwargs):
+        if model.name == "PutObject" and REPORT_NAME in kwargs["context"].get("key", ""):
+            raise ConnectionClosedError(endpoint_url="the store")
+
+    def remember_key(params, context, **kwargs):
+        context["key"] = params.get("Key", "")
+
+    s3_client.meta.events.register("before-parameter-build.s3.PutObject", remember_key)
+    s3_client.meta.events.register("after-call.s3.PutObject", lose_the_answer)
+    uri = f"s3://merged/team-a/{prefix}lost/"
+    published = Storage(s3_client).publish(_merged_dir(tmp_path), uri, job_id="job-1")
+    assert not published.already
+    assert Storage(s3_client).published_by(uri) == "job-1"
+    assert output_keys(s3, f"team-a/{prefix}lost/") == sorted(
+        [CONFIG_NAME, WEIGHTS_NAME, REPORT_NAME]
+    )
