@@ -299,3 +299,22 @@ def test_a_killed_merge_process_is_retried_and_succeeds(stack: Stack, big: list[
     assert job["status"] == "succeeded", (job, stack.tail("worker"))
     assert stack.keys("merged", output.removeprefix("s3://merged/"))[-1].endswith(REPORT_NAME)
     assert stack.worker.poll() is None  # the worker itself lives on
+
+
+def test_an_output_holding_someone_elses_object_ends_output_exists_untouched(
+    stack: Stack, tiny: list[str]
+) -> None:
+    """The real stack: a tenant's own file already at the output prefix. The job ends
+    output_exists before it reads an input, and the file is exactly as it was."""
+    output = fresh_output()
+    key = output.removeprefix("s3://merged/") + "notes.txt"
+    stack.s3.put_object(Bucket="merged", Key=key, Body=b"keep me")
+    with stack.client() as client:
+        job = wait_done(stack, client, client.submit({"adapters": [{"uri": u} for u in tiny],
+                                                      "output": {"uri": output}})["id"])  # fmt: skip
+    assert job["status"] == "failed" and job["error"]["code"] == "output_exists", job
+    assert "notes.txt" in job["error"]["message"]
+    assert job["progress"]["stage"] == "download" and job["progress"]["modules_total"] == 0
+    listing = stack.s3.list_objects_v2(Bucket="merged", Prefix=output.removeprefix("s3://merged/"))
+    assert [o["Key"] for o in listing["Contents"]] == [key]
+    assert stack.s3.get_object(Bucket="merged", Key=key)["Body"].read() == b"keep me"
