@@ -1,8 +1,9 @@
 """The reports, from a run's JSON record: the speed profile's Markdown tables and PNG plot,
-the engine profile's text table and PASS/FAIL targets.
+the engine profile's text table and PASS/FAIL targets, the scale profile's Markdown tables.
 
 python -m bench.speed.report RECORD.json     # speed: re-render RECORD.md and RECORD.png beside it;
-                                             # engine: print the table and targets again
+                                             # engine: print the table and targets again;
+                                             # scale: re-render RECORD.md and print it
 """
 
 from __future__ import annotations
@@ -561,12 +562,136 @@ def engine_text(rec: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+# ----------------------------------------------------------------------------- scale profile
+
+
+def _gib(n: int | None) -> str:
+    return "—" if n is None else f"{n / 2**30:.2f} GiB"
+
+
+def scale_markdown(rec: dict[str, Any]) -> str:
+    """The scale profile's tables (one per workload), how they were scaled, and the targets."""
+    m, cfg = rec["machine"], rec["config"]
+    st = rec["startup"]
+    lines = [
+        "# Scale benchmark (issue 16, item 4)",
+        "",
+        f"- **Machine**: {m['cpu_model']}, {m['nproc']} CPUs, {m['ram_total_gib']} GiB RAM; "
+        f"Python {m['python']}, torch {m['torch']}; child threads: "
+        f"{m.get('child_threads', 'torch default')}; load average {m.get('load_average_start')} "
+        f"at start, {m.get('load_average_end')} at end.",
+        f"- **Run**: {rec['created_at']}, commit {str(rec['project']['commit'])[:10]}"
+        + (" (uncommitted changes in worker/service/jobs)" if rec["project"]["uncommitted"] else "")
+        + f", device `{cfg['device']}`, inputs {cfg['input_dtype']}, output float32 (the CLI's "
+        f"default), {_f(rec.get('run_wall_s'), '.0f')} s in all. Start-up (imports only): "
+        + ", ".join(f"{k} {v['wall_s']:.1f} s / {v['rss_mib']:.0f} MiB" for k, v in st.items())
+        + ".",
+        "- **Rows**: each a fresh process on the sampled layers, page cache warm. *floor* = "
+        "`floor.py` (read every input tensor, stream a float32 output of the core merge's size); "
+        "*core m* = `python -m worker.cli merge … --space core --method m`.",
+        "- **Scaling**: wall(N layers) = (wall − in-process) + in-process × N / sample: start-up "
+        "once, the work linear in the layers (in-process = the CLI's `timings.total_s`, the "
+        "floor's own clock). Memory is as measured on the sample (module-by-module streaming); "
+        "*est. all* is the CLI's own estimate of the peak for all N layers, from its plan on "
+        "header-only inputs of the full size.",
+        "- **Targets** (on the sample): peak RSS − start-up < "
+        f"{cfg['targets']['peak_minus_startup_mib_below']} MiB; wall ≤ "
+        f"{cfg['targets']['floor_factor']:g}× the floor's.",
+        "",
+    ]
+    for wl in rec["workloads"]:
+        full, si = wl["full"], wl["sample_inputs"]
+        n, s = full["layers"], wl["sample_layers"]
+        lines += [
+            f"## {wl['title']}: R = {full['adapters'] * full['rank']}, {n} layers, "
+            f"sample {s} (×{wl['scale_factor']:.3g})",
+            "",
+            f"Sample inputs {_gib(si['inputs_bytes'])} {full['dtype']} ({si['modules']} modules); "
+            f"all {n} layers would be {_gib(wl['full_inputs_bytes'])} of inputs and "
+            f"{_gib(wl['full_output_bytes'])} of float32 output.",
+            "",
+        ]
+        head = [
+            "row",
+            "sample wall s",
+            "× floor",
+            "in-process s",
+            f"scaled to {n} layers s",
+            "× floor (scaled)",
+            "peak RSS MiB",
+            "peak − start-up MiB",
+            "est. sample / all MiB",
+            "CPU busy elsewhere",
+        ]
+        body = []
+        for r in wl["rows"]:
+            if r.get("failed"):
+                body.append(
+                    [f"{r['name']} (FAILED{', refused' if r.get('refused') else ''})"]
+                    + ["—"] * 7
+                    + [f"{_f(r.get('estimated_peak_mib'), '.0f')} / —", "—"]
+                )
+                continue
+            est = "—"
+            if r.get("estimated_peak_mib") is not None:
+                est = (
+                    f"{r['estimated_peak_mib']:.0f} / "
+                    f"{_f(r.get('estimated_peak_all_layers_mib'), '.0f')}"
+                )
+            body.append(
+                [
+                    r["name"] + (" *" if r.get("contended") else ""),
+                    _f(r["wall_s"]),
+                    _f(r.get("ratio_to_floor")),
+                    _f(r.get("in_process_s")),
+                    _f(r.get("scaled_wall_s"), ".0f"),
+                    _f(r.get("scaled_ratio_to_floor")),
+                    _f(r.get("peak_rss_mib"), ".0f"),
+                    _f(r.get("peak_minus_startup_mib"), ".0f"),
+                    est,
+                    _pct(r.get("other_cpu_share")),
+                ]
+            )
+        lines += _table(head, body)
+        limit = next((r["memory_limit_mib"] for r in wl["rows"] if r.get("memory_limit_mib")), None)
+        if limit:
+            lines += ["", f"The CLI's default working-memory limit here: {limit / 1024:.1f} GiB."]
+        timed = [r for r in wl["rows"] if r.get("timings")]
+        if timed:
+            lines += [""] + [f"- {r['name']}: {timings_line(r['timings'])}" for r in timed]
+        lines.append("")
+    if any(r.get("contended") for wl in rec["workloads"] for r in wl["rows"]):
+        lines += [
+            "\\* no run of this row was free of contention (other processes used more than "
+            f"{100 * cfg['max_contention']:.0f}% of the CPUs): its wall time is inflated.",
+            "",
+        ]
+    for f in rec.get("failures", []):
+        lines.append(f"- FAILED {f['step']}: {f['error'].strip().splitlines()[-1][-400:]}")
+    lines += ["## Targets", ""]
+    for t in rec["targets"]:
+        verdict = {True: "PASS", False: "FAIL", None: "SKIP"}[t["passed"]]
+        value = (
+            ""
+            if t.get("value") is None
+            else f": {t['value']} (limit {t['limit']}{' ' + t['unit'] if t.get('unit') else ''})"
+        )
+        lines.append(
+            f"- **{verdict}** {t['target']}{value}" + (f"; {t['note']}" if t.get("note") else "")
+        )
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     for name in argv if argv is not None else sys.argv[1:]:
         path = Path(name)
         rec = json.loads(path.read_text())
         if rec.get("benchmark") == "engine":
             print(engine_text(rec))
+            continue
+        if rec.get("benchmark") == "scale":
+            path.with_suffix(".md").write_text(scale_markdown(rec))
+            print(scale_markdown(rec))
             continue
         path.with_suffix(".md").write_text(markdown(rec))
         plot(rec, path.with_suffix(".png"))

@@ -4,12 +4,15 @@
     .venv/bin/python -m bench.speed.run --quick              # a small debug run (a few minutes)
     .venv/bin/python -m bench.speed.run --profile engine     # issue 3's targets, PASS/FAIL
     .venv/bin/python -m bench.speed.run --profile engine --layers 4   # a quick engine run
+    .venv/bin/python -m bench.speed.run --profile scale      # issue 16: 70B and T = 64, sampled
     .venv/bin/python -m bench.speed.run --device cuda
 
 Profiles: ``speed`` (profile_speed.py: every method in core, knots and full space, PEFT's
-combinations, the floor, a breakdown and scaling curves; Markdown + PNG) and ``engine``
+combinations, the floor, a breakdown and scaling curves; Markdown + PNG), ``engine``
 (profile_engine.py: core ta/ties/tsv, full ta and the paper's reference code on Llama-3-8B
-shapes against issue 3's targets; exit status 1 when one fails). Options whose default
+shapes against issue 3's targets; exit status 1 when one fails) and ``scale``
+(profile_scale.py: Llama-3-70B with 16 adapters of rank 64 and Llama-3-8B with 64 of rank
+16, on sampled layers scaled to the model, against issue 16's targets). Options whose default
 depends on the profile say so. See bench/README.md for what each row means.
 """
 
@@ -25,9 +28,10 @@ if str(ROOT) not in sys.path:  # run as a script: make `bench` importable
 
 from bench.speed.harness import BENCH, DEFAULT_REFERENCE  # noqa: E402
 from bench.speed.profile_engine import EngineProfile  # noqa: E402
+from bench.speed.profile_scale import WORKLOADS, ScaleProfile  # noqa: E402
 from bench.speed.profile_speed import METHODS, PEFT_CHEAP, PEFT_DENSE, SpeedProfile  # noqa: E402
 
-PROFILES = {"speed": SpeedProfile, "engine": EngineProfile}
+PROFILES = {"speed": SpeedProfile, "engine": EngineProfile, "scale": ScaleProfile}
 #: options whose default depends on the profile
 DEFAULTS = {
     "speed": {
@@ -40,6 +44,8 @@ DEFAULTS = {
         "extra_attempts": 0,
         "quiet_wait": 3.0,
         "timeout": 1800.0,
+        "sample_layers": 1,
+        "input_dtype": "float32",
     },
     "engine": {
         "width": 4096,
@@ -51,6 +57,22 @@ DEFAULTS = {
         "extra_attempts": 3,
         "quiet_wait": 120.0,
         "timeout": 3600.0,
+        "sample_layers": 1,
+        "input_dtype": "float32",
+    },
+    # fixed workloads (profile_scale.WORKLOADS): --width, --layers, --adapters, --rank unused
+    "scale": {
+        "width": None,
+        "layers": None,
+        "methods": "ta,ties,tsv",
+        "peft": "",
+        "ref_layers": 0,
+        "repeat": 1,
+        "extra_attempts": 0,
+        "quiet_wait": 15.0,
+        "timeout": 900.0,
+        "sample_layers": 3,
+        "input_dtype": "bfloat16",
     },
 }
 
@@ -63,7 +85,14 @@ class _Formatter(argparse.ArgumentDefaultsHelpFormatter):
 
 
 def _by_profile(key: str) -> str:
-    return " (default: " + ", ".join(f"{p} {DEFAULTS[p][key]!r}" for p in DEFAULTS) + ")"
+    return (
+        " (default: "
+        + ", ".join(
+            f"{p} {DEFAULTS[p][key]!r}" if DEFAULTS[p][key] is not None else f"{p} unused"
+            for p in DEFAULTS
+        )
+        + ")"
+    )
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -86,20 +115,34 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "machine use 1: torch's threads spin-wait for busy cores and a 2-thread merge can run "
         "8x slower than a 1-thread one",
     )
-    w = ap.add_argument_group("workload (Llama-3 ratios; width 4096 is Llama-3-8B)")
+    w = ap.add_argument_group(
+        "workload (Llama-3 ratios; width 4096 is Llama-3-8B; the scale profile's are fixed, "
+        "see --workloads)"
+    )
     w.add_argument("--width", type=int, help="hidden size" + _by_profile("width"))
     w.add_argument("--layers", type=int, help="decoder layers" + _by_profile("layers"))
     w.add_argument("--adapters", type=int, default=8)
     w.add_argument("--rank", type=int, default=16)
-    w.add_argument("--input-dtype", default="float32", choices=["float32", "bfloat16"])
+    w.add_argument(
+        "--input-dtype",
+        choices=["float32", "bfloat16"],
+        help="dtype of the generated adapters" + _by_profile("input_dtype"),
+    )
     w.add_argument("--seed", type=int, default=0, help="seed of the random factors")
     w.add_argument("--methods", help="coremerge methods" + _by_profile("methods"))
     w.add_argument(
         "--sample-layers",
         type=int,
-        default=1,
         help="layers on which full space and PEFT's dense combinations run, scaled to --layers "
-        "(0: skip them)",
+        "(0: skip them); scale profile: the layers every row runs on, scaled to the model"
+        + _by_profile("sample_layers"),
+    )
+    w.add_argument(
+        "--workloads",
+        default=",".join(WORKLOADS),
+        help="scale profile: which workloads ("
+        + "; ".join(f"{k}: {v.title}, {v.layers} layers" for k, v in WORKLOADS.items())
+        + ")",
     )
     r = ap.add_argument_group("repeats on a shared machine")
     r.add_argument(
@@ -168,7 +211,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     o.add_argument(
         "--no-results",
         action="store_true",
-        help="leave bench/results/ alone ({speed,engine}-latest.*)",
+        help="leave bench/results/ alone ({speed,engine,scale}-latest.*)",
     )
     o.add_argument("--keep-outputs", action="store_true", help="keep the merged adapters")
     args = ap.parse_args(argv)
@@ -180,8 +223,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             args.width, args.layers, args.adapters, args.rank = 512, 2, 4, 8
             args.curve_adapters, args.curve_ranks, args.curve_widths = "2,4,8", "4,8", "512,1024"
             args.curve_base = "4,8,512"
-        else:
+        elif args.profile == "engine":
             args.layers, args.sample_layers, args.quiet_wait = 1, 0, 3.0
+        else:  # scale: one sampled layer
+            args.sample_layers, args.quiet_wait = 1, 3.0
         args.repeat = args.curve_repeat = 1
         args.no_results = True
     return args

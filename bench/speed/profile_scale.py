@@ -1,0 +1,446 @@
+"""The ``scale`` profile (issue 16, item 4): many adapters and large ranks at real model sizes.
+
+Two workloads, each with Σ r = R = 1024 per module (``--workloads``):
+
+- ``70b``: Llama-3-70B shapes (hidden 8192, MLP 28672, GQA k/v 8192 → 1024, 80 layers),
+  16 adapters of rank 64;
+- ``8b-t64``: Llama-3-8B shapes (hidden 4096, MLP 14336, k/v 4096 → 1024, 32 layers),
+  64 adapters of rank 16.
+
+All layers do not fit the time and disk of a 2-core machine (the 70B set alone is 24.7 GiB of
+bfloat16 inputs and its core merge writes 49.4 GiB), so every row runs on the first
+``--sample-layers`` layers and is scaled linearly to the model: start-up is paid once, the
+in-process time grows with the layers, ``wall(N) = (wall − in-process) + in-process × N / S``.
+Memory is measured on the sample: the CLI merges module by module (a few side by side) and
+drops each input's file map after 16 reads, so its peak does not grow with the layers once a
+map has served 16 modules: hence 3 sampled layers (21 modules) by default; a window of 16
+modules at 80 layers may hold two more of the large MLP modules than the sample's first one.
+The CLI's own estimate of the peak for all N layers (which assumes every input's 16 largest
+modules mapped) is taken from its plan on header-only (sparse) inputs of the full size
+(``--max-memory 1`` makes it stop, with the estimate, before reading any tensor).
+
+Rows, each a fresh subprocess (framework's harness: peak RSS less start-up, CPU busy
+elsewhere, fastest clean run of ``--repeat``):
+
+- ``floor``: ``floor.py``: read every input tensor, stream an output of the core merge's size
+  (float32, rank R per module);
+- ``core <method>``: ``python -m worker.cli merge … --space core --method m --device D``
+  (the real CLI, as a user runs it).
+
+Targets (issue 16, measured on the sample): every core merge's peak RSS less start-up below
+2 GiB, and its wall time within 1.5× the floor's. Exit status 1 when one fails. Writes
+``bench/out/scale-<UTC>.{json,md}`` and (not with ``--no-results``/``--quick``)
+``bench/results/scale-latest.{json,md}``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import struct
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from bench.speed import report
+from bench.speed.harness import CLI_IMPORTS, Harness
+from bench.speed.machine import write_json
+from bench.speed.measure import GiB, MiB, fresh, log, run_measured
+from bench.speed.profile_engine import row
+from bench.speed.workloads import Workload, module_shapes
+
+__all__ = ["WORKLOADS", "ScaleProfile", "ScaleWorkload", "evaluate_targets", "scaled"]
+
+#: issue 16's targets, on the sample
+RSS_LIMIT_MIB = 2 * 1024
+FLOOR_FACTOR = 1.5
+ITEMSIZE = {"float32": 4, "bfloat16": 2}
+ST_DTYPE = {"float32": "F32", "bfloat16": "BF16"}
+#: what the CLI writes: float32 (its default ``--dtype``)
+OUTPUT_ITEMSIZE = 4
+#: "the job's estimated peak is 1.6 GiB" in the CLI's refusal (worker.memory.check_work)
+_ESTIMATE = re.compile(r"estimated peak is ([0-9.]+) (B|KiB|MiB|GiB|TiB)")
+_UNITS = {"B": 1, "KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30, "TiB": 1 << 40}
+
+
+@dataclass(frozen=True)
+class ScaleWorkload:
+    """One of the profile's workloads: a model's shapes and T adapters of rank r."""
+
+    key: str
+    title: str
+    layers: int
+    adapters: int
+    rank: int
+    hidden: int
+    kv: int
+    mlp: int
+    base_model: str
+
+    def workload(self, dtype: str, seed: int, layers: int | None = None) -> Workload:
+        return Workload(
+            layers=self.layers if layers is None else layers,
+            adapters=self.adapters,
+            rank=self.rank,
+            lora_alpha=2 * self.rank,
+            hidden=self.hidden,
+            kv=self.kv,
+            mlp=self.mlp,
+            dtype=dtype,
+            seed=seed,
+            base_model=self.base_model,
+        )
+
+
+WORKLOADS = {
+    "70b": ScaleWorkload(
+        key="70b",
+        title="Llama-3-70B shapes, 16 adapters × rank 64",
+        layers=80,
+        adapters=16,
+        rank=64,
+        hidden=8192,
+        kv=1024,
+        mlp=28672,
+        base_model="meta-llama/Meta-Llama-3-70B",
+    ),
+    "8b-t64": ScaleWorkload(
+        key="8b-t64",
+        title="Llama-3-8B shapes, 64 adapters × rank 16",
+        layers=32,
+        adapters=64,
+        rank=16,
+        hidden=4096,
+        kv=1024,
+        mlp=14336,
+        base_model="meta-llama/Meta-Llama-3-8B",
+    ),
+}
+
+
+def tensor_bytes(w: Workload, itemsize: int, rank: int) -> int:
+    """Bytes of one adapter's (or one merged output's) factors: (in + out) × rank per module."""
+    return sum(n + m for _, n, m in module_shapes(w)) * rank * itemsize
+
+
+def scaled(wall: float, in_process: float | None, factor: float) -> float:
+    """Start-up once, the in-process time × ``factor`` (the layers' ratio)."""
+    if in_process is None:
+        return wall * factor
+    return (wall - in_process) + in_process * factor
+
+
+def parse_estimate(text: str) -> int | None:
+    """The estimated peak in bytes from the CLI's refusal message (None when absent)."""
+    found = _ESTIMATE.search(text or "")
+    return None if found is None else int(float(found[1]) * _UNITS[found[2]])
+
+
+def write_header_only(w: Workload, configs: list[Path], root: Path) -> list[Path]:
+    """Adapters of ``w``'s full size whose tensors are a hole in a sparse file.
+
+    The header (and ``adapter_config.json``, copied from ``configs``) is all the CLI's plan
+    reads; the data area is never read before the plan's memory check. Raises OSError when
+    the file system does not keep the hole sparse."""
+    dtype, itemsize = ST_DTYPE[w.dtype], ITEMSIZE[w.dtype]
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for module, n, m in module_shapes(w):
+        for which, shape in (("A", [w.rank, n]), ("B", [m, w.rank])):
+            size = shape[0] * shape[1] * itemsize
+            key = f"base_model.model.{module}.lora_{which}.weight"
+            header[key] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + size]}
+            offset += size
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    dirs = []
+    for t, config in enumerate(configs):
+        d = fresh(root / f"adapter-{t}")
+        d.mkdir(parents=True)
+        shutil.copyfile(config, d / "adapter_config.json")
+        path = d / "adapter_model.safetensors"
+        with open(path, "wb") as f:
+            f.write(struct.pack("<Q", len(blob)))
+            f.write(blob)
+            f.truncate(8 + len(blob) + offset)
+        allocated = path.stat().st_blocks * 512
+        if allocated > len(blob) + (4 << 20):
+            raise OSError(f"{path}: {allocated} bytes allocated, the file system is not sparse")
+        dirs.append(d)
+    return dirs
+
+
+class ScaleProfile(Harness):
+    benchmark = "scale"
+
+    def merge_argv(self, dirs: list[Path], method: str, out: Path, *extra: str) -> list[str]:
+        """The real CLI as a module: ``python -m worker.cli merge … --space core``."""
+        argv = [self.python, "-m", "worker.cli", "merge", *map(str, dirs), "-o", str(fresh(out))]
+        argv += ["--method", method, "--space", "core", "--device", self.args.device]
+        return [*argv, *extra, "--quiet"]
+
+    def check_cli(self) -> None:
+        m = run_measured(
+            [self.python, "-m", "worker.cli", "merge", "--help"],
+            cwd=self.runner.root,
+            env=self.runner.env,
+            timeout=120,
+        )
+        if m.returncode != 0 or "--max-memory" not in m.stdout:
+            raise SystemExit(
+                "scale bench: `python -m worker.cli merge --help` failed or has no --max-memory: "
+                + (m.stderr or m.stdout)[-300:]
+            )
+
+    def check_disk(self, sample: Workload) -> None:
+        """The sample's inputs (unless cached) plus one merged output of the sample."""
+        inputs = tensor_bytes(sample, ITEMSIZE[sample.dtype], sample.rank) * sample.adapters
+        output = tensor_bytes(sample, OUTPUT_ITEMSIZE, sample.rank * sample.adapters)
+        need = output + (0 if (self.out / "inputs" / sample.key).exists() else inputs)
+        free = shutil.disk_usage(self.out).free
+        log(f"disk: {free / GiB:.1f} GiB free at {self.out}, about {need / GiB:.1f} GiB needed")
+        if free < need * 1.2:
+            raise SystemExit(f"scale bench: not enough disk at {self.out} for {sample.key}")
+
+    def plan_estimates(self, full: Workload, configs: list[Path], methods: list[str]) -> dict:
+        """Per method, the CLI's estimated peak working memory for the whole model, from its
+        plan on header-only inputs of the full size (refused at ``--max-memory 1``)."""
+        root = self.work / f"plan-{full.key}"
+        out: dict[str, Any] = {}
+        try:
+            dirs = write_header_only(full, configs, root)
+        except OSError as exc:
+            log(f"  plan estimates skipped: {exc}")
+            shutil.rmtree(root, ignore_errors=True)
+            return {"skipped": str(exc)}
+        for method in methods:
+            argv = self.merge_argv(dirs, method, self.work / "plan-out", "--max-memory", "1")
+            m = run_measured(argv, cwd=self.runner.root, env=self.runner.env, timeout=600)
+            estimate = parse_estimate(m.stderr)
+            out[method] = {
+                "estimated_peak_bytes": estimate,
+                "returncode": m.returncode,
+                "wall_s": round(m.wall_s, 2),
+                "message": m.stderr.strip()[-600:],
+            }
+            shown = "?" if estimate is None else f"{estimate / GiB:.1f} GiB"
+            log(f"  plan {method} ({full.layers} layers): estimated peak {shown}")
+        shutil.rmtree(root, ignore_errors=True)
+        fresh(self.work / "plan-out")
+        return out
+
+    def one_workload(self, sw: ScaleWorkload, methods: list[str]) -> dict[str, Any]:
+        a, work = self.args, self.work
+        full = sw.workload(a.input_dtype, a.seed)
+        sample_layers = min(a.sample_layers, sw.layers)
+        sample = full.with_layers(sample_layers)
+        factor = sw.layers / sample_layers
+        log(f"{sw.key}: {sw.title}, {sample_layers} of {sw.layers} layers ({sample.key})")
+        self.check_disk(sample)
+        inputs = self.inputs(sample)
+        startup_cli, startup_floor = self.startup_m["cli"], self.startup_m["floor"]
+        rows: list[dict[str, Any]] = []
+
+        floor_out = work / f"floor-{sw.key}.safetensors"
+        att = self.runner.until_clean(
+            lambda: self.attempt(f"{sw.key} floor", self.floor(inputs.dirs, floor_out)), a.repeat
+        )
+        fresh(floor_out)
+        floor_wall = floor_scaled = None
+        if att.runs:
+            m, info = att.best
+            floor_wall, in_process = m.wall_s, info.get("seconds")
+            floor_scaled = scaled(m.wall_s, in_process, factor)
+            rows.append(
+                row(
+                    "floor",
+                    m,
+                    wall=m.wall_s,
+                    floor_wall=floor_wall,
+                    startup=startup_floor,
+                    inputs=inputs.bytes,
+                    kind="floor",
+                    in_process_s=in_process,
+                    scaled_wall_s=round(floor_scaled, 2),
+                    scaled_ratio_to_floor=1.0,
+                    attempts=att.summary(),
+                    contended=att.contended,
+                    read_bytes=info.get("read_bytes"),
+                    written_bytes=info.get("written_bytes"),
+                )
+            )
+
+        for method in methods:
+            out = work / f"{sw.key}-core-{method}"
+            step = f"{sw.key} core {method}"
+
+            def once(method=method, out=out, step=step):
+                got = self.attempt(step, self.merge_argv(inputs.dirs, method, out))
+                path = out / "merge_report.json"
+                return got and (got[0], json.loads(path.read_text()) if path.exists() else {})
+
+            att = self.runner.until_clean(once, a.repeat)
+            if not att.runs:
+                error = next((f["error"] for f in self.failures if f["step"] == step), "")
+                estimate = parse_estimate(error)
+                rows.append(
+                    {
+                        "name": f"core {method}",
+                        "kind": "core",
+                        "method": method,
+                        "failed": True,
+                        "refused": estimate is not None,
+                        "estimated_peak_mib": None if estimate is None else round(estimate / MiB),
+                        "error": error.strip().splitlines()[-1][-600:] if error else None,
+                    }
+                )
+                continue
+            m, rep = att.best
+            timings = rep.get("timings") or {}
+            in_process = timings.get("total_s")
+            wall_n = scaled(m.wall_s, in_process, factor)
+            memory = rep.get("memory") or {}
+            result = out / "adapter_model.safetensors"
+            rows.append(
+                row(
+                    f"core {method}",
+                    m,
+                    wall=m.wall_s,
+                    floor_wall=floor_wall,
+                    startup=startup_cli,
+                    inputs=inputs.bytes,
+                    kind="core",
+                    method=method,
+                    in_process_s=in_process,
+                    scaled_wall_s=round(wall_n, 2),
+                    scaled_ratio_to_floor=round(wall_n / floor_scaled, 2) if floor_scaled else None,
+                    attempts=att.summary(),
+                    contended=att.contended,
+                    timings=timings,
+                    estimated_peak_mib=_mib(memory.get("estimated_peak_bytes")),
+                    memory_limit_mib=_mib(memory.get("limit_bytes")),
+                    output_bytes=result.stat().st_size if result.exists() else None,
+                    output_rank=(rep.get("output") or {}).get("rank"),
+                    self_check=(rep.get("self_check") or {}).get("max_projection_residual"),
+                )
+            )
+            if timings:
+                log("  timings: " + report.timings_line(timings))
+            if not a.keep_outputs:
+                fresh(out)
+
+        plans = self.plan_estimates(full, [d / "adapter_config.json" for d in inputs.dirs], methods)
+        for r in rows:
+            plan = plans.get(r.get("method") or "", {})
+            if plan.get("estimated_peak_bytes") is not None:
+                r["estimated_peak_all_layers_mib"] = _mib(plan["estimated_peak_bytes"])
+        return {
+            "key": sw.key,
+            "title": sw.title,
+            "full": asdict(full),
+            "sample_layers": sample_layers,
+            "scale_factor": factor,
+            "sample_inputs": inputs.describe(),
+            "full_inputs_bytes": tensor_bytes(full, ITEMSIZE[full.dtype], full.rank)
+            * full.adapters,
+            "full_output_bytes": tensor_bytes(full, OUTPUT_ITEMSIZE, full.rank * full.adapters),
+            "rows": rows,
+            "plan_all_layers": plans,
+        }
+
+    def run(self) -> int:
+        a = self.args
+        methods = [m.strip() for m in a.methods.split(",") if m.strip()]
+        keys = [k.strip() for k in a.workloads.split(",") if k.strip()]
+        unknown = [k for k in keys if k not in WORKLOADS]
+        if unknown:
+            raise SystemExit(
+                f"scale bench: unknown workload(s) {unknown}; known: {list(WORKLOADS)}"
+            )
+        if a.sample_layers < 1:
+            raise SystemExit("scale bench: --sample-layers must be at least 1")
+        machine = self.machine()
+        self.check_cli()
+        log("start-up probes")
+        self.startup_m = {
+            "cli": self.probe("cli", CLI_IMPORTS),
+            "floor": self.probe("floor", "import torch, safetensors.torch"),
+        }
+        self.record = self.header(machine, startup=self.startup)
+        self.record["config"] |= {
+            "page_cache": "warm (inputs read once before timing)",
+            "scaling": "wall(N) = (wall − in-process) + in-process × N / sample; memory as "
+            "measured on the sample",
+            "targets": {
+                "peak_minus_startup_mib_below": RSS_LIMIT_MIB,
+                "floor_factor": FLOOR_FACTOR,
+            },
+        }
+        self.record["workloads"] = []
+        for key in keys:
+            self.record["workloads"].append(self.one_workload(WORKLOADS[key], methods))
+            self.checkpoint()
+        self.record["targets"] = evaluate_targets(self.record["workloads"], methods)
+        self.finish()
+        self.checkpoint()
+        md = report.scale_markdown(self.record)
+        bases = [self.out / f"scale-{self.stamp}"]
+        if not a.no_results:
+            bases.append(a.results_dir / "scale-latest")
+        for base in bases:
+            write_json(base.with_suffix(".json"), self.record)
+            base.with_suffix(".md").write_text(md)
+        print(md)
+        for base in bases:
+            print(f"wrote {base}.{{json,md}}")
+        if not a.keep_outputs:
+            shutil.rmtree(self.work, ignore_errors=True)
+        return 0 if all(t["passed"] is not False for t in self.record["targets"]) else 1
+
+
+def _mib(x: int | None) -> float | None:
+    return None if x is None else round(x / MiB, 1)
+
+
+def evaluate_targets(workloads: list[dict[str, Any]], methods: list[str]) -> list[dict[str, Any]]:
+    """Per workload and method: peak RSS − start-up < 2 GiB, wall ≤ 1.5 × floor (sample)."""
+    targets = []
+    for wl in workloads:
+        rows = {r["name"]: r for r in wl["rows"]}
+        where = f"{wl['key']} ({wl['sample_layers']} of {wl['full']['layers']} layers)"
+        for method in methods:
+            r = rows.get(f"core {method}")
+            if r is None or r.get("failed"):
+                note = "the merge failed"
+                if r and r.get("refused"):
+                    note = f"the CLI refused it: estimated peak {r['estimated_peak_mib']} MiB"
+                for what in ("peak RSS − start-up", "× floor"):
+                    targets.append(
+                        {"target": f"{where} core {method} {what}", "passed": False, "note": note}
+                    )
+                continue
+            rss = r.get("peak_minus_startup_mib")
+            targets.append(
+                {
+                    "target": f"{where} core {method} peak RSS − start-up < {RSS_LIMIT_MIB} MiB",
+                    "value": rss,
+                    "limit": RSS_LIMIT_MIB,
+                    "unit": "MiB",
+                    "passed": rss is not None and rss < RSS_LIMIT_MIB,
+                }
+            )
+            ratio = r.get("ratio_to_floor")
+            targets.append(
+                {
+                    "target": f"{where} core {method} ≤ {FLOOR_FACTOR:g}× the floor (sample)",
+                    "value": ratio,
+                    "limit": FLOOR_FACTOR,
+                    "passed": ratio is not None and ratio <= FLOOR_FACTOR,
+                    "note": None
+                    if r.get("scaled_ratio_to_floor") is None
+                    else f"scaled to {wl['full']['layers']} layers: "
+                    f"{r['scaled_ratio_to_floor']}× ({r['scaled_wall_s']:.0f} s)",
+                }
+            )
+    return targets
