@@ -181,6 +181,7 @@ def _merge(
                 on_progress=tracker.on_progress, should_cancel=tracker.should_cancel,
                 max_modules=settings.max_modules,
                 max_work_bytes=settings.max_work_bytes or default_max_work_bytes(),
+                weights_sink=publisher.weights_sink,  # S3: the weights go up as they are merged
             )  # fmt: skip
             tracker.publish("upload", outcome.modules, outcome.modules)
             # A cancel is honoured until the report is written: checked before every file.

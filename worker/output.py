@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import json
 import platform
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import safetensors
 import safetensors.torch
@@ -106,13 +106,17 @@ def write_weights(
     plan: MergePlan,
     merged: Iterable[tuple[ModulePlan, MergedModule]],
     dtype: str,
+    sink: Callable[[], BinaryIO] | None = None,
 ) -> WrittenWeights:
-    """Stream the merged modules, in plan order, into the staging folder's weights file."""
+    """Stream the merged modules, in plan order, into the staging folder's weights file, or
+    into ``sink()`` (an upload straight to the output's store) when the layout is known from
+    the plan; a layout only the merge knows is spilled locally first."""
     path = staging / WEIGHTS_NAME
     rank = plan.output_rank
     if rank is None:
         return _write_weights_spilled(staging, plan, merged, dtype)
-    writer = SafetensorsStreamWriter(path, _slots(plan, rank), dtype)
+    out = sink() if sink is not None else None
+    writer = SafetensorsStreamWriter(path, _slots(plan, rank), dtype, sink=out)
     try:
         for mp, module in merged:
             _write_module(writer, mp.module, *_pad(module, rank))

@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 
@@ -272,6 +272,7 @@ def run_merge(
     max_modules: int | None = None,
     max_work_bytes: int | None = None,
     batch_window: int | None = None,
+    weights_sink: Callable[[], BinaryIO | None] | None = None,
 ) -> MergeOutcome:
     """Merge the adapters in ``adapter_dirs`` (local, in ``spec.adapters`` order) into ``out_dir``.
 
@@ -281,6 +282,8 @@ def run_merge(
     working memory, ``worker.memory``) are service limits, checked from the headers before
     any tensor is read (``LimitExceeded``). ``batch_window`` modules are merged at a time in
     one batched call per shape (core space only); by default that is done on CUDA only.
+    ``weights_sink()``, when it gives a target, receives ``adapter_model.safetensors`` as it is
+    written (an upload to the output's store, beside the merge) instead of ``out_dir``.
     """
     started = time.perf_counter()
     out_dir = Path(out_dir)
@@ -300,7 +303,7 @@ def run_merge(
         control.progress("plan", 0, len(plan.modules))
         plan_s = time.perf_counter() - started
         with _staging_beside(out_dir) as staging, _hashing(readers) as input_hashes:
-            weights, stats = _merge_into_staging(staging, plan, merger, spec, control)
+            weights, stats = _merge_into_staging(staging, plan, merger, spec, control, weights_sink)
             seconds = time.perf_counter() - started
             timings = {"plan_s": plan_s, "read_s": stats.read_s, "merge_s": stats.merge_s,
                        "merge_wall_s": stats.merge_wall_s, "total_s": seconds,
@@ -340,7 +343,12 @@ def _hashing(readers: Sequence[AdapterSource]) -> Iterator[list[Future[str]]]:
 
 
 def _merge_into_staging(
-    staging: Path, plan: MergePlan, merger: _ModuleMerger, spec: MergeSpec, control: _Control
+    staging: Path,
+    plan: MergePlan,
+    merger: _ModuleMerger,
+    spec: MergeSpec,
+    control: _Control,
+    weights_sink: Callable[[], BinaryIO | None] | None = None,
 ) -> tuple[WrittenWeights, _MergeStats]:
     """Merge every planned module, a few side by side, and stream them into the weights file."""
     total = len(plan.modules)
@@ -367,7 +375,9 @@ def _merge_into_staging(
         else ordered_map(merger, plan.modules, merger.threads)
     )
     with contextlib.closing(results):
-        weights = write_weights(staging, plan, merged_modules(results), spec.output.dtype)
+        weights = write_weights(
+            staging, plan, merged_modules(results), spec.output.dtype, sink=weights_sink
+        )
     stats.merge_wall_s = time.perf_counter() - t0
     control.progress("write", total, total)
     return weights, stats

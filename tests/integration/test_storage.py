@@ -34,6 +34,7 @@ from worker.storage import (
     make_transfer_config,
 )
 from worker.storage.local import META_DIR
+from worker.storage.objects import AlreadyExists
 
 
 @pytest.fixture
@@ -477,3 +478,48 @@ def test_a_report_whose_answer_was_lost_counts_as_published(s3_client, s3, prefi
     assert output_keys(s3, f"team-a/{prefix}lost/") == sorted(
         [CONFIG_NAME, WEIGHTS_NAME, REPORT_NAME]
     )
+
+
+# -- issue 16: the weights go up while the merge runs (S3UploadSink)
+
+
+def _no_pending_uploads(s3, bucket: str, prefix: str) -> bool:
+    return not s3.list_multipart_uploads(Bucket=bucket, Prefix=prefix).get("Uploads")
+
+
+def test_an_upload_sink_sends_parts_as_they_fill_and_completes_conditionally(
+    s3_client, s3, prefix
+) -> None:
+    from worker.storage.s3 import S3Store, S3UploadSink
+
+    key = f"team-a/{prefix}sink/{WEIGHTS_NAME}"
+    data = bytes(range(256)) * (12 * 4096)  # 12 MiB: two full 5 MiB parts and a last one
+    sink = S3UploadSink(S3Store(s3_client, "merged"), key, {JOB_ID_META: "j"}, part_size=5 << 20)
+    for start in range(0, len(data), 1 << 20):
+        sink.write(memoryview(data)[start : start + (1 << 20)])
+    sink.close()
+    obj = s3.get_object(Bucket="merged", Key=key)
+    assert obj["Body"].read() == data and obj["Metadata"][JOB_ID_META] == "j"
+    assert obj["ETag"].endswith('-3"')  # a multipart object of three parts
+
+    again = S3UploadSink(S3Store(s3_client, "merged"), key, {}, part_size=5 << 20)
+    again.write(data)
+    with pytest.raises(AlreadyExists):
+        again.close()  # never overwrites: the condition is on the completion
+    assert s3.get_object(Bucket="merged", Key=key)["Body"].read() == data
+    assert _no_pending_uploads(s3, "merged", key)
+
+
+def test_an_aborted_upload_sink_leaves_nothing(s3_client, s3, prefix) -> None:
+    from worker.storage.s3 import S3Store, S3UploadSink
+
+    key = f"team-a/{prefix}sink-abort/{WEIGHTS_NAME}"
+    sink = S3UploadSink(S3Store(s3_client, "merged"), key, {}, part_size=5 << 20)
+    sink.write(b"\1" * (11 << 20))
+    sink.abort()
+    assert s3.list_objects_v2(Bucket="merged", Prefix=key)["KeyCount"] == 0
+    assert _no_pending_uploads(s3, "merged", key)
+    small = S3UploadSink(S3Store(s3_client, "merged"), key, {}, part_size=5 << 20)
+    small.write(b"tiny")
+    small.close()  # one conditional PUT
+    assert s3.get_object(Bucket="merged", Key=key)["Body"].read() == b"tiny"

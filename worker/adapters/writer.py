@@ -86,7 +86,11 @@ class SafetensorsStreamWriter:
         slots: list[TensorSlot],
         dtype: str,
         metadata: dict[str, str] | None = None,
+        sink: BinaryIO | None = None,
     ) -> None:
+        """``sink``, when given, receives the bytes instead of a new file at ``path`` (an
+        upload to the store, ``worker.storage.s3.S3UploadSink``): its ``close()`` finishes
+        it, and its ``abort()``, if it has one, discards it."""
         self.dtype = dtype
         self.torch_dtype, st_dtype = OUTPUT_DTYPES[dtype]
         itemsize = torch.empty((), dtype=self.torch_dtype).element_size()
@@ -110,7 +114,7 @@ class SafetensorsStreamWriter:
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="write-out")
         self._hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sha256-out")
         self._in_flight: deque[tuple[Future, Future]] = deque()
-        self._file: BinaryIO = open(path, "xb")  # noqa: SIM115 (closed in close())
+        self._file: BinaryIO = sink if sink is not None else open(path, "xb")  # noqa: SIM115
         self._emit(struct.pack("<Q", len(blob)) + blob)
         self.nbytes = 8 + len(blob) + offset
 
@@ -152,18 +156,25 @@ class SafetensorsStreamWriter:
         try:
             while self._in_flight:
                 self._wait_oldest()
-        finally:
+            if self._pending:
+                raise ValueError(f"{len(self._pending)} planned tensors were not written")
+        except BaseException:
             self.abort()
-        if self._pending:
-            raise ValueError(f"{len(self._pending)} planned tensors were not written")
+            raise
+        self._stop_threads()
+        self._file.close()  # a sink: the upload is finished (and can fail) here
         return self._sha.hexdigest()
 
     def abort(self) -> None:
-        """Stop: drop what is queued, wait for what is running, close the file."""
+        """Stop: drop what is queued, wait for what is running, discard the output."""
         self._in_flight.clear()
+        self._stop_threads()
+        discard = getattr(self._file, "abort", None)
+        discard() if discard is not None else self._file.close()
+
+    def _stop_threads(self) -> None:
         self._writer.shutdown(wait=True, cancel_futures=True)
         self._hasher.shutdown(wait=True, cancel_futures=True)
-        self._file.close()
 
 
 def _numel(shape: tuple[int, ...]) -> int:

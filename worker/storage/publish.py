@@ -23,11 +23,13 @@ import contextlib
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import BinaryIO
 
 from jobs.errors import Canceled, MergeError, OutputExists, StorageError
-from worker.adapters.format import REPORT_NAME
+from worker.adapters.format import REPORT_NAME, WEIGHTS_NAME
 
 from .objects import AlreadyExists, ObjectInfo, ObjectStore
+from .s3 import S3Store, S3UploadSink
 
 __all__ = [
     "CLAIM_NAME",
@@ -145,6 +147,19 @@ class OutputPublisher:
         return report if self._ours(report) else None
 
     # -- 2. the files, the report last
+    def weights_sink(self) -> BinaryIO | None:
+        """A target that uploads the weights straight to the output while the merge runs (on a
+        store that can: S3), created conditionally like every other file and removed with
+        them if the job fails; None when the store cannot."""
+        if not isinstance(self.store, S3Store):
+            return None
+        # Two parts in flight and one filling: at most three parts of memory (48 MiB by default).
+        upload = S3UploadSink(
+            self.store, self.prefix + WEIGHTS_NAME, self.metadata,
+            part_size=self.store.chunk_size, concurrency=2,
+        )  # fmt: skip
+        return _RunSink(self, upload)
+
     def publish(
         self,
         local_dir: Path,
@@ -220,3 +235,25 @@ def remove_run_leftovers(store: ObjectStore, prefix: str, job_id: str, run: str 
         if run is None or info.metadata.get(RUN_META) in (run, None):
             with contextlib.suppress(MergeError):
                 store.delete(key)
+
+
+class _RunSink:
+    """An upload of the publishing run: a completed object joins what the run created (and
+    removes on failure); a key taken meanwhile is a taken key, as for any file it creates."""
+
+    def __init__(self, publisher: OutputPublisher, upload: S3UploadSink) -> None:
+        self.publisher, self.upload = publisher, upload
+
+    def write(self, data: bytes | memoryview) -> int:
+        return self.upload.write(data)
+
+    def close(self) -> None:
+        try:
+            self.upload.close()
+        except AlreadyExists:
+            self.publisher._taken(self.upload.key)
+            return
+        self.publisher.created.append(self.upload.key)
+
+    def abort(self) -> None:
+        self.upload.abort()

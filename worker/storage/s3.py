@@ -29,7 +29,7 @@ from .errors import (
 )
 from .objects import AlreadyExists, ObjectInfo
 
-__all__ = ["S3Store", "make_s3_client"]
+__all__ = ["S3Store", "S3UploadSink", "make_s3_client"]
 
 MiB = 1 << 20
 #: Attempts at a conditional create that S3 answers 409 (a concurrent conditional write).
@@ -194,3 +194,99 @@ class S3Store:
         except Exception as exc:
             if error_code(exc) not in NOT_FOUND:
                 raise_mapped(exc, self._uri(key))
+
+
+class S3UploadSink:
+    """A file-like target that uploads what is written to one new object as it comes: parts
+    of ``part_size`` go up (``concurrency`` at a time) while the merge goes on, and
+    ``close()`` completes the upload with ``If-None-Match: *`` (a plain conditional PUT when
+    it all fit in one part). ``abort()`` discards it; nothing is ever created then.
+    ``close()`` raises :class:`AlreadyExists` when the key was taken meanwhile."""
+
+    def __init__(
+        self,
+        store: S3Store,
+        key: str,
+        metadata: Mapping[str, str],
+        *,
+        part_size: int = 16 * MiB,
+        concurrency: int = 4,
+    ) -> None:
+        self.store, self.key, self.metadata = store, key, dict(metadata)
+        self.part_size = max(part_size, 5 * MiB)  # S3's smallest part but the last
+        self._buffer = bytearray()
+        self._upload: str | None = None
+        self._parts: list[tuple[int, Any]] = []  # (number, future of its ETag)
+        self._pool = ThreadPoolExecutor(max(1, concurrency), thread_name_prefix="upload-part")
+        self._max_pending = max(1, concurrency)
+
+    @property
+    def _client(self) -> Any:
+        return self.store.client
+
+    def write(self, data: bytes | memoryview) -> int:
+        self._buffer += data
+        while len(self._buffer) >= self.part_size:
+            self._send(bytes(self._buffer[: self.part_size]))
+            del self._buffer[: self.part_size]
+        return len(data)
+
+    def _send(self, body: bytes) -> None:
+        if self._upload is None:
+            self._upload = self._call(
+                self._client.create_multipart_upload, Bucket=self.store.bucket, Key=self.key,
+                Metadata=self.metadata, ContentType=_content_type(self.key),
+            )["UploadId"]  # fmt: skip
+        pending = [f for _, f in self._parts if not f.done()]
+        if len(pending) >= self._max_pending:  # bounds the memory parts in flight hold
+            pending[0].result()
+        number = len(self._parts) + 1
+        self._parts.append((number, self._pool.submit(self._put_part, number, body)))
+
+    def _put_part(self, number: int, body: bytes) -> str:
+        part = self._call(
+            self._client.upload_part, Bucket=self.store.bucket, Key=self.key,
+            UploadId=self._upload, PartNumber=number, Body=body,
+        )  # fmt: skip
+        return part["ETag"]
+
+    def _call(self, fn: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(**kwargs)
+        except Exception as exc:
+            raise_mapped(exc, self.store._uri(self.key))
+
+    def close(self) -> None:
+        """Finish: the last part and the conditional completion (or one conditional PUT)."""
+        try:
+            if self._upload is None:
+                self.store.create(self.key, bytes(self._buffer), self.metadata)
+                return
+            if self._buffer or not self._parts:
+                self._send(bytes(self._buffer))
+            parts = [{"PartNumber": n, "ETag": f.result()} for n, f in self._parts]
+            try:
+                self._client.complete_multipart_upload(
+                    Bucket=self.store.bucket, Key=self.key, UploadId=self._upload,
+                    MultipartUpload={"Parts": parts}, IfNoneMatch="*",
+                )  # fmt: skip
+            except Exception as exc:
+                if error_code(exc) in PRECONDITION_FAILED:
+                    raise AlreadyExists(self.key) from None
+                raise_mapped(exc, self.store._uri(self.key))
+            self._upload = None  # completed: nothing to abort
+        except BaseException:
+            self.abort()
+            raise
+        finally:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def abort(self) -> None:
+        """Discard the upload (parts already sent are dropped by S3)."""
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        if self._upload is not None:
+            with contextlib.suppress(Exception):
+                self._client.abort_multipart_upload(
+                    Bucket=self.store.bucket, Key=self.key, UploadId=self._upload
+                )
+            self._upload = None
