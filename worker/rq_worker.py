@@ -113,10 +113,10 @@ def _remove_leftovers(record: JobRecord | None, run: str | None) -> None:
     uri = ((record.request if record else {}).get("output") or {}).get("uri")
     if record is None or not uri:
         return
-    from worker.storage import release_claim  # boto3, no torch; only on this rare path
+    from worker.storage import remove_dead_run_leftovers  # boto3, no torch; only on this rare path
 
     try:
-        release_claim(Settings(), record.id, uri, run)
+        remove_dead_run_leftovers(Settings(), record.id, uri, run)
     except Exception:  # best effort: a claim left is waited for, then the job fails
         log.warning("job %s: could not remove what its dead run left at its output", record.id,
                     exc_info=True)  # fmt: skip

@@ -523,3 +523,20 @@ def test_an_aborted_upload_sink_leaves_nothing(s3_client, s3, prefix) -> None:
     small.write(b"tiny")
     small.close()  # one conditional PUT
     assert s3.get_object(Bucket="merged", Key=key)["Body"].read() == b"tiny"
+
+
+def test_a_large_file_is_created_by_a_conditional_multipart_upload(
+    s3_client, s3, prefix, tmp_path
+) -> None:
+    from worker.storage.s3 import S3Store
+
+    store = S3Store(s3_client, "merged", multipart_threshold=5 << 20, chunk_size=5 << 20)
+    path = tmp_path / "big.bin"
+    path.write_bytes(bytes(range(256)) * (11 * 4096))  # 11 MiB: three parts
+    key = f"team-a/{prefix}big/{WEIGHTS_NAME}"
+    store.create(key, path, {JOB_ID_META: "j"})
+    obj = s3.get_object(Bucket="merged", Key=key)
+    assert obj["ETag"].endswith('-3"') and obj["Body"].read() == path.read_bytes()
+    with pytest.raises(AlreadyExists):
+        store.create(key, path, {})
+    assert _no_pending_uploads(s3, "merged", key)

@@ -55,7 +55,7 @@ __all__ = [
     "conditional_writes_honoured",
     "make_s3_client",
     "make_transfer_config",
-    "release_claim",
+    "remove_dead_run_leftovers",
 ]
 
 
@@ -183,7 +183,7 @@ class Storage:
         remove_run_leftovers(store, prefix, job_id, run)
 
 
-def release_claim(settings: Any, job_id: str, uri: str, run: str | None = None) -> None:
+def remove_dead_run_leftovers(settings: Any, job_id: str, uri: str, run: str | None = None) -> None:
     """For the worker that saw a run of ``job_id`` die: remove what that run (``run``; every
     run of the job when None, its last one) left at the output ``uri``."""
     loc = parse_uri(uri)

@@ -133,16 +133,17 @@ class OutputPublisher:
         """OutputExists for an object this job did not write; this job's report, if any."""
         for key in self.store.list(self.prefix):
             info = self.store.head(key)
-            if info is not None and not self._ours(info) and key == self.claim_key:
+            if info is None or self._ours(info):
+                continue
+            if key == self.claim_key:
                 raise OutputExists(
                     f"{self.uri}: another job is publishing to this output; give each job its "
                     "own output.uri"
                 )
-            if info is not None and not self._ours(info):
-                raise OutputExists(
-                    f"{self.uri}: holds {key.removeprefix(self.prefix)!r}, which this job did "
-                    "not write; nothing there was touched (give each job its own output.uri)"
-                )
+            raise OutputExists(
+                f"{self.uri}: holds {key.removeprefix(self.prefix)!r}, which this job did "
+                "not write; nothing there was touched (give each job its own output.uri)"
+            )
         report = self.store.head(self.prefix + REPORT_NAME)
         return report if self._ours(report) else None
 

@@ -29,7 +29,7 @@ from .errors import (
 )
 from .objects import AlreadyExists, ObjectInfo
 
-__all__ = ["S3Store", "S3UploadSink", "make_s3_client"]
+__all__ = ["ConditionalConflict", "S3Store", "S3UploadSink", "make_s3_client"]
 
 MiB = 1 << 20
 #: Attempts at a conditional create that S3 answers 409 (a concurrent conditional write).
@@ -55,6 +55,11 @@ def make_s3_client(settings: Any) -> Any:
 
 def _content_type(key: str) -> str:
     return "application/json" if key.endswith(".json") else "application/octet-stream"
+
+
+class ConditionalConflict(StorageError):
+    """S3 refused a conditional completion because of a concurrent conditional write (409):
+    the whole upload may be tried again."""
 
 
 class S3Store:
@@ -148,45 +153,30 @@ class S3Store:
                         Metadata=dict(metadata), ContentType=_content_type(key),
                     )  # fmt: skip
                 else:
-                    self._create_multipart(key, Path(source), size, metadata)
+                    self._upload_file(key, Path(source), metadata)
                 return
             except Exception as exc:
                 code = error_code(exc)
                 if code in PRECONDITION_FAILED:
                     raise AlreadyExists(key) from None
-                if code in CONDITIONAL_CONFLICT and attempt + 1 < CONFLICT_ATTEMPTS:
+                conflict = isinstance(exc, ConditionalConflict) or code in CONDITIONAL_CONFLICT
+                if conflict and attempt + 1 < CONFLICT_ATTEMPTS:
                     continue
                 raise_mapped(exc, self._uri(key))
 
-    def _create_multipart(
-        self, key: str, path: Path, size: int, metadata: Mapping[str, str]
-    ) -> None:
-        upload = self.client.create_multipart_upload(
-            Bucket=self.bucket, Key=key, Metadata=dict(metadata), ContentType=_content_type(key)
-        )["UploadId"]
-        spans = [(s, min(s + self.chunk_size, size)) for s in range(0, size, self.chunk_size)]
-
-        def put(numbered: tuple[int, tuple[int, int]]) -> dict[str, Any]:
-            number, (start, end) = numbered
-            with open(path, "rb") as f:
-                f.seek(start)
-                body = f.read(end - start)
-            part = self.client.upload_part(
-                Bucket=self.bucket, Key=key, UploadId=upload, PartNumber=number, Body=body
-            )
-            return {"PartNumber": number, "ETag": part["ETag"]}
-
+    def _upload_file(self, key: str, path: Path, metadata: Mapping[str, str]) -> None:
+        """A large file by the same multipart upload that streams the merged weights."""
+        sink = S3UploadSink(
+            self, key, metadata, part_size=self.chunk_size, concurrency=self.concurrency
+        )
         try:
-            with ThreadPoolExecutor(min(self.concurrency, len(spans))) as pool:
-                parts = list(pool.map(put, enumerate(spans, start=1)))
-            self.client.complete_multipart_upload(
-                Bucket=self.bucket, Key=key, UploadId=upload,
-                MultipartUpload={"Parts": parts}, IfNoneMatch="*",
-            )  # fmt: skip
+            with open(path, "rb") as f:
+                while chunk := f.read(self.chunk_size):
+                    sink.write(chunk)
         except BaseException:
-            with contextlib.suppress(Exception):
-                self.client.abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload)
+            sink.abort()
             raise
+        sink.close()
 
     def delete(self, key: str) -> None:
         try:
@@ -271,8 +261,13 @@ class S3UploadSink:
                     MultipartUpload={"Parts": parts}, IfNoneMatch="*",
                 )  # fmt: skip
             except Exception as exc:
-                if error_code(exc) in PRECONDITION_FAILED:
+                code = error_code(exc)
+                if code in PRECONDITION_FAILED:
                     raise AlreadyExists(self.key) from None
+                if code in CONDITIONAL_CONFLICT:  # S3 asks to start the upload again
+                    raise ConditionalConflict(
+                        f"{self.store._uri(self.key)}: {code} (a concurrent conditional write)"
+                    ) from None
                 raise_mapped(exc, self.store._uri(self.key))
             self._upload = None  # completed: nothing to abort
         except BaseException:
