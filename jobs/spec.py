@@ -9,13 +9,13 @@ from that declaration.
 ...     {"adapters": [{"uri": "/tmp/a"}], "method": "ties", "params": {"density": 0.2},
 ...      "output": {"uri": "/tmp/out"}})
 >>> spec.params
-{'alpha': 1.0, 'density': 0.2, 'isotropize': False}
+{'alpha': 1.0, 'density': 0.2, 'isotropize': False, 'axes': 'reference'}
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -55,16 +55,22 @@ MAX_ADAPTERS = 64
 
 @dataclass(frozen=True)
 class Param:
-    """One method hyperparameter: its name, type, default, allowed range and meaning."""
+    """One method hyperparameter: its name, type, default, allowed range and meaning.
+
+    ``choices`` makes a ``str`` parameter an enumeration; ``words`` lets a number parameter
+    also take those words instead of a value (alpha's ``"auto"``).
+    """
 
     name: str
     type: type
-    default: float | int | bool
+    default: float | int | bool | str
     help: str
     ge: float | None = None
     gt: float | None = None
     le: float | None = None
     lt: float | None = None
+    choices: tuple[str, ...] = ()
+    words: tuple[str, ...] = ()
 
     def range_text(self) -> str:
         """The allowed range in words, e.g. ``0 < x <= 1``."""
@@ -84,10 +90,34 @@ class Param:
         )
         if self.type is bool:
             return "true / false"
-        return f"{low}x{high}" if (low or high) else "any finite number"
+        if self.choices:
+            return " / ".join(f'`"{c}"`' for c in self.choices)
+        number = f"{low}x{high}" if (low or high) else "any finite number"
+        return " or ".join([number, *(f'`"{w}"`' for w in self.words)])
+
+    def annotation(self) -> Any:
+        """The pydantic type of the parameter's value, its range included."""
+        if self.choices:
+            return Literal[self.choices]  # type: ignore[valid-type]
+        constraints: dict[str, Any] = {
+            k: getattr(self, k) for k in ("ge", "gt", "le", "lt") if getattr(self, k) is not None
+        }
+        if self.type is float:
+            constraints["allow_inf_nan"] = False
+        number = Annotated[self.type, Field(**constraints)] if constraints else self.type
+        if self.words:
+            return number | Literal[self.words]  # type: ignore[valid-type]
+        return number
 
 
-_ALPHA = Param("alpha", float, 1.0, "global scaling coefficient: the merged update is alpha·X")
+_ALPHA = Param(
+    "alpha",
+    float,
+    1.0,
+    'global scaling coefficient: the merged update is alpha·X; "auto" sets it from the inputs '
+    "alone (docs/methods.md)",
+    words=("auto",),
+)
 _ISOTROPIZE = Param(
     "isotropize", bool, False, "replace all singular values of the merged X by their mean"
 )
@@ -95,14 +125,22 @@ _DENSITY = Param(
     "density", float, 0.1, "fraction of entries kept per task (TIES trim)", gt=0.0, le=1.0
 )
 _DROP = Param("drop", float, 0.3, "probability of dropping each entry (DARE)", ge=0.0, lt=1.0)
+_AXES = Param(
+    "axes",
+    str,
+    "reference",
+    "core space only: the axes whose entries are trimmed, dropped and sign-elected; "
+    '"aligned" rotates the core matrices onto the tasks\' joint singular axes first',
+    choices=("reference", "aligned"),
+)
 
 #: The parameters of every method, in the API's names (docs/methods.md). ``seed`` is a top-level
 #: field of the spec, not a param.
 METHOD_PARAMS: dict[str, tuple[Param, ...]] = {
     "ta": (_ALPHA, _ISOTROPIZE),
-    "ties": (_ALPHA, _DENSITY, _ISOTROPIZE),
-    "dare": (_ALPHA, _DROP, _ISOTROPIZE),
-    "dare_ties": (_ALPHA, _DROP, _DENSITY, _ISOTROPIZE),
+    "ties": (_ALPHA, _DENSITY, _ISOTROPIZE, _AXES),
+    "dare": (_ALPHA, _DROP, _ISOTROPIZE, _AXES),
+    "dare_ties": (_ALPHA, _DROP, _DENSITY, _ISOTROPIZE, _AXES),
     "tsv": (_ALPHA, _ISOTROPIZE),
     "cart": (
         _ALPHA,
@@ -124,12 +162,7 @@ METHOD_PARAMS: dict[str, tuple[Param, ...]] = {
 def _params_model(method: str) -> type[BaseModel]:
     fields: dict[str, Any] = {}
     for p in METHOD_PARAMS[method]:
-        constraints = {
-            k: getattr(p, k) for k in ("ge", "gt", "le", "lt") if getattr(p, k) is not None
-        }
-        if p.type is float:
-            constraints["allow_inf_nan"] = False
-        fields[p.name] = (p.type, Field(p.default, description=p.help, **constraints))
+        fields[p.name] = (p.annotation(), Field(p.default, description=p.help))
     return create_model(  # type: ignore[call-overload]
         f"{method.title().replace('_', '')}Params",
         __config__=ConfigDict(extra="forbid", strict=False),
@@ -148,10 +181,16 @@ def validate_params(method: str, params: dict[str, Any]) -> dict[str, Any]:
     try:
         return _PARAMS_MODELS[method].model_validate(params).model_dump()
     except ValidationError as exc:
-        problems = []
+        problems: list[str] = []
+        declared = {p.name: p for p in METHOD_PARAMS[method]}
         for err in exc.errors():
             name = ".".join(str(x) for x in err["loc"])
-            if err["type"] == "extra_forbidden":
+            param = declared.get(str(err["loc"][0]))
+            if param is not None and param.words and len(err["loc"]) > 1:  # a number or a word
+                problem = f"parameter {param.name!r}: must be {param.range_text().replace('`', '')}"
+                if problem not in problems:
+                    problems.append(problem)
+            elif err["type"] == "extra_forbidden":
                 accepted = ", ".join(p.name for p in METHOD_PARAMS[method])
                 problems.append(
                     f"unknown parameter {name!r} for method {method!r} (accepted: {accepted})"
@@ -220,7 +259,7 @@ class MergeSpec(_Strict):
     adapters: list[AdapterRef] = Field(min_length=1, max_length=MAX_ADAPTERS)
     method: Method = "tsv"
     space: Space = "core"
-    params: dict[str, float | int | bool] = Field(
+    params: dict[str, float | int | bool | str] = Field(
         default_factory=dict,
         validate_default=True,
         description="the method's hyperparameters; see the methods table in README.md",
@@ -234,7 +273,14 @@ class MergeSpec(_Strict):
         method = info.data.get("method")
         if method is None:  # the method itself failed validation; that error is reported
             return value
-        return validate_params(method, value)
+        params = validate_params(method, value)
+        space = info.data.get("space", "core")
+        if params.get("axes", "reference") != "reference" and space != "core":
+            raise ValueError(
+                f"parameter 'axes': {params['axes']!r} rotates core matrices and needs space "
+                f"'core' (this job's space is {space!r})"
+            )
+        return params
 
 
 def params_table_markdown() -> str:
@@ -242,6 +288,12 @@ def params_table_markdown() -> str:
     rows = ["| method | param | default | range | meaning |", "|---|---|---|---|---|"]
     for method, params in METHOD_PARAMS.items():
         for p in params:
-            default = str(p.default).lower() if p.type is bool else repr(p.default)
+            default = (
+                str(p.default).lower()
+                if p.type is bool
+                else f'`"{p.default}"`'
+                if p.type is str
+                else repr(p.default)
+            )
             rows.append(f"| `{method}` | `{p.name}` | {default} | {p.range_text()} | {p.help} |")
     return "\n".join(rows)

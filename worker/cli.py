@@ -37,7 +37,8 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _parse_param(text: str) -> tuple[str, Any]:
-    """``NAME=VALUE`` with VALUE a number or true/false."""
+    """``NAME=VALUE`` with VALUE a number, true/false, or a word (``alpha=auto``,
+    ``axes=aligned``) that the spec's validation accepts or names as wrong."""
     name, sep, raw = text.partition("=")
     if not sep or not name:
         raise UsageError(f"--param {text!r}: expected NAME=VALUE")
@@ -49,7 +50,9 @@ def _parse_param(text: str) -> tuple[str, Any]:
             return name, kind(raw)
         except ValueError:
             pass
-    raise UsageError(f"--param {text!r}: VALUE must be a number or true/false")
+    if not low:
+        raise UsageError(f"--param {text!r}: VALUE is empty")
+    return name, low
 
 
 def _parse_weights(text: str, count: int) -> list[float]:

@@ -116,6 +116,7 @@ def test_spec_file_with_overrides(peft_adapters: list[Path], tmp_path: Path) -> 
         "alpha": 0.5,
         "density": 0.5,
         "isotropize": False,
+        "axes": "reference",
     }
 
 
@@ -147,7 +148,9 @@ def test_error_paths(peft_adapters: list[Path], adapter_copy, tmp_path: Path, ca
     )
     _fails(capsys, [*a, "-o", out, "--method", "ties", "--param", "density=2"], "density", out)
     _fails(capsys, [*a, "-o", out, "--param", "alpha"], "expected NAME=VALUE", out)
-    _fails(capsys, [*a, "-o", out, "--param", "alpha=big"], "must be a number or true/false", out)
+    _fails(
+        capsys, [*a, "-o", out, "--param", "alpha=big"], 'must be any finite number or "auto"', out
+    )
     _fails(
         capsys, [*a, "-o", out, "--weights", "1,2"], "--weights has 2 values for 3 adapters", out
     )

@@ -72,6 +72,7 @@ def _assert_same_as_unbatched(
             assert got.kept_energy == pytest.approx(want.kept_energy, abs=1e-6)
         assert abs(got.residual - want.residual) <= 1e-6
         assert got.residual <= 1e-5
+        assert got.alpha == pytest.approx(want.alpha, rel=1e-5)
 
 
 #: Every method, with parameters away from their defaults where that exercises more.
@@ -86,6 +87,11 @@ CASES = [
     ("cart", {}),
     ("cart", {"rank_fraction": 0.2, "lam": 0.5}),
     ("iso_c", {}),
+    ("ties", {"density": 0.3, "axes": "aligned"}),
+    ("dare_ties", {"drop": 0.2, "density": 0.4, "axes": "aligned"}),
+    ("ties", {"alpha": "auto", "axes": "aligned"}),
+    ("tsv", {"alpha": "auto"}),
+    ("dare", {"alpha": "auto"}),
 ]
 
 
@@ -191,6 +197,7 @@ def test_batched_equals_unbatched_across_routes(method: str, params: dict) -> No
         ("cart", {"rank_fraction": 0.3, "lam": 0.5}, None),
         ("iso_c", {}, None),
         ("ta", {}, 4),
+        ("ties", {"density": 0.3, "axes": "aligned", "alpha": "auto"}, None),
     ],
 )
 def test_batched_non_square_core(m: int, n: int, method: str, params: dict, rank: int) -> None:

@@ -71,9 +71,11 @@ CPU = torch.device("cpu")
 #: (written out so this module does not need pydantic; a test checks them against jobs.spec).
 DEFAULTS: dict[str, dict[str, Any]] = {
     "ta": {"alpha": 1.0, "isotropize": False},
-    "ties": {"alpha": 1.0, "density": 0.1, "isotropize": False},
-    "dare": {"alpha": 1.0, "drop": 0.3, "isotropize": False},
-    "dare_ties": {"alpha": 1.0, "drop": 0.3, "density": 0.1, "isotropize": False},
+    "ties": {"alpha": 1.0, "density": 0.1, "isotropize": False, "axes": "reference"},
+    "dare": {"alpha": 1.0, "drop": 0.3, "isotropize": False, "axes": "reference"},
+    "dare_ties": {
+        "alpha": 1.0, "drop": 0.3, "density": 0.1, "isotropize": False, "axes": "reference"
+    },
     "tsv": {"alpha": 1.0, "isotropize": False},
     "cart": {"alpha": 1.0, "rank_fraction": 0.04, "lam": 0.1, "isotropize": False},
     "iso_c": {"alpha": 1.0, "isotropize": False},
@@ -186,6 +188,9 @@ METHOD_CASES: list[tuple[str, dict[str, Any], int | None]] = [
     ("iso_c", {}, None),
     ("tsv", {}, 6),
     ("ties", {"density": 0.3}, 5),
+    ("ties", {"density": 0.3, "axes": "aligned"}, None),
+    ("dare_ties", {"drop": 0.4, "density": 0.3, "axes": "aligned", "alpha": "auto"}, None),
+    ("tsv", {"alpha": "auto"}, None),
 ]
 
 
@@ -327,6 +332,8 @@ def cases() -> list[Case]:
             for method, params, rank in METHOD_CASES:
                 if set_name == "equal" and method != "tsv":
                     continue  # the equal-rank set is there for knots TSV
+                if space != "core" and "axes" in params:
+                    continue  # rotating onto aligned axes is a core-space option
                 kind = _kind(space, set_name, method, params)
                 if kind is not None:
                     label = f"{space}-{set_name}-{_label(method, params, rank)}"

@@ -42,7 +42,12 @@ def test_submit_queues_a_job_with_location(client, settings, redis) -> None:
     assert job["status"] == "queued"
     assert job["started_at"] is job["finished_at"] is job["result"] is job["error"] is None
     # the request is echoed validated, with defaults filled in
-    assert job["request"]["params"] == {"alpha": 1.0, "density": 0.2, "isotropize": False}
+    assert job["request"]["params"] == {
+        "alpha": 1.0,
+        "density": 0.2,
+        "isotropize": False,
+        "axes": "reference",
+    }
     assert job["request"]["output"]["dtype"] == "float32"
     assert client.get(r.headers["location"], headers=AUTH_A).json() == job
 
@@ -72,6 +77,9 @@ def test_enqueue_sets_json_serializer_timeouts_and_retry(client, settings, redis
         (spec(method="magic"), "method"),
         (spec(params={"densty": 0.2}), "params"),
         (spec(params={"density": 1.5}), "params"),
+        (spec(params={"alpha": "big"}), "params"),
+        (spec(params={"axes": "diagonal"}), "params"),
+        (spec(space="full", params={"axes": "aligned"}), "params"),
         (spec(output={"uri": "s3://merged/team-a/x/", "rank": 0}), "output.rank"),
         (spec(output={"uri": "s3://merged/team-a/x/", "dtype": "int8"}), "output.dtype"),
         (spec(seed=-1), "seed"),

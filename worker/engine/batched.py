@@ -48,7 +48,7 @@ import torch
 from torch import Tensor
 
 from .linalg import MAX_F32_GRAM_CONDITION, MAX_GRAM_CONDITION, Basis, svd
-from .methods import METHOD_FUNCTIONS, _ceil_product, _floor_product
+from .methods import AUTO, METHOD_FUNCTIONS, _ceil_product, _floor_product, auto_alpha
 from .spaces import FactorStack, LoraFactors, MergedModule, _rank_slices, _spread
 
 __all__ = [
@@ -402,8 +402,14 @@ def _module_by_module(
 
 def _merge(
     method: str, core: _Core, params: Mapping[str, Any], generators: Sequence[torch.Generator]
-) -> Tensor:
-    """:func:`worker.engine.methods.apply_method` for the group: method, isotropize, alpha."""
+) -> tuple[Tensor, list[float]]:
+    """:func:`worker.engine.spaces.merge_in_core_space`'s merge step for the group: the
+    optional rotation onto aligned axes, method, isotropize, alpha; the merged core matrices
+    (G, a, b) and each module's alpha."""
+    rotation = _aligned_axes(core.matrices) if params.get("axes") == "aligned" else None
+    if rotation is not None:
+        P, Q = rotation
+        core = _Core(P.mT @ core.UtB, core.AV @ Q, core.ranks)
     batched = _BATCHED.get(method)
     if batched is None:
         M = _module_by_module(method, core, params, generators)
@@ -411,7 +417,31 @@ def _merge(
         M = batched(core, params, generators)
     if params.get("isotropize", False):
         M = _isotropize(M)
-    return params.get("alpha", 1.0) * M
+    alphas = _alphas(params, core, M)
+    M = M * torch.tensor(alphas, dtype=M.dtype, device=M.device)[:, None, None]
+    if rotation is not None:
+        M = P @ M @ Q.mT
+    return M, alphas
+
+
+def _aligned_axes(matrices: Tensor) -> tuple[Tensor, Tensor]:
+    """:func:`worker.engine.spaces.aligned_axes` of every module of (G, T, a, b): P (G, a, a)
+    from [M_1 … M_T], Q (G, b, b) from [M_1; …; M_T]."""
+    G, T, a, b = matrices.shape
+    side = matrices.permute(0, 2, 1, 3).reshape(G, a, T * b)
+    P = torch.linalg.svd(side, full_matrices=True).U
+    Q = torch.linalg.svd(matrices.reshape(G, T * a, b), full_matrices=True).Vh.mT
+    return P, Q
+
+
+def _alphas(params: Mapping[str, Any], core: _Core, M: Tensor) -> list[float]:
+    """Each module's alpha: the number given, or :func:`worker.engine.methods.auto_alpha`."""
+    alpha = params.get("alpha", 1.0)
+    if alpha != AUTO:
+        return [float(alpha)] * M.shape[0]
+    tasks = core.matrices.square().sum((-2, -1)).tolist()  # (G, T)
+    merged = M.square().sum((-2, -1)).tolist()
+    return [auto_alpha(t, m) for t, m in zip(tasks, merged, strict=True)]
 
 
 # ----------------------------------------------------------------------------- back out
@@ -497,12 +527,16 @@ def merge_group_in_core_space(
     left = _basis(_stacked([s.B for s in stacks]), device)
     right = _basis(_stacked([s.A for s in stacks]).mT, device)
     UtB, AV = left.coords, right.coords.mT
-    M = _merge(method, _Core(UtB, AV, ranks), params, gens)
+    M, alphas = _merge(method, _Core(UtB, AV, ranks), params, gens)
     B, A, kept = _lora_pairs(left, right, M, rank)
     residuals = _residuals(left, right, UtB, AV, ranks)
     return [
         MergedModule(
-            B=B[g], A=A[g], kept_energy=None if kept is None else kept[g], residual=residuals[g]
+            B=B[g],
+            A=A[g],
+            kept_energy=None if kept is None else kept[g],
+            residual=residuals[g],
+            alpha=alphas[g],
         )
         for g in range(len(stacks))
     ]

@@ -20,13 +20,17 @@ from torch import Tensor
 from .linalg import factored_svd, isotropize, numerical_rank, polar, svd
 
 __all__ = [
+    "AUTO",
     "METHOD_FUNCTIONS",
     "Factors",
     "apply_method",
+    "auto_alpha",
     "cart",
     "dare",
     "dare_ties",
     "iso_c",
+    "method_result",
+    "resolve_alpha",
     "task_arithmetic",
     "ties",
     "tsv",
@@ -37,6 +41,26 @@ __all__ = [
 #: space: M_t = (Uᵀ B_t)(A_t V), inner size r_t). A method that needs each X_t's SVD takes it
 #: from them: a QR of each factor and the SVD of an r_t × r_t matrix instead of an R × R one.
 Factors = Sequence[tuple[Tensor, Tensor]]
+
+#: ``params["alpha"]`` that asks for the data-free scale of :func:`auto_alpha`.
+AUTO = "auto"
+#: Below this norm relative to the tasks' (√ of energies), a merged X is rounding noise.
+AUTO_FLOOR = 1e-5
+
+
+def auto_alpha(task_energies: Sequence[float], merged_energy: float) -> float:
+    """``alpha: "auto"``: the scale that gives the merged update the tasks' mean energy.
+
+    alpha = √(mean_t ‖ΔW_t‖²_F) / ‖X‖_F, per module (docs/methods.md says why this rule and
+    what else was measured). It needs no data: only the Frobenius norms of the updates, which
+    core space keeps (‖U M Vᵀ‖_F = ‖M‖_F), so the rule costs one pass over R × R matrices.
+    A merged X with no energy above rounding (tasks that cancel, or no update at all) keeps
+    alpha 1: scaling rounding noise up to the tasks' size would invent an update.
+    """
+    total = sum(task_energies)
+    if merged_energy <= AUTO_FLOOR**2 * total or total <= 0:
+        return 1.0
+    return math.sqrt(total / len(task_energies) / merged_energy)
 
 
 def task_arithmetic(xs: Sequence[Tensor]) -> Tensor:
@@ -180,6 +204,22 @@ METHOD_FUNCTIONS: dict[str, MethodFn] = {
 }
 
 
+def method_result(
+    method: str,
+    xs: Sequence[Tensor],
+    params: Mapping[str, Any],
+    generator: torch.Generator | None = None,
+    factors: Factors | None = None,
+) -> Tensor:
+    """``method`` on the X_t, then the optional isotropize: the merged X before alpha."""
+    if generator is None:
+        generator = torch.Generator().manual_seed(0)
+    x = METHOD_FUNCTIONS[method](xs, params, generator, factors)
+    if params.get("isotropize", False):
+        x = isotropize(x)
+    return x
+
+
 def apply_method(
     method: str,
     xs: Sequence[Tensor],
@@ -189,11 +229,26 @@ def apply_method(
 ) -> Tensor:
     """Run ``method`` on the X_t, then the shared steps: optional isotropize, scale by alpha.
 
-    ``factors``, when given, are the X_t as thin products (see :data:`Factors`).
+    ``factors``, when given, are the X_t as thin products (see :data:`Factors`). Where the X_t
+    are not the updates themselves (knots space), the space resolves ``alpha: "auto"`` with
+    :func:`resolve_alpha` and its own metric instead.
     """
-    if generator is None:
-        generator = torch.Generator().manual_seed(0)
-    x = METHOD_FUNCTIONS[method](xs, params, generator, factors)
-    if params.get("isotropize", False):
-        x = isotropize(x)
-    return params.get("alpha", 1.0) * x
+    x = method_result(method, xs, params, generator, factors)
+    return resolve_alpha(params, xs, x) * x
+
+
+def resolve_alpha(
+    params: Mapping[str, Any], xs: Sequence[Tensor], x: Tensor, row_scale: Tensor | None = None
+) -> float:
+    """The alpha to scale the merged ``x`` by: the number given, or :func:`auto_alpha`'s.
+
+    ``row_scale`` weights the rows of every matrix before norms are taken, for a space whose
+    X_t are not the updates (knots: ΔW_t = U diag(S) V_t, so ‖ΔW_t‖ = ‖diag(S) V_t‖).
+    """
+    alpha = params.get("alpha", 1.0)
+    if alpha != AUTO:
+        return float(alpha)
+    if row_scale is not None:
+        xs = [row_scale[:, None] * x_t for x_t in xs]
+        x = row_scale[:, None] * x
+    return auto_alpha([float(x_t.square().sum()) for x_t in xs], float(x.square().sum()))

@@ -26,13 +26,14 @@ from .linalg import (
     svd,
     truncate,
 )
-from .methods import apply_method
+from .methods import method_result, resolve_alpha
 
 __all__ = [
     "FactorStack",
     "LoraFactors",
     "MergedModule",
     "ReferenceBases",
+    "aligned_axes",
     "core_factors",
     "core_matrices",
     "merge_in_core_space",
@@ -115,6 +116,7 @@ class MergedModule:
     A: Tensor  # (k, n)
     kept_energy: float | None = None  # set when output.rank truncated the update
     residual: float | None = None  # core space self-check (docs/guarantees.md); None elsewhere
+    alpha: float = 1.0  # the scale applied: params.alpha, or what "auto" resolved to
 
     @property
     def rank(self) -> int:
@@ -209,6 +211,20 @@ def _as_lora_pair(
     return bases.left.apply(B_small), bases.right.apply_t(A_small), kept
 
 
+def aligned_axes(cores: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
+    """Orthogonal P (a × a) and Q (b × b) onto the tasks' joint singular axes.
+
+    P: the left singular vectors of [M_1 … M_T], Q: the right ones of [M_1; …; M_T]. Then
+    U P are the left singular vectors of [ΔW_1 … ΔW_T] and V Q the right ones of
+    [ΔW_1; …; ΔW_T], whatever bases U, V the factors gave: coordinates that depend on the
+    updates alone, not on how each adapter split its scale between A and B. Both are square
+    and orthogonal, so rotating is lossless (M_t = P (Pᵀ M_t Q) Qᵀ).
+    """
+    P = torch.linalg.svd(torch.cat(list(cores), dim=1), full_matrices=True).U
+    Q = torch.linalg.svd(torch.cat(list(cores), dim=0), full_matrices=True).Vh.mT
+    return P, Q
+
+
 def merge_in_core_space(
     factors: Sequence[LoraFactors],
     method: str,
@@ -219,13 +235,24 @@ def merge_in_core_space(
     """Algorithm 1: bases → core matrices → merge the R × R matrices → map back.
 
     With ``rank``, the merged core matrix M ≈ P_k S_k Q_kᵀ is truncated (an SVD of R × R
-    only): B = U P_k S_k, A = Q_kᵀ Vᵀ.
+    only): B = U P_k S_k, A = Q_kᵀ Vᵀ. With ``axes: "aligned"``, the core matrices are
+    rotated onto :func:`aligned_axes` before the method and the result rotated back.
     """
     bases = reference_bases(factors)
     thin = core_factors(factors, bases)
-    M = apply_method(method, [left @ right for left, right in thin], params, generator, thin)
+    aligned = params.get("axes", "reference") == "aligned"
+    if aligned:
+        P, Q = aligned_axes([left @ right for left, right in thin])
+        thin = [(P.mT @ left, right @ Q) for left, right in thin]
+    cores = [left @ right for left, right in thin]
+    M = method_result(method, cores, params, generator, thin)
+    alpha = resolve_alpha(params, cores, M)
+    M = alpha * M
+    if aligned:
+        M = P @ M @ Q.mT
     B, A, kept = _as_lora_pair(bases, M, rank)
-    return MergedModule(B=B, A=A, kept_energy=kept, residual=projection_residual(factors, bases))
+    residual = projection_residual(factors, bases)
+    return MergedModule(B=B, A=A, kept_energy=kept, residual=residual, alpha=alpha)
 
 
 def _dense_to_lora(dW: Tensor, rank: int | None) -> tuple[Tensor, Tensor, float | None]:
@@ -244,9 +271,11 @@ def merge_in_full_space(
     generator: torch.Generator | None = None,
 ) -> MergedModule:
     """The baseline: the method on the dense ΔW_t = B_t A_t (m × n each)."""
-    dW = apply_method(method, [f.B @ f.A for f in factors], params, generator)
-    B, A, kept = _dense_to_lora(dW, rank)
-    return MergedModule(B=B, A=A, kept_energy=kept)
+    dWs = [f.B @ f.A for f in factors]
+    dW = method_result(method, dWs, params, generator)
+    alpha = resolve_alpha(params, dWs, dW)
+    B, A, kept = _dense_to_lora(alpha * dW, rank)
+    return MergedModule(B=B, A=A, kept_energy=kept, alpha=alpha)
 
 
 def knots_components(factors: Sequence[LoraFactors]) -> tuple[Tensor, Tensor, list[Tensor]]:
@@ -284,16 +313,18 @@ def merge_in_knots_space(
     does), so that one case forms the m × n matrix.
     """
     U, S, blocks = knots_components(factors)
-    inner = {**params, "isotropize": False}
-    X = apply_method(method, blocks, inner, generator)
+    X = method_result(method, blocks, {**params, "isotropize": False}, generator)
     B, A = U * S, X
-    if params.get("isotropize", False):
-        B, A, kept = _dense_to_lora(isotropize(B @ A), rank)
-        return MergedModule(B=B, A=A, kept_energy=kept)
-    Uf, Sf, Vhf = factored_svd(B, A)
+    if params.get("isotropize", False):  # the m × n ΔW's singular values; alpha from the same
+        dW = isotropize(B @ A)
+        alpha = resolve_alpha(params, [(U * S) @ V_t for V_t in blocks], dW)
+        B, A, kept = _dense_to_lora(alpha * dW, rank)
+        return MergedModule(B=B, A=A, kept_energy=kept, alpha=alpha)
+    alpha = resolve_alpha(params, blocks, X, row_scale=S)  # ‖U diag(S) V‖ = ‖diag(S) V‖
+    Uf, Sf, Vhf = factored_svd(B, alpha * A)
     k = numerical_rank(Sf, (B.shape[0], A.shape[1])) if rank is None else rank
     B, A, kept = truncate(Uf, Sf, Vhf, k)
-    return MergedModule(B=B, A=A, kept_energy=kept if rank is not None else None)
+    return MergedModule(B=B, A=A, kept_energy=kept if rank is not None else None, alpha=alpha)
 
 
 _SPACES = {
