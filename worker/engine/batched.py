@@ -429,8 +429,8 @@ def _aligned_axes(matrices: Tensor) -> tuple[Tensor, Tensor]:
     from [M_1 … M_T], Q (G, b, b) from [M_1; …; M_T]."""
     G, T, a, b = matrices.shape
     side = matrices.permute(0, 2, 1, 3).reshape(G, a, T * b)
-    P = torch.linalg.svd(side, full_matrices=True).U
-    Q = torch.linalg.svd(matrices.reshape(G, T * a, b), full_matrices=True).Vh.mT
+    P = svd(side, full_matrices=True)[0]
+    Q = svd(matrices.reshape(G, T * a, b), full_matrices=True)[2].mT
     return P, Q
 
 

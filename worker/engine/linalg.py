@@ -42,8 +42,9 @@ class NonFiniteError(ArithmeticError):
     (huge weights, alpha or scalings), since the inputs are checked finite as they are read."""
 
 
-def svd(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Economy SVD ``torch.linalg.svd(x, full_matrices=False)``, refusing NaN and ±inf first.
+def svd(x: Tensor, full_matrices: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+    """Economy SVD ``torch.linalg.svd(x, full_matrices=False)`` (or the full one), refusing NaN
+    and ±inf first.
 
     LAPACK given a non-finite matrix either fails ("failed to converge", after printing its
     own error lines) or returns garbage; :class:`NonFiniteError` says what happened instead.
@@ -52,7 +53,7 @@ def svd(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """
     if not bool(torch.isfinite(x.sum())) and not bool(torch.isfinite(x).all()):
         raise NonFiniteError(f"a {tuple(x.shape)} matrix to decompose has NaN or infinite values")
-    return torch.linalg.svd(x, full_matrices=False)
+    return torch.linalg.svd(x, full_matrices=full_matrices)
 
 
 @dataclass(frozen=True)

@@ -220,8 +220,8 @@ def aligned_axes(cores: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
     updates alone, not on how each adapter split its scale between A and B. Both are square
     and orthogonal, so rotating is lossless (M_t = P (Pᵀ M_t Q) Qᵀ).
     """
-    P = torch.linalg.svd(torch.cat(list(cores), dim=1), full_matrices=True).U
-    Q = torch.linalg.svd(torch.cat(list(cores), dim=0), full_matrices=True).Vh.mT
+    P = svd(torch.cat(list(cores), dim=1), full_matrices=True)[0]
+    Q = svd(torch.cat(list(cores), dim=0), full_matrices=True)[2].mT
     return P, Q
 
 
