@@ -3,6 +3,7 @@
     .venv/bin/python bench/service.py                      # both parts, moto as the S3 store
     .venv/bin/python bench/service.py --duration 20 --concurrency 32
     .venv/bin/python bench/service.py --storage file       # end to end through file:// URIs
+    .venv/bin/python bench/service.py --profile stream     # issue 16: big S3 inputs streamed
 
 (a) **API** (no worker running, so every job stays queued): a load generator on loopback
 (asyncio with a minimal HTTP/1.1 keep-alive client, ``--concurrency`` connections,
@@ -17,6 +18,17 @@ after one warm-up job. Against: ``coremerge merge`` on the same adapters as a fr
 (interpreter and torch start-up included, as a user runs it), and the merge alone
 (``run_merge``'s own time from its report). The service overhead is e2e − CLI.
 
+(c) **Streamed inputs** (``--profile stream``, issue 16 item 1): 8 adapters of rank 16 on
+Llama-3-8B shapes (``bench.speed.workloads``; ``--layers`` of 32, float32) in moto's S3 server
+on loopback, one core-space ``ta`` merge to S3 through the API and one worker. Measured:
+submit → succeeded against the S3 floor (every input byte fetched by ranged GETs of the S3
+part size and an output of the inputs' size uploaded by the worker's multipart sink, at the
+same time, with the worker's concurrency, on the same endpoint; run before and after the job),
+the worker's peak disk use (its attempt folders, polled every 20 ms) and the work horse's
+peak RSS less the worker's RSS before the job, both against the inputs' size. Targets: ≤ 1.3×
+the floor, disk ≤ 5 % and RSS ≤ 1/4 of the inputs. Writes ``bench/results/service-stream-
+latest.json`` and ``.md`` (``--out`` still gets the dated JSON).
+
 Everything runs against a real Redis (``--redis-url``) under its own key prefix and queue,
 removed afterwards. Targets (issue 4, 2 cores): ≥ 300 accepted jobs/s with p99 < 50 ms, and an
 end-to-end overhead over the CLI < 0.5 s. Prints a table; writes ``bench/out/service-<UTC>.json``.
@@ -26,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import multiprocessing
 import os
@@ -35,6 +48,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from datetime import UTC, datetime
@@ -51,6 +65,11 @@ API_KEY = "bench-key"
 TARGET_JOBS_PER_S = 300
 TARGET_P99_S = 0.050
 TARGET_OVERHEAD_S = 0.5
+#: issue 16 item 1: streamed inputs against the S3 floor, the worker's disk and memory.
+TARGET_FLOOR_RATIO = 1.3
+TARGET_DISK_SHARE = 0.05
+TARGET_RSS_SHARE = 0.25
+MiB = 1 << 20
 
 
 def free_port() -> int:
@@ -236,6 +255,166 @@ def cli_merge(dirs: list[Path], runs: int, tmp: Path) -> dict[str, Any]:
             "run_merge_median_s": statistics.median(inproc)}  # fmt: skip
 
 
+# -- streamed inputs (c) --------------------------------------------------------------------------
+
+
+def s3_floor(endpoint: str, keys: list[str], out_bytes: int, settings: Any) -> dict[str, Any]:
+    """Every input byte GET (ranged, part size, concurrency as the worker) while an object of
+    ``out_bytes`` goes up through the worker's own multipart sink: the S3 work of the job
+    and nothing else."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from worker.storage import make_s3_client
+    from worker.storage.s3 import S3Store, S3UploadSink
+
+    client = make_s3_client(settings)
+    store = S3Store(client, "bench-adapters")
+    part, conc = settings.s3_multipart_chunksize, settings.s3_max_concurrency
+    sizes = {k: client.head_object(Bucket="bench-adapters", Key=k)["ContentLength"] for k in keys}
+    ranges = [(k, s, min(s + part, n)) for k, n in sizes.items() for s in range(0, n, part)]
+
+    def put() -> None:
+        sink = S3UploadSink(S3Store(client, "bench-merged"), f"floor-{uuid.uuid4().hex}", {},
+                            part_size=part, concurrency=conc)  # fmt: skip
+        block = os.urandom(MiB)
+        for _ in range(out_bytes // MiB):
+            sink.write(block)
+        sink.write(block[: out_bytes % MiB])
+        sink.close()
+
+    t0 = time.perf_counter()
+    uploader = threading.Thread(target=put)
+    uploader.start()
+    with ThreadPoolExecutor(conc) as pool:
+        got = sum(pool.map(lambda r: len(store.read(r[0], start=r[1], length=r[2] - r[1])), ranges))
+    get_s = time.perf_counter() - t0
+    uploader.join()
+    wall = time.perf_counter() - t0
+    return {"wall_s": wall, "get_s": get_s, "get_bytes": got, "put_bytes": out_bytes,
+            "gets": len(ranges), "part_bytes": part, "concurrency": conc}  # fmt: skip
+
+
+class JobWatch:
+    """Polls, every 20 ms while a job runs, the worker's attempt folders (bytes on disk) and
+    its work horse's peak RSS (``VmHWM``; the horse is the worker's forked child)."""
+
+    def __init__(self, worker_pid: int, work_dir: Path) -> None:
+        import psutil
+
+        self.worker = psutil.Process(worker_pid)
+        self.work_dir = work_dir
+        self.baseline_rss = self.worker.memory_info().rss
+        self.peak_disk = self.peak_horse_hwm = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _disk(self) -> int:
+        total = 0
+        for attempt in self.work_dir.glob("coremerge-*"):
+            with contextlib.suppress(OSError):  # a folder removed while it is walked
+                for path in attempt.rglob("*"):
+                    with contextlib.suppress(OSError):
+                        total += path.stat().st_size if path.is_file() else 0
+        return total
+
+    def _horse_hwm(self) -> int:
+        import psutil
+
+        peak = 0
+        try:
+            children = self.worker.children()
+        except psutil.Error:
+            return 0
+        for child in children:
+            try:
+                for line in Path(f"/proc/{child.pid}/status").read_text().splitlines():
+                    if line.startswith("VmHWM:"):
+                        peak = max(peak, int(line.split()[1]) * 1024)
+            except OSError:
+                pass
+        return peak
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak_disk = max(self.peak_disk, self._disk())
+            self.peak_horse_hwm = max(self.peak_horse_hwm, self._horse_hwm())
+            time.sleep(0.02)
+
+    def __enter__(self) -> JobWatch:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def streamed_job(url: str, spec: dict, worker: subprocess.Popen, work_dir: Path) -> dict:
+    from service.client import CoremergeClient
+
+    with CoremergeClient(url, API_KEY) as client, JobWatch(worker.pid, work_dir) as watch:
+        t0 = time.perf_counter()
+        job = client.wait(client.submit(spec)["id"], poll_interval=0.05, timeout=3600)
+        wall = time.perf_counter() - t0
+    if job["status"] != "succeeded":
+        raise RuntimeError(f"streamed job failed: {job['error']}")
+    return {"wall_s": wall, "worker_s": job["result"]["seconds"],
+            "output_bytes": job["result"]["bytes"], "peak_disk_bytes": watch.peak_disk,
+            "horse_peak_rss_bytes": watch.peak_horse_hwm,
+            "worker_rss_before_bytes": watch.baseline_rss,
+            "rss_less_startup_bytes": watch.peak_horse_hwm - watch.baseline_rss}  # fmt: skip
+
+
+def run_stream(opts: argparse.Namespace, env: dict[str, str], tmp: Path, procs: list) -> dict:
+    """(c): inputs in moto, the floor, the job, the floor again."""
+    import boto3
+
+    from bench.speed.workloads import Workload, input_set
+    from jobs.settings import Settings
+
+    inputs = input_set(
+        sys.executable, Workload(layers=opts.layers), ROOT / "bench" / "out" / "inputs"
+    )
+    os.environ.update({k: v for k, v in env.items() if k.startswith("AWS_")})  # for the floor
+    print(f"(c) streamed inputs: {len(inputs.dirs)} adapters, {inputs.bytes / 2**30:.2f} GiB",
+          flush=True)  # fmt: skip
+    s3 = boto3.client("s3", endpoint_url=env["COREMERGE_S3_ENDPOINT_URL"],
+                      aws_access_key_id="bench", aws_secret_access_key="bench",
+                      region_name="us-east-1")  # fmt: skip
+    uris, keys = [], []
+    for i, d in enumerate(inputs.dirs):
+        for f in ("adapter_config.json", "adapter_model.safetensors"):
+            s3.upload_file(str(d / f), "bench-adapters", f"big-{i}/{f}")
+        keys.append(f"big-{i}/adapter_model.safetensors")
+        uris.append(f"s3://bench-adapters/big-{i}/")
+    total = sum(s3.head_object(Bucket="bench-adapters", Key=f"big-{i}/{f}")["ContentLength"]
+                for i in range(len(uris)) for f in ("adapter_config.json",
+                                                    "adapter_model.safetensors"))  # fmt: skip
+    settings = Settings(**{k.removeprefix("COREMERGE_").lower(): v for k, v in env.items()
+                           if k.startswith("COREMERGE_S3_")})  # fmt: skip
+    worker = start([sys.executable, "-m", "worker.cli", "worker"], env, tmp / "worker.log")
+    procs.append(worker)
+    wait_until(lambda: worker_count(opts.redis_url, env["COREMERGE_QUEUE"]) > 0, "worker",
+               proc=worker)  # fmt: skip
+    floors = [s3_floor(env["COREMERGE_S3_ENDPOINT_URL"], keys, total, settings)]
+    print(f"    floor {floors[0]['wall_s']:.1f} s", flush=True)
+    spec = {"adapters": [{"uri": u} for u in uris], "method": "ta",
+            "output": {"uri": "s3://bench-merged/stream/"}}  # fmt: skip
+    job = streamed_job(f"http://127.0.0.1:{env['BENCH_PORT']}", spec, worker,
+                       Path(env["COREMERGE_WORK_DIR"]))  # fmt: skip
+    print(f"    job {job['wall_s']:.1f} s", flush=True)
+    floors.append(s3_floor(env["COREMERGE_S3_ENDPOINT_URL"], keys, total, settings))
+    print(f"    floor {floors[1]['wall_s']:.1f} s", flush=True)
+    floor_s = statistics.mean(f["wall_s"] for f in floors)
+    return {"inputs": inputs.workload.__dict__, "input_bytes": total, "adapters": len(uris),
+            "floor": floors, "floor_s": floor_s, "job": job,
+            "time_ratio": job["wall_s"] / floor_s,
+            "disk_share": job["peak_disk_bytes"] / total,
+            "rss_share": job["rss_less_startup_bytes"] / total,
+            "worker_settings": {k: v for k, v in env.items() if k.startswith("COREMERGE_S3_")},
+            "load_average_end": os.getloadavg()}  # fmt: skip
+
+
 # -- orchestration --------------------------------------------------------------------------------
 
 
@@ -300,6 +479,20 @@ def main() -> int:
     p.add_argument("--processes", type=int, default=1, help="load-generator processes")
     p.add_argument("--e2e-runs", type=int, default=5)
     p.add_argument("--storage", choices=("s3", "file"), default="s3")
+    p.add_argument(
+        "--profile",
+        choices=("service", "stream"),
+        default="service",
+        help="service: (a) and (b); stream: (c), big S3 inputs read as merged",
+    )
+    p.add_argument("--layers", type=int, default=32, help="stream: Llama-3-8B layers (of 32)")
+    p.add_argument(
+        "--worker-env",
+        action="append",
+        default=[],
+        metavar="COREMERGE_X=V",
+        help="a setting for the worker (and the floor), repeatable",
+    )
     p.add_argument("--skip-api", action="store_true")
     p.add_argument("--skip-e2e", action="store_true")
     p.add_argument("--quiet-wait", type=float, default=30.0,
@@ -332,7 +525,16 @@ def main() -> int:
         "AWS_ACCESS_KEY_ID": "bench",
         "AWS_SECRET_ACCESS_KEY": "bench",
         "AWS_DEFAULT_REGION": "us-east-1",
+        "COREMERGE_WORK_DIR": str(tmp / "work"),
+        "BENCH_PORT": str(port),
     }
+    env.update(dict(item.split("=", 1) for item in opts.worker_env))
+    (tmp / "work").mkdir()
+    if opts.profile == "stream":
+        opts.storage, opts.skip_api, opts.skip_e2e = "s3", True, True
+        # Objects stay in moto's memory (its default spools those over 5 MiB to temporary
+        # files), for the floor and the job alike.
+        env["MOTO_S3_DEFAULT_KEY_BUFFER_SIZE"] = str(1 << 30)
     procs: list[subprocess.Popen] = []
     results: dict[str, Any] = {"created_at": datetime.now(UTC).isoformat(timespec="seconds"),
                                "machine": machine_info(), "options": {
@@ -395,6 +597,9 @@ def main() -> int:
             results["cli"] = cli_merge(dirs, opts.e2e_runs, tmp)
             results["e2e"]["overhead_s"] = results["e2e"]["median_s"] - results["cli"]["median_s"]
             results["e2e"]["ratio"] = results["e2e"]["median_s"] / results["cli"]["median_s"]
+        if opts.profile == "stream":
+            results["load_average_start"] = os.getloadavg()
+            results["stream"] = run_stream(opts, env, tmp, procs)
     finally:
         for proc in reversed(procs):
             stop(proc)
@@ -406,6 +611,8 @@ def main() -> int:
 
 def report(results: dict[str, Any], out: Path) -> int:
     checks = []
+    if "stream" in results:
+        checks += report_stream(results)
     if "api" in results:
         a = results["api"]
         ms = lambda x: f"{x * 1000:.1f} ms" if x is not None else "-"  # noqa: E731
@@ -443,6 +650,58 @@ def report(results: dict[str, Any], out: Path) -> int:
     write_json(path, results)
     print(f"\nwrote {path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}")
     return 0 if all(ok for _, ok in checks) else 1
+
+
+def report_stream(results: dict[str, Any]) -> list[tuple[str, bool]]:
+    """Print (c), write ``bench/results/service-stream-latest.{json,md}``, return its checks."""
+    r = results["stream"]
+    job, gib = r["job"], r["input_bytes"] / 2**30
+    rows = [
+        ("inputs (8 adapters, S3)", f"{gib:.2f} GiB", ""),
+        ("S3 floor (GET all inputs ∥ PUT same size)",
+         " / ".join(f"{f['wall_s']:.1f} s" for f in r["floor"]), "before / after the job"),
+        ("served job: submit → succeeded", f"{job['wall_s']:.1f} s",
+         f"{r['time_ratio']:.2f}× the floor (target ≤ {TARGET_FLOOR_RATIO})"),
+        ("worker peak disk (attempt folders)", f"{job['peak_disk_bytes'] / 2**10:.0f} KiB",
+         f"{100 * r['disk_share']:.3f} % of inputs (target ≤ {100 * TARGET_DISK_SHARE:.0f} %)"),
+        ("work horse peak RSS − worker RSS before",
+         f"{job['rss_less_startup_bytes'] / MiB:.0f} MiB",
+         f"{100 * r['rss_share']:.1f} % of inputs (target ≤ {100 * TARGET_RSS_SHARE:.0f} %)"),
+        ("output (merged, S3)", f"{job['output_bytes'] / 2**30:.2f} GiB", ""),
+    ]  # fmt: skip
+    lines = ["| measure | value | against |", "|---|---|---|"]
+    lines += [f"| {a} | {b} | {c} |" for a, b, c in rows]
+    print("\n".join(lines))
+    checks = [
+        (
+            f"streamed job ≤ {TARGET_FLOOR_RATIO}× the S3 floor",
+            r["time_ratio"] <= TARGET_FLOOR_RATIO,
+        ),
+        (f"peak disk ≤ {TARGET_DISK_SHARE:.0%} of inputs", r["disk_share"] <= TARGET_DISK_SHARE),
+        (f"RSS − start-up ≤ {TARGET_RSS_SHARE:.0%} of inputs", r["rss_share"] <= TARGET_RSS_SHARE),
+    ]
+    machine = results["machine"]
+    md = [
+        "# Service benchmark: streamed S3 inputs (issue 16, item 1)",
+        "",
+        f"- **Run**: {results['created_at']}, `bench/service.py --profile stream --layers "
+        f"{r['inputs']['layers']}`; load average {results['load_average_start']} at start, "
+        f"{r['load_average_end']} at end (another job shares the CPUs: compare ratios).",
+        f"- **Machine**: {machine.get('cpu', machine.get('cpu_model', ''))}, "
+        f"{machine.get('cpus', machine.get('cpu_count', ''))} CPUs.",
+        "- **Job**: 8 LoRA adapters of rank 16 on Llama-3-8B shapes (float32), core `ta`, "
+        "output to S3 (float32, rank 128), one worker, moto's S3 server on loopback.",
+        f"- **Worker S3 settings**: {r['worker_settings'] or 'defaults'}.",
+        "",
+        *lines,
+        "",
+        *(f"- **{'PASS' if ok else 'FAIL'}** {what}" for what, ok in checks),
+        "",
+    ]
+    target = ROOT / "bench" / "results" / "service-stream-latest"
+    write_json(target.with_suffix(".json"), results)
+    target.with_suffix(".md").write_text("\n".join(md))
+    return checks
 
 
 if __name__ == "__main__":

@@ -64,10 +64,10 @@ class Settings(BaseSettings):
         MAX_ADAPTERS, ge=1, le=MAX_ADAPTERS, description="adapters per job (422 above)"
     )
     max_job_bytes: int = Field(
-        20 * GiB, ge=1, description="sum of a job's input sizes, checked before downloading"
+        20 * GiB, ge=1, description="sum of a job's input sizes, checked before any tensor is read"
     )
     max_adapter_bytes: int = Field(
-        8 * GiB, ge=1, description="one adapter's size, checked before downloading"
+        8 * GiB, ge=1, description="one adapter's size, checked before any tensor is read"
     )
     max_modules: int = Field(
         65_536, ge=1, description="modules in a merge, checked from the headers before reading"
@@ -99,7 +99,9 @@ class Settings(BaseSettings):
     # -- worker
     device: str = Field("auto", description="auto (CUDA when present), cpu, cuda, cuda:1…")
     work_dir: Path | None = Field(
-        None, description="where inputs are downloaded and outputs staged (default: system temp)"
+        None,
+        description="where inputs' configs (and VeRA weights) are copied and outputs staged "
+        "(default: system temp); S3 LoRA weights never land here",
     )
     worker_ttl: int = Field(60, ge=15, description="seconds without a heartbeat = dead worker")
     maintenance_interval: int = Field(
@@ -122,7 +124,15 @@ class Settings(BaseSettings):
         64 * MiB, ge=5 * MiB, description="bytes from which transfers are multipart"
     )
     s3_multipart_chunksize: int = Field(16 * MiB, ge=5 * MiB, description="bytes per part")
-    s3_max_concurrency: int = Field(8, ge=1, description="parallel parts per transfer")
+    s3_max_concurrency: int = Field(
+        8, ge=1, description="parallel parts per transfer; connections reading a job's inputs"
+    )
+    s3_read_ahead_bytes: int = Field(
+        256 * MiB,
+        ge=1 * MiB,
+        description="bytes of S3 inputs a job holds in memory ahead of the merge, all inputs "
+        "together (they are read as the merge goes, never copied to disk)",
+    )
 
     # -- the client commands (coremerge submit / status)
     api_url: str = Field("http://127.0.0.1:8000", description="the service, for the client")

@@ -1,8 +1,8 @@
 """The RQ job function: one merge job from its record to its published output.
 
     run_job(job_id): queued → running → claim the output (refused when it holds others'
-    objects) → fetch inputs → run_merge (layer by layer, in a temp dir) → publish (report
-    last) → succeeded | failed | canceled
+    objects) → check inputs → run_merge (layer by layer, in a temp dir, S3 inputs read as
+    it goes) → publish (report last) → succeeded | failed | canceled
 
 Every outcome is written to the job record here, in one place: a ``MergeError`` becomes the
 job's error with its code, RQ's timeout becomes ``timeout``, anything else ``internal`` (its
@@ -36,6 +36,7 @@ from jobs.settings import Settings
 from jobs.spec import MergeSpec
 from jobs.tenants import load_tenants, refusal
 from jobs.uris import parse_uri
+from worker.adapters.streamed import ReadAhead
 from worker.memory import default_max_work_bytes
 from worker.runner import Progress, run_merge
 from worker.storage import Storage, make_s3_client, make_transfer_config
@@ -168,16 +169,22 @@ def _merge(
         if publisher.prepare() is not None:  # an earlier run of this job published it
             storage.drop_claim(output_uri, record.id)  # …maybe before it dropped its claim
             return _result(spec, storage.read_report(output_uri), output_uri, started)
-        with tempfile.TemporaryDirectory(
-            prefix=f"{ATTEMPT_PREFIX}{record.id}-", dir=settings.work_dir
-        ) as tmp:
+        with (
+            tempfile.TemporaryDirectory(
+                prefix=f"{ATTEMPT_PREFIX}{record.id}-", dir=settings.work_dir
+            ) as tmp,
+            _read_ahead(settings) as read_ahead,
+        ):
             tmp_dir = Path(tmp)
             tracker.publish("download", 0, 0)
-            dirs = storage.fetch_adapters([a.uri for a in spec.adapters], tmp_dir / "inputs")
+            # Checked (sizes, headers) now; S3 weights are read while the merge runs.
+            inputs = storage.open_inputs(
+                [a.uri for a in spec.adapters], tmp_dir / "inputs", read_ahead
+            )
             if tracker.should_cancel():
                 raise Canceled("canceled before merging; nothing was published")
             outcome = run_merge(
-                spec, dirs, tmp_dir / "merged", device=settings.device,
+                spec, inputs, tmp_dir / "merged", device=settings.device,
                 on_progress=tracker.on_progress, should_cancel=tracker.should_cancel,
                 max_modules=settings.max_modules,
                 max_work_bytes=settings.max_work_bytes or default_max_work_bytes(),
@@ -205,6 +212,16 @@ def _result(spec: MergeSpec, report: dict[str, Any], uri: str, started: float) -
         "report_uri": f"{base}merge_report.json",
         "seconds": round(time.perf_counter() - started, 3),
     }
+
+
+def _read_ahead(settings: Settings) -> ReadAhead:
+    """The job's streamed reads of S3 inputs: ``COREMERGE_S3_READ_AHEAD_BYTES`` of look-ahead,
+    spans of the S3 part size, ``COREMERGE_S3_MAX_CONCURRENCY`` connections."""
+    return ReadAhead(
+        settings.s3_read_ahead_bytes,
+        span_bytes=settings.s3_multipart_chunksize,
+        connections=settings.s3_max_concurrency,
+    )
 
 
 def _uses_s3(spec: MergeSpec) -> bool:

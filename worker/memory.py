@@ -16,7 +16,8 @@ measured for torch's CPU build (``_svd``, ``_qr``, ``_eigh``). Where the engine 
 route from the values (the Gram or the QR route to a basis), the costlier is assumed. The
 job's peak is then that of its largest modules merged side by side (``worker.pipeline``),
 plus finished modules waiting to be written, plus what the inputs hold for the whole merge
-(mapped file pages, regenerated VeRA projections), plus a fixed overhead.
+(mapped file pages, regenerated VeRA projections, the look-ahead window of an S3 input read
+as the merge goes: ``AdapterSource.held_bytes``), plus a fixed overhead.
 ``tests/worker/test_memory_estimate.py`` holds the estimate within 2× of the peak RSS
 measured in a subprocess, in every space. The numbers are bytes on the merge device; the
 default limit is taken from host memory.
@@ -521,7 +522,8 @@ class WorkEstimate:
     peak_bytes: int
     module: str | None  # the module whose merge needs the most
     module_bytes: int  # that module's own peak
-    held_bytes: int  # kept for the whole merge by the inputs (mapped pages, VeRA projections)
+    held_bytes: int  # kept for the whole merge by the inputs (mapped pages, VeRA projections,
+    # streamed inputs' look-ahead windows)
     threads: int  # modules merged side by side
 
 
@@ -604,7 +606,7 @@ def check_work(estimate: WorkEstimate, limit: int | None, *, space: str, method:
         return
     held = (
         f", {format_bytes(estimate.held_bytes)} of it held by the inputs for the whole merge "
-        "(mapped files, regenerated VeRA projections)"
+        "(mapped files, regenerated VeRA projections, S3 look-ahead)"
         if estimate.held_bytes > estimate.peak_bytes // 10
         else ""
     )

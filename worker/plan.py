@@ -3,7 +3,10 @@ how much memory that will take.
 
 Made from the adapters' configs and safetensors headers only (no tensor is read), so every
 incompatibility is reported before any work starts, and the output's layout (one rank for
-every module, docs/guarantees.md) is known before the first module is merged. So are the
+every module, docs/guarantees.md) is known before the first module is merged. Modules are
+merged (and written) in the order safetensors stores them, by tensor name
+(``worker.adapters.format.module_order``): every input is then read front to back, which
+lets the worker read S3 inputs as the merge goes instead of copying them first. So are the
 service's limits: the number of modules, and the job's peak working memory, estimated from
 the shapes (``worker.memory``), since a small adapter can declare shapes that need
 gigabytes.
@@ -11,12 +14,12 @@ gigabytes.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from jobs.errors import AdapterIncompatible, LimitExceeded
 from jobs.spec import MergeSpec
+from worker.adapters.format import module_order
 from worker.adapters.source import AdapterSource
 from worker.memory import DTYPE_BYTES, ModuleShape, WorkEstimate, check_work, estimate_work
 
@@ -44,10 +47,6 @@ class MergePlan:
     notes: list[str]
     work: WorkEstimate | None = None  # the estimated peak working memory (worker.memory)
     work_limit: int | None = None  # the limit it was checked against (None: none)
-
-
-def _natural_key(name: str) -> list[object]:
-    return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name)]
 
 
 def _single(readers: Sequence[AdapterSource], field: str) -> object:
@@ -176,7 +175,9 @@ def make_plan(
         notes.append(
             f"inputs have different task_type values {sorted(map(str, task_types))}; output has none"
         )
-    names = sorted({m for r in readers for m in r.modules}, key=_natural_key)
+    # The inputs' own data order (safetensors sorts tensors by name), so that an input read
+    # as the merge goes (worker.adapters.streamed) is read front to back.
+    names = sorted({m for r in readers for m in r.modules}, key=module_order)
     modules = [_module_plan(readers, spec, name, notes) for name in names]
     bounds = [mp.max_rank for mp in modules]
     output_rank = None if None in bounds else max(bounds)  # type: ignore[type-var]

@@ -34,6 +34,7 @@ from jobs.errors import AdapterInvalid, Canceled, InternalError, OutputNotFinite
 from jobs.spec import MergeSpec
 from worker.adapters import AdapterSource, open_adapters
 from worker.adapters.format import REPORT_NAME
+from worker.adapters.source import AdapterLocation
 from worker.engine import (
     FactorStack,
     MergedModule,
@@ -90,13 +91,6 @@ def module_generator(seed: int, module: str) -> torch.Generator:
     module do not depend on which other modules exist or on the device."""
     digest = hashlib.sha256(f"{seed}:{module}".encode()).digest()
     return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
-
-
-def _sha256_file(path: Path) -> str:
-    # file_digest reads into one reused buffer: a fifth faster than read() chunks (1.33 vs
-    # 1.08 GB/s on the benchmark's inputs), and this runs beside the merge on a shared CPU.
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 @dataclass(frozen=True)
@@ -216,6 +210,7 @@ class _ModuleMerger:
             "rank": merged.rank,
             "kept_energy": merged.kept_energy,
             "residual": merged.residual,
+            "alpha": merged.alpha,
         }
         return _ModuleResult(mp, merged, record, read_s=read_s, merge_s=merge_s)
 
@@ -263,7 +258,7 @@ class _MergeStats:
 
 def run_merge(
     spec: MergeSpec,
-    adapter_dirs: Sequence[Path],
+    adapter_dirs: Sequence[Path | AdapterLocation],
     out_dir: Path,
     *,
     device: str = "auto",
@@ -274,7 +269,8 @@ def run_merge(
     batch_window: int | None = None,
     weights_sink: Callable[[], BinaryIO | None] | None = None,
 ) -> MergeOutcome:
-    """Merge the adapters in ``adapter_dirs`` (local, in ``spec.adapters`` order) into ``out_dir``.
+    """Merge the adapters in ``adapter_dirs`` (in ``spec.adapters`` order: local folders, or
+    an ``AdapterLocation`` each, whose weights are read as the merge goes) into ``out_dir``.
 
     Raises a ``jobs.errors.MergeError`` for every known failure (``Canceled`` when
     ``should_cancel()`` is true at a module boundary) and ``FileExistsError`` when ``out_dir``
@@ -332,12 +328,27 @@ def _staging_beside(out_dir: Path) -> Iterator[Path]:
         raise
 
 
+class _DigestWhenRead:
+    """A streamed input's sha256, taken when the report asks for it: after the merge, when
+    every byte has gone through its digest (``AdapterSource.sha256``)."""
+
+    def __init__(self, reader: AdapterSource) -> None:
+        self.reader = reader
+
+    def result(self) -> str:
+        return self.reader.sha256()
+
+
 @contextlib.contextmanager
-def _hashing(readers: Sequence[AdapterSource]) -> Iterator[list[Future[str]]]:
-    """The inputs' sha256 for the report, computed beside the merge (hashlib releases the GIL)."""
+def _hashing(
+    readers: Sequence[AdapterSource],
+) -> Iterator[list[Future[str] | _DigestWhenRead]]:
+    """The inputs' sha256 for the report: a local file is hashed beside the merge, on a
+    thread of its own (hashlib releases the GIL); a streamed input hashes its bytes as they
+    arrive, and gives its digest once the merge has read them."""
     hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sha256")
     try:
-        yield [hasher.submit(_sha256_file, r.path) for r in readers]
+        yield [_DigestWhenRead(r) if r.streamed else hasher.submit(r.sha256) for r in readers]
     finally:
         hasher.shutdown(wait=True, cancel_futures=True)
 

@@ -8,9 +8,13 @@ and ``.vera_lambda_d``, beside the shared projections :data:`VERA_PROJECTIONS`.
 
 A safetensors file starts with a little-endian u64, the length of the JSON header that
 follows, then ``{``. :func:`check_prefix` runs on a local file (the readers) and on the
-9-byte ranged GET the worker makes before downloading from S3 (``worker.storage``), so a
-broken file is refused with the same words on either path, and a header length that would
-make a reader allocate gigabytes is refused before anything allocates it.
+first ranged GET the worker makes of an S3 input (``worker.storage``), so a broken file is
+refused with the same words on either path, and a header length that would make a reader
+allocate gigabytes is refused before anything allocates it. :func:`parse_header` reads the
+JSON header itself with safetensors' own rules (known dtypes, shapes matching byte ranges,
+tensors back to back and filling the data section), for a reader that never has the file
+locally (``worker.adapters.streamed``) and for the tensors' offsets, which safetensors'
+Python API does not expose.
 
 >>> check_prefix(b"\\x00\\x00\\x00\\x00\\x00\\x01\\x00\\x00{", size=4096)
 Traceback (most recent call last):
@@ -22,14 +26,18 @@ ValueError: header length 1099511627776 is over the 100000000-byte limit of safe
 
 from __future__ import annotations
 
+import json
+import math
 import re
 import struct
+from dataclasses import dataclass
 from pathlib import Path
 
 from jobs.errors import AdapterInvalid
 
 __all__ = [
     "CONFIG_NAME",
+    "DTYPE_SIZES",
     "LORA_KEY",
     "MAX_HEADER_BYTES",
     "MODEL_CARD_NAME",
@@ -39,9 +47,13 @@ __all__ = [
     "VERA_LAMBDA_KEY",
     "VERA_PROJECTIONS",
     "WEIGHTS_NAME",
+    "TensorEntry",
     "check_prefix",
     "check_weights_file",
+    "header_length",
     "lora_keys",
+    "module_order",
+    "parse_header",
     "vera_lambda_keys",
 ]
 
@@ -64,11 +76,41 @@ VERA_PROJECTIONS = ("base_model.vera_A", "base_model.vera_B")
 MAX_HEADER_BYTES = 100_000_000
 #: Bytes needed to check a file's prefix: the u64 length and the header's first byte.
 PREFIX_BYTES = 9
+#: Bytes per value of every dtype safetensors knows (a header naming another is invalid).
+DTYPE_SIZES = {
+    "BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "F8_E8M0": 1,
+    "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
+    "I32": 4, "U32": 4, "F32": 4,
+    "I64": 8, "U64": 8, "F64": 8,
+}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """One tensor of a safetensors header: its dtype, shape and byte range in the data
+    section (``start`` and ``end`` counted from the first byte after the header)."""
+
+    dtype: str
+    shape: tuple[int, ...]
+    start: int
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.start
 
 
 def lora_keys(module: str) -> tuple[str, str]:
     """The keys of ``module``'s lora_A and lora_B factors."""
     return f"{_PREFIX}{module}.lora_A.weight", f"{_PREFIX}{module}.lora_B.weight"
+
+
+def module_order(module: str) -> str:
+    """The sort key of the order in which modules are merged: the name of the module's
+    lora_A tensor. safetensors writes a file's tensors sorted by name (within one dtype), so
+    this is the data order of every adapter PEFT saves, and of the adapters coremerge writes
+    (in merge order): a merge that follows it reads each input front to back."""
+    return lora_keys(module)[0]
 
 
 def vera_lambda_keys(module: str) -> tuple[str, str]:
@@ -93,6 +135,76 @@ def check_prefix(head: bytes, size: int) -> None:
         )
     if head[8:9] != b"{":
         raise ValueError("the header is not a JSON object (not a safetensors file)")
+
+
+def header_length(head: bytes) -> int:
+    """The JSON header's length, from a file's first 8 bytes (after :func:`check_prefix`)."""
+    return struct.unpack("<Q", head[:8])[0]
+
+
+def _is_size(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _tensor_entry(key: str, info: object) -> TensorEntry:
+    """One header entry, checked as safetensors checks it (``ValueError``: the reason, in
+    safetensors' own words)."""
+    bad = f"invalid shape, data type, or offset for tensor {key!r}"
+    if not isinstance(info, dict):
+        raise ValueError(f"{bad}: not an object")
+    dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+    if dtype not in DTYPE_SIZES:
+        raise ValueError(f"{bad}: unknown dtype {dtype!r}")
+    if not isinstance(shape, list) or not all(_is_size(d) for d in shape):
+        raise ValueError(f"{bad}: shape {shape!r}")
+    if not (
+        isinstance(offsets, list)
+        and len(offsets) == 2
+        and all(_is_size(o) for o in offsets)
+        and offsets[0] <= offsets[1]
+    ):
+        raise ValueError(f"{bad}: data_offsets {offsets!r}")
+    if math.prod(shape) * DTYPE_SIZES[dtype] != offsets[1] - offsets[0]:
+        raise ValueError(
+            f"{bad}: data_offsets {offsets} hold {offsets[1] - offsets[0]} bytes, "
+            f"not those of a {dtype} {shape}"
+        )
+    return TensorEntry(dtype, tuple(shape), offsets[0], offsets[1])
+
+
+def parse_header(header: bytes, data_bytes: int) -> dict[str, TensorEntry]:
+    """The tensors of a safetensors header (the JSON after the 8-byte length), checked as
+    safetensors checks a file before it reads a tensor: a JSON object whose optional
+    ``__metadata__`` maps strings to strings, known dtypes, each shape's size equal to its
+    byte range, and the ranges back to back from 0 to ``data_bytes`` (the data section's
+    size), so every byte of the file belongs to the header or to exactly one tensor.
+    ``ValueError`` gives the reason, worded as safetensors words it.
+
+    >>> parse_header(b'{"t": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}', 8)
+    {'t': TensorEntry(dtype='F32', shape=(2,), start=0, end=8)}
+    """
+    try:
+        raw = json.loads(header.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise ValueError(f"invalid JSON in header: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ValueError("invalid JSON in header: not an object")
+    metadata = raw.pop("__metadata__", {})
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise ValueError("invalid metadata: __metadata__ must map strings to strings")
+    entries = {key: _tensor_entry(key, info) for key, info in raw.items()}
+    end = 0
+    for key, entry in sorted(entries.items(), key=lambda kv: (kv[1].start, kv[1].end)):
+        if entry.start != end:
+            raise ValueError(
+                f"invalid offset for tensor {key!r}: it starts at {entry.start}, not {end}"
+            )
+        end = entry.end
+    if end != data_bytes:
+        raise ValueError(
+            f"incomplete metadata, file not fully covered ({end} of {data_bytes} data bytes)"
+        )
+    return entries
 
 
 def check_weights_file(directory: Path, name: str) -> None:

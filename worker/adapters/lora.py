@@ -11,7 +11,9 @@ hand, not the adapter's size.
 
 from __future__ import annotations
 
+import re
 import threading
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -27,9 +29,9 @@ from .config import (
     read_adapter_config,
 )
 from .format import LORA_KEY, WEIGHTS_NAME, check_weights_file, lora_keys
-from .source import ModuleInfo, check_finite, read_header
+from .source import ModuleInfo, check_finite, read_header, sha256_file
 
-__all__ = ["REOPEN_EVERY", "LoraReader"]
+__all__ = ["REOPEN_EVERY", "LoraReader", "lora_modules"]
 
 #: Bytes per value of the float dtypes a factor may be stored in.
 _FLOAT_DTYPES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2}
@@ -51,12 +53,86 @@ def _unsupported_key(key: str) -> str:
     return "not a LoRA factor of the form base_model.model.<module>.lora_{A,B}.weight"
 
 
+def _check_factor(name: str, key: str, shape: list[int], dtype: str) -> re.Match[str]:
+    """The key's module and factor, refused unless it is a 2-D float LoRA factor."""
+    match = LORA_KEY.match(key)
+    if match is None:
+        raise AdapterInvalid(f"adapter {name!r}: tensor {key!r}: {_unsupported_key(key)}")
+    if dtype not in _FLOAT_DTYPES:
+        raise AdapterInvalid(
+            f"adapter {name!r}: tensor {key!r} has dtype {dtype}, expected a float type"
+        )
+    if len(shape) != 2:
+        raise AdapterInvalid(
+            f"adapter {name!r}: tensor {key!r} has shape {shape}: "
+            "convolution LoRA (or any non-2-D factor) is not supported"
+        )
+    return match
+
+
+#: ``{"A": (shape, dtype), "B": (shape, dtype)}``: one module's two factors in a header.
+_Pair = dict[str, tuple[list[int], str]]
+
+
+def _module_info(
+    name: str, config: LoraAdapterConfig, module: str, pair: _Pair, budget: PatternBudget
+) -> tuple[ModuleInfo, int]:
+    """One module checked against its config (both factors, ranks, patterns), and its bytes
+    in the file."""
+    if set(pair) != {"A", "B"}:
+        missing = "lora_B" if "A" in pair else "lora_A"
+        raise AdapterInvalid(f"adapter {name!r}: module {module!r} has no {missing}.weight")
+    (r, n), (m, r_b) = pair["A"][0], pair["B"][0]
+    if r != r_b:
+        raise AdapterInvalid(
+            f"adapter {name!r}: module {module!r}: lora_A has rank {r} but lora_B has rank {r_b}"
+        )
+    try:
+        expected = config.expected_rank(module, budget)
+        scaling = config.scaling(module, budget)
+    except PatternTimeout as exc:
+        raise AdapterInvalid(f"adapter {name!r}: {exc}") from None
+    except PatternBudgetExceeded as exc:
+        raise LimitExceeded(f"adapter {name!r}: {exc}") from None
+    if r != expected:
+        raise AdapterInvalid(
+            f"adapter {name!r}: module {module!r} has rank {r} but the config says {expected}"
+        )
+    if min(r, n, m) < 1:
+        raise AdapterInvalid(f"adapter {name!r}: module {module!r} has an empty factor")
+    stored = r * n * _FLOAT_DTYPES[pair["A"][1]] + m * r * _FLOAT_DTYPES[pair["B"][1]]
+    converted = F32 * r * (n + m) if {pair["A"][1], pair["B"][1]} != {"F32"} else 0
+    return ModuleInfo(module, r, n, m, scaling, read_bytes=stored + converted), stored
+
+
+def lora_modules(
+    name: str, config: LoraAdapterConfig, header: Mapping[str, tuple[Sequence[int], str]]
+) -> tuple[dict[str, ModuleInfo], dict[str, int]]:
+    """A LoRA adapter's modules from its safetensors header ``{key: (shape, dtype)}``, and
+    each module's bytes in the file. Every refusal of a LoRA input's header is made here,
+    so a local file (:class:`LoraReader`) and a streamed object
+    (``worker.adapters.streamed``) are refused alike, with the same words."""
+    factors: dict[str, _Pair] = {}
+    for key, (shape, dtype) in header.items():
+        match = _check_factor(name, key, list(shape), dtype)
+        factors.setdefault(match["module"], {})[match["which"]] = (list(shape), dtype)
+    if not factors:
+        raise AdapterInvalid(f"adapter {name!r}: {WEIGHTS_NAME} holds no LoRA factors")
+    modules, stored = {}, {}
+    budget = PatternBudget()  # all of this adapter's pattern matching, together
+    for module, pair in factors.items():
+        modules[module], stored[module] = _module_info(name, config, module, pair, budget)
+    return modules, stored
+
+
 class LoraReader:
     """A PEFT LoRA adapter on local disk, validated from its config and header alone.
 
     >>> reader = LoraReader(Path("my-adapter"), name="snli")  # doctest: +SKIP
     >>> A, B = reader.read("model.layers.0.self_attn.q_proj")  # doctest: +SKIP
     """
+
+    streamed = False  # a local file: hashed beside the merge
 
     def __init__(self, directory: Path, name: str, config: LoraAdapterConfig | None = None) -> None:
         self.directory = Path(directory)
@@ -80,58 +156,7 @@ class LoraReader:
 
     def _index(self) -> dict[str, ModuleInfo]:
         header = read_header(self.path, self.name, self.nbytes)
-        factors: dict[str, dict[str, tuple[list[int], str]]] = {}
-        for key, (shape, dtype) in header.items():
-            match = LORA_KEY.match(key)
-            if match is None:
-                raise AdapterInvalid(
-                    f"adapter {self.name!r}: tensor {key!r}: {_unsupported_key(key)}"
-                )
-            if dtype not in _FLOAT_DTYPES:
-                raise AdapterInvalid(
-                    f"adapter {self.name!r}: tensor {key!r} has dtype {dtype}, expected a float type"
-                )
-            if len(shape) != 2:
-                raise AdapterInvalid(
-                    f"adapter {self.name!r}: tensor {key!r} has shape {shape}: "
-                    "convolution LoRA (or any non-2-D factor) is not supported"
-                )
-            factors.setdefault(match["module"], {})[match["which"]] = (shape, dtype)
-        if not factors:
-            raise AdapterInvalid(f"adapter {self.name!r}: {WEIGHTS_NAME} holds no LoRA factors")
-        modules = {}
-        self._stored: dict[str, int] = {}  # each module's bytes in the file
-        budget = PatternBudget()  # all of this adapter's pattern matching, together
-        for module, pair in factors.items():
-            if set(pair) != {"A", "B"}:
-                missing = "lora_B" if "A" in pair else "lora_A"
-                raise AdapterInvalid(
-                    f"adapter {self.name!r}: module {module!r} has no {missing}.weight"
-                )
-            (r, n), (m, r_b) = pair["A"][0], pair["B"][0]
-            if r != r_b:
-                raise AdapterInvalid(
-                    f"adapter {self.name!r}: module {module!r}: lora_A has rank {r} but lora_B has rank {r_b}"
-                )
-            try:
-                expected = self.config.expected_rank(module, budget)
-                scaling = self.config.scaling(module, budget)
-            except PatternTimeout as exc:
-                raise AdapterInvalid(f"adapter {self.name!r}: {exc}") from None
-            except PatternBudgetExceeded as exc:
-                raise LimitExceeded(f"adapter {self.name!r}: {exc}") from None
-            if r != expected:
-                raise AdapterInvalid(
-                    f"adapter {self.name!r}: module {module!r} has rank {r} but the config says {expected}"
-                )
-            if min(r, n, m) < 1:
-                raise AdapterInvalid(
-                    f"adapter {self.name!r}: module {module!r} has an empty factor"
-                )
-            stored = r * n * _FLOAT_DTYPES[pair["A"][1]] + m * r * _FLOAT_DTYPES[pair["B"][1]]
-            converted = F32 * r * (n + m) if {pair["A"][1], pair["B"][1]} != {"F32"} else 0
-            self._stored[module] = stored
-            modules[module] = ModuleInfo(module, r, n, m, scaling, read_bytes=stored + converted)
+        modules, self._stored = lora_modules(self.name, self.config, header)
         return modules
 
     def _mapped_bytes(self) -> int:
@@ -165,6 +190,10 @@ class LoraReader:
         if check:
             check_finite(self.name, module, A, B)
         return A, B
+
+    def sha256(self) -> str:
+        """The weights file's sha256 (hex), read from disk."""
+        return sha256_file(self.path)
 
     def close(self) -> None:
         """Drop the memory map (the next read reopens it)."""

@@ -32,7 +32,14 @@ from .format import (
     check_weights_file,
     vera_lambda_keys,
 )
-from .source import InputSizes, ModuleInfo, check_finite, read_header, vera_input_sizes
+from .source import (
+    InputSizes,
+    ModuleInfo,
+    check_finite,
+    read_header,
+    sha256_file,
+    vera_input_sizes,
+)
 
 __all__ = ["VeraReader"]
 
@@ -45,6 +52,8 @@ class VeraReader:
     """A PEFT VeRA adapter on local disk (an ``AdapterSource``). ``known_input_sizes`` gives
     modules' input sizes (a LoRA input of the same job); the rest come from the base model's
     local config (``worker.adapters.source.vera_input_sizes``)."""
+
+    streamed = False  # a local file (an S3 VeRA adapter is downloaded whole: it is small)
 
     def __init__(
         self, directory: Path, name: str, config: LoraAdapterConfig, known_input_sizes: InputSizes
@@ -200,6 +209,10 @@ class VeraReader:
         if check:
             check_finite(self.name, module, A, B)
         return A, B
+
+    def sha256(self) -> str:
+        """The weights file's sha256 (hex), read from disk."""
+        return sha256_file(self.path)
 
     def close(self) -> None:
         """Nothing is held open between reads."""

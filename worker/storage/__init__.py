@@ -4,7 +4,7 @@
     s3.py        S3Store: one bucket through boto3 (pinned reads, conditional creates)
     local.py     LocalStore: the local file system (atomic, conditional creates)
     errors.py    S3's errors as job errors
-    inputs.py    checking and downloading input adapters
+    inputs.py    checking input adapters, then reading them as the merge goes (or copying)
     publish.py   publishing an output without destroying data (claim, files, report last)
 
 :class:`Storage` puts them together for a job: it picks the store for each location and runs
@@ -20,12 +20,19 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from jobs.uris import Location, parse_uri
 from worker.adapters.format import CONFIG_NAME, REPORT_NAME, WEIGHTS_NAME
 
-from .inputs import check_adapter, check_limits, download_adapter
+from .inputs import (
+    CheckedAdapter,
+    StreamedInput,
+    check_adapter,
+    check_limits,
+    download_adapter,
+    prepare_streamed,
+)
 from .local import LocalStore
 from .objects import MemoryStore, ObjectStore
 from .publish import (
@@ -37,6 +44,9 @@ from .publish import (
     remove_run_leftovers,
 )
 from .s3 import S3Store, make_s3_client
+
+if TYPE_CHECKING:
+    from worker.adapters.streamed import ReadAhead
 
 __all__ = [
     "CLAIM_NAME",
@@ -52,6 +62,7 @@ __all__ = [
     "Published",
     "S3Store",
     "Storage",
+    "StreamedInput",
     "conditional_writes_honoured",
     "make_s3_client",
     "make_transfer_config",
@@ -117,22 +128,52 @@ class Storage:
         return self._stores(loc), prefix, loc
 
     # -- inputs
-    def fetch_adapters(self, uris: Sequence[str], dest: Path) -> list[Path]:
-        """Local directories holding the adapters at ``uris``, in order. Every adapter's size
-        and safetensors header are checked first; S3 adapters are then downloaded, pinned to
-        what was checked, to ``dest/<index>/``; ``file://`` ones are used in place."""
+    def _checked(
+        self, uris: Sequence[str], pool: ThreadPoolExecutor
+    ) -> list[tuple[ObjectStore, CheckedAdapter]]:
+        """Every adapter's size and safetensors prefix checked, and the limits, before any of
+        its tensors is read."""
         located = [self.locate(u) for u in uris]
-        with ThreadPoolExecutor(min(self.max_parallel, len(located)) or 1) as pool:
-            checked = list(pool.map(lambda sp: check_adapter(sp[0], sp[2], sp[1]), located))
-            check_limits(checked, self.max_adapter_bytes, self.max_job_bytes)
+        checked = list(pool.map(lambda sp: check_adapter(sp[0], sp[2], sp[1]), located))
+        check_limits(checked, self.max_adapter_bytes, self.max_job_bytes)
+        return [(store, c) for (store, _, _), c in zip(located, checked, strict=True)]
+
+    def _pool(self, count: int) -> ThreadPoolExecutor:
+        return ThreadPoolExecutor(min(self.max_parallel, count) or 1)
+
+    def fetch_adapters(self, uris: Sequence[str], dest: Path) -> list[Path]:
+        """Local directories holding the adapters at ``uris``, in order: checked first, then
+        S3 adapters copied whole, pinned to what was checked, to ``dest/<index>/``;
+        ``file://`` ones are used in place. (The worker streams instead: :meth:`open_inputs`.)"""
+        with self._pool(len(uris)) as pool:
+            checked = self._checked(uris, pool)
 
             def fetch(i: int) -> Path:
-                store, _, loc = located[i]
-                if loc.scheme == "file":
-                    return Path(loc.path)
-                return download_adapter(store, checked[i], dest / str(i))
+                store, adapter = checked[i]
+                if adapter.location.scheme == "file":
+                    return Path(adapter.location.path)
+                return download_adapter(store, adapter, dest / str(i))
 
-            return list(pool.map(fetch, range(len(located))))
+            return list(pool.map(fetch, range(len(checked))))
+
+    def open_inputs(
+        self, uris: Sequence[str], dest: Path, read_ahead: ReadAhead
+    ) -> list[Path | StreamedInput]:
+        """The adapters at ``uris``, in order, ready for ``worker.runner.run_merge``: checked
+        first (sizes, limits, prefix); a ``file://`` adapter is its folder, used in place; an
+        S3 adapter a :class:`StreamedInput` whose config is copied to ``dest/<index>/`` and
+        whose weights are read from S3 as the merge goes, within ``read_ahead``."""
+        with self._pool(len(uris)) as pool:
+            checked = self._checked(uris, pool)
+            remote = sum(adapter.location.scheme != "file" for _, adapter in checked)
+
+            def prepare(i: int) -> Path | StreamedInput:
+                store, adapter = checked[i]
+                if adapter.location.scheme == "file":
+                    return Path(adapter.location.path)
+                return prepare_streamed(store, adapter, dest / str(i), read_ahead, remote)
+
+            return list(pool.map(prepare, range(len(checked))))
 
     # -- output
     def publisher(

@@ -69,13 +69,16 @@ class LocalStore:
                     keys.append(key)
         return sorted(keys)
 
-    def read(self, key: str, *, etag: str | None = None, length: int | None = None) -> bytes:
+    def read(
+        self, key: str, *, etag: str | None = None, length: int | None = None, start: int = 0
+    ) -> bytes:
         info = self.head(key)
         if info is None:
             raise AdapterNotFound(f"file:///{key}: not found")
         if etag is not None and info.etag != etag:
             raise StorageError(f"file:///{key}: changed while this job was reading it")
         with open(self._path(key), "rb") as f:
+            f.seek(start)
             return f.read() if length is None else f.read(length)
 
     def download(self, key: str, dest: Path, *, etag: str, size: int) -> None:

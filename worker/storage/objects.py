@@ -47,9 +47,11 @@ class ObjectStore(Protocol):
         """The keys that start with ``prefix``."""
         ...
 
-    def read(self, key: str, *, etag: str | None = None, length: int | None = None) -> bytes:
-        """The object's bytes (its first ``length`` only, when given), refused with a
-        ``StorageError`` when ``etag`` is given and the object no longer has it."""
+    def read(
+        self, key: str, *, etag: str | None = None, length: int | None = None, start: int = 0
+    ) -> bytes:
+        """The object's bytes from ``start`` (``length`` of them only, when given), refused
+        with a ``StorageError`` when ``etag`` is given and the object no longer has it."""
         ...
 
     def download(self, key: str, dest: Path, *, etag: str, size: int) -> None:
@@ -85,14 +87,16 @@ class MemoryStore:
         with self._lock:
             return sorted(k for k in self.objects if k.startswith(prefix))
 
-    def read(self, key: str, *, etag: str | None = None, length: int | None = None) -> bytes:
+    def read(
+        self, key: str, *, etag: str | None = None, length: int | None = None, start: int = 0
+    ) -> bytes:
         info = self.head(key)
         if info is None:
             raise AdapterNotFound(f"{key}: not found")
         if etag is not None and info.etag != etag:
             raise StorageError(f"{key}: changed while this job was reading it")
         body = self.objects[key][0]
-        return body if length is None else body[:length]
+        return body[start:] if length is None else body[start : start + length]
 
     def download(self, key: str, dest: Path, *, etag: str, size: int) -> None:
         dest.write_bytes(self.read(key, etag=etag))

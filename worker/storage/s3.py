@@ -1,7 +1,8 @@
 """One S3 bucket as an ``ObjectStore`` (boto3), and the S3 client the worker builds.
 
 Reads are pinned: a ranged ``GetObject`` with ``If-Match`` on the ETag seen when the input
-was sized, so an object swapped in between is refused instead of read. Writes are conditional
+was sized, so an object swapped in between (or while the merge streams it) is refused
+instead of read. Writes are conditional
 creates: ``PutObject`` with ``If-None-Match: *`` for small objects, and for large ones a
 multipart upload driven by hand (boto3's transfer helpers refuse conditional headers) whose
 ``CompleteMultipartUpload`` carries the condition; a failed upload is aborted. Both go
@@ -113,12 +114,15 @@ class S3Store:
         except Exception as exc:
             if error_code(exc) in PRECONDITION_FAILED:
                 raise StorageError(
-                    f"{self._uri(key)}: changed while this job was reading it; nothing was merged"
+                    f"{self._uri(key)}: changed while this job was reading it; nothing was "
+                    "published"
                 ) from None
             raise_mapped(exc, self._uri(key))
 
-    def read(self, key: str, *, etag: str | None = None, length: int | None = None) -> bytes:
-        return self._get(key, etag, 0, length)
+    def read(
+        self, key: str, *, etag: str | None = None, length: int | None = None, start: int = 0
+    ) -> bytes:
+        return self._get(key, etag, start, None if length is None else start + length)
 
     def download(self, key: str, dest: Path, *, etag: str, size: int) -> None:
         """Ranged GETs of ``chunk_size``, ``concurrency`` at a time, each pinned to ``etag``
