@@ -198,11 +198,23 @@ def write_model_card(staging: Path, report: dict[str, Any]) -> None:
         "",
         f"- method: `{report['method']}`, space: `{report['space']}`, parameters: {params}, "
         f"seed: {report['seed']}",
+        *_alpha_line(report.get("alpha", {})),
         f"- rank: {out['rank']} for every module ({out['modules']} modules), "
         f"dtype: {out['dtype']}, `lora_alpha` = r (every scaling is in the factors)",
         f"- `{REPORT_NAME}` beside this card has the per-module details and the self-check.",
     ]
     (staging / MODEL_CARD_NAME).write_text("\n".join([*front, "", *body]) + "\n")
+
+
+def _alpha_line(alpha: dict[str, Any]) -> list[str]:
+    """The card's line on what ``alpha: "auto"`` resolved to (nothing for a given alpha)."""
+    if not alpha.get("auto") or alpha.get("median") is None:
+        return []
+    return [
+        f"- alpha `auto` resolved per module to {alpha['median']:.4g} (median; "
+        f"{alpha['min']:.4g} to {alpha['max']:.4g}): the merged update has the inputs' "
+        "mean energy"
+    ]
 
 
 def write_report(staging: Path, report: dict[str, Any]) -> None:
@@ -226,6 +238,21 @@ def _inputs(spec: MergeSpec, readers: Sequence[AdapterSource], hashes: list[str]
         }
         for reader, ref, sha in zip(readers, spec.adapters, hashes, strict=True)
     ]
+
+
+def alpha_summary(spec: MergeSpec, records: list[dict[str, Any]]) -> dict[str, Any]:
+    """The scale the merge applied: the number given, or what ``"auto"`` resolved to per
+    module (each module's value is in its record; here the spread of them)."""
+    if spec.params.get("alpha") != "auto":
+        return {"auto": False, "value": spec.params.get("alpha", 1.0)}
+    values = sorted(r["alpha"] for r in records)
+    return {
+        "auto": True,
+        "rule": "per module, sqrt(mean_t ||dW_t||_F^2) / ||X||_F (docs/methods.md)",
+        "min": values[0] if values else None,
+        "median": values[len(values) // 2] if values else None,
+        "max": values[-1] if values else None,
+    }
 
 
 def build_report(
@@ -268,6 +295,7 @@ def build_report(
             "largest_module": plan.work.module if plan.work else None,
             "limit_bytes": plan.work_limit,
         },
+        "alpha": alpha_summary(spec, records),
         "notes": plan.notes,
         "modules": records,
         "timings": {k: round(v, 4) for k, v in timings.items()},

@@ -74,7 +74,11 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     "ties": {"alpha": 1.0, "density": 0.1, "isotropize": False, "axes": "reference"},
     "dare": {"alpha": 1.0, "drop": 0.3, "isotropize": False, "axes": "reference"},
     "dare_ties": {
-        "alpha": 1.0, "drop": 0.3, "density": 0.1, "isotropize": False, "axes": "reference"
+        "alpha": 1.0,
+        "drop": 0.3,
+        "density": 0.1,
+        "isotropize": False,
+        "axes": "reference",
     },
     "tsv": {"alpha": 1.0, "isotropize": False},
     "cart": {"alpha": 1.0, "rank_fraction": 0.04, "lam": 0.1, "isotropize": False},

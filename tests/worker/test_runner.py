@@ -11,6 +11,7 @@ from safetensors.torch import load_file, save_file
 
 from jobs.errors import AdapterInvalid
 from jobs.spec import MergeSpec
+from worker.adapters.source import open_adapters
 from worker.runner import run_merge
 
 
@@ -77,3 +78,42 @@ def test_the_merged_adapter_carries_a_model_card(peft_adapters: list[Path], tmp_
         assert f"| {entry['name']} |" in body and entry["sha256"] in body
     assert "`ties`" in body and "`density=0.2`" in body
     assert f"rank: {outcome.rank} for every module" in body
+
+
+@pytest.mark.parametrize("window", [1, 5])
+def test_alpha_auto_is_resolved_per_module_and_reported(
+    peft_adapters: list[Path], tmp_path: Path, window: int
+) -> None:
+    """``alpha: "auto"`` gives every module the tasks' mean energy (docs/methods.md), one by
+    one and batched alike, and the report and the model card say what it resolved to."""
+    out = tmp_path / "auto"
+    spec = _spec(peft_adapters, out, method="ties", params={"alpha": "auto", "axes": "aligned"})
+    outcome = run_merge(spec, peft_adapters, out, device="cpu", batch_window=window)
+    report = outcome.report
+    assert report["params"]["alpha"] == "auto"
+    alphas = {m["module"]: m["alpha"] for m in report["modules"]}
+    assert report["alpha"]["auto"] is True
+    assert report["alpha"]["min"] == min(alphas.values()) > 0
+    assert report["alpha"]["max"] == max(alphas.values())
+    merged = load_file(out / "adapter_model.safetensors")
+    prefix = "base_model.model."
+    readers = open_adapters(peft_adapters, [d.name for d in peft_adapters])
+    for module in alphas:
+        dW = merged[f"{prefix}{module}.lora_B.weight"] @ merged[f"{prefix}{module}.lora_A.weight"]
+        tasks = []
+        for reader in readers:
+            if module in reader.modules:
+                A, B = reader.read(module)
+                tasks.append(float((reader.modules[module].scaling * B @ A).square().sum()))
+        mean = sum(tasks) / len(tasks)
+        assert float(dW.square().sum()) == pytest.approx(mean, rel=1e-4), module
+    assert "alpha `auto` resolved per module to" in (out / "README.md").read_text()
+
+
+def test_a_given_alpha_is_reported_as_given(peft_adapters: list[Path], tmp_path: Path) -> None:
+    out = tmp_path / "given"
+    spec = _spec(peft_adapters, out, method="ta", params={"alpha": 0.5})
+    report = run_merge(spec, peft_adapters, out, device="cpu").report
+    assert report["alpha"] == {"auto": False, "value": 0.5}
+    assert {m["alpha"] for m in report["modules"]} == {0.5}
+    assert "resolved per module" not in (out / "README.md").read_text()
