@@ -134,6 +134,16 @@ _AXES = Param(
     choices=("reference", "aligned"),
 )
 
+_RANK_OF = Param(
+    "rank_of",
+    str,
+    "space",
+    "K, from which the ranks kept per task are counted: the smaller dimension of the merged "
+    'matrices ("space", the paper\'s; R in core space) or of the layer ("layer": core space '
+    "then keeps exactly what full space keeps)",
+    choices=("space", "layer"),
+)
+
 #: The parameters of every method, in the API's names (docs/methods.md). ``seed`` is a top-level
 #: field of the spec, not a param.
 METHOD_PARAMS: dict[str, tuple[Param, ...]] = {
@@ -141,7 +151,7 @@ METHOD_PARAMS: dict[str, tuple[Param, ...]] = {
     "ties": (_ALPHA, _DENSITY, _ISOTROPIZE, _AXES),
     "dare": (_ALPHA, _DROP, _ISOTROPIZE, _AXES),
     "dare_ties": (_ALPHA, _DROP, _DENSITY, _ISOTROPIZE, _AXES),
-    "tsv": (_ALPHA, _ISOTROPIZE),
+    "tsv": (_ALPHA, _ISOTROPIZE, _RANK_OF),
     "cart": (
         _ALPHA,
         Param(
@@ -154,6 +164,7 @@ METHOD_PARAMS: dict[str, tuple[Param, ...]] = {
         ),
         Param("lam", float, 0.1, "weight of the low-rank task residuals added to the mean"),
         _ISOTROPIZE,
+        _RANK_OF,
     ),
     "iso_c": (_ALPHA, _ISOTROPIZE),
 }

@@ -1,6 +1,6 @@
-"""The two merge options that go beyond the paper (docs/methods.md): ``axes: "aligned"``
-(entry-wise methods on the tasks' joint singular axes, core space) and ``alpha: "auto"``
-(the data-free scale). Each is held to a dense float64 reference written from the docs, and
+"""The merge options that go beyond the paper (docs/methods.md): ``axes: "aligned"``
+(entry-wise methods on the tasks' joint singular axes, core space), ``alpha: "auto"`` (the
+data-free scale) and ``rank_of: "layer"`` (TSV and CART count kept ranks as full space does). Each is held to a dense float64 reference written from the docs, and
 to the property that motivates it."""
 
 from __future__ import annotations
@@ -149,3 +149,26 @@ def test_auto_alpha_of_a_zero_merge_is_one() -> None:
     merged = run([f, LoraFactors(A=f.A, B=-f.B)], "ta", {"alpha": "auto"})
     assert merged.alpha == 1.0
     assert float(dense(merged).abs().max()) <= 1e-12
+
+
+# ---------------------------------------------------------------------------- rank_of "layer"
+
+
+@pytest.mark.parametrize(
+    ("method", "params"),
+    [("tsv", {}), ("cart", {}), ("cart", {"rank_fraction": 0.2, "lam": 0.5})],
+)
+def test_rank_of_layer_makes_core_space_equal_full_space(method: str, params: dict) -> None:
+    """With K the layer's min(m, n), core-space TSV and CART keep what full space keeps, and
+    both commute with the orthonormal reference bases: the same update, at core cost. With
+    the paper's K (R in core space) they keep fewer directions and differ."""
+    factors = make_factors(96, 80, (2, 6, 12, 4), seed=5, scales=HETERO_SCALES)
+    full = dense(run(factors, method, params, space="full"))
+    layer = dense(run(factors, method, {**params, "rank_of": "layer"}, space="core"))
+    paper = dense(run(factors, method, params, space="core"))
+    assert rel_err(layer, full) <= 1e-9
+    assert rel_err(paper, full) > 1e-3
+    assert (
+        rel_err(dense(run(factors, method, {**params, "rank_of": "layer"}, space="full")), full)
+        == 0
+    )

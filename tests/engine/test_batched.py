@@ -92,6 +92,8 @@ CASES = [
     ("ties", {"alpha": "auto", "axes": "aligned"}),
     ("tsv", {"alpha": "auto"}),
     ("dare", {"alpha": "auto"}),
+    ("tsv", {"rank_of": "layer"}),
+    ("cart", {"rank_of": "layer"}),
 ]
 
 

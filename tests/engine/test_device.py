@@ -80,8 +80,14 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "isotropize": False,
         "axes": "reference",
     },
-    "tsv": {"alpha": 1.0, "isotropize": False},
-    "cart": {"alpha": 1.0, "rank_fraction": 0.04, "lam": 0.1, "isotropize": False},
+    "tsv": {"alpha": 1.0, "isotropize": False, "rank_of": "space"},
+    "cart": {
+        "alpha": 1.0,
+        "rank_fraction": 0.04,
+        "lam": 0.1,
+        "isotropize": False,
+        "rank_of": "space",
+    },
     "iso_c": {"alpha": 1.0, "isotropize": False},
 }
 
@@ -195,6 +201,7 @@ METHOD_CASES: list[tuple[str, dict[str, Any], int | None]] = [
     ("ties", {"density": 0.3, "axes": "aligned"}, None),
     ("dare_ties", {"drop": 0.4, "density": 0.3, "axes": "aligned", "alpha": "auto"}, None),
     ("tsv", {"alpha": "auto"}, None),
+    ("cart", {"rank_of": "layer"}, None),
 ]
 
 

@@ -48,7 +48,14 @@ import torch
 from torch import Tensor
 
 from .linalg import MAX_F32_GRAM_CONDITION, MAX_GRAM_CONDITION, Basis, svd
-from .methods import AUTO, METHOD_FUNCTIONS, _ceil_product, _floor_product, auto_alpha
+from .methods import (
+    AUTO,
+    LAYER_K,
+    METHOD_FUNCTIONS,
+    _ceil_product,
+    _floor_product,
+    auto_alpha,
+)
 from .spaces import FactorStack, LoraFactors, MergedModule, _rank_slices, _spread
 
 __all__ = [
@@ -324,17 +331,18 @@ def _polar(x: Tensor) -> Tensor:
     return P @ Qh
 
 
-def _tsv(core: _Core) -> Tensor:
+def _tsv(core: _Core, K: int) -> Tensor:
     """TSV-M (:func:`worker.engine.methods.tsv` with factors), batched over modules.
 
     Each task's SVD comes from its thin factors (two batched QRs and an r_t × r_t SVD per
-    task). The number kept, k_t = min(⌊K/T⌋, numerical rank), is decided per module; modules
+    task). The number kept, k_t = min(⌊K/T⌋, numerical rank) (K from
+    :func:`worker.engine.methods.rank_base`), is decided per module; modules
     with the same k's share the batched polar factors (with random adapters: all of them).
     """
     G = core.UtB.shape[0]
     a, b = core.shape
     T = len(core.ranks)
-    cap = min(a, b) // T
+    cap = K // T
     svds = [_factored_svd(*core.thin(t)) for t in range(T)]
     eps = torch.finfo(core.UtB.dtype).eps
     counts = torch.stack(
@@ -360,12 +368,12 @@ def _tsv(core: _Core) -> Tensor:
     return X
 
 
-def _cart(core: _Core, rank_fraction: float, lam: float) -> Tensor:
+def _cart(core: _Core, rank_fraction: float, lam: float, K: int) -> Tensor:
     """CART (:func:`worker.engine.methods.cart`): one batched SVD over all modules and tasks."""
     X = core.matrices
     avg = X.mean(1)
     U, S, Vh = svd(X - avg[:, None])
-    k = _ceil_product(rank_fraction, S.shape[-1])
+    k = _ceil_product(rank_fraction, K)
     return avg + lam * ((U[..., :k] * S[..., None, :k]) @ Vh[..., :k, :]).sum(1)
 
 
@@ -382,10 +390,17 @@ _BATCHED = {
     "ties": lambda c, p, g: _ties(c.matrices, p["density"]),
     "dare": lambda c, p, g: _drop_and_rescale(c.matrices, p["drop"], g).sum(1),
     "dare_ties": lambda c, p, g: _ties(_drop_and_rescale(c.matrices, p["drop"], g), p["density"]),
-    "tsv": lambda c, p, g: _tsv(c),
-    "cart": lambda c, p, g: _cart(c, p["rank_fraction"], p["lam"]),
+    "tsv": lambda c, p, g: _tsv(c, _k(c, p)),
+    "cart": lambda c, p, g: _cart(c, p["rank_fraction"], p["lam"], _k(c, p)),
     "iso_c": lambda c, p, g: _isotropize(c.total),
 }
+
+
+def _k(core: _Core, params: Mapping[str, Any]) -> int:
+    """:func:`worker.engine.methods.rank_base` for the group's core matrices."""
+    if params.get("rank_of", "space") == "layer" and params.get(LAYER_K) is not None:
+        return int(params[LAYER_K])
+    return min(core.shape)
 
 
 def _module_by_module(
@@ -527,6 +542,7 @@ def merge_group_in_core_space(
     left = _basis(_stacked([s.B for s in stacks]), device)
     right = _basis(_stacked([s.A for s in stacks]).mT, device)
     UtB, AV = left.coords, right.coords.mT
+    params = {**params, LAYER_K: min(stacks[0].B.shape[0], stacks[0].A.shape[1])}
     M, alphas = _merge(method, _Core(UtB, AV, ranks), params, gens)
     B, A, kept = _lora_pairs(left, right, M, rank)
     residuals = _residuals(left, right, UtB, AV, ranks)

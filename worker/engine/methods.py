@@ -21,6 +21,7 @@ from .linalg import factored_svd, isotropize, numerical_rank, polar, svd
 
 __all__ = [
     "AUTO",
+    "LAYER_K",
     "METHOD_FUNCTIONS",
     "Factors",
     "apply_method",
@@ -30,6 +31,7 @@ __all__ = [
     "dare_ties",
     "iso_c",
     "method_result",
+    "rank_base",
     "resolve_alpha",
     "task_arithmetic",
     "ties",
@@ -145,16 +147,17 @@ def dare_ties(
     return ties(_drop_and_rescale(xs, drop, generator), density)
 
 
-def tsv(xs: Sequence[Tensor], factors: Factors | None = None) -> Tensor:
+def tsv(xs: Sequence[Tensor], factors: Factors | None = None, K: int | None = None) -> Tensor:
     """Task Singular Vectors (TSV-M): keep each task's top singular triplets, decorrelate, sum.
 
     Task t keeps k_t = min(⌊K/T⌋, numerical rank of X_t) components (K = min dim). The kept
     U's and V's are concatenated and each replaced by its orthogonal polar factor, so the
     tasks' directions no longer interfere: X = polar(U_c) diag(s_c) polar(V_c)ᵀ. With
     ``factors``, each task's SVD is that of its factored form (the same triplets, up to the
-    sign of each pair, which the result does not depend on).
+    sign of each pair, which the result does not depend on). ``K`` overrides min(shape)
+    (:func:`rank_base`).
     """
-    T, K = len(xs), min(xs[0].shape)
+    T, K = len(xs), min(xs[0].shape) if K is None else K
     us, ss, vhs = [], [], []
     for t, x in enumerate(xs):
         if factors is None:
@@ -171,16 +174,17 @@ def tsv(xs: Sequence[Tensor], factors: Factors | None = None) -> Tensor:
     return (polar(torch.cat(us, dim=1)) * s_c) @ polar(torch.cat(vhs, dim=0))
 
 
-def cart(xs: Sequence[Tensor], rank_fraction: float, lam: float) -> Tensor:
+def cart(xs: Sequence[Tensor], rank_fraction: float, lam: float, K: int | None = None) -> Tensor:
     """CART: the mean plus ``lam`` times the sum of each task's low-rank residual from it.
 
-    X = avg + lam · Σ_t trunc_k(X_t − avg), with k = ⌈rank_fraction · K⌉.
+    X = avg + lam · Σ_t trunc_k(X_t − avg), with k = ⌈rank_fraction · K⌉; ``K`` overrides
+    min(shape) (:func:`rank_base`).
     """
     avg = torch.stack(list(xs)).mean(0)
     total = torch.zeros_like(avg)
     for x in xs:
         U, S, Vh = svd(x - avg)
-        k = _ceil_product(rank_fraction, S.numel())
+        k = _ceil_product(rank_fraction, S.numel() if K is None else K)
         total += (U[:, :k] * S[:k]) @ Vh[:k]
     return avg + lam * total
 
@@ -188,6 +192,21 @@ def cart(xs: Sequence[Tensor], rank_fraction: float, lam: float) -> Tensor:
 def iso_c(xs: Sequence[Tensor]) -> Tensor:
     """Iso-C: task arithmetic, then every singular value replaced by their mean."""
     return isotropize(task_arithmetic(xs))
+
+
+#: The key under which a space passes the layer's min(m, n) to the methods (not a job param).
+LAYER_K = "_layer_k"
+
+
+def rank_base(xs: Sequence[Tensor], rank_of: str, params: Mapping[str, Any]) -> int:
+    """K of TSV and CART: min of the X_t's shape (``rank_of="space"``, the paper's), or the
+    layer's min(m, n) that the space passed (``"layer"``). In core space the first is R, so
+    ``⌊K/T⌋`` and ``⌈rank_fraction·K⌉`` keep far fewer directions than full space does; with
+    the second, core-space TSV and CART keep what full space keeps, and since both commute with
+    the orthonormal reference bases, they then equal full space exactly."""
+    if rank_of == "layer" and params.get(LAYER_K) is not None:
+        return int(params[LAYER_K])
+    return min(xs[0].shape)
 
 
 MethodFn = Callable[[Sequence[Tensor], Mapping[str, Any], torch.Generator, Factors | None], Tensor]
@@ -198,8 +217,10 @@ METHOD_FUNCTIONS: dict[str, MethodFn] = {
     "ties": lambda xs, p, g, f: ties(xs, p["density"]),
     "dare": lambda xs, p, g, f: dare(xs, p["drop"], g),
     "dare_ties": lambda xs, p, g, f: dare_ties(xs, p["drop"], p["density"], g),
-    "tsv": lambda xs, p, g, f: tsv(xs, f),
-    "cart": lambda xs, p, g, f: cart(xs, p["rank_fraction"], p["lam"]),
+    "tsv": lambda xs, p, g, f: tsv(xs, f, rank_base(xs, p["rank_of"], p)),
+    "cart": lambda xs, p, g, f: cart(
+        xs, p["rank_fraction"], p["lam"], rank_base(xs, p["rank_of"], p)
+    ),
     "iso_c": lambda xs, p, g, f: iso_c(xs),
 }
 

@@ -26,7 +26,7 @@ from .linalg import (
     svd,
     truncate,
 )
-from .methods import method_result, resolve_alpha
+from .methods import LAYER_K, method_result, resolve_alpha
 
 __all__ = [
     "FactorStack",
@@ -238,6 +238,7 @@ def merge_in_core_space(
     only): B = U P_k S_k, A = Q_kᵀ Vᵀ. With ``axes: "aligned"``, the core matrices are
     rotated onto :func:`aligned_axes` before the method and the result rotated back.
     """
+    params = {**params, LAYER_K: min(factors[0].B.shape[0], factors[0].A.shape[1])}
     bases = reference_bases(factors)
     thin = core_factors(factors, bases)
     aligned = params.get("axes", "reference") == "aligned"
@@ -313,7 +314,8 @@ def merge_in_knots_space(
     does), so that one case forms the m × n matrix.
     """
     U, S, blocks = knots_components(factors)
-    X = method_result(method, blocks, {**params, "isotropize": False}, generator)
+    layer_k = min(factors[0].B.shape[0], factors[0].A.shape[1])
+    X = method_result(method, blocks, {**params, "isotropize": False, LAYER_K: layer_k}, generator)
     B, A = U * S, X
     if params.get("isotropize", False):  # the m × n ΔW's singular values; alpha from the same
         dW = isotropize(B @ A)
