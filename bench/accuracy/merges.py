@@ -52,8 +52,10 @@ def coremerge_merge(
     out_dir: Path,
     params: dict | None = None,
     seed: int = 0,
+    rank: int | None = None,
 ) -> Merged:
-    """One ``run_merge`` into ``out_dir`` (replaced), read back as ΔW."""
+    """One ``run_merge`` into ``out_dir`` (replaced), read back as ΔW; ``rank`` is the job's
+    ``output.rank``."""
     from jobs.spec import MergeSpec
     from worker.runner import run_merge
 
@@ -68,7 +70,7 @@ def coremerge_merge(
             "space": space,
             "params": {"alpha": 1.0, **(params or {})},
             "seed": seed,
-            "output": {"uri": str(out_dir)},
+            "output": {"uri": str(out_dir), "rank": rank},
         }
     )
     t0 = time.perf_counter()
@@ -79,6 +81,7 @@ def coremerge_merge(
         "timings": outcome.report["timings"],
         "max_projection_residual": outcome.report["self_check"]["max_projection_residual"],
         "notes": outcome.report["notes"],
+        "alpha": outcome.report["alpha"],
     }
     return Merged(lora_deltas(out_dir), seconds, outcome.rank, detail)
 
@@ -101,13 +104,16 @@ def peft_merge(
     weight: float = 1.0,
     density: float | None = None,
     seed: int = 0,
+    svd_rank: int | None = None,
 ) -> Merged:
     """``add_weighted_adapter(names, [weight]*T, combination_type=combination)`` on ``model``
     (from ``load_peft_model``), read back as ΔW, then removed from the model again."""
     from peft.tuners.lora import LoraLayer
 
     merged_name = f"merged_{combination}"
-    kwargs = {} if density is None else {"density": density}
+    kwargs: dict = {} if density is None else {"density": density}
+    if svd_rank is not None:
+        kwargs["svd_rank"] = svd_rank
     torch.manual_seed(seed)  # DARE's masks come from the global generator
     t0 = time.perf_counter()
     model.add_weighted_adapter(

@@ -1,12 +1,11 @@
-"""The Markdown table and the PNG plot of an accuracy run's results (``run.py``'s JSON)."""
+"""The Markdown tables of one seed's results (``run.py``'s per-seed JSON); the tables over
+seeds, the headline and the plot are :mod:`bench.accuracy.seeds`'."""
 
 from __future__ import annotations
 
-from pathlib import Path
+__all__ = ["answers", "markdown"]
 
-__all__ = ["answers", "markdown", "plot"]
-
-SPACES = ("full", "core", "knots")
+SPACES = ("full", "core", "core-aligned", "core-layer", "knots")
 VARIANT_TITLES = {
     "equal": "equal ranks (r = 8 for all six tasks)",
     "mixed": "mixed ranks (4, 4, 8, 8, 16, 16)",
@@ -17,9 +16,14 @@ def _pct(x: float | None) -> str:
     return "–" if x is None else f"{100 * x:.1f}"
 
 
+def _searched(rows: list[dict]) -> list[dict]:
+    """The rows with an alpha search (not the rank table's)."""
+    return [r for r in rows if r.get("kind") != "rank"]
+
+
 def _by_method(rows: list[dict]) -> dict[str, dict[str, dict]]:
     table: dict[str, dict[str, dict]] = {}
-    for r in rows:
+    for r in _searched(rows):
         if r["source"] == "coremerge":
             table.setdefault(r["method"], {})[r["space"]] = r
     return table
@@ -37,8 +41,9 @@ def answers(variant: dict) -> dict:
                 "core_minus_full": round(d, 5),
                 "verdict": "core better" if d > 0 else "full better" if d < 0 else "equal",
             }
-    core = [r for r in variant["rows"] if r["source"] == "coremerge" and r["space"] == "core"]
-    peft = [r for r in variant["rows"] if r["source"] == "peft"]
+    rows = _searched(variant["rows"])
+    core = [r for r in rows if r["source"] == "coremerge" and r["space"].startswith("core")]
+    peft = [r for r in rows if r["source"] == "peft"]
     out: dict = {"core_vs_full": per_method}
     if core and peft:
         best_core = max(core, key=lambda r: r["avg_norm"])
@@ -63,8 +68,12 @@ def _variant_md(name: str, v: dict, tasks: list[str]) -> list[str]:
         "Average normalised test accuracy (%), merged ÷ individually fine-tuned, with "
         "[average absolute accuracy], the alpha chosen on validation, and the merge's wall time:",
         "",
-        "| method | full | core | knots | core − full | merge s (full / core / knots) |",
-        "|---|---|---|---|---|---|",
+        "| method | "
+        + " | ".join(SPACES)
+        + " | core − full | merge s ("
+        + " / ".join(SPACES)
+        + ") |",
+        "|---|" + "---|" * (len(SPACES) + 2),
     ]
     for method, spaces in _by_method(v["rows"]).items():
         cells = []
@@ -84,7 +93,7 @@ def _variant_md(name: str, v: dict, tasks: list[str]) -> list[str]:
             f"{spaces[s]['merge_seconds']:.2f}" if s in spaces else "–" for s in SPACES
         )
         lines.append(f"| `{method}` | {' | '.join(cells)} | {diff} | {times} |")
-    peft = [r for r in v["rows"] if r["source"] == "peft"]
+    peft = [r for r in _searched(v["rows"]) if r["source"] == "peft"]
     if peft:
         lines += [
             "",
@@ -101,7 +110,7 @@ def _variant_md(name: str, v: dict, tasks: list[str]) -> list[str]:
     lines += ["", "Per-task normalised test accuracy (%):", ""]
     lines.append("| merge | " + " | ".join(tasks) + " | mean |")
     lines.append("|---|" + "---|" * (len(tasks) + 1))
-    for r in v["rows"]:
+    for r in _searched(v["rows"]):
         label = (
             f"{r['method']} {r['space']}" if r["source"] == "coremerge" else f"peft {r['method']}"
         )
@@ -184,55 +193,3 @@ def markdown(results: dict) -> str:
             "",
         ]
     return "\n".join(lines)
-
-
-def _bar_value(ax, x: float, value: float) -> None:
-    """The value printed above its bar, vertical, small."""
-    ax.text(x, value + 0.3, f"{value:.1f}", ha="center", va="bottom", fontsize=6.5, rotation=90)
-
-
-def plot(results: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    variants = list(results["variants"].items())
-    fig, axes = plt.subplots(len(variants), 1, figsize=(14, 4.4 * len(variants)), squeeze=False)
-    colours = {"full": "#8c8c8c", "core": "#1f77b4", "knots": "#ff7f0e", "peft": "#2ca02c"}
-    for ax, (name, v) in zip(axes[:, 0], variants, strict=True):
-        table = _by_method(v["rows"])
-        x, labels = 0.0, []
-        ticks = []
-        for method, spaces in table.items():
-            for i, s in enumerate(SPACES):
-                if s in spaces:
-                    val = 100 * spaces[s]["avg_norm"]
-                    ax.bar(x + i * 0.27, val, 0.27, color=colours[s],
-                           label=f"coremerge {s}" if method == next(iter(table)) else None)  # fmt: skip
-                    _bar_value(ax, x + i * 0.27, val)
-            ticks.append(x + 0.27)
-            labels.append(method)
-            x += 1.0
-        peft = [r for r in v["rows"] if r["source"] == "peft"]
-        for j, r in enumerate(peft):
-            val = 100 * r["avg_norm"]
-            ax.bar(x + 0.1, val, 0.5, color=colours["peft"],
-                   label="PEFT add_weighted_adapter" if j == 0 else None)  # fmt: skip
-            _bar_value(ax, x + 0.1, val)
-            ticks.append(x + 0.1)
-            labels.append("PEFT\n" + r["method"].replace("_", "_\n", 1))
-            x += 0.9
-        base = 100 * sum(v["base_heads_test_norm"]) / len(v["base_heads_test_norm"])
-        ax.axhline(base, color="k", ls=":", lw=1, label="no adapter (base + heads)")
-        ax.axhline(100, color="k", lw=0.8)
-        ax.set_xticks(ticks, labels, fontsize=8)
-        ax.set_ylabel("avg normalised test accuracy (%)\nmerged ÷ fine-tuned")
-        values = [100 * r["avg_norm"] for r in v["rows"]] + [base, 100.0]
-        ax.set_ylim(max(0, min(values) - 5), max(values) + 6)
-        ax.set_title(f"{VARIANT_TITLES.get(name, name)} — six tasks, all-MiniLM-L6-v2")
-        ax.legend(fontsize=7.5, loc="upper left", bbox_to_anchor=(1.0, 1.0))
-        ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)

@@ -15,7 +15,6 @@ import argparse
 import hashlib
 import json
 import os
-import shutil
 import sys
 import time
 from dataclasses import asdict
@@ -28,37 +27,22 @@ if __package__ in (None, ""):  # run as a script: make `bench` and the project i
 
 import torch
 
-from bench.accuracy import checks, report
-from bench.accuracy.merges import (
-    PEFT_EQUAL_RANK,
-    PEFT_MIXED_RANK,
-    coremerge_merge,
-    load_peft_model,
-    peft_merge,
-)
-from bench.accuracy.model import MAX_LENGTH, accuracy, add_deltas, load_encoder, tokenize
-from bench.accuracy.search import Evaluator, linear_search
-from bench.accuracy.tasks import TASK_NAMES, Sizes, load_tasks
-from bench.accuracy.train import TrainConfig, load_head, lora_deltas, train_adapter
+from bench.accuracy import checks, report, seeds
+from bench.accuracy.model import MAX_LENGTH, load_encoder, tokenize
+from bench.accuracy.search import Evaluator
+from bench.accuracy.tasks import Sizes, load_tasks
+from bench.accuracy.train import TrainConfig, load_head, train_adapter
+from bench.accuracy.variant import METHODS, PEFT_DARE_DENSITY, PEFT_DENSITY, run_variant
 
 ROOT = Path(__file__).resolve().parents[2]
-#: In the order they run: the paper's headline methods first, so a run cut short has them.
-METHODS = ("ta", "tsv", "iso_c", "ties", "cart", "dare_ties", "dare")
 SPACES = ("full", "core", "knots")
 #: Ranks of the six tasks in the heterogeneous-rank variant (tasks 3–4 reuse the r=8 adapters).
 MIXED_RANKS = (4, 4, 8, 8, 16, 16)
 EQUAL_RANK = 8
-#: PEFT's TIES/magnitude trim keeps this share of entries, coremerge's ties default (0.1);
-#: its DARE keeps 1 − coremerge's default drop (0.3).
-PEFT_DENSITY = {"ties": 0.1, "ties_svd": 0.1, "magnitude_prune": 0.1}
-PEFT_DARE_DENSITY = 0.7
 
-#: Sizes chosen so that a solo run on 2 idle cores takes about 30 minutes.
-FULL = {"sizes": Sizes(train=480, val=48, test=144), "epochs": 1, "step": 0.2, "max_alpha": 5.0}
+#: Sizes at which every fine-tuned adapter clearly beats the base encoder with its head.
+FULL = {"sizes": Sizes(train=1000, val=60, test=240), "epochs": 2, "step": 0.2, "max_alpha": 5.0}
 QUICK = {"sizes": Sizes(train=96, val=24, test=48), "epochs": 1, "step": 1.0, "max_alpha": 2.0}
-#: ΔWs closer than this (relative, per module) to one already evaluated share its evaluation
-#: (TA is the same update in every space, and PEFT's ``cat`` is TA too).
-SAME_DELTA_REL = 1e-5
 
 
 def log(msg: str) -> None:
@@ -83,7 +67,31 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--no-results", action="store_true", help="leave bench/results alone")
     p.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
-    p.add_argument("--seed", type=int, default=0, help="splits, training and DARE masks")
+    p.add_argument(
+        "--seeds",
+        help="comma list of seeds, each its own splits, training and DARE masks; the tables "
+        "give mean ± std over them (default 0,1,2; quick 0)",
+    )
+    p.add_argument(
+        "--knots-methods",
+        default="tsv,iso_c,ties",
+        help="methods also run in knots space (equal ranks; default tsv,iso_c,ties)",
+    )
+    p.add_argument(
+        "--rank-methods",
+        default="ta,tsv,iso_c,cart,ties:aligned,dare_ties:aligned",
+        help="core-space methods of the rank table (METHOD or METHOD:aligned)",
+    )
+    p.add_argument(
+        "--rank-limits",
+        default="8,16,32",
+        help="output.rank values of the rank table (default r, 2r, 4r for r = 8)",
+    )
+    p.add_argument(
+        "--alpha-candidates",
+        action="store_true",
+        help="also score the other data-free alpha rules on validation (bench/accuracy/alpha_rules.py)",
+    )
     p.add_argument("--methods", default=",".join(METHODS), help="coremerge methods (comma list)")
     p.add_argument("--spaces", default=",".join(SPACES), help="coremerge spaces (comma list)")
     p.add_argument(
@@ -112,10 +120,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--report-only",
         type=Path,
+        nargs="+",
         metavar="JSON",
-        help="only redraw accuracy-latest.{md,png} from a results JSON (no training, no merging)",
+        help="only redraw accuracy-latest.* from per-seed JSONs (no training, no merging)",
     )
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    args.seeds = args.seeds or ("0" if args.quick else "0,1,2")
+    return args
 
 
 def settings_key(settings: dict) -> str:
@@ -164,138 +175,31 @@ def versions() -> dict:
     }
 
 
-def finetuned_accuracies(ev: Evaluator, adapter_dirs: list[Path]) -> dict[str, list[float]]:
-    """Each task's accuracy with its own adapter and head (the normaliser)."""
-    out: dict[str, list[float]] = {"val": [], "test": []}
-    for t, d in enumerate(adapter_dirs):
-        with add_deltas(ev.encoder, lora_deltas(d)):
-            for split in out:
-                out[split].append(accuracy(ev.encoder, ev.heads[t], ev.splits[split][t]))
-    return out
-
-
-def _same_delta(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
-    if a.keys() != b.keys():
-        return False
-    return all(float((a[k] - b[k]).norm()) <= SAME_DELTA_REL * float(b[k].norm()) for k in b)
-
-
-def run_variant(
-    variant: str,
-    adapter_dirs: list[Path],
-    ranks: list[int],
-    spaces: list[str],
-    ev: Evaluator,
-    base,
-    args: argparse.Namespace,
-    step: float,
-    max_alpha: float,
-    out: dict,
-    save,
-) -> None:
-    """Merge every way, search alpha, evaluate; fills ``out`` and calls ``save()`` after each
-    merge, so a run cut short still leaves its results so far."""
-    names = list(TASK_NAMES)
-    ev.finetuned = finetuned_accuracies(ev, adapter_dirs)
-    log(
-        f"[{variant}] fine-tuned test accuracy: "
-        + ", ".join(f"{a:.3f}" for a in ev.finetuned["test"])
-    )
-    base_test = ev.accuracies(None, 0.0, "test")
-    out.update(
-        {
-            "ranks": ranks,
-            "finetuned": {k: [round(a, 5) for a in v] for k, v in ev.finetuned.items()},
-            "base_heads_test_acc": [round(a, 5) for a in base_test],
-            "base_heads_test_norm": [round(a, 5) for a in ev.normalised(base_test, "test")],
-            "rows": [],
-        }
-    )
-    seen: list[tuple[dict[str, torch.Tensor], dict]] = []
-
-    def record(source: str, method: str, space: str, merged) -> None:
-        t0 = time.perf_counter()
-        twin = next((row for d, row in seen if _same_delta(merged.deltas, d)), None)
-        if twin is not None:
-            found = {
-                k: twin[k]
-                for k in ("alpha", "val_curve", "test_acc", "test_norm", "avg_acc", "avg_norm")
-            }
-            found["same_delta_as"] = f"{twin['source']} {twin['method']} {twin['space']}"
-        else:
-            res = linear_search(
-                ev, merged.deltas, step, max_alpha, None if args.no_early_stop else 2
-            )
-            found = {
-                "alpha": res.alpha,
-                "val_curve": res.val_curve,
-                "test_acc": [round(a, 5) for a in res.test_acc],
-                "test_norm": [round(a, 5) for a in res.test_norm],
-                "avg_acc": round(res.avg_acc, 5),
-                "avg_norm": round(res.avg_norm, 5),
-            }
-        row = {
-            "source": source,
-            "method": method,
-            "space": space,
-            **found,
-            "merge_seconds": round(merged.seconds, 3),
-            "rank": merged.rank,
-            "detail": merged.detail,
-            "search_seconds": round(time.perf_counter() - t0, 1),
-        }
-        out["rows"].append(row)
-        if twin is None:
-            seen.append((merged.deltas, row))
-        log(
-            f"[{variant}] {source} {method} {space}: alpha {row['alpha']:g}, norm {row['avg_norm']:.3f}, "
-            f"acc {row['avg_acc']:.3f}, merge {merged.seconds:.2f}s, search {row['search_seconds']:.0f}s"
-            + (f" (same ΔW as {found['same_delta_as']})" if twin is not None else "")
-        )
-        save()
-
-    scratch = args.out / "merged" / f"{variant}-{os.getpid()}"  # concurrent runs may share --out
-    methods = args.methods.split(",")
-    combos = (
-        [] if args.no_peft else list(PEFT_EQUAL_RANK if len(set(ranks)) == 1 else PEFT_MIXED_RANK)
-    )
-    model = load_peft_model(base, adapter_dirs, names) if combos else None
-    # Ordered so that a run cut short already answers the questions: full and core for the
-    # headline methods, PEFT's main combinations, the other methods, the rest of PEFT, knots.
-    knots = [sp for sp in spaces if sp not in ("full", "core")]
-    first = [sp for sp in spaces if sp in ("full", "core")]
-    schedule = [("coremerge", m, sp) for m in methods[:3] for sp in first]
-    schedule += [("peft", c, "-") for c in combos[:5]]
-    schedule += [("coremerge", m, sp) for m in methods[3:] for sp in first]
-    schedule += [("peft", c, "-") for c in combos[5:]]
-    schedule += [("coremerge", m, sp) for sp in knots for m in methods]
-    for source, name, space in schedule:
-        if source == "coremerge":
-            merged = coremerge_merge(
-                name, space, adapter_dirs, names, scratch / f"{name}-{space}", seed=args.seed
-            )
-        else:
-            density = PEFT_DARE_DENSITY if name.startswith("dare") else PEFT_DENSITY.get(name)
-            merged = peft_merge(model, names, name, density=density, seed=args.seed)
-        record(source, name, space, merged)
-    del model
-    shutil.rmtree(scratch, ignore_errors=True)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.report_only:
-        results = json.loads(args.report_only.read_text())
-        args.results.mkdir(parents=True, exist_ok=True)
-        (args.results / "accuracy-latest.md").write_text(report.markdown(results))
-        report.plot(results, args.results / "accuracy-latest.png")
+        per_seed = [json.loads(path.read_text()) for path in args.report_only]
+        seeds.write(per_seed, args.results)
         return 0
+    torch.set_num_threads(args.threads)
+    per_seed = []
+    for seed in [int(s) for s in args.seeds.split(",")]:
+        args.seed = seed
+        per_seed.append(run_seed(args))
+    if not args.no_results:
+        seeds.write(per_seed, args.results)
+    print(seeds.markdown(per_seed))
+    return 0
+
+
+def run_seed(args: argparse.Namespace) -> dict:
+    """Train (or find) the adapters of ``args.seed``, merge them every way, evaluate; returns
+    the seed's results, also written as ``accuracy-seed<N>.json`` (see :func:`write_results`)."""
     preset = QUICK if args.quick else FULL
     step = args.alpha_step or preset["step"]
     max_alpha = args.alpha_max or preset["max_alpha"]
     train_cfg = TrainConfig(epochs=args.epochs or preset["epochs"])
     sizes: Sizes = Sizes(*map(int, args.sizes.split(","))) if args.sizes else preset["sizes"]
-    torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     started = time.perf_counter()
 
@@ -349,6 +253,10 @@ def main(argv: list[str] | None = None) -> int:
                 "early_stopping_steps": None if args.no_early_stop else 2,
             },
             "threads": args.threads,
+            "knots_methods": args.knots_methods,
+            "rank_methods": args.rank_methods,
+            "rank_limits": args.rank_limits,
+            "alpha_candidates": args.alpha_candidates,
             "peft_density": PEFT_DENSITY,
             "peft_dare_density": PEFT_DARE_DENSITY,
             "target_modules": "query, key, value, dense (36 linear layers)",
@@ -389,24 +297,24 @@ def main(argv: list[str] | None = None) -> int:
             )
         spaces = (args.spaces if variant == "equal" else args.mixed_spaces).split(",")
         results["variants"][variant] = out = {}
-        run_variant(variant, dirs, ranks, spaces, ev, base, args, step, max_alpha, out, save)
+        run_variant(variant, dirs, ranks, spaces, ev, base, args, step, max_alpha, out, save, log)
         out["evaluations"] = ev.evaluations
     save(final=True)
-    log(f"done in {results['wall_seconds']:.0f} s")
-    print(report.markdown(results))
-    return 0
+    log(f"seed {args.seed} done in {results['wall_seconds']:.0f} s")
+    return results
 
 
 def write_results(results: dict, args: argparse.Namespace, stamp: str) -> None:
-    """The run's JSON under ``--out``; and, unless ``--no-results``, accuracy-latest.*."""
+    """The seed's JSON under ``--out`` (and, unless ``--no-results``, as
+    ``accuracy-seed<N>.json`` in ``--results``, which ``--report-only`` redraws from), with
+    its single-seed tables beside it under ``--out``."""
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"accuracy-{stamp}.json").write_text(json.dumps(results, indent=2) + "\n")
-    if args.no_results:
-        return
-    args.results.mkdir(parents=True, exist_ok=True)
-    (args.results / "accuracy-latest.json").write_text(json.dumps(results, indent=2) + "\n")
-    (args.results / "accuracy-latest.md").write_text(report.markdown(results))
-    report.plot(results, args.results / "accuracy-latest.png")
+    blob = json.dumps(results, indent=2) + "\n"
+    (args.out / f"accuracy-seed{args.seed}-{stamp}.json").write_text(blob)
+    (args.out / f"accuracy-seed{args.seed}-{stamp}.md").write_text(report.markdown(results))
+    if not args.no_results:
+        args.results.mkdir(parents=True, exist_ok=True)
+        (args.results / f"accuracy-seed{args.seed}.json").write_text(blob)
 
 
 if __name__ == "__main__":
