@@ -29,7 +29,7 @@ from .config import (
     read_adapter_config,
 )
 from .format import LORA_KEY, WEIGHTS_NAME, check_weights_file, lora_keys
-from .source import ModuleInfo, check_finite, read_header, sha256_file
+from .source import ModuleInfo, as_factors, read_header, sha256_file
 
 __all__ = ["REOPEN_EVERY", "LoraReader", "lora_modules"]
 
@@ -185,11 +185,7 @@ class LoraReader:
             raise AdapterInvalid(
                 f"adapter {self.name!r}: cannot read module {module!r} ({reason(exc)})"
             ) from None
-        A = A.to(device=device, dtype=torch.float32)
-        B = B.to(device=device, dtype=torch.float32)
-        if check:
-            check_finite(self.name, module, A, B)
-        return A, B
+        return as_factors(self.name, module, A, B, device, check)
 
     def sha256(self) -> str:
         """The weights file's sha256 (hex), read from disk."""

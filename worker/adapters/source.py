@@ -122,6 +122,23 @@ def sha256_file(path: Path) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
+def as_factors(
+    adapter: str,
+    module: str,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    device: torch.device | str,
+    check: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A stored module's factors as the merge takes them: float32 on ``device``, refused when
+    ``check`` finds NaN or inf (:func:`check_finite`)."""
+    A = A.to(device=device, dtype=torch.float32)
+    B = B.to(device=device, dtype=torch.float32)
+    if check:
+        check_finite(adapter, module, A, B)
+    return A, B
+
+
 def read_header(path: Path, name: str, nbytes: int) -> dict[str, tuple[list[int], str]]:
     """``{key: (shape, dtype)}`` of the safetensors file at ``path``, its prefix checked first."""
     try:

@@ -54,7 +54,7 @@ from .format import (
     parse_header,
 )
 from .lora import lora_modules
-from .source import ModuleInfo, check_finite
+from .source import ModuleInfo, as_factors
 
 __all__ = ["Fetch", "ReadAhead", "StreamStats", "StreamedLoraReader"]
 
@@ -400,11 +400,7 @@ class StreamedLoraReader:
         keys = lora_keys(module)
         parts = self._take(module, keys) or self._fetch_alone(keys)
         A, B = (_decode(data, entry) for data, entry in parts)
-        A = A.to(device=device, dtype=torch.float32)
-        B = B.to(device=device, dtype=torch.float32)
-        if check:
-            check_finite(self.name, module, A, B)
-        return A, B
+        return as_factors(self.name, module, A, B, device, check)
 
     # -- the digest and the end
 
