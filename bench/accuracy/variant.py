@@ -170,6 +170,23 @@ class _Variant:
         self.save()
         return row
 
+    def rank_row(
+        self,
+        source: str,
+        method: str,
+        space: str,
+        limit: int,
+        alpha: float,
+        merged: Merged,
+        started: float,
+    ) -> dict:
+        """A rank-table row: ``merged`` (truncated to ``limit``) on test at ``alpha``."""
+        test = self.evaluate(merged.deltas, alpha, "test")
+        return {"source": source, "kind": "rank", "method": method, "space": space,
+                "rank_limit": limit, "alpha": alpha, "test_norm": [round(a, 5) for a in test],
+                "avg_norm": round(_mean(test), 5), "merge_seconds": round(merged.seconds, 3),
+                "rank": merged.rank, "eval_seconds": round(time.perf_counter() - started, 1)}  # fmt: skip
+
     def auto(self, core: CoreRow, merged_one: Merged, dirs: list[Path], scratch: Path) -> dict:
         """The same merge with ``alpha: "auto"``, evaluated at scale 1; with candidates, the
         other data-free rules' validation scores."""
@@ -275,23 +292,15 @@ def run_variant(
                 core.method, core.space, adapter_dirs, names, scratch / "rank", core.params,
                 seed=args.seed, rank=k,
             )  # fmt: skip
-            test = state.evaluate(merged.deltas, full["alpha"], "test")
-            state.add({"source": "coremerge", "kind": "rank", "method": core.method,
-                       "space": core.label, "rank_limit": k, "alpha": full["alpha"],
-                       "test_norm": [round(a, 5) for a in test], "avg_norm": round(_mean(test), 5),
-                       "merge_seconds": round(merged.seconds, 3), "rank": merged.rank,
-                       "eval_seconds": round(time.perf_counter() - t0, 1)})  # fmt: skip
+            state.add(
+                state.rank_row("coremerge", core.method, core.label, k, full["alpha"], merged, t0)
+            )
     if "svd" in peft_rows:
         for k in limits:
             if k == peft_rows["svd"]["rank"]:
                 continue  # PEFT's default svd rank is the largest input rank: that row exists
             t0 = time.perf_counter()
             merged = peft_merge(model, names, "svd", seed=args.seed, svd_rank=k)
-            test = state.evaluate(merged.deltas, peft_rows["svd"]["alpha"], "test")
-            state.add({"source": "peft", "kind": "rank", "method": "svd", "space": "-",
-                       "rank_limit": k, "alpha": peft_rows["svd"]["alpha"],
-                       "test_norm": [round(a, 5) for a in test], "avg_norm": round(_mean(test), 5),
-                       "merge_seconds": round(merged.seconds, 3), "rank": merged.rank,
-                       "eval_seconds": round(time.perf_counter() - t0, 1)})  # fmt: skip
+            state.add(state.rank_row("peft", "svd", "-", k, peft_rows["svd"]["alpha"], merged, t0))
     del model
     shutil.rmtree(scratch, ignore_errors=True)

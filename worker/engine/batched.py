@@ -55,6 +55,7 @@ from .methods import (
     _ceil_product,
     _floor_product,
     auto_alpha,
+    rank_base,
 )
 from .spaces import FactorStack, LoraFactors, MergedModule, _rank_slices, _spread
 
@@ -390,17 +391,12 @@ _BATCHED = {
     "ties": lambda c, p, g: _ties(c.matrices, p["density"]),
     "dare": lambda c, p, g: _drop_and_rescale(c.matrices, p["drop"], g).sum(1),
     "dare_ties": lambda c, p, g: _ties(_drop_and_rescale(c.matrices, p["drop"], g), p["density"]),
-    "tsv": lambda c, p, g: _tsv(c, _k(c, p)),
-    "cart": lambda c, p, g: _cart(c, p["rank_fraction"], p["lam"], _k(c, p)),
+    "tsv": lambda c, p, g: _tsv(c, rank_base(c.shape, p["rank_of"], p)),
+    "cart": lambda c, p, g: _cart(
+        c, p["rank_fraction"], p["lam"], rank_base(c.shape, p["rank_of"], p)
+    ),
     "iso_c": lambda c, p, g: _isotropize(c.total),
 }
-
-
-def _k(core: _Core, params: Mapping[str, Any]) -> int:
-    """:func:`worker.engine.methods.rank_base` for the group's core matrices."""
-    if params.get("rank_of", "space") == "layer" and params.get(LAYER_K) is not None:
-        return int(params[LAYER_K])
-    return min(core.shape)
 
 
 def _module_by_module(

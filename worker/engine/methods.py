@@ -198,15 +198,15 @@ def iso_c(xs: Sequence[Tensor]) -> Tensor:
 LAYER_K = "_layer_k"
 
 
-def rank_base(xs: Sequence[Tensor], rank_of: str, params: Mapping[str, Any]) -> int:
-    """K of TSV and CART: min of the X_t's shape (``rank_of="space"``, the paper's), or the
+def rank_base(shape: Sequence[int], rank_of: str, params: Mapping[str, Any]) -> int:
+    """K of TSV and CART: min of the X_t's ``shape`` (``rank_of="space"``, the paper's), or the
     layer's min(m, n) that the space passed (``"layer"``). In core space the first is R, so
     ``⌊K/T⌋`` and ``⌈rank_fraction·K⌉`` keep far fewer directions than full space does; with
     the second, core-space TSV and CART keep what full space keeps, and since both commute with
     the orthonormal reference bases, they then equal full space exactly."""
     if rank_of == "layer" and params.get(LAYER_K) is not None:
         return int(params[LAYER_K])
-    return min(xs[0].shape)
+    return min(shape[-2:])
 
 
 MethodFn = Callable[[Sequence[Tensor], Mapping[str, Any], torch.Generator, Factors | None], Tensor]
@@ -217,9 +217,9 @@ METHOD_FUNCTIONS: dict[str, MethodFn] = {
     "ties": lambda xs, p, g, f: ties(xs, p["density"]),
     "dare": lambda xs, p, g, f: dare(xs, p["drop"], g),
     "dare_ties": lambda xs, p, g, f: dare_ties(xs, p["drop"], p["density"], g),
-    "tsv": lambda xs, p, g, f: tsv(xs, f, rank_base(xs, p["rank_of"], p)),
+    "tsv": lambda xs, p, g, f: tsv(xs, f, rank_base(xs[0].shape, p["rank_of"], p)),
     "cart": lambda xs, p, g, f: cart(
-        xs, p["rank_fraction"], p["lam"], rank_base(xs, p["rank_of"], p)
+        xs, p["rank_fraction"], p["lam"], rank_base(xs[0].shape, p["rank_of"], p)
     ),
     "iso_c": lambda xs, p, g, f: iso_c(xs),
 }
