@@ -57,9 +57,21 @@ def test_ta_round_trip_through_peft(peft_adapters: list[Path], tmp_path: Path) -
         want = x @ (layer.base_layer.weight + delta).T
         assert torch.allclose(got, want, atol=1e-5, rtol=1e-5), name
     report = json.loads((out / "merge_report.json").read_text())
-    assert report["self_check"]["max_projection_residual"] < 1e-5
+    # Plain TA is written as the stacked factors: nothing is projected, nothing to check.
+    assert report["self_check"]["max_projection_residual"] is None
+    assert all(m["residual"] is None for m in report["modules"])
     assert [i["weight"] for i in report["inputs"]] == [1.0, 0.5, -1.0]
     assert all(len(i["sha256"]) == 64 for i in report["inputs"])
+
+
+def test_core_merges_through_the_bases_report_the_self_check(
+    peft_adapters: list[Path], tmp_path: Path
+) -> None:
+    out = tmp_path / "merged"
+    assert _merge(*peft_adapters, "-o", out, "--method", "ties") == 0
+    report = json.loads((out / "merge_report.json").read_text())
+    assert 0.0 <= report["self_check"]["max_projection_residual"] < 1e-5
+    assert all(m["residual"] is not None for m in report["modules"])
 
 
 @pytest.mark.parametrize("space", ["full", "knots"])

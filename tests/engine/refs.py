@@ -17,7 +17,8 @@ import torch
 from torch import Tensor
 
 from jobs.spec import validate_params
-from worker.engine import LoraFactors, MergedModule, merge_module
+from worker.engine import LoraFactors, MergedModule, core_matrices, merge_module, reference_bases
+from worker.engine.spaces import projection_residual
 
 F64 = torch.float64
 
@@ -91,6 +92,21 @@ def run(
         rank=rank,
         generator=torch.Generator().manual_seed(seed),
     )
+
+
+def bases_residual(factors: Sequence[LoraFactors]) -> float:
+    """The engine's self-check on the engine's reference bases of ``factors``: how far the
+    inputs lie off them. Plain TA no longer builds the bases (a stacked sum), so tests of
+    the lossless projection call it here."""
+    return projection_residual(factors, reference_bases(factors))
+
+
+def bases_ta(factors: Sequence[LoraFactors]) -> Tensor:
+    """Task arithmetic through the engine's bases, Algorithm 1 step by step: U (Σ_t M_t) Vᵀ
+    (the engine itself takes the stacked sum, which equals it)."""
+    bases = reference_bases(factors)
+    M = torch.stack(core_matrices(factors, bases)).sum(0)
+    return bases.U.to(F64) @ M.to(F64) @ bases.V.to(F64).mT
 
 
 # ---------------------------------------------------------------------------- methods

@@ -12,6 +12,8 @@ from .refs import (
     HETERO_M,
     HETERO_N,
     HETERO_RANKS,
+    bases_residual,
+    bases_ta,
     delta_ws,
     dense,
     make_factors,
@@ -55,9 +57,29 @@ def test_core_matrices_reconstruct_each_update(request, fixture, tol):
 
 @pytest.mark.parametrize(("fixture", "tol"), [("hetero32", 1e-5), ("hetero64", 1e-12)])
 def test_self_check_residual_is_tiny_for_lossless_inputs(request, fixture, tol):
-    merged = run(request.getfixturevalue(fixture), "ta", space="core")
-    assert merged.residual is not None
-    assert 0.0 <= merged.residual < tol
+    factors = request.getfixturevalue(fixture)
+    assert 0.0 <= bases_residual(factors) < tol
+    merged = run(factors, "ties", {"density": 1.0}, space="core")  # a method through the bases
+    assert merged.residual is not None and 0.0 <= merged.residual < tol
+
+
+@pytest.mark.parametrize(("fixture", "tol"), [("hetero32", 1e-5), ("hetero64", 1e-12)])
+def test_core_ta_through_the_bases_equals_the_stacked_sum_it_takes(request, fixture, tol):
+    """Algorithm 1's TA, U (Σ M_t) Vᵀ, is the stacked sum B_stack A_stack the engine writes."""
+    factors = request.getfixturevalue(fixture)
+    merged = run(factors, "ta", {"alpha": 0.5}, space="core")
+    B_stack = torch.cat([f.B for f in factors], dim=1)
+    A_stack = torch.cat([f.A for f in factors], dim=0)
+    assert torch.equal(merged.B, 0.5 * B_stack) and torch.equal(merged.A, A_stack)
+    assert merged.residual is None and merged.alpha == 0.5
+    assert rel_err(bases_ta(factors), sum(delta_ws(factors))) <= tol
+    assert rel_err(0.5 * bases_ta(factors), dense(merged)) <= tol
+
+
+def test_core_ta_takes_the_bases_when_it_needs_them(hetero64):
+    """alpha "auto", isotropize and output.rank need the core matrices: Algorithm 1 runs."""
+    for params, rank in (({"alpha": "auto"}, None), ({"isotropize": True}, None), ({}, 4)):
+        assert run(hetero64, "ta", params, space="core", rank=rank).residual is not None
 
 
 def test_self_check_residual_does_not_depend_on_relative_weights():
@@ -72,7 +94,7 @@ def test_self_check_residual_does_not_depend_on_relative_weights():
     assert rel_err((A @ V) @ V.mT, A) <= 1e-5
     exact_M = (U.mT @ B) @ (A @ V)
     assert rel_err(core_matrices(factors, bases)[2], exact_M) <= 1e-5
-    assert run(factors, "ta", space="core").residual < 1e-5
+    assert bases_residual(factors) < 1e-5
 
 
 def test_residual_is_reported_only_by_core_space(hetero64):

@@ -57,7 +57,15 @@ from .methods import (
     auto_alpha,
     rank_base,
 )
-from .spaces import FactorStack, LoraFactors, MergedModule, _rank_slices, _spread
+from .spaces import (
+    FactorStack,
+    LoraFactors,
+    MergedModule,
+    _rank_slices,
+    _spread,
+    stacked_sum,
+    takes_stacked_sum,
+)
 
 __all__ = [
     "group_key",
@@ -533,6 +541,8 @@ def merge_group_in_core_space(
         return []
     _check_group(stacks)
     gens = _generators(generators, len(stacks))
+    if takes_stacked_sum(method, params, rank, stacks[0]):  # nothing to decompose
+        return [stacked_sum(s, float(params.get("alpha", 1.0))) for s in stacks]
     device = None if eigh_device is None else torch.device(eigh_device)
     ranks = stacks[0].ranks
     left = _basis(_stacked([s.B for s in stacks]), device)

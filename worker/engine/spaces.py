@@ -26,7 +26,7 @@ from .linalg import (
     svd,
     truncate,
 )
-from .methods import LAYER_K, method_result, resolve_alpha
+from .methods import AUTO, LAYER_K, method_result, resolve_alpha
 
 __all__ = [
     "FactorStack",
@@ -41,6 +41,8 @@ __all__ = [
     "merge_in_knots_space",
     "merge_module",
     "reference_bases",
+    "stacked_sum",
+    "takes_stacked_sum",
 ]
 
 
@@ -225,6 +227,33 @@ def aligned_axes(cores: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
     return P, Q
 
 
+def takes_stacked_sum(
+    method: str, params: Mapping[str, Any], rank: int | None, stack: FactorStack
+) -> bool:
+    """Whether core space computes this merge as :func:`stacked_sum`: task arithmetic with a
+    number for alpha, no isotropize and no truncation, on an R × R core (R ≤ min(m, n))."""
+    m, total_rank, n = stack.B.shape[-2], stack.B.shape[-1], stack.A.shape[-1]
+    return (
+        method == "ta"
+        and rank is None
+        and total_rank <= min(m, n)
+        and params.get("alpha", 1.0) != AUTO
+        and not params.get("isotropize", False)
+    )
+
+
+def stacked_sum(stack: FactorStack, alpha: float) -> MergedModule:
+    """Core-space task arithmetic without the bases: B = alpha · B_stack, A = A_stack.
+
+    U (Σ_t M_t) Vᵀ = Σ_t B_t A_t = B_stack A_stack exactly (the lossless property), so the
+    bases, the core matrices and the map back would compute, at about 4 (m + n) R² flops, a
+    factorisation of the very update the stacks already are. The rank is R either way; only
+    the pair differs (A is not orthonormal). Nothing is projected, so there is no residual.
+    """
+    B = stack.B if alpha == 1.0 else alpha * stack.B
+    return MergedModule(B=B, A=stack.A, alpha=alpha)
+
+
 def merge_in_core_space(
     factors: Sequence[LoraFactors],
     method: str,
@@ -236,8 +265,12 @@ def merge_in_core_space(
 
     With ``rank``, the merged core matrix M ≈ P_k S_k Q_kᵀ is truncated (an SVD of R × R
     only): B = U P_k S_k, A = Q_kᵀ Vᵀ. With ``axes: "aligned"``, the core matrices are
-    rotated onto :func:`aligned_axes` before the method and the result rotated back.
+    rotated onto :func:`aligned_axes` before the method and the result rotated back. Plain
+    task arithmetic skips all of it (:func:`stacked_sum`): the same update, exactly.
     """
+    stack = FactorStack.of(factors)
+    if takes_stacked_sum(method, params, rank, stack):
+        return stacked_sum(stack, float(params.get("alpha", 1.0)))
     params = {**params, LAYER_K: min(factors[0].B.shape[0], factors[0].A.shape[1])}
     bases = reference_bases(factors)
     thin = core_factors(factors, bases)
