@@ -55,6 +55,11 @@ def cmd_worker(args: argparse.Namespace) -> int:
     # context for its whole life, no heartbeat during a job, stop commands ignored), and not
     # ``SpawnWorker`` (a fresh interpreter per job, which would import torch for every job).
     os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
+    # Freed look-ahead spans and upload parts go back to the system, not into malloc's
+    # arenas (worker/allocator.py); the work horses inherit it.
+    from worker.allocator import return_freed_memory
+
+    return_freed_memory()
     if settings.worker_preload:
         from worker.job import preload  # imports torch; CUDA stays uninitialised
 

@@ -510,6 +510,48 @@ def test_an_upload_sink_sends_parts_as_they_fill_and_completes_conditionally(
     assert _no_pending_uploads(s3, "merged", key)
 
 
+def test_an_upload_sink_cuts_parts_across_writes_of_any_size(s3_client, s3, prefix) -> None:
+    """Writes that straddle part boundaries (and one larger than a part) fill each part
+    exactly: the object is the bytes written, in order."""
+    from worker.storage.s3 import S3Store, S3UploadSink
+
+    key = f"team-a/{prefix}sink-odd/{WEIGHTS_NAME}"
+    data = bytes(range(251)) * 50_000  # ~12 MiB, a prime-length pattern
+    sink = S3UploadSink(S3Store(s3_client, "merged"), key, {}, part_size=5 << 20)
+    sizes, start = [777_777, 6 << 20, 1, 123_457], 0
+    while start < len(data):
+        size = sizes[start % len(sizes)]
+        assert sink.write(memoryview(data)[start : start + size]) == len(data[start : start + size])
+        start += size
+    sink.close()
+    obj = s3.get_object(Bucket="merged", Key=key)
+    assert obj["Body"].read() == data and obj["ETag"].endswith('-3"')
+
+
+def test_a_ranged_read_fills_one_buffer_of_the_announced_length(s3_client, s3, prefix) -> None:
+    from worker.storage.s3 import BODY_CHUNK, S3Store, _read_body
+
+    key = f"team-a/{prefix}ranged/blob"
+    data = bytes(range(256)) * (3 * BODY_CHUNK // 256 + 17)
+    s3.put_object(Bucket="merged", Key=key, Body=data)
+    store = S3Store(s3_client, "merged")
+    got = store.read(key, start=BODY_CHUNK - 5, length=2 * BODY_CHUNK + 11)
+    assert bytes(got) == data[BODY_CHUNK - 5 : 3 * BODY_CHUNK + 6]
+
+    class Body:  # a stream that ends early, or runs on, against its Content-Length
+        def __init__(self, chunks: list[bytes]) -> None:
+            self.chunks = chunks
+
+        def iter_chunks(self, size: int):
+            return iter(self.chunks)
+
+    with pytest.raises(StorageError, match="returned 3 of the 4 bytes"):
+        _read_body(Body([b"abc"]), 4)
+    with pytest.raises(StorageError, match="more than the 4 bytes"):
+        _read_body(Body([b"abc", b"de"]), 4)
+    assert _read_body(Body([b"ab", b"cd"]), 4) == bytearray(b"abcd")
+
+
 def test_an_aborted_upload_sink_leaves_nothing(s3_client, s3, prefix) -> None:
     from worker.storage.s3 import S3Store, S3UploadSink
 

@@ -49,7 +49,7 @@ class ObjectStore(Protocol):
 
     def read(
         self, key: str, *, etag: str | None = None, length: int | None = None, start: int = 0
-    ) -> bytes:
+    ) -> bytes | bytearray:
         """The object's bytes from ``start`` (``length`` of them only, when given), refused
         with a ``StorageError`` when ``etag`` is given and the object no longer has it."""
         ...

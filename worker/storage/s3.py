@@ -58,6 +58,30 @@ def _content_type(key: str) -> str:
     return "application/json" if key.endswith(".json") else "application/octet-stream"
 
 
+#: Bytes copied at a time from a GET's body into its buffer.
+BODY_CHUNK = 1 * MiB
+
+
+def _read_body(body: Any, length: int) -> bytearray:
+    """A GET's body read into one buffer of its announced length, chunk by chunk.
+
+    ``body.read()`` would hold the body twice at its peak (http.client joins the chunks it
+    reads), and the streamed inputs read spans of up to a part size on several connections
+    at once: reading in place keeps a GET's memory at its length plus one chunk.
+    botocore's StreamingBody raises if fewer bytes come than announced.
+    """
+    buffer = bytearray(length)
+    view, at = memoryview(buffer), 0
+    for chunk in body.iter_chunks(BODY_CHUNK):
+        if at + len(chunk) > length:
+            raise StorageError(f"a GET returned more than the {length} bytes it announced")
+        view[at : at + len(chunk)] = chunk
+        at += len(chunk)
+    if at != length:
+        raise StorageError(f"a GET returned {at} of the {length} bytes it announced")
+    return buffer
+
+
 class ConditionalConflict(StorageError):
     """S3 refused a conditional completion because of a concurrent conditional write (409):
     the whole upload may be tried again."""
@@ -103,14 +127,15 @@ class S3Store:
         except Exception as exc:
             raise_mapped(exc, self._uri(prefix))
 
-    def _get(self, key: str, etag: str | None, start: int, end: int | None) -> bytes:
+    def _get(self, key: str, etag: str | None, start: int, end: int | None) -> bytearray:
         kwargs: dict[str, Any] = {"Bucket": self.bucket, "Key": key}
         if etag is not None:
             kwargs["IfMatch"] = etag
         if start or end is not None:
             kwargs["Range"] = f"bytes={start}-{'' if end is None else end - 1}"
         try:
-            return self.client.get_object(**kwargs)["Body"].read()
+            answer = self.client.get_object(**kwargs)
+            return _read_body(answer["Body"], answer["ContentLength"])
         except Exception as exc:
             if error_code(exc) in PRECONDITION_FAILED:
                 raise StorageError(
@@ -121,7 +146,7 @@ class S3Store:
 
     def read(
         self, key: str, *, etag: str | None = None, length: int | None = None, start: int = 0
-    ) -> bytes:
+    ) -> bytearray:
         return self._get(key, etag, start, None if length is None else start + length)
 
     def download(self, key: str, dest: Path, *, etag: str, size: int) -> None:
@@ -208,7 +233,10 @@ class S3UploadSink:
     ) -> None:
         self.store, self.key, self.metadata = store, key, dict(metadata)
         self.part_size = max(part_size, 5 * MiB)  # S3's smallest part but the last
-        self._buffer = bytearray()
+        # The part being filled, allocated once at its full size and handed over whole to
+        # the upload (no slicing and joining): memory is the parts in flight plus this one.
+        self._part = bytearray(self.part_size)
+        self._filled = 0
         self._upload: str | None = None
         self._parts: list[tuple[int, Any]] = []  # (number, future of its ETag)
         self._pool = ThreadPoolExecutor(max(1, concurrency), thread_name_prefix="upload-part")
@@ -218,14 +246,25 @@ class S3UploadSink:
     def _client(self) -> Any:
         return self.store.client
 
-    def write(self, data: bytes | memoryview) -> int:
-        self._buffer += data
-        while len(self._buffer) >= self.part_size:
-            self._send(bytes(self._buffer[: self.part_size]))
-            del self._buffer[: self.part_size]
-        return len(data)
+    def write(self, data: bytes | bytearray | memoryview) -> int:
+        view = memoryview(data).cast("B")
+        size = view.nbytes
+        while view:
+            take = min(len(view), self.part_size - self._filled)
+            self._part[self._filled : self._filled + take] = view[:take]
+            self._filled += take
+            view = view[take:]
+            if self._filled == self.part_size:
+                self._send(self._part)
+                self._part, self._filled = bytearray(self.part_size), 0
+        return size
 
-    def _send(self, body: bytes) -> None:
+    def _last_part(self) -> bytearray:
+        """What was written since the last full part (the buffer, cut to size in place)."""
+        del self._part[self._filled :]
+        return self._part
+
+    def _send(self, body: bytes | bytearray) -> None:
         if self._upload is None:
             self._upload = self._call(
                 self._client.create_multipart_upload, Bucket=self.store.bucket, Key=self.key,
@@ -237,7 +276,7 @@ class S3UploadSink:
         number = len(self._parts) + 1
         self._parts.append((number, self._pool.submit(self._put_part, number, body)))
 
-    def _put_part(self, number: int, body: bytes) -> str:
+    def _put_part(self, number: int, body: bytes | bytearray) -> str:
         part = self._call(
             self._client.upload_part, Bucket=self.store.bucket, Key=self.key,
             UploadId=self._upload, PartNumber=number, Body=body,
@@ -254,10 +293,10 @@ class S3UploadSink:
         """Finish: the last part and the conditional completion (or one conditional PUT)."""
         try:
             if self._upload is None:
-                self.store.create(self.key, bytes(self._buffer), self.metadata)
+                self.store.create(self.key, bytes(self._last_part()), self.metadata)
                 return
-            if self._buffer or not self._parts:
-                self._send(bytes(self._buffer))
+            if self._filled or not self._parts:
+                self._send(self._last_part())
             parts = [{"PartNumber": n, "ETag": f.result()} for n, f in self._parts]
             try:
                 self._client.complete_multipart_upload(
