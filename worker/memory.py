@@ -46,6 +46,7 @@ __all__ = [
     "estimate_work",
     "format_bytes",
     "memory_limit",
+    "merged_rank_bound",
     "module_work",
 ]
 
@@ -230,26 +231,18 @@ def _sum(L: _Ledger, T: int, X: int) -> int:
 
 
 def _ties(L: _Ledger, T: int, X: int, density: float) -> int:
-    """TIES: the stacked inputs, the trim's magnitudes, kthvalue's copies and the kept
-    entries, then the election's signs, masks and int64 counts (about 5 T inputs' worth)."""
+    """TIES: the stacked inputs, trimmed in place a task at a time (one task's magnitudes,
+    kthvalue's copy with its int64 indices and the mask), then the election: the column
+    sums and elected sign, the running total and count, and one task's sign, mask and
+    product at a time."""
     stacked = L.alloc(T * X)
-    kept = 0
     if density < 1:
-        # |stacked| and kthvalue's own copy of the values and their int64 indices.
-        L.spike(T * X + 3 * T * X)
-        mask = L.alloc(T * X // 4)
-        L.spike(T * X)  # |stacked| again, freed once compared
-        kept = L.alloc(T * X)
-        L.free(mask)
-    # _elect_and_mean: the elected sign, sign(kept) == sign, counts (int64), the mean.
-    sign = L.alloc(X)
-    agree = L.alloc(T * X // 4)
-    L.spike(T * X + X)  # sign(kept) and the sum's intermediate
-    count = L.alloc(2 * X)
-    L.spike(2 * X)  # clamp
-    L.spike(T * X + X)  # kept * agree, and its sum
+        L.spike(X + 3 * X + X // 4)
+    sign = L.alloc(2 * X)  # the column sums and the elected sign
+    running = L.alloc(2 * X)  # total and count
+    L.spike(X + X // 4 + X)  # sign(row), agree, row * agree
     out = L.alloc(X)
-    L.free(sign, agree, count, kept, stacked)
+    L.free(sign, running, stacked)
     return out
 
 
@@ -548,19 +541,25 @@ def module_work(
     L.free(stack)
     # worker.output: zero-padded to the output's one rank, then cast to its dtype
     rho = min(m, n) if output_rank is None else output_rank
-    padded = F32 * (m + n) * rho if rho > _merged_rank(space, params, m, n, ranks, rank) else 0
+    bound = merged_rank_bound(space, params, m, n, sum(ranks), rank) or min(m, n)
+    padded = F32 * (m + n) * rho if rho > bound else 0
     L.spike(padded + (dtype_bytes * (m + n) * rho if dtype_bytes != F32 else 0))
     return L.peak, out
 
 
-def _merged_rank(
-    space: str, params: Mapping[str, Any], m: int, n: int, ranks: Sequence[int], rank: int | None
-) -> int:
-    """An upper bound of a module's merged rank (as ``worker.plan._merged_rank_bound``)."""
-    bound = min(m, n, sum(ranks))
+def merged_rank_bound(
+    space: str, params: Mapping[str, Any], m: int, n: int, total_rank: int, rank: int | None
+) -> int | None:
+    """An upper bound of a module's merged rank, or None when only the merge will know it.
+
+    Core space and KnOTS give at most min(R, m, n); full space and isotropized KnOTS give a
+    dense ΔW of any rank up to min(m, n), known only once it is factored. ``rank`` (the
+    job's ``output.rank``) caps either.
+    """
+    exact: int | None = min(total_rank, m, n)
     if space == "full" or (space == "knots" and params.get("isotropize", False)):
-        bound = min(m, n)
-    return bound if rank is None else min(rank, bound)
+        exact = None if rank is None else min(m, n)
+    return exact if rank is None or exact is None else min(rank, exact)
 
 
 def estimate_work(

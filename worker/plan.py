@@ -21,7 +21,14 @@ from jobs.errors import AdapterIncompatible, LimitExceeded
 from jobs.spec import MergeSpec
 from worker.adapters.format import module_order
 from worker.adapters.source import AdapterSource
-from worker.memory import DTYPE_BYTES, ModuleShape, WorkEstimate, check_work, estimate_work
+from worker.memory import (
+    DTYPE_BYTES,
+    ModuleShape,
+    WorkEstimate,
+    check_work,
+    estimate_work,
+    merged_rank_bound,
+)
 
 __all__ = ["MergePlan", "ModulePlan", "make_plan"]
 
@@ -56,17 +63,6 @@ def _single(readers: Sequence[AdapterSource], field: str) -> object:
         detail = ", ".join(f"{r.name!r}: {getattr(r.config, field)!r}" for r in readers)
         raise AdapterIncompatible(f"adapters disagree on {field} ({detail})")
     return values.pop() if values else None
-
-
-def _merged_rank_bound(spec: MergeSpec, m: int, n: int, total_rank: int) -> int | None:
-    """Upper bound of a module's merged rank, or None when it is not known before merging."""
-    exact = min(total_rank, m, n)
-    if spec.space == "full" or (spec.space == "knots" and spec.params.get("isotropize")):
-        # Entry-wise methods and isotropize give a dense ΔW of any rank up to min(m, n).
-        exact = None if spec.output.rank is None else min(m, n)
-    if spec.output.rank is None:
-        return exact
-    return min(spec.output.rank, exact)
 
 
 def _target_modules(readers: Sequence[AdapterSource], modules: list[str]) -> list[str] | str:
@@ -148,7 +144,14 @@ def _module_plan(
         notes.append(
             f"{name}: Σr = {total} exceeds min(m, n) = {min(m, n)}; core space is no smaller than full space"
         )
-    return ModulePlan(name, n, m, sources, total, _merged_rank_bound(spec, m, n, total))
+    return ModulePlan(
+        name,
+        n,
+        m,
+        sources,
+        total,
+        merged_rank_bound(spec.space, spec.params, m, n, total, spec.output.rank),
+    )
 
 
 def make_plan(

@@ -71,18 +71,22 @@ def task_arithmetic(xs: Sequence[Tensor]) -> Tensor:
 
 
 def _trim_to_density(stacked: Tensor, density: float) -> Tensor:
-    """Zero all but the largest-magnitude entries of each row (one row per task).
+    """Zero, in place, all but the largest-magnitude entries of each row (one row per task).
 
     Keeps every entry whose magnitude is ≥ the (d − ⌊d·density⌋)-th smallest, i.e.
     ⌊d·density⌋ + 1 entries plus ties, as the reference's ``topk_values_mask`` does
-    (PEFT's ``magnitude_based_pruning`` keeps exactly ⌊d·density⌋).
+    (PEFT's ``magnitude_based_pruning`` keeps exactly ⌊d·density⌋). Row by row, so the
+    temporaries (magnitudes, kthvalue's copy, the mask) are one task's size, not T tasks':
+    at T = 64 and R = 1024 that is 4 MiB each instead of 256 MiB.
     """
     if density >= 1:
         return stacked
     d = stacked.shape[1]
     kth = d - _floor_product(density, d)
-    threshold = stacked.abs().kthvalue(kth, dim=1, keepdim=True).values
-    return stacked * (stacked.abs() >= threshold)
+    for row in stacked:
+        magnitude = row.abs()
+        row.mul_(magnitude >= magnitude.kthvalue(kth).values)
+    return stacked
 
 
 def _floor_product(fraction: float, count: int) -> int:
@@ -96,13 +100,17 @@ def _ceil_product(fraction: float, count: int) -> int:
 
 
 def _elect_and_mean(kept: Tensor) -> Tensor:
-    """TIES sign election and disjoint mean over rows of ``kept`` (T × d)."""
+    """TIES sign election and disjoint mean over rows of ``kept`` (T × d), a row at a time
+    (temporaries of one task's size)."""
     sign = torch.sign(kept.sum(0))
     majority = torch.sign(sign.sum())
     sign = torch.where(sign == 0, majority, sign)
-    agree = torch.sign(kept) == sign
-    count = agree.sum(0).clamp(min=1)
-    return (kept * agree).sum(0) / count
+    total, count = torch.zeros_like(sign), torch.zeros_like(sign)
+    for row in kept:
+        agree = torch.sign(row) == sign
+        total.add_(row * agree)
+        count.add_(agree)
+    return total / count.clamp(min=1)
 
 
 def ties(xs: Sequence[Tensor], density: float) -> Tensor:
@@ -114,7 +122,7 @@ def ties(xs: Sequence[Tensor], density: float) -> Tensor:
     shape = xs[0].shape
     if xs[0].numel() == 0:
         return torch.zeros_like(xs[0])
-    stacked = torch.stack([x.reshape(-1) for x in xs])
+    stacked = torch.stack([x.reshape(-1) for x in xs])  # a copy: trimmed in place
     return _elect_and_mean(_trim_to_density(stacked, density)).reshape(shape)
 
 
