@@ -75,8 +75,11 @@ def weights_files(folder: Path) -> list[Path]:
     return [p for p in folder.rglob("*") if p.is_file() and p.name != CONFIG_NAME]
 
 
-def assert_reads_equal(reader: StreamedLoraReader, local: LoraReader, modules: list[str]) -> None:
-    with ThreadPoolExecutor(4) as pool:  # as the runner reads: several modules at once
+def assert_reads_equal(
+    reader: StreamedLoraReader, local: LoraReader, modules: list[str], threads: int = 4
+) -> None:
+    """Reads from ``threads`` threads at once by default, as the runner reads several modules."""
+    with ThreadPoolExecutor(threads) as pool:
         for module, (A, B) in zip(modules, pool.map(reader.read, modules), strict=True):
             A_local, B_local = local.read(module)
             assert torch.equal(A, A_local) and torch.equal(B, B_local), module
@@ -95,7 +98,10 @@ def test_streamed_reads_equal_local_reads_and_hash_the_whole_object(
                 for m, info in local.modules.items()
             }
             order = sorted(reader.modules, key=module_order)  # the plan's order
-            assert_reads_equal(reader, local, order)
+            # One reader thread: with several, a read can start before the read of the module
+            # ahead of it has, find its span beyond the window and fetch it alone (correct,
+            # but then bytes are read twice and the count below depends on timing).
+            assert_reads_equal(reader, local, order, threads=1)
             data = (folder / WEIGHTS_NAME).read_bytes()
             assert reader.sha256() == hashlib.sha256(data).hexdigest()
             stats = reader.stats
