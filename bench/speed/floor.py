@@ -9,6 +9,16 @@ R = Σ r_t (the exact rank of a core-space merge), here zeros, streamed in the s
 format (8-byte header length, JSON header, tensors back to back) without holding the output
 in memory; it loads with ``safe_open``. Any merge has to pay at least this: it is the I/O
 cost of the job.
+
+    python bench/speed/floor.py --gemm ADAPTER_DIR...
+
+The compute floor instead (no I/O): for each module, on random float32 stacks of its shapes
+(B_stack m × R, A_stack R × n), the four products that core space through the reference
+bases cannot avoid on its fast (Gram) route: the Gram matrices B_stackᵀ B_stack and
+A_stack A_stackᵀ, and the map back B_stack K and K A_stack with an R × R matrix K, about
+4 (m + n) R² flops, timed with torch's default threads. A core merge other than plain
+task arithmetic (written as the stacked factors, with no product at all) does at least
+this; when it exceeds the I/O floor, the merge is bound by arithmetic, not by I/O.
 """
 
 from __future__ import annotations
@@ -28,19 +38,9 @@ _KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<which>[AB])\.we
 _DTYPES = {"float32": ("F32", 4), "bfloat16": ("BF16", 2), "float16": ("F16", 2)}
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("adapters", nargs="+", type=Path)
-    ap.add_argument("-o", "--output", type=Path, required=True)
-    ap.add_argument("--dtype", default="float32", choices=sorted(_DTYPES))
-    args = ap.parse_args(argv)
-    t0 = time.perf_counter()
-    # Copies are memory-bound: one thread is as fast, and intra-op threads that spin-wait for
-    # a core would only make the floor fragile on a shared machine.
-    torch.set_num_threads(1)
-
-    paths = [d / "adapter_model.safetensors" for d in args.adapters]
-    # module -> in, out, Σ rank, from the headers alone
+def _modules(paths: list[Path]) -> tuple[dict[str, dict], int]:
+    """module -> in, out, Σ rank, from the headers alone; and the largest input tensor's bytes
+    (at float64 size, an upper bound)."""
     modules: dict[str, dict] = {}
     largest_input = 0
     for path in paths:
@@ -57,7 +57,53 @@ def main(argv: list[str] | None = None) -> int:
                     entry["in"] = shape[1]
                 else:
                     entry["out"] = shape[0]
+    return modules, largest_input
 
+
+def gemm_floor(adapters: list[Path]) -> dict:
+    """The compute floor (see the module's docstring): seconds and flops of the products."""
+    modules, _ = _modules([d / "adapter_model.safetensors" for d in adapters])
+    shapes: dict[tuple[int, int, int], int] = {}
+    for e in modules.values():
+        key = (e["out"], e["rank"], e["in"])
+        shapes[key] = shapes.get(key, 0) + 1
+    gen = torch.Generator().manual_seed(0)
+    seconds = flops = 0.0
+    for (m, R, n), count in shapes.items():
+        B = torch.randn(m, R, generator=gen)
+        A = torch.randn(R, n, generator=gen)
+        K = torch.randn(R, R, generator=gen)
+        (B.mT @ B).sum()  # warm-up: the first product of a shape pays for buffers
+        t0 = time.perf_counter()
+        for _ in range(count):
+            B.mT @ B
+            A @ A.mT
+            B @ K
+            K @ A
+        seconds += time.perf_counter() - t0
+        flops += count * 4 * (m + n) * R * R
+    return {"seconds": seconds, "flops": flops, "gflops_per_s": flops / seconds / 1e9,
+            "modules": len(modules), "shapes": len(shapes)}  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("adapters", nargs="+", type=Path)
+    ap.add_argument("-o", "--output", type=Path)
+    ap.add_argument("--dtype", default="float32", choices=sorted(_DTYPES))
+    ap.add_argument("--gemm", action="store_true", help="time the compute floor instead")
+    args = ap.parse_args(argv)
+    if args.gemm:
+        print(json.dumps(gemm_floor(args.adapters)))
+        return 0
+    if args.output is None:
+        ap.error("-o/--output is required (but with --gemm)")
+    t0 = time.perf_counter()
+    # Copies are memory-bound: one thread is as fast, and intra-op threads that spin-wait for
+    # a core would only make the floor fragile on a shared machine.
+    torch.set_num_threads(1)
+    paths = [d / "adapter_model.safetensors" for d in args.adapters]
+    modules, largest_input = _modules(paths)
     # Read: get_tensor maps the file without copying (safetensors ≥ 0.6), so each tensor's bytes
     # are copied into a reused buffer, as read(2) would, to be sure every byte is loaded. One
     # file at a time, closed after, so the mapped pages of at most one input stay resident.

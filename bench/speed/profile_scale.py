@@ -174,6 +174,9 @@ def write_header_only(w: Workload, configs: list[Path], root: Path) -> list[Path
 class ScaleProfile(Harness):
     benchmark = "scale"
 
+    def gemm_floor(self, dirs: list[Path]) -> list[str]:
+        return [self.python, str(Path(__file__).parent / "floor.py"), "--gemm", *map(str, dirs)]
+
     def merge_argv(self, dirs: list[Path], method: str, out: Path, *extra: str) -> list[str]:
         """The real CLI as a module: ``python -m worker.cli merge … --space core``."""
         argv = [self.python, "-m", "worker.cli", "merge", *map(str, dirs), "-o", str(fresh(out))]
@@ -271,6 +274,36 @@ class ScaleProfile(Harness):
                 )
             )
 
+        gemm = self.runner.until_clean(
+            lambda: self.attempt(f"{sw.key} GEMM floor", self.gemm_floor(inputs.dirs)), a.repeat
+        )
+        gemm_s = None
+        if gemm.runs:
+            m, info = gemm.best
+            gemm_s = info["seconds"]
+            rows.append(
+                row(
+                    "GEMM floor",
+                    m,
+                    wall=m.wall_s,
+                    floor_wall=floor_wall,
+                    startup=startup_floor,
+                    inputs=inputs.bytes,
+                    kind="gemm",
+                    in_process_s=round(gemm_s, 3),
+                    scaled_wall_s=round(scaled(m.wall_s, gemm_s, factor), 2),
+                    scaled_ratio_to_floor=(
+                        round(scaled(m.wall_s, gemm_s, factor) / floor_scaled, 2)
+                        if floor_scaled
+                        else None
+                    ),
+                    attempts=gemm.summary(),
+                    contended=gemm.contended,
+                    flops=info["flops"],
+                    gflops_per_s=round(info["gflops_per_s"], 1),
+                )
+            )
+
         for method in methods:
             out = work / f"{sw.key}-core-{method}"
             step = f"{sw.key} core {method}"
@@ -323,6 +356,9 @@ class ScaleProfile(Harness):
                     output_bytes=result.stat().st_size if result.exists() else None,
                     output_rank=(rep.get("output") or {}).get("rank"),
                     self_check=(rep.get("self_check") or {}).get("max_projection_residual"),
+                    in_process_to_gemm=(
+                        round(in_process / gemm_s, 2) if in_process and gemm_s else None
+                    ),
                 )
             )
             if timings:

@@ -588,6 +588,7 @@ def scale_markdown(rec: dict[str, Any]) -> str:
         + ".",
         "- **Rows**: each a fresh process on the sampled layers, page cache warm. *floor* = "
         "`floor.py` (read every input tensor, stream a float32 output of the core merge's size); "
+        "*GEMM floor* = `floor.py --gemm` (below each table); "
         "*core m* = `python -m worker.cli merge … --space core --method m`.",
         "- **Scaling**: wall(N layers) = (wall − in-process) + in-process × N / sample: start-up "
         "once, the work linear in the layers (in-process = the CLI's `timings.total_s`, the "
@@ -656,6 +657,21 @@ def scale_markdown(rec: dict[str, Any]) -> str:
         limit = next((r["memory_limit_mib"] for r in wl["rows"] if r.get("memory_limit_mib")), None)
         if limit:
             lines += ["", f"The CLI's default working-memory limit here: {limit / 1024:.1f} GiB."]
+        gemm = next((r for r in wl["rows"] if r.get("kind") == "gemm"), None)
+        if gemm is not None:
+            versus = ", ".join(
+                f"{r['name']} {r['in_process_to_gemm']}×"
+                for r in wl["rows"]
+                if r.get("in_process_to_gemm") is not None
+            )
+            lines += [
+                "",
+                f"*GEMM floor*: no I/O, the four products per module that a core merge through "
+                f"the reference bases cannot avoid (two Gram matrices, two map-back products: "
+                f"{gemm['flops'] / 1e12:.2f} Tflop on the sample) at {gemm['gflops_per_s']} "
+                f"GFLOP/s: {gemm['in_process_s']:.2f} s in-process. A merge's in-process time "
+                f"against it: {versus or '—'}. Plain `ta` does none of them (stacked factors).",
+            ]
         timed = [r for r in wl["rows"] if r.get("timings")]
         if timed:
             lines += [""] + [f"- {r['name']}: {timings_line(r['timings'])}" for r in timed]
