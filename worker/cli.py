@@ -164,11 +164,12 @@ def cmd_merge(args: argparse.Namespace) -> int:
     )  # fmt: skip
     bar.close()
     report = outcome.report
+    residual = report["self_check"]["max_projection_residual"]
     print(
         f"merged {len(spec.adapters)} adapters with {spec.method} in {spec.space} space → {out_dir}\n"
         f"  rank {outcome.rank}, {outcome.modules} modules, {outcome.bytes / 2**20:.1f} MiB "
         f"{spec.output.dtype}, {outcome.seconds:.2f} s on {report['device']}; "
-        f"self-check residual {report['self_check']['max_projection_residual'] or 0:.1e}"
+        + (f"self-check residual {residual:.1e}" if residual is not None else "nothing projected")
     )
     return 0
 

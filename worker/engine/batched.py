@@ -65,6 +65,7 @@ from .spaces import (
     _spread,
     stacked_sum,
     takes_stacked_sum,
+    through_the_stacks,
 )
 
 __all__ = [
@@ -473,6 +474,9 @@ def _lora_pairs(
     when M is square, else (or with ``rank``) through the batched SVD of the small M."""
     a, b = M.shape[-2:]
     if rank is None and a == b:
+        pair = through_the_stacks(left, right, M)
+        if pair is not None:
+            return *pair, None
         return left.apply(M), right.transposed(), None
     P, S, Qh = svd(M)
     if rank is None:
