@@ -13,10 +13,11 @@ cost of the job.
     python bench/speed/floor.py --gemm ADAPTER_DIR...
 
 The compute floor instead (no I/O): for each module, on random float32 stacks of its shapes
-(B_stack m × R, A_stack R × n), the four products that core space through the reference
+(B_stack m × R, A_stack R × n), the three products that core space through the reference
 bases cannot avoid on its fast (Gram) route: the Gram matrices B_stackᵀ B_stack and
-A_stack A_stackᵀ, and the map back B_stack K and K A_stack with an R × R matrix K, about
-4 (m + n) R² flops, timed with torch's default threads. A core merge other than plain
+A_stack A_stackᵀ, and the map back on the narrower side, B_stack C or C A_stack with an
+R × R matrix C, about (2 (m + n) + 2 min(m, n)) R² flops, timed with torch's default
+threads. A core merge other than plain
 task arithmetic (written as the stacked factors, with no product at all) does at least
 this; when it exceeds the I/O floor, the merge is bound by arithmetic, not by I/O.
 """
@@ -78,10 +79,9 @@ def gemm_floor(adapters: list[Path]) -> dict:
         for _ in range(count):
             B.mT @ B
             A @ A.mT
-            B @ K
-            K @ A
+            _ = B @ K if m < n else K @ A
         seconds += time.perf_counter() - t0
-        flops += count * 4 * (m + n) * R * R
+        flops += count * (2 * (m + n) + 2 * min(m, n)) * R * R
     return {"seconds": seconds, "flops": flops, "gflops_per_s": flops / seconds / 1e9,
             "modules": len(modules), "shapes": len(shapes)}  # fmt: skip
 

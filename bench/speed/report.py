@@ -666,8 +666,9 @@ def scale_markdown(rec: dict[str, Any]) -> str:
             )
             lines += [
                 "",
-                f"*GEMM floor*: no I/O, the four products per module that a core merge through "
-                f"the reference bases cannot avoid (two Gram matrices, two map-back products: "
+                f"*GEMM floor*: no I/O, the three products per module that a core merge "
+                f"through the reference bases cannot avoid (two Gram matrices and the map back "
+                f"on the narrower side: "
                 f"{gemm['flops'] / 1e12:.2f} Tflop on the sample) at {gemm['gflops_per_s']} "
                 f"GFLOP/s: {gemm['in_process_s']:.2f} s in-process. A merge's in-process time "
                 f"against it: {versus or '—'}. Plain `ta` does none of them (stacked factors).",
