@@ -256,53 +256,23 @@ class ScaleProfile(Harness):
             floor_wall, in_process = m.wall_s, info.get("seconds")
             floor_scaled = scaled(m.wall_s, in_process, factor)
             rows.append(
-                row(
-                    "floor",
-                    m,
-                    wall=m.wall_s,
-                    floor_wall=floor_wall,
-                    startup=startup_floor,
-                    inputs=inputs.bytes,
-                    kind="floor",
-                    in_process_s=in_process,
-                    scaled_wall_s=round(floor_scaled, 2),
-                    scaled_ratio_to_floor=1.0,
-                    attempts=att.summary(),
-                    contended=att.contended,
-                    read_bytes=info.get("read_bytes"),
-                    written_bytes=info.get("written_bytes"),
-                )
-            )
+                _timed_row("floor", "floor", att, in_process, floor_wall, floor_scaled, factor,
+                           startup_floor, inputs.bytes, read_bytes=info.get("read_bytes"),
+                           written_bytes=info.get("written_bytes"))
+            )  # fmt: skip
 
         gemm = self.runner.until_clean(
             lambda: self.attempt(f"{sw.key} GEMM floor", self.gemm_floor(inputs.dirs)), a.repeat
         )
         gemm_s = None
         if gemm.runs:
-            m, info = gemm.best
+            info = gemm.best[1]
             gemm_s = info["seconds"]
             rows.append(
-                row(
-                    "GEMM floor",
-                    m,
-                    wall=m.wall_s,
-                    floor_wall=floor_wall,
-                    startup=startup_floor,
-                    inputs=inputs.bytes,
-                    kind="gemm",
-                    in_process_s=round(gemm_s, 3),
-                    scaled_wall_s=round(scaled(m.wall_s, gemm_s, factor), 2),
-                    scaled_ratio_to_floor=(
-                        round(scaled(m.wall_s, gemm_s, factor) / floor_scaled, 2)
-                        if floor_scaled
-                        else None
-                    ),
-                    attempts=gemm.summary(),
-                    contended=gemm.contended,
-                    flops=info["flops"],
-                    gflops_per_s=round(info["gflops_per_s"], 1),
-                )
-            )
+                _timed_row("GEMM floor", "gemm", gemm, round(gemm_s, 3), floor_wall, floor_scaled,
+                           factor, startup_floor, inputs.bytes, flops=info["flops"],
+                           gflops_per_s=round(info["gflops_per_s"], 1))
+            )  # fmt: skip
 
         for method in methods:
             out = work / f"{sw.key}-core-{method}"
@@ -329,27 +299,23 @@ class ScaleProfile(Harness):
                     }
                 )
                 continue
-            m, rep = att.best
+            rep = att.best[1]
             timings = rep.get("timings") or {}
             in_process = timings.get("total_s")
-            wall_n = scaled(m.wall_s, in_process, factor)
             memory = rep.get("memory") or {}
             result = out / "adapter_model.safetensors"
             rows.append(
-                row(
+                _timed_row(
                     f"core {method}",
-                    m,
-                    wall=m.wall_s,
-                    floor_wall=floor_wall,
-                    startup=startup_cli,
-                    inputs=inputs.bytes,
-                    kind="core",
+                    "core",
+                    att,
+                    in_process,
+                    floor_wall,
+                    floor_scaled,
+                    factor,
+                    startup_cli,
+                    inputs.bytes,
                     method=method,
-                    in_process_s=in_process,
-                    scaled_wall_s=round(wall_n, 2),
-                    scaled_ratio_to_floor=round(wall_n / floor_scaled, 2) if floor_scaled else None,
-                    attempts=att.summary(),
-                    contended=att.contended,
                     timings=timings,
                     estimated_peak_mib=_mib(memory.get("estimated_peak_bytes")),
                     memory_limit_mib=_mib(memory.get("limit_bytes")),
@@ -433,6 +399,38 @@ class ScaleProfile(Harness):
         if not a.keep_outputs:
             shutil.rmtree(self.work, ignore_errors=True)
         return 0 if all(t["passed"] is not False for t in self.record["targets"]) else 1
+
+
+def _timed_row(
+    name: str,
+    kind: str,
+    att: Any,
+    in_process: float | None,
+    floor_wall: float | None,
+    floor_scaled: float | None,
+    factor: float,
+    startup: Any,
+    inputs: int,
+    **extra: Any,
+) -> dict[str, Any]:
+    """A row from the best of ``att``'s runs, its wall time scaled to all layers."""
+    m = att.best[0]
+    wall_n = scaled(m.wall_s, in_process, factor)
+    return row(
+        name,
+        m,
+        wall=m.wall_s,
+        floor_wall=floor_wall,
+        startup=startup,
+        inputs=inputs,
+        kind=kind,
+        in_process_s=in_process,
+        scaled_wall_s=round(wall_n, 2),
+        scaled_ratio_to_floor=round(wall_n / floor_scaled, 2) if floor_scaled else None,
+        attempts=att.summary(),
+        contended=att.contended,
+        **extra,
+    )
 
 
 def _mib(x: int | None) -> float | None:
