@@ -53,7 +53,8 @@ from .methods import (
     LAYER_K,
     METHOD_FUNCTIONS,
     _ceil_product,
-    _floor_product,
+    _elect_and_mean,
+    _trim_to_density,
     auto_alpha,
     rank_base,
 )
@@ -312,32 +313,12 @@ def _drop_and_rescale(X: Tensor, drop: float, generators: Sequence[torch.Generat
 
 
 def _ties(X: Tensor, density: float) -> Tensor:
-    """TIES on (G, T, a, b) → (G, a, b): :func:`worker.engine.methods.ties` per module.
-
-    As there, a task at a time on one copy of the stack (``X`` itself is kept: the core
-    matrices serve ``alpha: "auto"`` afterwards): the temporaries are (G, a·b), one task's
-    size, not (G, T, a·b). At T = 64 and R = 1024 a group of 16 modules would otherwise hold
-    several 4 GiB tensors at once.
-    """
+    """TIES on (G, T, a, b) → (G, a, b): :func:`worker.engine.methods.ties`'s own trim and
+    election, which take leading dimensions, on one copy of the stack (``X`` itself is
+    kept: the core matrices serve ``alpha: "auto"`` afterwards)."""
     G, T, a, b = X.shape
-    d = a * b
-    stacked = X.reshape(G, T, d).clone()
-    if density < 1:
-        kth = d - _floor_product(density, d)
-        for t in range(T):
-            row = stacked[:, t]
-            magnitude = row.abs()
-            row.mul_(magnitude >= magnitude.kthvalue(kth, dim=-1, keepdim=True).values)
-    sign = torch.sign(stacked.sum(1))  # (G, d)
-    majority = torch.sign(sign.sum(-1, keepdim=True))  # per module
-    sign = torch.where(sign == 0, majority, sign)
-    total, count = torch.zeros_like(sign), torch.zeros_like(sign)
-    for t in range(T):
-        row = stacked[:, t]
-        agree = torch.sign(row) == sign
-        total.add_(row * agree)
-        count.add_(agree)
-    return (total / count.clamp(min=1)).reshape(G, a, b)
+    stacked = X.reshape(G, T, a * b).clone()
+    return _elect_and_mean(_trim_to_density(stacked, density)).reshape(G, a, b)
 
 
 def _factored_svd(B: Tensor, A: Tensor) -> tuple[Tensor, Tensor, Tensor]:

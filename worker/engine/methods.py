@@ -71,21 +71,23 @@ def task_arithmetic(xs: Sequence[Tensor]) -> Tensor:
 
 
 def _trim_to_density(stacked: Tensor, density: float) -> Tensor:
-    """Zero, in place, all but the largest-magnitude entries of each row (one row per task).
+    """Zero, in place, all but the largest-magnitude entries of each task's row of
+    ``stacked`` (…, T, d): one row per task, any leading dimensions (modules, batched).
 
     Keeps every entry whose magnitude is ≥ the (d − ⌊d·density⌋)-th smallest, i.e.
     ⌊d·density⌋ + 1 entries plus ties, as the reference's ``topk_values_mask`` does
-    (PEFT's ``magnitude_based_pruning`` keeps exactly ⌊d·density⌋). Row by row, so the
+    (PEFT's ``magnitude_based_pruning`` keeps exactly ⌊d·density⌋). A task at a time, so the
     temporaries (magnitudes, kthvalue's copy, the mask) are one task's size, not T tasks':
     at T = 64 and R = 1024 that is 4 MiB each instead of 256 MiB.
     """
     if density >= 1:
         return stacked
-    d = stacked.shape[1]
+    d = stacked.shape[-1]
     kth = d - _floor_product(density, d)
-    for row in stacked:
+    for t in range(stacked.shape[-2]):
+        row = stacked[..., t, :]
         magnitude = row.abs()
-        row.mul_(magnitude >= magnitude.kthvalue(kth).values)
+        row.mul_(magnitude >= magnitude.kthvalue(kth, dim=-1, keepdim=True).values)
     return stacked
 
 
@@ -100,13 +102,15 @@ def _ceil_product(fraction: float, count: int) -> int:
 
 
 def _elect_and_mean(kept: Tensor) -> Tensor:
-    """TIES sign election and disjoint mean over rows of ``kept`` (T × d), a row at a time
-    (temporaries of one task's size)."""
-    sign = torch.sign(kept.sum(0))
-    majority = torch.sign(sign.sum())
+    """TIES sign election and disjoint mean over the task rows of ``kept`` (…, T, d) → (…, d),
+    a task at a time (temporaries of one task's size). An entry whose summed sign is 0
+    takes the majority sign of its own module (the leading dimensions)."""
+    sign = torch.sign(kept.sum(-2))
+    majority = torch.sign(sign.sum(-1, keepdim=True))
     sign = torch.where(sign == 0, majority, sign)
     total, count = torch.zeros_like(sign), torch.zeros_like(sign)
-    for row in kept:
+    for t in range(kept.shape[-2]):
+        row = kept[..., t, :]
         agree = torch.sign(row) == sign
         total.add_(row * agree)
         count.add_(agree)
