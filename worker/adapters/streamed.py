@@ -58,7 +58,6 @@ from .source import ModuleInfo, as_factors
 
 __all__ = ["Fetch", "ReadAhead", "StreamStats", "StreamedLoraReader"]
 
-MiB = 1 << 20
 #: The smallest window one streamed input gets, however many share the job's.
 MIN_WINDOW_BYTES = 256 << 10
 

@@ -539,7 +539,7 @@ def merge_group_in_core_space(
     _check_group(stacks)
     gens = _generators(generators, len(stacks))
     if takes_stacked_sum(method, params, rank, stacks[0]):  # nothing to decompose
-        return [stacked_sum(s, float(params.get("alpha", 1.0))) for s in stacks]
+        return [stacked_sum(s, params) for s in stacks]
     device = None if eigh_device is None else torch.device(eigh_device)
     ranks = stacks[0].ranks
     left = _basis(_stacked([s.B for s in stacks]), device)

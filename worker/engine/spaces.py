@@ -264,14 +264,16 @@ def takes_stacked_sum(
     )
 
 
-def stacked_sum(stack: FactorStack, alpha: float) -> MergedModule:
-    """Core-space task arithmetic without the bases: B = alpha · B_stack, A = A_stack.
+def stacked_sum(stack: FactorStack, params: Mapping[str, Any]) -> MergedModule:
+    """Core-space task arithmetic without the bases: B = alpha · B_stack, A = A_stack, with
+    ``params["alpha"]`` (a number: see :func:`takes_stacked_sum`).
 
     U (Σ_t M_t) Vᵀ = Σ_t B_t A_t = B_stack A_stack exactly (the lossless property), so the
     bases, the core matrices and the map back would compute, at about 4 (m + n) R² flops, a
     factorisation of the very update the stacks already are. The rank is R either way; only
     the pair differs (A is not orthonormal). Nothing is projected, so there is no residual.
     """
+    alpha = float(params.get("alpha", 1.0))
     B = stack.B if alpha == 1.0 else alpha * stack.B
     return MergedModule(B=B, A=stack.A, alpha=alpha)
 
@@ -292,7 +294,7 @@ def merge_in_core_space(
     """
     stack = FactorStack.of(factors)
     if takes_stacked_sum(method, params, rank, stack):
-        return stacked_sum(stack, float(params.get("alpha", 1.0)))
+        return stacked_sum(stack, params)
     params = {**params, LAYER_K: min(factors[0].B.shape[0], factors[0].A.shape[1])}
     bases = reference_bases(factors)
     thin = core_factors(factors, bases)
