@@ -97,6 +97,9 @@ class Harness:
     def floor(self, dirs: list[Path], out: Path) -> list[str]:
         return [self.python, str(SPEED / "floor.py"), "-o", str(fresh(out)), *map(str, dirs)]
 
+    def gemm_floor(self, dirs: list[Path]) -> list[str]:
+        return [self.python, str(SPEED / "floor.py"), "--gemm", *map(str, dirs)]
+
     def steps(self, inputs: InputSet, method: str, space: str, js: Path, out: Path) -> list[str]:
         argv = [self.python, str(SPEED / "steps.py"), *map(str, inputs.dirs)]
         argv += ["--space", space, "--method", method, "--device", self.args.device]

@@ -174,9 +174,6 @@ def write_header_only(w: Workload, configs: list[Path], root: Path) -> list[Path
 class ScaleProfile(Harness):
     benchmark = "scale"
 
-    def gemm_floor(self, dirs: list[Path]) -> list[str]:
-        return [self.python, str(Path(__file__).parent / "floor.py"), "--gemm", *map(str, dirs)]
-
     def merge_argv(self, dirs: list[Path], method: str, out: Path, *extra: str) -> list[str]:
         """The real CLI as a module: ``python -m worker.cli merge … --space core``."""
         argv = [self.python, "-m", "worker.cli", "merge", *map(str, dirs), "-o", str(fresh(out))]
