@@ -25,6 +25,7 @@ import httpx
 import pytest
 from botocore.config import Config
 
+from jobs.settings import Settings
 from service.client import CoremergeClient
 from tests.processes import (  # noqa: F401  (re-exported for the tests here)
     AWS_ENV,
@@ -144,6 +145,28 @@ def stack(s3, moto_endpoint: str, tmp_path_factory: pytest.TempPathFactory) -> I
         finally:
             for proc in stack.procs:
                 stop(proc)
+
+
+def inproc_settings(
+    stack: Stack, moto_endpoint: str, monkeypatch, work_dir: Path, name: str, **env: str
+) -> Settings:
+    """Settings of an in-process deployment of its own (prefix and queue ``name``) in the
+    stack's Redis database and S3 server, set in the environment too (the job function reads
+    its settings from there); ``env`` adds or overrides ``COREMERGE_*`` variables."""
+    values = {
+        "COREMERGE_REDIS_URL": stack.redis_url,
+        "COREMERGE_KEY_PREFIX": name,
+        "COREMERGE_QUEUE": name,
+        "COREMERGE_S3_ENDPOINT_URL": moto_endpoint,
+        "COREMERGE_DEVICE": "cpu",
+        "COREMERGE_WORK_DIR": str(work_dir),
+        **AWS_ENV,
+        **env,
+    }
+    for key, value in values.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.delenv("COREMERGE_TENANTS_FILE", raising=False)
+    return Settings()
 
 
 def upload(s3, local: Path, bucket: str, prefix: str) -> str:

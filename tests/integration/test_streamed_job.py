@@ -20,7 +20,7 @@ from jobs.records import JobStore, job_id_for
 from jobs.settings import Settings
 from jobs.spec import MergeSpec
 from jobs.tenants import OPEN_TENANT
-from tests.integration.conftest import AWS_ENV, Stack
+from tests.integration.conftest import Stack, inproc_settings
 from tests.integration.test_merges import download, fresh_output, wait_done
 from tests.integration.test_streamed import upload
 from tests.worker.synthetic import lora_adapter
@@ -116,22 +116,10 @@ def download_inputs(stack: Stack, uri: str, dest: Path) -> Path:
 def inproc(stack: Stack, moto_endpoint: str, monkeypatch, tmp_path: Path) -> Settings:
     """Settings of an in-process deployment (its own prefix and queue) with a 1 MiB
     look-ahead, so that an input of several MiB is read over the whole merge."""
-    name = f"streamjob{uuid.uuid4().hex[:8]}"
-    env = {
-        "COREMERGE_REDIS_URL": stack.redis_url,
-        "COREMERGE_KEY_PREFIX": name,
-        "COREMERGE_QUEUE": name,
-        "COREMERGE_S3_ENDPOINT_URL": moto_endpoint,
-        "COREMERGE_DEVICE": "cpu",
-        "COREMERGE_JOB_TIMEOUT": "300",
-        "COREMERGE_WORK_DIR": str(tmp_path),
-        "COREMERGE_S3_READ_AHEAD_BYTES": str(1 << 20),
-        **AWS_ENV,
-    }
-    for key, value in env.items():
-        monkeypatch.setenv(key, value)
-    monkeypatch.delenv("COREMERGE_TENANTS_FILE", raising=False)
-    return Settings()
+    return inproc_settings(
+        stack, moto_endpoint, monkeypatch, tmp_path, f"streamjob{uuid.uuid4().hex[:8]}",
+        COREMERGE_JOB_TIMEOUT="300", COREMERGE_S3_READ_AHEAD_BYTES=str(1 << 20),
+    )  # fmt: skip
 
 
 def test_an_input_replaced_mid_job_fails_it_with_storage_error_and_publishes_nothing(

@@ -18,29 +18,17 @@ from jobs.settings import Settings
 from jobs.spec import MergeSpec
 from jobs.tenants import OPEN_TENANT
 from service.api.models import job_view
-from tests.integration.conftest import AWS_ENV
+from tests.integration.conftest import inproc_settings
 
 
 @pytest.fixture
 def settings(stack, moto_endpoint, monkeypatch, tmp_path) -> Settings:
     """Settings of a deployment of its own (prefix, queue) in the stack's Redis database,
     set in the environment too: the job function reads its settings from there."""
-    name = f"inproc{uuid.uuid4().hex[:8]}"
-    env = {
-        "COREMERGE_REDIS_URL": stack.redis_url,
-        "COREMERGE_KEY_PREFIX": name,
-        "COREMERGE_QUEUE": name,
-        "COREMERGE_S3_ENDPOINT_URL": moto_endpoint,
-        "COREMERGE_ALLOW_FILE_URIS": "true",
-        "COREMERGE_DEVICE": "cpu",
-        "COREMERGE_JOB_TIMEOUT": "1",
-        "COREMERGE_WORK_DIR": str(tmp_path),
-        **AWS_ENV,
-    }
-    for key, value in env.items():
-        monkeypatch.setenv(key, value)
-    monkeypatch.delenv("COREMERGE_TENANTS_FILE", raising=False)
-    return Settings()
+    return inproc_settings(
+        stack, moto_endpoint, monkeypatch, tmp_path, f"inproc{uuid.uuid4().hex[:8]}",
+        COREMERGE_ALLOW_FILE_URIS="true", COREMERGE_JOB_TIMEOUT="1",
+    )  # fmt: skip
 
 
 def run_one(settings: Settings, spec: dict) -> dict:
