@@ -156,7 +156,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
     dirs = [local_path(a.uri) for a in spec.adapters]
     out_dir = local_path(spec.output.uri)
     bar = _progress_bar(args.quiet)
-    from worker.memory import default_max_work_bytes
+    from worker.limits import default_max_work_bytes
 
     outcome = run_merge(
         spec, dirs, out_dir, device=args.device, on_progress=bar.update,

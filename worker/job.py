@@ -37,7 +37,7 @@ from jobs.spec import MergeSpec
 from jobs.tenants import load_tenants, refusal
 from jobs.uris import parse_uri
 from worker.adapters.streamed import ReadAhead
-from worker.memory import default_max_work_bytes
+from worker.limits import default_max_work_bytes
 from worker.runner import Progress, run_merge
 from worker.storage import Storage, make_s3_client, make_transfer_config
 from worker.workdir import ATTEMPT_PREFIX, sweep_attempts

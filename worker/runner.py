@@ -165,6 +165,7 @@ class _ModuleMerger:
                 space=self.spec.space,
                 rank=self.spec.output.rank,
                 generator=module_generator(self.spec.seed, mp.module),
+                consume=True,  # the stacks were read for this merge alone
             )
         except NonFiniteError as exc:  # the inputs were finite: the merge itself overflowed
             raise OutputNotFinite(
@@ -186,6 +187,7 @@ class _ModuleMerger:
             merged = merge_stacks_in_core_space(
                 stacks, self.spec.method, self.spec.params, rank=self.spec.output.rank,
                 generators=[module_generator(self.spec.seed, mp.module) for mp in mps],
+                consume=True,
             )  # fmt: skip
         except NonFiniteError:
             return [self(mp) for mp in mps]  # one by one, to name the module that overflowed

@@ -10,7 +10,7 @@ Per module, on the real inputs (every module the adapters share, in file order):
 | read | ``AdapterReader.read`` of every adapter (as ``run_merge`` reads), scaling folded into B | same |
 | bases | ``reference_bases`` (QR/Gram + small SVD of the stacked factors) | — |
 | project | ``core_factors`` and their products, the R × R M_t | ΔW_t = B_t A_t (m × n each) |
-| merge | ``apply_method`` on the M_t (with their thin factors, as the engine passes them) | ``apply_method`` on the ΔW_t |
+| merge | ``merge_tasks`` on the M_t (with their thin factors, as the engine passes them) | ``apply_method`` on the ΔW_t |
 | reconstruct | B = U M, A = Vᵀ (``Basis.apply`` / ``transposed``; SVD of M when not square) | SVD of ΔW, cut at its numerical rank |
 | self_check | ``projection_residual`` (the report's residual) | — |
 | write | ``safetensors.torch.save_file`` of the module's (A, B), one file per module | same |
@@ -39,13 +39,14 @@ from jobs.spec import METHOD_PARAMS  # noqa: E402
 from worker.adapters import open_adapter  # noqa: E402
 from worker.engine import (  # noqa: E402
     LoraFactors,
+    Tasks,
     apply_method,
-    core_factors,
     linalg,
     merge_module,
+    merge_tasks,
     reference_bases,
-    spaces,
 )
+from worker.engine.core_space import projection_residual, through_the_stacks  # noqa: E402
 
 IMPORT_S = time.perf_counter() - T_START
 STEPS = ("read", "bases", "project", "merge", "reconstruct", "self_check", "write")
@@ -61,23 +62,19 @@ def module_generator(seed: int, module: str) -> torch.Generator:
 
 
 def reconstruct_core(bases, M: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """B = U M, A = Vᵀ, through the basis objects when they offer it (U may stay implicit)."""
-    left, right = getattr(bases, "left", None), getattr(bases, "right", None)
-    implicit = hasattr(left, "apply") and hasattr(right, "apply_t") and hasattr(right, "transposed")
+    """B = U M, A = Vᵀ as the engine writes them: through the stacks when both bases lie on
+    them, else through the bases (U stays implicit); the SVD of M when it is not square."""
+    left, right = bases.left, bases.right
     if M.shape[0] == M.shape[1]:
-        if implicit:
-            return left.apply(M), right.transposed()
-        return bases.U @ M, bases.V.mT.contiguous()
-    # R exceeds m or n: write U M Vᵀ through the SVD of the small M (as the engine does)
+        pair = through_the_stacks(left, right, M)
+        return pair if pair is not None else (left.apply(M), right.transposed())
     P, S, Qh = torch.linalg.svd(M, full_matrices=False)
-    if implicit:
-        return left.apply(P * S), right.apply_t(Qh)
-    return bases.U @ (P * S), Qh @ bases.V.mT
+    return left.apply(P * S), right.apply_t(Qh)
 
 
 def reconstruct_full(dW: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     U, S, Vh = torch.linalg.svd(dW, full_matrices=False)
-    k = linalg.numerical_rank(S, tuple(dW.shape))
+    k = int(linalg.numerical_ranks(S, tuple(dW.shape)))
     return U[:, :k] * S[:k], Vh[:k]
 
 
@@ -128,16 +125,18 @@ def main(argv: list[str] | None = None) -> int:
         if args.space == "core":
             bases = reference_bases(factors)
             t2 = clock()
-            thin = core_factors(factors, bases)
-            Ms = [left @ right for left, right in thin]
+            tasks = Tasks(
+                factors=(bases.left.coords, bases.right.coords.mT, [f.A.shape[0] for f in factors]),
+                layer_k=min(factors[0].B.shape[0], factors[0].A.shape[1]),
+                generators=[gen],
+            )
+            tasks.matrices  # noqa: B018  (formed here: the projection step)
             t3 = clock()
-            M = apply_method(args.method, Ms, params, gen, thin)
+            M = merge_tasks(args.method, tasks, params)[0][0]
             t4 = clock()
             B, A = reconstruct_core(bases, M)
             t5 = clock()
-            check = getattr(spaces, "projection_residual", None)
-            if check is not None:
-                residual = max(residual, float(check(factors, bases)))
+            residual = max(residual, float(projection_residual(factors, bases)))
             t6 = clock()
             seconds["bases"] += t2 - t1
             seconds["project"] += t3 - t2

@@ -18,7 +18,7 @@ from torch import Tensor
 
 from jobs.spec import validate_params
 from worker.engine import LoraFactors, MergedModule, core_matrices, merge_module, reference_bases
-from worker.engine.spaces import projection_residual
+from worker.engine.core_space import projection_residual
 
 F64 = torch.float64
 

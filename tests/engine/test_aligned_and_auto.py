@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from worker.engine import LoraFactors
-from worker.engine.spaces import aligned_axes
+from worker.engine.core_space import aligned_axes
+from worker.engine.methods import Tasks
 
 from .refs import (
     F64,
@@ -70,8 +71,9 @@ def test_rotating_onto_aligned_axes_is_lossless() -> None:
     """Without trimming or dropping, the rotation changes nothing: DARE at drop 0 is TA."""
     got = dense(run(_factors(), "dare", {"drop": 0.0, "axes": "aligned"}))
     assert rel_err(got, ref_ta(delta_ws(_factors()))) <= TOL
-    cores = [torch.randn(5, 7, dtype=F64) for _ in range(3)]
-    P, Q = aligned_axes(cores)
+    g = torch.Generator().manual_seed(4)
+    left, right = torch.randn(1, 5, 6, generator=g, dtype=F64), torch.randn(1, 6, 7, dtype=F64)
+    P, Q = (x[0] for x in aligned_axes(Tasks(factors=(left, right, (2, 2, 2)))))
     assert P.shape == (5, 5) and Q.shape == (7, 7)
     assert rel_err(P.mT @ P, torch.eye(5, dtype=F64)) <= TOL
     assert rel_err(Q.mT @ Q, torch.eye(7, dtype=F64)) <= TOL

@@ -15,16 +15,18 @@ import pytest
 import torch
 
 from jobs.spec import validate_params
-from worker.engine import FactorStack, NonFiniteError, merge_in_core_space
-from worker.engine.batched import (
-    _BATCHED,
-    _basis,
-    _stacked,
+from worker.engine import (
+    METHODS,
+    FactorStack,
+    NonFiniteError,
     merge_group_in_core_space,
+    merge_in_core_space,
     merge_stacks_in_core_space,
     shape_groups,
 )
-from worker.engine.methods import METHOD_FUNCTIONS
+from worker.engine.factors import stack_group
+from worker.engine.linalg import left_singular_basis
+from worker.engine.methods import Method, Tasks, TaskShape
 
 from .refs import HETERO_M, HETERO_N, HETERO_RANKS, HETERO_SCALES, dense, make_factors, rel_err
 
@@ -65,7 +67,9 @@ def _assert_same_as_unbatched(
         assert rel_err(dense(got), dense(want)) <= TOL
         assert got.rank == want.rank
         assert got.B.shape == want.B.shape and got.A.shape == want.A.shape
-        assert got.B.is_contiguous() and got.A.is_contiguous()
+        assert (
+            got.A.is_contiguous()
+        )  # B may lie in a QR's column-major buffer: the writer copies it
         if want.kept_energy is None:
             assert got.kept_energy is None
         else:
@@ -106,13 +110,7 @@ def _case_id(case: tuple[str, dict]) -> str:
 
 
 def test_cases_cover_every_method() -> None:
-    assert {m for m, _ in CASES} == set(METHOD_FUNCTIONS)
-
-
-def test_every_method_has_a_batched_form() -> None:
-    """A method added to METHOD_FUNCTIONS alone still merges (module by module), but slowly:
-    this says so."""
-    assert set(_BATCHED) == set(METHOD_FUNCTIONS)
+    assert {m for m, _ in CASES} == set(METHODS)
 
 
 @pytest.mark.parametrize("case", CASES, ids=_case_id)
@@ -173,12 +171,12 @@ def _mixed_route_group() -> list[FactorStack]:
 
 def test_mixed_route_group_takes_every_route() -> None:
     stacks = _mixed_route_group()
-    left = _basis(torch.stack([s.B for s in stacks]), None)
-    right = _basis(torch.stack([s.A for s in stacks]).mT, None)
+    left = left_singular_basis(torch.stack([s.B for s in stacks]))
+    right = left_singular_basis(torch.stack([s.A for s in stacks]).mT)
     assert left.routes == ("gram32", "gram64", "qr", "qr")
     assert set(right.routes) == {"gram32", "gram64"}
-    assert left.U is not None  # mixed routes: U is made explicit
-    U = left.U
+    assert not left.on_the_stack  # mixed routes: one base holds each stack or Q
+    U = left.matrix
     eye = torch.eye(U.shape[-1]).expand_as(U.mT @ U)
     assert torch.allclose(U.mT @ U, eye, atol=1e-5)
 
@@ -255,9 +253,18 @@ def test_mixed_shapes_are_grouped_and_returned_in_order() -> None:
             assert rel_err(dense(merged), dense(merge_in_core_space(stack, "ties", p))) <= TOL
 
 
-def test_a_method_without_a_batched_form_runs_module_by_module(monkeypatch) -> None:
-    """A method only in METHOD_FUNCTIONS (added later) takes the unbatched function."""
-    monkeypatch.setitem(METHOD_FUNCTIONS, "mean", lambda xs, p, g, f: sum(xs) / len(xs))
+def _mean(tasks: Tasks) -> torch.Tensor:
+    return tasks.matrices.mean(1)
+
+
+def _mean_cost(L, s: TaskShape) -> int:
+    s.matrices(L)
+    return L.alloc(s.X)
+
+
+def test_a_method_added_to_the_table_merges_batched(monkeypatch) -> None:
+    """A new method is one function over the tasks and one row: it runs on the group."""
+    monkeypatch.setitem(METHODS, "mean", Method(_mean, _mean_cost))
     stacks = _group()
     for stack, merged in zip(
         stacks, merge_group_in_core_space(stacks, "mean", {"alpha": 2.0}), strict=True
@@ -321,11 +328,13 @@ def test_factors_read_into_one_batched_buffer_are_not_copied() -> None:
     buffer_B = torch.stack([s.B for s in stacks])
     buffer_A = torch.stack([s.A for s in stacks])
     views = [FactorStack(buffer_B[g], buffer_A[g], HETERO_RANKS) for g in range(len(stacks))]
-    assert _stacked([v.B for v in views]) is buffer_B
-    assert _stacked([v.A for v in views]) is buffer_A
-    assert _stacked([v.B for v in views[::-1]]) is not buffer_B  # out of order: a copy
-    assert torch.equal(_stacked([v.B for v in views[::-1]]), buffer_B.flip(0))
-    assert _stacked([s.B for s in stacks]) is not buffer_B
+    B_stacks, A_stacks, copied = stack_group(views)
+    assert B_stacks is buffer_B and A_stacks is buffer_A and not copied
+    reversed_B, _, copied = stack_group(views[::-1])
+    assert copied
+    assert reversed_B is not buffer_B  # out of order: a copy
+    assert torch.equal(reversed_B, buffer_B.flip(0))
+    assert stack_group(stacks)[0] is not buffer_B
     p = validate_params("ties", {"density": 0.3})
     for got, want in zip(
         merge_group_in_core_space(views, "ties", p),

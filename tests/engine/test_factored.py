@@ -6,9 +6,20 @@ import pytest
 import torch
 
 from worker.engine import FactorStack, core_factors, reference_bases
-from worker.engine.methods import tsv
+from worker.engine.methods import Tasks, tsv
 
 from .refs import F64, HETERO_RANKS, dense, ref_core, ref_tsv, rel_err, run
+
+
+def _tsv_dense(xs):
+    return tsv(Tasks.of(xs), rank_of="space")[0]
+
+
+def _tsv_factored(pairs):
+    left = torch.cat([p for p, _ in pairs], dim=1)[None]
+    right = torch.cat([q for _, q in pairs], dim=0)[None]
+    ranks = [p.shape[1] for p, _ in pairs]
+    return tsv(Tasks(factors=(left, right, ranks)), rank_of="space")[0]
 
 
 def _products(ranks, m=20, n=18, seed=3):
@@ -32,15 +43,15 @@ def _products(ranks, m=20, n=18, seed=3):
 def test_tsv_from_factors_equals_tsv_from_the_dense_matrices(ranks):
     xs, pairs = _products(ranks)
     want = ref_tsv(xs)
-    assert rel_err(tsv(xs), want) <= 1e-10
-    assert rel_err(tsv(xs, pairs), want) <= 1e-10
+    assert rel_err(_tsv_dense(xs), want) <= 1e-10
+    assert rel_err(_tsv_factored(pairs), want) <= 1e-10
 
 
 def test_tsv_from_factors_skips_a_zero_task():
     xs, pairs = _products((3, 4))
     pairs[0] = (torch.zeros_like(pairs[0][0]), pairs[0][1])
     xs[0] = torch.zeros_like(xs[0])
-    assert rel_err(tsv(xs, pairs), ref_tsv(xs)) <= 1e-10
+    assert rel_err(_tsv_factored(pairs), ref_tsv(xs)) <= 1e-10
 
 
 def test_core_factors_multiply_to_the_core_matrices(hetero64):

@@ -1,27 +1,33 @@
-"""The engine's methods and the job spec's parameter declaration name the same methods, and
-every declared parameter reaches its method."""
+"""The engine's method table and the job spec's parameter declaration are one: the same
+methods, and each method's function and cost take exactly its declared parameters, by name."""
 
 from __future__ import annotations
 
 import inspect
 
 from jobs.spec import METHOD_PARAMS, METHODS
-from worker.engine import METHOD_FUNCTIONS, batched, merge_in_core_space
+from worker.engine import METHODS as ENGINE_METHODS
+from worker.engine.methods import COMMON_PARAMS
 
 
-def test_every_declared_method_has_an_engine_function_and_no_other() -> None:
-    assert METHOD_FUNCTIONS.keys() == METHOD_PARAMS.keys() == set(METHODS)
+def _keywords(fn) -> set[str]:
+    return {
+        name
+        for name, p in inspect.signature(fn).parameters.items()
+        if p.kind is inspect.Parameter.KEYWORD_ONLY
+    }
 
 
-def test_every_method_specific_parameter_is_read_by_its_method() -> None:
-    shared = {"alpha", "isotropize"}  # applied by apply_method after every method
-    by_space = {"axes"}  # core space rotates the core matrices before the method
-    for name in by_space:
-        assert f'params.get("{name}"' in inspect.getsource(merge_in_core_space), name
-        assert f'params.get("{name}")' in inspect.getsource(batched._merge), name
-    shared |= by_space
-    for method, params in METHOD_PARAMS.items():
-        source = inspect.getsource(METHOD_FUNCTIONS[method])
-        for p in params:
-            if p.name not in shared:
-                assert f'p["{p.name}"]' in source, (method, p.name)
+def test_every_declared_method_has_a_table_row_and_no_other() -> None:
+    assert ENGINE_METHODS.keys() == METHOD_PARAMS.keys() == set(METHODS)
+
+
+def test_each_method_takes_its_declared_parameters_by_name() -> None:
+    """``ties(tasks, *, density)``: the keywords are the spec's names, the common ones (alpha,
+    isotropize, axes) excepted, which the space applies around every method. Adding a
+    parameter to the spec without its method taking it (or the other way round) fails here."""
+    for method, declared in METHOD_PARAMS.items():
+        own = {p.name for p in declared} - set(COMMON_PARAMS)
+        row = ENGINE_METHODS[method]
+        assert _keywords(row.merge) == own, (method, "merge")
+        assert _keywords(row.cost) == own, (method, "cost")

@@ -1,11 +1,15 @@
-"""Run one merge and print its estimated and measured peak working memory (a child process of
-``tests/worker/test_memory_estimate.py``; not a test module).
+"""Run one merge and measure its peak working memory against the plan's estimate (the child
+side of ``tests/worker/test_memory_estimate.py`` and ``test_memory_grid.py``; not a test
+module).
 
-    python -m tests.worker.measure_merge '{"spec": {...}, "dirs": [...], "out": "...", "vera": false}'
+    python -m tests.worker.measure_merge '{"spec": {...}, "dirs": [...], "out": "..."}'
 
-The measure is the process's peak resident memory during ``run_merge`` (VmHWM) less its
-resident memory right before it, after the imports: the kernel's peak counter is reset first
-(``/proc/self/clear_refs``), so an import's transient peak does not count.
+or, from a forkserver that preloaded this module (torch and the worker imported once),
+:func:`measure` in a fresh forked process per merge. The measure is the process's peak
+resident memory during ``run_merge`` (VmHWM) less its resident memory right before it: the
+kernel's peak counter is reset first (``/proc/self/clear_refs``), so the imports' transient
+peaks do not count. glibc's malloc is set as the worker sets it (``worker.allocator``): large
+freed buffers go back to the system, so the resident memory follows what is allocated.
 """
 
 from __future__ import annotations
@@ -14,6 +18,14 @@ import gc
 import json
 import sys
 from pathlib import Path
+
+import torch
+
+from jobs.spec import MergeSpec
+from worker.allocator import return_freed_memory
+from worker.runner import run_merge
+
+__all__ = ["measure", "reset_peak", "status_bytes"]
 
 
 def status_bytes(field: str) -> int:
@@ -33,15 +45,12 @@ def reset_peak() -> bool:
     return True
 
 
-def main() -> None:
-    job = json.loads(sys.argv[1])
-    import torch  # noqa: F401  (the imports are not the merge's memory)
-
-    from jobs.spec import MergeSpec
-    from worker.runner import run_merge
-
+def measure(job: dict) -> dict:
+    """Merge ``job`` (spec, input dirs, output dir) in this process; its estimate and peak."""
+    return_freed_memory()
     if job.get("vera"):  # the regenerating reader imports PEFT's initialisation
         import peft.tuners.vera.model  # noqa: F401
+    torch.set_num_threads(job.get("threads", torch.get_num_threads()))
     spec = MergeSpec.model_validate(job["spec"])
     gc.collect()
     reset = reset_peak()
@@ -49,7 +58,11 @@ def main() -> None:
     outcome = run_merge(spec, [Path(d) for d in job["dirs"]], Path(job["out"]), device="cpu")
     measured = status_bytes("VmHWM") - before
     estimate = outcome.report["memory"]["estimated_peak_bytes"]
-    print(json.dumps({"estimate": estimate, "measured": measured, "reset": reset}))
+    return {"estimate": estimate, "measured": measured, "reset": reset}
+
+
+def main() -> None:
+    print(json.dumps(measure(json.loads(sys.argv[1]))))
 
 
 if __name__ == "__main__":

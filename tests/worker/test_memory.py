@@ -19,13 +19,8 @@ from tests.worker.synthetic import lora_adapter, spec, vera_adapter
 from worker.adapters import open_adapters
 from worker.adapters.lora import LoraReader
 from worker.adapters.vera import VeraReader
-from worker.memory import (
-    ModuleShape,
-    default_max_work_bytes,
-    estimate_work,
-    format_bytes,
-    memory_limit,
-)
+from worker.limits import default_max_work_bytes, memory_limit
+from worker.memory import ModuleShape, estimate_work, format_bytes
 from worker.plan import make_plan
 from worker.runner import run_merge
 
