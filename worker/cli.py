@@ -2,7 +2,8 @@
 
     coremerge merge ADAPTER_DIR... -o OUT_DIR [--method tsv] [--space core] [--weights 1,0.5]
                     [--param NAME=VALUE]... [--rank K] [--dtype bfloat16] [--device auto]
-                    [--seed 0] [--spec job.json]
+                    [--seed 0] [--normalize] [--include RE]... [--exclude RE]...
+                    [--spec job.json]
     coremerge inspect ADAPTER_DIR [--json]
     coremerge demo [--workdir DIR]
 
@@ -112,6 +113,7 @@ def build_spec(args: argparse.Namespace) -> MergeSpec:
         if getattr(args, key) is not None:
             raw[key] = getattr(args, key)
     raw.setdefault("method", "tsv")
+    _module_flags(raw, args)
     if args.param:
         raw["params"] = {**raw.get("params", {}), **dict(_parse_param(p) for p in args.param)}
     output = raw.setdefault("output", {})
@@ -131,6 +133,20 @@ def build_spec(args: argparse.Namespace) -> MergeSpec:
         raise UsageError(_validation_message(exc)) from None
     _check_output_apart(spec)
     return spec
+
+
+def _module_flags(raw: dict[str, Any], args: argparse.Namespace) -> None:
+    """``--include`` / ``--exclude`` (added to the spec's) and ``--normalize``."""
+    if args.include or args.exclude:
+        modules = raw.setdefault("modules", {})
+        if not isinstance(modules, dict):
+            raise UsageError("spec field 'modules' must be an object")
+        for key in ("include", "exclude"):
+            given = getattr(args, key) or []
+            if given:
+                modules[key] = [*modules.get(key, []), *given]
+    if args.normalize:
+        raw["normalize"] = True
 
 
 def _check_output_apart(spec: MergeSpec) -> None:
@@ -288,6 +304,23 @@ def _add_merge_parser(sub: Any) -> None:
     merge.add_argument("--weights", help="per-adapter weights, comma-separated")
     merge.add_argument(
         "--param", action="append", metavar="NAME=VALUE", help="method parameter; repeatable"
+    )
+    merge.add_argument(
+        "--normalize",
+        action="store_true",
+        help="divide each module's weights by their sum (mergekit's normalize)",
+    )
+    merge.add_argument(
+        "--include",
+        action="append",
+        metavar="PATTERN",
+        help="merge only modules whose name contains this regular expression; repeatable",
+    )
+    merge.add_argument(
+        "--exclude",
+        action="append",
+        metavar="PATTERN",
+        help="leave out modules whose name contains this regular expression; repeatable",
     )
     merge.add_argument("--rank", type=int, help="truncate every module to this rank")
     merge.add_argument(

@@ -180,7 +180,7 @@ def write_model_card(staging: Path, report: dict[str, Any]) -> None:
         front.append(f"base_model: {json.dumps(base)}")
     front += ["tags:", *(f"- {tag}" for tag in ("peft", "lora", "merge", "coremerge")), "---"]
     rows = [
-        f"| {i['name']} | `{i['uri']}` | {i['weight']:g} | {i['r']} | `{i['sha256']}` |"
+        f"| {i['name']} | `{i['uri']}` | {_weight_text(i['weight'])} | {i['r']} | `{i['sha256']}` |"
         for i in report["inputs"]
     ]
     params = ", ".join(f"`{k}={v}`" for k, v in report["params"].items()) or "none"
@@ -206,6 +206,14 @@ def write_model_card(staging: Path, report: dict[str, Any]) -> None:
     (staging / MODEL_CARD_NAME).write_text("\n".join([*front, "", *body]) + "\n")
 
 
+def _weight_text(weight: Any) -> str:
+    """An input's weight in the card: the number, or its schedule (per-module weights are
+    in the report's module records)."""
+    if isinstance(weight, int | float):
+        return f"{weight:g}"
+    return f"`{json.dumps(weight, separators=(',', ':'))}`".replace("|", "\\|")
+
+
 def _alpha_line(alpha: dict[str, Any]) -> list[str]:
     """The card's line on what ``alpha: "auto"`` resolved to (nothing for a given alpha)."""
     if not alpha.get("auto") or alpha.get("median") is None:
@@ -225,10 +233,11 @@ def write_report(staging: Path, report: dict[str, Any]) -> None:
 def _inputs(spec: MergeSpec, readers: Sequence[AdapterSource], hashes: list[str]) -> list[dict]:
     return [
         {
+            **_own_params(ref),
             "name": reader.name,
             "uri": ref.uri,
             "peft_type": reader.config.peft_type,
-            "weight": ref.weight,
+            "weight": ref.model_dump(mode="json")["weight"],
             "sha256": sha,
             "bytes": reader.nbytes,
             "r": reader.config.r,
@@ -238,6 +247,12 @@ def _inputs(spec: MergeSpec, readers: Sequence[AdapterSource], hashes: list[str]
         }
         for reader, ref, sha in zip(readers, spec.adapters, hashes, strict=True)
     ]
+
+
+def _own_params(ref: Any) -> dict[str, Any]:
+    """The method parameters an input set for itself (density, drop), as given."""
+    given = ref.model_dump(mode="json", include={"density", "drop"})
+    return {k: v for k, v in given.items() if v is not None}
 
 
 def alpha_summary(spec: MergeSpec, records: list[dict[str, Any]]) -> dict[str, Any]:
@@ -274,6 +289,8 @@ def build_report(
         "space": spec.space,
         "params": spec.params,
         "seed": spec.seed,
+        "normalize": spec.normalize,
+        "module_filter": spec.modules.model_dump(),
         "device": str(device),
         "inputs": _inputs(spec, readers, input_hashes),
         "output": {

@@ -118,6 +118,15 @@ class _ModuleMerger:
             window = GPU_WINDOW_MODULES if device.type == "cuda" and spec.space == "core" else 1
         self.window = window
 
+    def params(self, mp: ModulePlan) -> dict[str, Any]:
+        """The method's parameters for this module: the job's, with each per-task parameter
+        that some adapter sets (density, drop) as one value per source, in source order, or
+        as one number when they are all equal (the engine's interface for per-task params)."""
+        params = dict(self.spec.params)
+        for name, values in mp.task_params.items():
+            params[name] = values[0] if len(set(values)) == 1 else values
+        return params
+
     def _read(self, mp: ModulePlan) -> FactorStack:
         """The module's factors, ΔW_t = (w_t s_t B_t) A_t, copied straight into their stacks.
 
@@ -132,9 +141,9 @@ class _ModuleMerger:
             [info.rank for info in infos],
         )
         scales = []
-        for i, info, sl in zip(mp.sources, infos, stack.slices, strict=True):
+        for i, weight, info, sl in zip(mp.sources, mp.weights, infos, stack.slices, strict=True):
             A, B = self.readers[i].read(mp.module, self.device, check=False)
-            scales.append(info.scaling * self.spec.adapters[i].weight)
+            scales.append(info.scaling * weight)
             stack.A[sl] = A
             torch.mul(B, scales[-1], out=stack.B[:, sl])
         if not bool(torch.isfinite(stack.A.sum() + stack.B.sum())):
@@ -161,7 +170,7 @@ class _ModuleMerger:
             merged = merge_module(
                 factors,
                 self.spec.method,
-                self.spec.params,
+                self.params(mp),
                 space=self.spec.space,
                 rank=self.spec.output.rank,
                 generator=module_generator(self.spec.seed, mp.module),
@@ -179,12 +188,15 @@ class _ModuleMerger:
         """Merge several modules in core space, those of one shape in one batched call
         (``worker.engine.batched``): the same results as one by one, in fewer, larger
         kernels, which is what a GPU needs."""
+        params = [self.params(mp) for mp in mps]
+        if any(p != params[0] for p in params):  # one batched call takes one set of params
+            return [self(mp) for mp in mps]
         t0 = time.perf_counter()
         stacks = [self._read(mp) for mp in mps]
         t1 = time.perf_counter()
         try:
             merged = merge_stacks_in_core_space(
-                stacks, self.spec.method, self.spec.params, rank=self.spec.output.rank,
+                stacks, self.spec.method, params[0], rank=self.spec.output.rank,
                 generators=[module_generator(self.spec.seed, mp.module) for mp in mps],
             )  # fmt: skip
         except NonFiniteError:
@@ -206,6 +218,9 @@ class _ModuleMerger:
         record = {
             "module": mp.module,
             "adapters": len(mp.sources),
+            "sources": [self.readers[i].name for i in mp.sources],
+            "weights": list(mp.weights),
+            **{name: list(values) for name, values in mp.task_params.items()},
             "total_rank": mp.total_rank,
             "rank": merged.rank,
             "kept_energy": merged.kept_energy,
