@@ -311,6 +311,13 @@ class MergeSpec(_Strict):
     modules: ModuleFilter = Field(
         default_factory=ModuleFilter, description="which modules are merged; the rest are left out"
     )
+    base_model: str | None = Field(
+        None,
+        min_length=1,
+        max_length=1000,
+        description="the base model the adapters belong to: each adapter's "
+        "base_model_name_or_path must name it (unset ones are not checked); never loaded",
+    )
     layers: int | None = Field(
         None,
         ge=1,

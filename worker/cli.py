@@ -4,6 +4,7 @@
                     [--param NAME=VALUE]... [--rank K] [--dtype bfloat16] [--device auto]
                     [--seed 0] [--normalize] [--include RE]... [--exclude RE]...
                     [--spec job.json]
+    coremerge merge --config merge.yml OUT_DIR      (mergekit's configuration, docs/mergekit.md)
     coremerge inspect ADAPTER_DIR [--json]
     coremerge demo [--workdir DIR]
 
@@ -90,8 +91,12 @@ def _validation_message(exc: Exception) -> str:
     return "invalid job spec: " + "; ".join(parts)
 
 
-def build_spec(args: argparse.Namespace) -> MergeSpec:
-    """The job spec from ``--spec`` (if given) overridden by the explicit flags."""
+def _document(args: argparse.Namespace) -> dict[str, Any]:
+    """The spec as ``--spec`` (JSON) or ``--config`` (mergekit's YAML) gives it, with the
+    positional adapters; with ``--config`` one positional may be the output folder instead,
+    as ``mergekit-yaml merge.yml OUT_DIR`` has it."""
+    if args.spec and args.config:
+        raise UsageError("give --spec or --config, not both")
     raw: dict[str, Any] = {}
     if args.spec:
         try:
@@ -100,8 +105,31 @@ def build_spec(args: argparse.Namespace) -> MergeSpec:
             raise UsageError(f"--spec {args.spec}: {exc}") from None
         if not isinstance(raw, dict):
             raise UsageError(f"--spec {args.spec}: not a JSON object")
+    if args.config:
+        raw = config_spec(args.config)
+        if len(args.adapters) == 1 and args.output is None:
+            args.output, args.adapters = args.adapters[0], []
+        elif args.adapters:
+            raise UsageError("--config names the adapters (models:); give no ADAPTER_DIR")
     if args.adapters:
         raw["adapters"] = [{"uri": a} for a in args.adapters]
+    return raw
+
+
+def config_spec(path: str) -> dict[str, Any]:
+    """The job spec of the mergekit configuration at ``path`` (``jobs.mergekit``)."""
+    from jobs.mergekit import MergekitConfigError, read_mergekit_config, spec_from_mergekit
+
+    try:
+        return spec_from_mergekit(read_mergekit_config(path))
+    except MergekitConfigError as exc:
+        raise UsageError(f"--config {path}: {exc}") from None
+
+
+def build_spec(args: argparse.Namespace) -> MergeSpec:
+    """The job spec from ``--spec`` or ``--config`` (if given) overridden by the explicit
+    flags."""
+    raw = _document(args)
     if not raw.get("adapters"):
         raise UsageError("no adapters given")
     if args.weights is not None:
@@ -332,6 +360,11 @@ def _add_merge_parser(sub: Any) -> None:
     merge.add_argument("--seed", type=int, help="seed for random methods (default 0)")
     merge.add_argument(
         "--spec", metavar="JOB_JSON", help="a job spec file (docs/job-spec.md); flags override it"
+    )
+    merge.add_argument(
+        "--config",
+        metavar="MERGE_YML",
+        help="a mergekit-style merge configuration (docs/mergekit.md); flags override it",
     )
     merge.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     merge.set_defaults(func=cmd_merge)

@@ -77,15 +77,16 @@ class ModuleValues:
         return default if value is None else value
 
     def taking(self, module: str, having: Iterable[int]) -> Taking:
-        """Of the adapters ``having`` the module, those whose weight there is not 0."""
-        sources, weights = [], []
-        for i in having:
-            weight = self._value(self.spec.adapters[i].weight, module, 1.0)
-            if weight != 0.0:
-                sources.append(i)
-                weights.append(weight)
+        """Of the adapters ``having`` the module, those whose weight there is not 0.
+
+        With ``normalize``, the weights are divided by the sum of every adapter's weight at
+        this module, those without the module included: mergekit merges models, in which an
+        adapter that lacks a module is an update of 0 there whose weight still counts."""
+        every = [self._value(ref.weight, module, 1.0) for ref in self.spec.adapters]
+        sources = [i for i in having if every[i] != 0.0]
+        weights = [every[i] for i in sources]
         if self.spec.normalize:
-            total = sum(weights)
+            total = sum(every)
             if abs(total) >= NORMALIZE_EPS:
                 weights = [w / total for w in weights]
         task_params = {}

@@ -70,6 +70,21 @@ def _single(readers: Sequence[AdapterSource], field: str) -> object:
     return values.pop() if values else None
 
 
+def _check_base_model(readers: Sequence[AdapterSource], spec: MergeSpec) -> None:
+    """Each adapter's ``base_model_name_or_path`` must name the job's ``base_model`` (the
+    same name, a revision or a trailing ``/`` aside); adapters that name none pass."""
+    if spec.base_model is None:
+        return
+    want = spec.base_model.split("@", 1)[0].rstrip("/")
+    for reader in readers:
+        have = reader.config.base_model_name_or_path
+        if have is not None and have.rstrip("/") != want:
+            raise AdapterIncompatible(
+                f"adapter {reader.name!r} is of base model {have!r}, not the job's base_model "
+                f"{spec.base_model!r}"
+            )
+
+
 def _target_modules(
     readers: Sequence[AdapterSource], modules: list[str], every: bool = True
 ) -> list[str] | str:
@@ -214,6 +229,7 @@ def make_plan(
     if max_modules is not None:
         _check_module_count(readers, max_modules)
     base = _single(readers, "base_model_name_or_path")
+    _check_base_model(readers, spec)
     fan_in_fan_out = bool(_single(readers, "fan_in_fan_out"))
     task_types = {r.config.task_type for r in readers}
     notes = []

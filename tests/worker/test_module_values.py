@@ -64,6 +64,8 @@ def test_normalize_divides_each_modules_weights_by_their_sum(peft_adapters: list
     plan = _plan(peft_adapters, [[0, 1], 1, 3], method="ta", normalize=True)
     assert plan[Q0].weights == (0.25, 0.75)  # adapter 0 is out of layer 0
     assert plan[Q1].weights == pytest.approx((0.2, 0.2, 0.6))
+    # Adapter 1 has no down_proj; its weight still counts, as a model's does in mergekit.
+    assert plan[D0].sources == (2,) and plan[D0].weights == (0.75,)
     # A sum of zero is left as it is (mergekit's guard), not divided by.
     cancel = _plan(peft_adapters, [1, -1, 0], method="ta", normalize=True)
     assert cancel[Q0].weights == (1.0, -1.0)
