@@ -31,6 +31,7 @@ from pydantic import (
 )
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
+from jobs.hub import HUB_SCHEME, parse_hub
 from jobs.schedules import (
     MAX_PATTERNS,
     ModuleFilter,
@@ -264,8 +265,12 @@ class AdapterRef(_Strict):
     @classmethod
     def _lower_scheme(cls, uri: str) -> str:
         """``S3://`` and ``s3://`` are one scheme: every reader of a spec sees the lower-case
-        one (the API, the CLI and the worker alike)."""
-        return canonical_scheme(uri)
+        one (the API, the CLI and the worker alike). An ``hf://`` URI must name one model
+        repository (``jobs.hub``)."""
+        uri = canonical_scheme(uri)
+        if uri.startswith(HUB_SCHEME):
+            parse_hub(uri)  # its ValueError names what is wrong
+        return uri
 
     @property
     def display_name(self) -> str:

@@ -21,6 +21,7 @@ import sys
 from pathlib import Path
 from typing import Any, NoReturn
 
+from jobs.hub import reference_uri
 from jobs.spec import DTYPES, METHOD_PARAMS, METHODS, SPACES, MergeSpec
 
 __all__ = ["main"]
@@ -107,12 +108,14 @@ def _document(args: argparse.Namespace) -> dict[str, Any]:
             raise UsageError(f"--spec {args.spec}: not a JSON object")
     if args.config:
         raw = config_spec(args.config)
+        for adapter in raw["adapters"]:
+            adapter["uri"] = reference_uri(adapter["uri"])
         if len(args.adapters) == 1 and args.output is None:
             args.output, args.adapters = args.adapters[0], []
         elif args.adapters:
             raise UsageError("--config names the adapters (models:); give no ADAPTER_DIR")
     if args.adapters:
-        raw["adapters"] = [{"uri": a} for a in args.adapters]
+        raw["adapters"] = [{"uri": reference_uri(a)} for a in args.adapters]
     return raw
 
 
@@ -181,10 +184,14 @@ def _check_output_apart(spec: MergeSpec) -> None:
     """The output folder must not equal, contain or lie inside an input folder: compared as
     absolute paths with symlinks resolved, ``file://`` URIs and local paths alike (the one
     comparison the service makes too, ``jobs.uris.output_overlap``)."""
+    from jobs.hub import HUB_SCHEME
     from jobs.uris import local_location, output_overlap
 
+    if spec.output.uri.startswith(HUB_SCHEME):
+        raise UsageError(f"output {spec.output.uri!r}: an hf:// location is an input only")
     output = local_location(local_path(spec.output.uri))
-    inputs = [local_location(local_path(a.uri)) for a in spec.adapters]
+    local = [a for a in spec.adapters if not a.uri.startswith(HUB_SCHEME)]
+    inputs = [local_location(local_path(a.uri)) for a in local]
     clash = output_overlap(output, inputs)
     if clash is not None:
         raise UsageError(
@@ -196,8 +203,9 @@ def _check_output_apart(spec: MergeSpec) -> None:
 def cmd_merge(args: argparse.Namespace) -> int:
     spec = build_spec(args)
     from worker.runner import run_merge
+    from worker.storage.hub import resolve_cli_inputs
 
-    dirs = [local_path(a.uri) for a in spec.adapters]
+    spec, dirs = resolve_cli_inputs(spec, local_path)
     out_dir = local_path(spec.output.uri)
     bar = _progress_bar(args.quiet)
     from worker.memory import default_max_work_bytes
@@ -205,6 +213,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
     outcome = run_merge(
         spec, dirs, out_dir, device=args.device, on_progress=bar.update,
         max_work_bytes=args.max_memory or default_max_work_bytes(),
+        record_local_paths=args.record_paths,
     )  # fmt: skip
     bar.close()
     report = outcome.report
@@ -323,7 +332,13 @@ def _add_merge_parser(sub: Any) -> None:
         epilog=_method_help(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    merge.add_argument("adapters", nargs="*", metavar="ADAPTER_DIR", help="PEFT adapter folders")
+    merge.add_argument(
+        "adapters",
+        nargs="*",
+        metavar="ADAPTER",
+        help="PEFT adapter folders, or Hub ids org/name[@revision] (hf://org/name forces the "
+        "Hub, ./org/name a local folder)",
+    )
     merge.add_argument(
         "-o", "--output", metavar="OUT_DIR", help="where the merged adapter is written"
     )
@@ -367,6 +382,12 @@ def _add_merge_parser(sub: Any) -> None:
         help="a mergekit-style merge configuration (docs/mergekit.md); flags override it",
     )
     merge.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    merge.add_argument(
+        "--record-paths",
+        action="store_true",
+        help="record local inputs' paths in the report and the model card (default: their "
+        "names only, so a published adapter does not show this machine's layout)",
+    )
     merge.set_defaults(func=cmd_merge)
     merge.add_argument(
         "--max-memory",

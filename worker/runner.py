@@ -283,6 +283,7 @@ def run_merge(
     max_work_bytes: int | None = None,
     batch_window: int | None = None,
     weights_sink: Callable[[], BinaryIO | None] | None = None,
+    record_local_paths: bool = True,
 ) -> MergeOutcome:
     """Merge the adapters in ``adapter_dirs`` (in ``spec.adapters`` order: local folders, or
     an ``AdapterLocation`` each, whose weights are read as the merge goes) into ``out_dir``.
@@ -295,6 +296,8 @@ def run_merge(
     one batched call per shape (core space only); by default that is done on CUDA only.
     ``weights_sink()``, when it gives a target, receives ``adapter_model.safetensors`` as it is
     written (an upload to the output's store, beside the merge) instead of ``out_dir``.
+    ``record_local_paths`` False leaves local inputs' locations out of the report and the
+    model card (the CLI's default: they would leak a machine's layout where it is published).
     """
     started = time.perf_counter()
     out_dir = Path(out_dir)
@@ -321,7 +324,7 @@ def run_merge(
                        "merge_threads": merger.threads}  # fmt: skip
             report = build_report(
                 spec, readers, [h.result() for h in input_hashes], plan, stats.records,
-                weights, torch_device, timings,
+                weights, torch_device, timings, record_local_paths,
             )  # fmt: skip
             _finish(staging, plan, weights, report, out_dir)
     finally:
