@@ -66,7 +66,7 @@ class HubAdapter:
 def _offline() -> bool:
     from huggingface_hub import constants
 
-    return bool(constants.is_offline_mode())
+    return bool(constants.HF_HUB_OFFLINE)
 
 
 def check_hub_adapter(ref: HubRef) -> HubAdapter:
