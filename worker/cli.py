@@ -325,6 +325,22 @@ def _byte_size(text: str) -> int:
     return int(value)
 
 
+def _add_module_flags(merge: argparse.ArgumentParser) -> None:
+    """``--normalize``, ``--include`` and ``--exclude`` (docs/job-spec.md)."""
+    merge.add_argument(
+        "--normalize",
+        action="store_true",
+        help="divide each module's weights by their sum (mergekit's normalize)",
+    )
+    for flag, what in (("--include", "merge only"), ("--exclude", "leave out")):
+        merge.add_argument(
+            flag,
+            action="append",
+            metavar="PATTERN",
+            help=f"{what} modules whose name contains this regular expression; repeatable",
+        )
+
+
 def _add_merge_parser(sub: Any) -> None:
     merge = sub.add_parser(
         "merge",
@@ -348,23 +364,7 @@ def _add_merge_parser(sub: Any) -> None:
     merge.add_argument(
         "--param", action="append", metavar="NAME=VALUE", help="method parameter; repeatable"
     )
-    merge.add_argument(
-        "--normalize",
-        action="store_true",
-        help="divide each module's weights by their sum (mergekit's normalize)",
-    )
-    merge.add_argument(
-        "--include",
-        action="append",
-        metavar="PATTERN",
-        help="merge only modules whose name contains this regular expression; repeatable",
-    )
-    merge.add_argument(
-        "--exclude",
-        action="append",
-        metavar="PATTERN",
-        help="leave out modules whose name contains this regular expression; repeatable",
-    )
+    _add_module_flags(merge)
     merge.add_argument("--rank", type=int, help="truncate every module to this rank")
     merge.add_argument(
         "--dtype", choices=DTYPES, help="storage dtype of the output (default float32)"

@@ -296,8 +296,7 @@ def run_merge(
     one batched call per shape (core space only); by default that is done on CUDA only.
     ``weights_sink()``, when it gives a target, receives ``adapter_model.safetensors`` as it is
     written (an upload to the output's store, beside the merge) instead of ``out_dir``.
-    ``record_local_paths`` False leaves local inputs' locations out of the report and the
-    model card (the CLI's default: they would leak a machine's layout where it is published).
+    ``record_local_paths`` False leaves local inputs' paths out of the report and the card.
     """
     started = time.perf_counter()
     out_dir = Path(out_dir)

@@ -121,3 +121,27 @@ def test_pattern_matching_is_bounded(peft_adapters: list[Path]) -> None:
     values = ModuleValues(spec, 2, ModuleMatcher(budget_s=0.0))
     with pytest.raises(LimitExceeded, match="module patterns took over 0 s"):
         values.taking(D0, [0])
+
+
+def test_batched_windows_fold_each_modules_own_weights(
+    peft_adapters: list[Path], tmp_path: Path
+) -> None:
+    """Modules merged a window at a time in one batched call (the GPU's path) take each
+    module's own weights and sources, as one by one."""
+    from safetensors.torch import load_file
+
+    from worker.runner import run_merge
+
+    spec = _spec(
+        peft_adapters,
+        [[0, 1], [{"modules": "v_proj", "value": 0}, {"value": [2, 1]}], 1],
+        method="ties",
+        params={"density": 0.5},
+    )
+    files = []
+    for window in (1, 8):
+        out = tmp_path / f"w{window}"
+        run_merge(spec, peft_adapters, out, device="cpu", batch_window=window)
+        files.append(load_file(out / "adapter_model.safetensors"))
+    assert files[0].keys() == files[1].keys()
+    assert all((files[0][k] - files[1][k]).abs().max() < 1e-5 for k in files[0])
