@@ -168,9 +168,22 @@ def _check_top_level(config: Mapping[str, Any]) -> None:
         )
     if not config.get("models"):
         raise MergekitConfigError("models: missing (the adapters to merge, one model: each)")
-    if config.get("tokenizer") or config.get("chat_template"):
-        key = "tokenizer" if config.get("tokenizer") else "chat_template"
-        raise MergekitConfigError(f"{key}: an adapter merge writes no tokenizer; remove it")
+    _check_tokenizer(config)
+
+
+def _check_tokenizer(config: Mapping[str, Any]) -> None:
+    """An adapter keeps its base model's tokenizer: ``tokenizer_source: base`` (or
+    ``tokenizer: {source: base}``) says so and is accepted; any other tokenizer setting, or
+    a chat template, has no equivalent. Both tokenizer keys at once mergekit refuses."""
+    if config.get("chat_template") is not None:
+        raise MergekitConfigError("chat_template: an adapter merge writes no chat template")
+    if config.get("tokenizer") is not None and config.get("tokenizer_source") is not None:
+        raise MergekitConfigError("tokenizer: give tokenizer or tokenizer_source, not both")
+    tokenizer = config.get("tokenizer")
+    if tokenizer is not None and tokenizer != {"source": "base"}:
+        raise MergekitConfigError(
+            "tokenizer: adapters keep the base model's tokenizer; only {source: base} is accepted"
+        )
     source = config.get("tokenizer_source")
     if source not in (None, "base"):
         raise MergekitConfigError(

@@ -242,7 +242,8 @@ class AdapterRef(_Strict):
     uri: str = Field(
         min_length=1,
         max_length=2048,
-        description="s3://bucket/prefix/, file:///abs/dir, or a local path (CLI only)",
+        description="s3://bucket/prefix/, file:///abs/dir, hf://org/name[@revision] (an input "
+        "on the Hugging Face Hub), or a local path (CLI only)",
     )
     weight: Schedule = Field(
         1.0,

@@ -264,6 +264,10 @@ def test_refusals_name_the_key(change: tuple[str, str], fragment: str) -> None:
 
 def test_tokenizer_source_base_is_what_an_adapter_gives() -> None:
     assert _spec(LINEAR + "tokenizer_source: base\n")["method"] == "ta"
+    assert _spec(LINEAR + "tokenizer:\n  source: base\n")["method"] == "ta"
+    _refused(LINEAR + "tokenizer:\n  source: union\n", "tokenizer: adapters keep")
+    both = LINEAR + "tokenizer:\n  source: base\ntokenizer_source: base\n"
+    _refused(both, "tokenizer: give tokenizer or tokenizer_source, not both")
 
 
 def test_slices_are_refused_with_the_equivalent() -> None:
