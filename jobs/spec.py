@@ -14,6 +14,7 @@ from that declaration.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
@@ -21,19 +22,32 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    TypeAdapter,
     ValidationError,
     ValidationInfo,
     create_model,
     field_validator,
+    model_validator,
 )
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
+from jobs.hub import HUB_SCHEME, parse_hub
+from jobs.schedules import (
+    MAX_PATTERNS,
+    ModuleFilter,
+    Schedule,
+    schedule_numbers,
+    schedule_patterns,
+)
 from jobs.uris import canonical_scheme
 
 __all__ = [
     "DTYPES",
     "MAX_ADAPTERS",
+    "MAX_LAYERS",
     "METHODS",
     "METHOD_PARAMS",
+    "PER_ADAPTER_PARAMS",
     "SPACES",
     "AdapterRef",
     "MergeSpec",
@@ -51,6 +65,8 @@ DTYPES: tuple[str, ...] = DType.__args__
 
 #: Default cap on the number of adapters in one job (docs/job-spec.md; the service makes it configurable).
 MAX_ADAPTERS = 64
+#: The largest ``layers`` a spec may give (no model is near it).
+MAX_LAYERS = 100_000
 
 
 @dataclass(frozen=True)
@@ -183,6 +199,10 @@ def _params_model(method: str) -> type[BaseModel]:
 
 _PARAMS_MODELS: dict[str, type[BaseModel]] = {m: _params_model(m) for m in METHODS}
 
+#: Method parameters an adapter may set for itself (``adapters[].density``, ``.drop``): the
+#: engine takes them per task.
+PER_ADAPTER_PARAMS: tuple[str, ...] = ("density", "drop")
+
 
 def validate_params(method: str, params: dict[str, Any]) -> dict[str, Any]:
     """Check ``params`` against ``method``'s declaration; return them with defaults filled in.
@@ -222,12 +242,21 @@ class AdapterRef(_Strict):
     uri: str = Field(
         min_length=1,
         max_length=2048,
-        description="s3://bucket/prefix/, file:///abs/dir, or a local path (CLI only)",
+        description="s3://bucket/prefix/, file:///abs/dir, hf://org/name[@revision] (an input "
+        "on the Hugging Face Hub), or a local path (CLI only)",
     )
-    weight: float = Field(
+    weight: Schedule = Field(
         1.0,
-        allow_inf_nan=False,
-        description="multiplies this adapter's update before merging; negative subtracts a task",
+        description="multiplies this adapter's update before merging: a number, a gradient "
+        "over the layers, or per-module rules (docs/job-spec.md); 0 leaves the adapter out of "
+        "a module; negative subtracts a task",
+    )
+    density: Schedule | None = Field(
+        None, description="this adapter's own TIES density (ties, dare_ties); null: params.density"
+    )
+    drop: Schedule | None = Field(
+        None,
+        description="this adapter's own DARE drop probability (dare, dare_ties); null: params.drop",
     )
     name: str | None = Field(
         None, max_length=200, description="defaults to the last path segment of the URI"
@@ -237,8 +266,12 @@ class AdapterRef(_Strict):
     @classmethod
     def _lower_scheme(cls, uri: str) -> str:
         """``S3://`` and ``s3://`` are one scheme: every reader of a spec sees the lower-case
-        one (the API, the CLI and the worker alike)."""
-        return canonical_scheme(uri)
+        one (the API, the CLI and the worker alike). An ``hf://`` URI must name one model
+        repository (``jobs.hub``)."""
+        uri = canonical_scheme(uri)
+        if uri.startswith(HUB_SCHEME):
+            parse_hub(uri)  # its ValueError names what is wrong
+        return uri
 
     @property
     def display_name(self) -> str:
@@ -276,6 +309,28 @@ class MergeSpec(_Strict):
         description="the method's hyperparameters; see the methods table in README.md",
     )
     seed: int = Field(0, ge=0, lt=2**63, description="makes random methods (DARE) reproducible")
+    normalize: bool = Field(
+        False,
+        description="divide each module's weights by their sum (mergekit's normalize for "
+        "linear and task_arithmetic); a sum under 1e-8 in magnitude is left as it is",
+    )
+    modules: ModuleFilter = Field(
+        default_factory=ModuleFilter, description="which modules are merged; the rest are left out"
+    )
+    base_model: str | None = Field(
+        None,
+        min_length=1,
+        max_length=1000,
+        description="the base model the adapters belong to: each adapter's "
+        "base_model_name_or_path must name it (unset ones are not checked); never loaded",
+    )
+    layers: int | None = Field(
+        None,
+        ge=1,
+        le=MAX_LAYERS,
+        description="the model's number of layers, for weight gradients; null: one more than "
+        "the largest layer index among the inputs' modules",
+    )
     output: OutputSpec
 
     @field_validator("params")
@@ -292,6 +347,61 @@ class MergeSpec(_Strict):
                 f"'core' (this job's space is {space!r})"
             )
         return params
+
+    @model_validator(mode="after")
+    def _check_adapter_params(self) -> MergeSpec:
+        """Per-adapter ``density``/``drop``: only for a method that has them, in its range;
+        and at most :data:`MAX_PATTERNS` module patterns in the whole job. Each error names
+        its field (``adapters.1.density``)."""
+        declared = {p.name: p for p in METHOD_PARAMS[self.method]}
+        errors: list[InitErrorDetails] = []
+        for i, ref in enumerate(self.adapters):
+            for name in PER_ADAPTER_PARAMS:
+                schedule = getattr(ref, name)
+                if schedule is None:
+                    continue
+                if name not in declared:
+                    errors.append(_error(("adapters", i, name), schedule,
+                        f"method {self.method!r} has no parameter {name!r}"))  # fmt: skip
+                    continue
+                problem = _out_of_range(declared[name], schedule)
+                if problem:
+                    errors.append(_error(("adapters", i, name), schedule, problem))
+        count = (
+            len(self.modules.include)
+            + len(self.modules.exclude)
+            + sum(
+                len(list(schedule_patterns(getattr(ref, name))))
+                for ref in self.adapters
+                for name in ("weight", *PER_ADAPTER_PARAMS)
+            )
+        )
+        if count > MAX_PATTERNS:
+            errors.append(_error(("modules",), count,
+                f"{count} module patterns in the job, over the limit of {MAX_PATTERNS}"))  # fmt: skip
+        if errors:
+            raise ValidationError.from_exception_data(type(self).__name__, errors)
+        return self
+
+
+def _error(loc: tuple[str | int, ...], value: Any, message: str) -> InitErrorDetails:
+    return InitErrorDetails(type=PydanticCustomError("value_error", message), loc=loc, input=value)
+
+
+@functools.cache
+def _value_type(param: Param) -> TypeAdapter[Any]:
+    return TypeAdapter(param.annotation())
+
+
+def _out_of_range(param: Param, schedule: Any) -> str | None:
+    """What is wrong with a per-adapter value of ``param`` (every number a schedule can
+    give), or None."""
+    for number in schedule_numbers(schedule):
+        try:
+            _value_type(param).validate_python(number)
+        except ValidationError:
+            return f"{number!r} is outside the range of {param.name!r} ({param.range_text()})"
+    return None
 
 
 def params_table_markdown() -> str:

@@ -75,18 +75,25 @@ class Tenant:
     read_only: tuple[str, ...] = ()
 
     def may_use(self, location: Location, *, for_output: bool = False) -> bool:
-        """Whether the tenant may read (``for_output=False``) or write at ``location``."""
-        normalized = location.normalized
-        if any(normalized.startswith(prefix) for prefix in self.read_only):
+        """Whether the tenant may read (``for_output=False``) or write at ``location``.
+        A Hub repository is allowed only by a prefix that names it (``hf://org/``), never
+        by open mode's "everything"."""
+        if self.is_read_only(location):
             return not for_output
         if self.allow is None:
-            return True
-        return any(normalized.startswith(prefix) for prefix in self.allow)
+            return location.scheme != "hf"
+        return _under(location, self.allow)
 
     def is_read_only(self, location: Location) -> bool:
         """Whether ``location`` lies under one of the tenant's ``read_only`` prefixes."""
-        normalized = location.normalized
-        return any(normalized.startswith(prefix) for prefix in self.read_only)
+        return _under(location, self.read_only)
+
+
+def _under(location: Location, prefixes: tuple[str, ...]) -> bool:
+    """Whether ``location`` starts with one of ``prefixes`` (a Hub repository with or
+    without its revision: ``hf://org/name/`` allows every revision of it)."""
+    forms = {location.normalized, location.unpinned}
+    return any(form.startswith(prefix) for form in forms for prefix in prefixes)
 
 
 OPEN_TENANT = Tenant("open", None)
@@ -110,6 +117,8 @@ def refusal(
         location = parse_uri(uri)
     except InvalidUri as exc:
         return Refusal("invalid", str(exc))
+    if location.scheme == "hf" and for_output:
+        return Refusal("invalid", f"{uri!r}: an hf:// location is an input only")
     if location.scheme == "file" and not allow_file_uris:
         return Refusal(
             "forbidden", f"{uri!r}: file:// URIs are disabled here (COREMERGE_ALLOW_FILE_URIS)"

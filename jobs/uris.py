@@ -1,6 +1,7 @@
 """Adapter and output locations: parse a URI once, refuse anything ambiguous, normalise it.
 
-A location is a *directory*: ``s3://bucket/prefix/`` or ``file:///abs/dir/``. Its normal form
+A location is a *directory*: ``s3://bucket/prefix/``, ``file:///abs/dir/``, or (an input
+only) a Hugging Face Hub repository ``hf://org/name[@revision]/`` (``jobs.hub``). Its normal form
 ends with ``/``, so that an allow-list prefix ``s3://merged/team-a/`` never matches
 ``s3://merged/team-ab/``. What is refused, and why:
 
@@ -30,6 +31,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
+from jobs.hub import is_hub_id, parse_hub
+
 __all__ = [
     "InvalidUri",
     "Location",
@@ -40,7 +43,7 @@ __all__ = [
     "parse_uri",
 ]
 
-SCHEMES = ("s3", "file")
+SCHEMES = ("s3", "file", "hf")
 # S3's bucket naming rules: 3-63 characters, lower-case letters, digits, '.', '-'.
 _BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 _FORBIDDEN_CHARS = re.compile(r"[\x00-\x20\x7f%\\?#]")
@@ -60,18 +63,30 @@ class InvalidUri(ValueError):
 @dataclass(frozen=True)
 class Location:
     """A parsed directory URI. ``key`` is the S3 key prefix (``""`` or ending in ``/``); for
-    ``file`` URIs ``path`` is the absolute directory."""
+    ``file`` URIs ``path`` is the absolute directory; for ``hf`` ones ``bucket`` is the
+    organisation, ``key`` the repository's name and ``/``, ``revision`` the one asked for."""
 
     scheme: str
     bucket: str
     key: str
     path: str
+    revision: str = ""
 
     @property
     def normalized(self) -> str:
+        if self.scheme == "hf":
+            name = self.key.rstrip("/")
+            repo = f"{self.bucket}/{name}" if name else self.bucket
+            return f"hf://{repo}" + (f"@{self.revision}/" if self.revision else "/")
         if self.scheme == "s3":
             return f"s3://{self.bucket}/{self.key}"
         return f"file://{self.path.rstrip('/')}/"
+
+    @property
+    def unpinned(self) -> str:
+        """The normal form without a revision: what an allow-list prefix of repositories
+        (``hf://org/``, ``hf://org/name/``) is compared with."""
+        return f"hf://{self.bucket}/{self.key}" if self.scheme == "hf" else self.normalized
 
     def child(self, name: str) -> str:
         """The S3 key (or local path) of the file ``name`` inside this directory."""
@@ -106,7 +121,9 @@ def parse_uri(uri: str) -> Location:
     if scheme in ("http", "https"):
         raise InvalidUri(uri, "http(s):// URIs are not accepted: give s3:// or file://")
     if scheme not in SCHEMES:
-        raise InvalidUri(uri, f"unsupported scheme {scheme!r}: give s3:// or file://")
+        raise InvalidUri(uri, f"unsupported scheme {scheme!r}: give s3://, file:// or hf://")
+    if scheme == "hf":
+        return _hub_location(uri)
     authority, _, path = rest.partition("/")
     if "@" in authority:
         raise InvalidUri(uri, "credentials in URIs are not accepted")
@@ -129,6 +146,20 @@ def parse_uri(uri: str) -> Location:
         raise InvalidUri(uri, "file:// URIs need an absolute path: file:///abs/dir")
     local = str(PurePosixPath("/" + "/".join(s for s in segments if s)))
     return Location("file", "", "", local)
+
+
+def _hub_location(uri: str) -> Location:
+    """An ``hf://org/name[@revision]`` location (``jobs.hub``'s form), or an organisation,
+    ``hf://org/``, as an allow-list prefix names one (not an adapter: the spec refuses it)."""
+    org = uri[len("hf://") :].rstrip("/")
+    if org and "/" not in org and is_hub_id(f"{org}/x"):
+        return Location("hf", org, "", "")
+    try:
+        ref = parse_hub(uri)
+    except ValueError as exc:
+        raise InvalidUri(uri, str(exc).split(": ", 1)[1]) from None
+    org, name = ref.repo_id.split("/")
+    return Location("hf", org, f"{name}/", "", ref.revision or "")
 
 
 def canonical_scheme(uri: str) -> str:

@@ -3,6 +3,8 @@
     coremerge serve [--host 127.0.0.1] [--port 8000] [--allow-open-non-loopback]
                                                          the HTTP API (uvicorn)
     coremerge submit SPEC.json [--wait] [--idempotency-key K]
+    coremerge submit --config merge.yml --output s3://bucket/prefix/ [--wait] …
+                                                         a mergekit-style configuration
     coremerge status ID
     coremerge hash-key < key                             the sha256 for the tenants file
 
@@ -45,7 +47,17 @@ def register(subparsers: Any) -> None:
     serve.set_defaults(func=cmd_serve)
 
     submit = subparsers.add_parser("submit", help="submit a job spec to the service")
-    submit.add_argument("spec", metavar="SPEC.json", help="a job spec (docs/job-spec.md)")
+    submit.add_argument(
+        "spec", nargs="?", metavar="SPEC.json", help="a job spec (docs/job-spec.md)"
+    )
+    submit.add_argument(
+        "--config",
+        metavar="MERGE_YML",
+        help="a mergekit-style merge configuration instead of SPEC.json (docs/mergekit.md)",
+    )
+    submit.add_argument(
+        "-o", "--output", metavar="URI", help="with --config: where the merged adapter goes"
+    )
     submit.add_argument("--wait", action="store_true", help="show progress until it ends")
     submit.add_argument("--idempotency-key", help="a retried submit returns the same job")
     submit.add_argument("--url", help="the service (default COREMERGE_API_URL)")
@@ -150,9 +162,9 @@ def cmd_submit(args: argparse.Namespace) -> int:
     from service.client import ApiError
 
     try:
-        spec = json.loads(Path(args.spec).read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        print(f"coremerge: error: {args.spec}: {exc}", file=sys.stderr)
+        spec = _config_spec(args) if args.config else _json_spec(args)
+    except ValueError as exc:
+        print(f"coremerge: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     with _client(args) as client:
         try:
@@ -163,6 +175,43 @@ def cmd_submit(args: argparse.Namespace) -> int:
             print(f"coremerge: error: {exc}", file=sys.stderr)
             return EXIT_USAGE if exc.status in (400, 413, 422) else EXIT_FAILED
     return _outcome(job)
+
+
+def _json_spec(args: argparse.Namespace) -> Any:
+    if args.spec is None or args.output is not None:
+        raise ValueError("give SPEC.json, or --config merge.yml with --output URI")
+    try:
+        return json.loads(Path(args.spec).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{args.spec}: {exc}") from None
+
+
+def _config_spec(args: argparse.Namespace) -> dict[str, Any]:
+    """The job spec of a mergekit configuration (``jobs.mergekit``), for the service: a
+    model that is a Hub id (``org/name[@rev]``) is ``hf://org/name[@rev]``; a location must
+    be a URI (the service reads no local path)."""
+    from jobs.hub import reference_uri
+    from jobs.mergekit import MergekitConfigError, read_mergekit_config, spec_from_mergekit
+
+    if args.spec is not None:
+        raise ValueError("give SPEC.json or --config, not both")
+    try:
+        spec = spec_from_mergekit(read_mergekit_config(args.config))
+    except MergekitConfigError as exc:
+        raise ValueError(f"--config {args.config}: {exc}") from None
+    for adapter in spec["adapters"]:
+        uri = reference_uri(adapter["uri"], exists=lambda _: False)
+        if "://" not in uri:
+            raise ValueError(
+                f"{args.config}: model {uri!r} is a local path; the service reads s3:// and "
+                "hf:// locations (file:// where enabled)"
+            )
+        adapter["uri"] = uri
+    if args.output is not None:
+        spec["output"]["uri"] = args.output
+    if "uri" not in spec["output"]:
+        raise ValueError("--config needs --output URI (or coremerge: {output: {uri: ...}})")
+    return spec
 
 
 def cmd_status(args: argparse.Namespace) -> int:

@@ -2,7 +2,9 @@
 
     coremerge merge ADAPTER_DIR... -o OUT_DIR [--method tsv] [--space core] [--weights 1,0.5]
                     [--param NAME=VALUE]... [--rank K] [--dtype bfloat16] [--device auto]
-                    [--seed 0] [--spec job.json]
+                    [--seed 0] [--normalize] [--include RE]... [--exclude RE]...
+                    [--spec job.json]
+    coremerge merge --config merge.yml OUT_DIR      (mergekit's configuration, docs/mergekit.md)
     coremerge inspect ADAPTER_DIR [--json]
     coremerge demo [--workdir DIR]
 
@@ -19,6 +21,7 @@ import sys
 from pathlib import Path
 from typing import Any, NoReturn
 
+from jobs.hub import reference_uri
 from jobs.spec import DTYPES, METHOD_PARAMS, METHODS, SPACES, MergeSpec
 
 __all__ = ["main"]
@@ -89,8 +92,12 @@ def _validation_message(exc: Exception) -> str:
     return "invalid job spec: " + "; ".join(parts)
 
 
-def build_spec(args: argparse.Namespace) -> MergeSpec:
-    """The job spec from ``--spec`` (if given) overridden by the explicit flags."""
+def _document(args: argparse.Namespace) -> dict[str, Any]:
+    """The spec as ``--spec`` (JSON) or ``--config`` (mergekit's YAML) gives it, with the
+    positional adapters; with ``--config`` one positional may be the output folder instead,
+    as ``mergekit-yaml merge.yml OUT_DIR`` has it."""
+    if args.spec and args.config:
+        raise UsageError("give --spec or --config, not both")
     raw: dict[str, Any] = {}
     if args.spec:
         try:
@@ -99,8 +106,33 @@ def build_spec(args: argparse.Namespace) -> MergeSpec:
             raise UsageError(f"--spec {args.spec}: {exc}") from None
         if not isinstance(raw, dict):
             raise UsageError(f"--spec {args.spec}: not a JSON object")
+    if args.config:
+        raw = config_spec(args.config)
+        for adapter in raw["adapters"]:
+            adapter["uri"] = reference_uri(adapter["uri"])
+        if len(args.adapters) == 1 and args.output is None:
+            args.output, args.adapters = args.adapters[0], []
+        elif args.adapters:
+            raise UsageError("--config names the adapters (models:); give no ADAPTER_DIR")
     if args.adapters:
-        raw["adapters"] = [{"uri": a} for a in args.adapters]
+        raw["adapters"] = [{"uri": reference_uri(a)} for a in args.adapters]
+    return raw
+
+
+def config_spec(path: str) -> dict[str, Any]:
+    """The job spec of the mergekit configuration at ``path`` (``jobs.mergekit``)."""
+    from jobs.mergekit import MergekitConfigError, read_mergekit_config, spec_from_mergekit
+
+    try:
+        return spec_from_mergekit(read_mergekit_config(path))
+    except MergekitConfigError as exc:
+        raise UsageError(f"--config {path}: {exc}") from None
+
+
+def build_spec(args: argparse.Namespace) -> MergeSpec:
+    """The job spec from ``--spec`` or ``--config`` (if given) overridden by the explicit
+    flags."""
+    raw = _document(args)
     if not raw.get("adapters"):
         raise UsageError("no adapters given")
     if args.weights is not None:
@@ -112,6 +144,7 @@ def build_spec(args: argparse.Namespace) -> MergeSpec:
         if getattr(args, key) is not None:
             raw[key] = getattr(args, key)
     raw.setdefault("method", "tsv")
+    _module_flags(raw, args)
     if args.param:
         raw["params"] = {**raw.get("params", {}), **dict(_parse_param(p) for p in args.param)}
     output = raw.setdefault("output", {})
@@ -133,14 +166,32 @@ def build_spec(args: argparse.Namespace) -> MergeSpec:
     return spec
 
 
+def _module_flags(raw: dict[str, Any], args: argparse.Namespace) -> None:
+    """``--include`` / ``--exclude`` (added to the spec's) and ``--normalize``."""
+    if args.include or args.exclude:
+        modules = raw.setdefault("modules", {})
+        if not isinstance(modules, dict):
+            raise UsageError("spec field 'modules' must be an object")
+        for key in ("include", "exclude"):
+            given = getattr(args, key) or []
+            if given:
+                modules[key] = [*modules.get(key, []), *given]
+    if args.normalize:
+        raw["normalize"] = True
+
+
 def _check_output_apart(spec: MergeSpec) -> None:
     """The output folder must not equal, contain or lie inside an input folder: compared as
     absolute paths with symlinks resolved, ``file://`` URIs and local paths alike (the one
     comparison the service makes too, ``jobs.uris.output_overlap``)."""
+    from jobs.hub import HUB_SCHEME
     from jobs.uris import local_location, output_overlap
 
+    if spec.output.uri.startswith(HUB_SCHEME):
+        raise UsageError(f"output {spec.output.uri!r}: an hf:// location is an input only")
     output = local_location(local_path(spec.output.uri))
-    inputs = [local_location(local_path(a.uri)) for a in spec.adapters]
+    local = [a for a in spec.adapters if not a.uri.startswith(HUB_SCHEME)]
+    inputs = [local_location(local_path(a.uri)) for a in local]
     clash = output_overlap(output, inputs)
     if clash is not None:
         raise UsageError(
@@ -152,8 +203,9 @@ def _check_output_apart(spec: MergeSpec) -> None:
 def cmd_merge(args: argparse.Namespace) -> int:
     spec = build_spec(args)
     from worker.runner import run_merge
+    from worker.storage.hub import resolve_cli_inputs
 
-    dirs = [local_path(a.uri) for a in spec.adapters]
+    spec, dirs = resolve_cli_inputs(spec, local_path)
     out_dir = local_path(spec.output.uri)
     bar = _progress_bar(args.quiet)
     from worker.limits import default_max_work_bytes
@@ -161,6 +213,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
     outcome = run_merge(
         spec, dirs, out_dir, device=args.device, on_progress=bar.update,
         max_work_bytes=args.max_memory or default_max_work_bytes(),
+        record_local_paths=args.record_paths,
     )  # fmt: skip
     bar.close()
     report = outcome.report
@@ -272,6 +325,22 @@ def _byte_size(text: str) -> int:
     return int(value)
 
 
+def _add_module_flags(merge: argparse.ArgumentParser) -> None:
+    """``--normalize``, ``--include`` and ``--exclude`` (docs/job-spec.md)."""
+    merge.add_argument(
+        "--normalize",
+        action="store_true",
+        help="divide each module's weights by their sum (mergekit's normalize)",
+    )
+    for flag, what in (("--include", "merge only"), ("--exclude", "leave out")):
+        merge.add_argument(
+            flag,
+            action="append",
+            metavar="PATTERN",
+            help=f"{what} modules whose name contains this regular expression; repeatable",
+        )
+
+
 def _add_merge_parser(sub: Any) -> None:
     merge = sub.add_parser(
         "merge",
@@ -279,7 +348,13 @@ def _add_merge_parser(sub: Any) -> None:
         epilog=_method_help(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    merge.add_argument("adapters", nargs="*", metavar="ADAPTER_DIR", help="PEFT adapter folders")
+    merge.add_argument(
+        "adapters",
+        nargs="*",
+        metavar="ADAPTER",
+        help="PEFT adapter folders, or Hub ids org/name[@revision] (hf://org/name forces the "
+        "Hub, ./org/name a local folder)",
+    )
     merge.add_argument(
         "-o", "--output", metavar="OUT_DIR", help="where the merged adapter is written"
     )
@@ -289,6 +364,7 @@ def _add_merge_parser(sub: Any) -> None:
     merge.add_argument(
         "--param", action="append", metavar="NAME=VALUE", help="method parameter; repeatable"
     )
+    _add_module_flags(merge)
     merge.add_argument("--rank", type=int, help="truncate every module to this rank")
     merge.add_argument(
         "--dtype", choices=DTYPES, help="storage dtype of the output (default float32)"
@@ -300,7 +376,18 @@ def _add_merge_parser(sub: Any) -> None:
     merge.add_argument(
         "--spec", metavar="JOB_JSON", help="a job spec file (docs/job-spec.md); flags override it"
     )
+    merge.add_argument(
+        "--config",
+        metavar="MERGE_YML",
+        help="a mergekit-style merge configuration (docs/mergekit.md); flags override it",
+    )
     merge.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    merge.add_argument(
+        "--record-paths",
+        action="store_true",
+        help="record local inputs' paths in the report and the model card (default: their "
+        "names only, so a published adapter does not show this machine's layout)",
+    )
     merge.set_defaults(func=cmd_merge)
     merge.add_argument(
         "--max-memory",

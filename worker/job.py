@@ -40,6 +40,7 @@ from worker.adapters.streamed import ReadAhead
 from worker.limits import default_max_work_bytes
 from worker.runner import Progress, run_merge
 from worker.storage import Storage, make_s3_client, make_transfer_config
+from worker.storage.hub import pinned_spec
 from worker.workdir import ATTEMPT_PREFIX, sweep_attempts
 
 __all__ = ["preload", "run_job"]
@@ -181,6 +182,7 @@ def _merge(
             inputs = storage.open_inputs(
                 [a.uri for a in spec.adapters], tmp_dir / "inputs", read_ahead
             )
+            spec = pinned_spec(spec, storage.hub_inputs)  # the report records the commits
             if tracker.should_cancel():
                 raise Canceled("canceled before merging; nothing was published")
             outcome = run_merge(

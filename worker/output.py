@@ -180,7 +180,8 @@ def write_model_card(staging: Path, report: dict[str, Any]) -> None:
         front.append(f"base_model: {json.dumps(base)}")
     front += ["tags:", *(f"- {tag}" for tag in ("peft", "lora", "merge", "coremerge")), "---"]
     rows = [
-        f"| {i['name']} | `{i['uri']}` | {i['weight']:g} | {i['r']} | `{i['sha256']}` |"
+        f"| {i['name']} | {_uri_text(i['uri'])} | {_weight_text(i['weight'])} | {i['r']} "
+        f"| `{i['sha256']}` |"
         for i in report["inputs"]
     ]
     params = ", ".join(f"`{k}={v}`" for k, v in report["params"].items()) or "none"
@@ -206,6 +207,19 @@ def write_model_card(staging: Path, report: dict[str, Any]) -> None:
     (staging / MODEL_CARD_NAME).write_text("\n".join([*front, "", *body]) + "\n")
 
 
+def _uri_text(uri: str | None) -> str:
+    """An input's location in the card: its URI, or "local folder" when it is not recorded."""
+    return "local folder" if uri is None else f"`{uri}`"
+
+
+def _weight_text(weight: Any) -> str:
+    """An input's weight in the card: the number, or its schedule (per-module weights are
+    in the report's module records)."""
+    if isinstance(weight, int | float):
+        return f"{weight:g}"
+    return f"`{json.dumps(weight, separators=(',', ':'))}`".replace("|", "\\|")
+
+
 def _alpha_line(alpha: dict[str, Any]) -> list[str]:
     """The card's line on what ``alpha: "auto"`` resolved to (nothing for a given alpha)."""
     if not alpha.get("auto") or alpha.get("median") is None:
@@ -222,13 +236,16 @@ def write_report(staging: Path, report: dict[str, Any]) -> None:
     (staging / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n")
 
 
-def _inputs(spec: MergeSpec, readers: Sequence[AdapterSource], hashes: list[str]) -> list[dict]:
+def _inputs(
+    spec: MergeSpec, readers: Sequence[AdapterSource], hashes: list[str], record_local_paths: bool
+) -> list[dict]:
     return [
         {
             "name": reader.name,
-            "uri": ref.uri,
+            "uri": ref.uri if record_local_paths or _remote(ref.uri) else None,
             "peft_type": reader.config.peft_type,
-            "weight": ref.weight,
+            "weight": ref.model_dump(mode="json")["weight"],
+            **_own_params(ref),
             "sha256": sha,
             "bytes": reader.nbytes,
             "r": reader.config.r,
@@ -238,6 +255,17 @@ def _inputs(spec: MergeSpec, readers: Sequence[AdapterSource], hashes: list[str]
         }
         for reader, ref, sha in zip(readers, spec.adapters, hashes, strict=True)
     ]
+
+
+def _remote(uri: str) -> bool:
+    """An input named by a store's URI (S3, the Hub) rather than a place on this machine."""
+    return uri.startswith(("s3://", "hf://"))
+
+
+def _own_params(ref: Any) -> dict[str, Any]:
+    """The method parameters an input set for itself (density, drop), as given."""
+    given = ref.model_dump(mode="json", include={"density", "drop"})
+    return {k: v for k, v in given.items() if v is not None}
 
 
 def alpha_summary(spec: MergeSpec, records: list[dict[str, Any]]) -> dict[str, Any]:
@@ -264,9 +292,12 @@ def build_report(
     weights: WrittenWeights,
     device: torch.device,
     timings: dict[str, float],
+    record_local_paths: bool = True,
 ) -> dict[str, Any]:
     """``merge_report.json``: inputs with their sha256, the job, per-module records, the
-    self-check, timings and software versions (docs/guarantees.md)."""
+    self-check, timings and software versions (docs/guarantees.md). Without
+    ``record_local_paths`` a local input's location is left out (``uri`` null): its name
+    stands for it, and no machine's layout is published with the adapter."""
     residuals = [r["residual"] for r in records if r["residual"] is not None]
     return {
         "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -274,8 +305,10 @@ def build_report(
         "space": spec.space,
         "params": spec.params,
         "seed": spec.seed,
+        "normalize": spec.normalize,
+        "module_filter": spec.modules.model_dump(),
         "device": str(device),
-        "inputs": _inputs(spec, readers, input_hashes),
+        "inputs": _inputs(spec, readers, input_hashes, record_local_paths),
         "output": {
             "rank": weights.rank,
             "dtype": spec.output.dtype,

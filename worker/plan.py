@@ -15,7 +15,7 @@ gigabytes.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from jobs.errors import AdapterIncompatible, LimitExceeded
 from jobs.spec import MergeSpec
@@ -29,6 +29,7 @@ from worker.memory import (
     estimate_work,
     merged_rank_bound,
 )
+from worker.module_values import ModuleValues, model_layers
 
 __all__ = ["MergePlan", "ModulePlan", "make_plan"]
 
@@ -38,9 +39,13 @@ class ModulePlan:
     module: str
     in_features: int  # n
     out_features: int  # m
-    sources: tuple[int, ...]  # indices of the adapters that have this module
+    sources: tuple[int, ...]  # indices of the adapters that take part (have it, weight ≠ 0)
     total_rank: int  # R = Σ r_t over the sources
     max_rank: int | None  # an upper bound of the merged rank, None when only the merge knows
+    # Per source: the adapter's weight in this module (normalised when the spec asks).
+    weights: tuple[float, ...] = ()
+    # Per-task method parameters (density, drop) some adapter sets, one value per source.
+    task_params: dict[str, tuple[float, ...]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -65,11 +70,31 @@ def _single(readers: Sequence[AdapterSource], field: str) -> object:
     return values.pop() if values else None
 
 
-def _target_modules(readers: Sequence[AdapterSource], modules: list[str]) -> list[str] | str:
-    """The union of the inputs' target_modules; the exact module names when that is ambiguous."""
+def _check_base_model(readers: Sequence[AdapterSource], spec: MergeSpec) -> None:
+    """Each adapter's ``base_model_name_or_path`` must name the job's ``base_model`` (the
+    same name, a revision or a trailing ``/`` aside); adapters that name none pass."""
+    if spec.base_model is None:
+        return
+    want = spec.base_model.split("@", 1)[0].rstrip("/")
+    for reader in readers:
+        have = reader.config.base_model_name_or_path
+        if have is not None and have.rstrip("/") != want:
+            raise AdapterIncompatible(
+                f"adapter {reader.name!r} is of base model {have!r}, not the job's base_model "
+                f"{spec.base_model!r}"
+            )
+
+
+def _target_modules(
+    readers: Sequence[AdapterSource], modules: list[str], every: bool = True
+) -> list[str] | str:
+    """The union of the inputs' target_modules; the exact module names when that is
+    ambiguous, or when the job left some of the inputs' modules out (``every`` False)."""
     targets = [r.config.target_modules for r in readers]
-    if all(isinstance(t, list) for t in targets) and not any(
-        r.config.layers_to_transform for r in readers
+    if (
+        every
+        and all(isinstance(t, list) for t in targets)
+        and not any(r.config.layers_to_transform for r in readers)
     ):
         return sorted({name for t in targets for name in t})
     # A regex or a layer restriction in some input: name every merged module exactly.
@@ -124,22 +149,31 @@ def _estimate_work(
 
 
 def _module_plan(
-    readers: Sequence[AdapterSource], spec: MergeSpec, name: str, notes: list[str]
-) -> ModulePlan:
-    """One module: the adapters that have it, its shape (the same in all), its total rank."""
-    sources = tuple(i for i, r in enumerate(readers) if name in r.modules)
-    infos = [readers[i].modules[name] for i in sources]
+    readers: Sequence[AdapterSource],
+    spec: MergeSpec,
+    name: str,
+    notes: list[str],
+    values: ModuleValues,
+) -> ModulePlan | None:
+    """One module: the adapters that take part (those that have it, at a weight other than
+    0), their weights, its shape (the same in all that have it), its total rank. None when
+    no adapter takes part."""
+    having = tuple(i for i, r in enumerate(readers) if name in r.modules)
+    infos = [readers[i].modules[name] for i in having]
     shapes = {(info.out_features, info.in_features) for info in infos}
     if len(shapes) > 1:
         detail = ", ".join(
             f"{readers[i].name!r}: {info.out_features}×{info.in_features}"
-            for i, info in zip(sources, infos, strict=True)
+            for i, info in zip(having, infos, strict=True)
         )
         raise AdapterIncompatible(
             f"module {name!r} has different shapes across adapters ({detail})"
         )
     (m, n) = shapes.pop()
-    total = sum(info.rank for info in infos)
+    taking = values.taking(name, having)
+    if not taking.sources:
+        return None
+    total = sum(readers[i].modules[name].rank for i in taking.sources)
     if spec.space == "core" and total > min(m, n):
         notes.append(
             f"{name}: Σr = {total} exceeds min(m, n) = {min(m, n)}; core space is no smaller than full space"
@@ -148,10 +182,34 @@ def _module_plan(
         name,
         n,
         m,
-        sources,
+        taking.sources,
         total,
         merged_rank_bound(spec.space, spec.params, m, n, total, spec.output.rank),
+        taking.weights,
+        taking.task_params,
     )
+
+
+def _planned_modules(
+    readers: Sequence[AdapterSource], spec: MergeSpec, notes: list[str]
+) -> list[ModulePlan]:
+    """The modules the job merges, in the inputs' data order: those ``spec.modules`` selects
+    in which some adapter takes part; refused when that leaves none."""
+    # The inputs' own data order (safetensors sorts tensors by name), so that an input read
+    # as the merge goes (worker.adapters.streamed) is read front to back.
+    names = sorted({m for r in readers for m in r.modules}, key=module_order)
+    values = ModuleValues(spec, model_layers(spec, names))
+    planned = [_module_plan(readers, spec, n, notes, values) for n in names if values.selected(n)]
+    modules = [mp for mp in planned if mp is not None]
+    if not modules:
+        raise AdapterIncompatible(
+            f"nothing to merge: of the inputs' {len(names)} modules, modules.include/exclude "
+            "and the adapters' weights (0 leaves an adapter out of a module) leave none"
+        )
+    left_out = len(names) - len(modules)
+    if left_out:
+        notes.append(f"{left_out} of the inputs' {len(names)} modules left out by the job")
+    return modules
 
 
 def make_plan(
@@ -171,6 +229,7 @@ def make_plan(
     if max_modules is not None:
         _check_module_count(readers, max_modules)
     base = _single(readers, "base_model_name_or_path")
+    _check_base_model(readers, spec)
     fan_in_fan_out = bool(_single(readers, "fan_in_fan_out"))
     task_types = {r.config.task_type for r in readers}
     notes = []
@@ -178,10 +237,8 @@ def make_plan(
         notes.append(
             f"inputs have different task_type values {sorted(map(str, task_types))}; output has none"
         )
-    # The inputs' own data order (safetensors sorts tensors by name), so that an input read
-    # as the merge goes (worker.adapters.streamed) is read front to back.
-    names = sorted({m for r in readers for m in r.modules}, key=module_order)
-    modules = [_module_plan(readers, spec, name, notes) for name in names]
+    modules = _planned_modules(readers, spec, notes)
+    every = len(modules) == len({m for r in readers for m in r.modules})
     bounds = [mp.max_rank for mp in modules]
     output_rank = None if None in bounds else max(bounds)  # type: ignore[type-var]
     work = _estimate_work(readers, spec, modules, output_rank, threads)
@@ -189,7 +246,7 @@ def make_plan(
     return MergePlan(
         modules=modules,
         output_rank=output_rank,
-        target_modules=_target_modules(readers, names),
+        target_modules=_target_modules(readers, [mp.module for mp in modules], every),
         base_model_name_or_path=base,  # type: ignore[arg-type]
         task_type=task_types.pop() if len(task_types) == 1 else None,
         fan_in_fan_out=fan_in_fan_out,

@@ -118,6 +118,15 @@ class _ModuleMerger:
             window = GPU_WINDOW_MODULES if device.type == "cuda" and spec.space == "core" else 1
         self.window = window
 
+    def params(self, mp: ModulePlan) -> dict[str, Any]:
+        """The method's parameters for this module: the job's, with each per-task parameter
+        that some adapter sets (density, drop) as one value per source, in source order, or
+        as one number when they are all equal (the engine's interface for per-task params)."""
+        params = dict(self.spec.params)
+        for name, values in mp.task_params.items():
+            params[name] = values[0] if len(set(values)) == 1 else values
+        return params
+
     def _read(self, mp: ModulePlan) -> FactorStack:
         """The module's factors, ΔW_t = (w_t s_t B_t) A_t, copied straight into their stacks.
 
@@ -132,9 +141,9 @@ class _ModuleMerger:
             [info.rank for info in infos],
         )
         scales = []
-        for i, info, sl in zip(mp.sources, infos, stack.slices, strict=True):
+        for i, weight, info, sl in zip(mp.sources, mp.weights, infos, stack.slices, strict=True):
             A, B = self.readers[i].read(mp.module, self.device, check=False)
-            scales.append(info.scaling * self.spec.adapters[i].weight)
+            scales.append(info.scaling * weight)
             stack.A[sl] = A
             torch.mul(B, scales[-1], out=stack.B[:, sl])
         if not bool(torch.isfinite(stack.A.sum() + stack.B.sum())):
@@ -161,7 +170,7 @@ class _ModuleMerger:
             merged = merge_module(
                 factors,
                 self.spec.method,
-                self.spec.params,
+                self.params(mp),
                 space=self.spec.space,
                 rank=self.spec.output.rank,
                 generator=module_generator(self.spec.seed, mp.module),
@@ -180,12 +189,15 @@ class _ModuleMerger:
         """Merge several modules in core space, those of one shape in one batched call
         (``worker.engine.batched``): the same results as one by one, in fewer, larger
         kernels, which is what a GPU needs."""
+        params = [self.params(mp) for mp in mps]
+        if any(p != params[0] for p in params):  # one batched call takes one set of params
+            return [self(mp) for mp in mps]
         t0 = time.perf_counter()
         stacks = [self._read(mp) for mp in mps]
         t1 = time.perf_counter()
         try:
             merged = merge_stacks_in_core_space(
-                stacks, self.spec.method, self.spec.params, rank=self.spec.output.rank,
+                stacks, self.spec.method, params[0], rank=self.spec.output.rank,
                 generators=[module_generator(self.spec.seed, mp.module) for mp in mps],
                 consume=True,
             )  # fmt: skip
@@ -208,6 +220,9 @@ class _ModuleMerger:
         record = {
             "module": mp.module,
             "adapters": len(mp.sources),
+            "sources": [self.readers[i].name for i in mp.sources],
+            "weights": list(mp.weights),
+            **{name: list(values) for name, values in mp.task_params.items()},
             "total_rank": mp.total_rank,
             "rank": merged.rank,
             "kept_energy": merged.kept_energy,
@@ -270,6 +285,7 @@ def run_merge(
     max_work_bytes: int | None = None,
     batch_window: int | None = None,
     weights_sink: Callable[[], BinaryIO | None] | None = None,
+    record_local_paths: bool = True,
 ) -> MergeOutcome:
     """Merge the adapters in ``adapter_dirs`` (in ``spec.adapters`` order: local folders, or
     an ``AdapterLocation`` each, whose weights are read as the merge goes) into ``out_dir``.
@@ -282,6 +298,7 @@ def run_merge(
     one batched call per shape (core space only); by default that is done on CUDA only.
     ``weights_sink()``, when it gives a target, receives ``adapter_model.safetensors`` as it is
     written (an upload to the output's store, beside the merge) instead of ``out_dir``.
+    ``record_local_paths`` False leaves local inputs' paths out of the report and the card.
     """
     started = time.perf_counter()
     out_dir = Path(out_dir)
@@ -308,7 +325,7 @@ def run_merge(
                        "merge_threads": merger.threads}  # fmt: skip
             report = build_report(
                 spec, readers, [h.result() for h in input_hashes], plan, stats.records,
-                weights, torch_device, timings,
+                weights, torch_device, timings, record_local_paths,
             )  # fmt: skip
             _finish(staging, plan, weights, report, out_dir)
     finally:

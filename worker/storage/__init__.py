@@ -5,6 +5,7 @@
     local.py     LocalStore: the local file system (atomic, conditional creates)
     errors.py    S3's errors as job errors
     inputs.py    checking input adapters, then reading them as the merge goes (or copying)
+    hub.py       Hugging Face Hub adapters (hf://): sized, then fetched into its cache
     publish.py   publishing an output without destroying data (claim, files, report last)
 
 :class:`Storage` puts them together for a job: it picks the store for each location and runs
@@ -22,9 +23,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from jobs.hub import HUB_SCHEME, parse_hub
 from jobs.uris import Location, parse_uri
 from worker.adapters.format import CONFIG_NAME, REPORT_NAME, WEIGHTS_NAME
 
+from .hub import HubAdapter, check_hub_adapter, fetch_hub_adapter
 from .inputs import (
     CheckedAdapter,
     StreamedInput,
@@ -109,6 +112,9 @@ class Storage:
         self.max_adapter_bytes = max_adapter_bytes
         self.max_parallel = max_parallel
         self._stores = stores or self._default_store
+        #: The Hub inputs of the last open_inputs/fetch_adapters, by index, pinned to their
+        #: commits (``hub.pinned_spec`` records them in the job's report).
+        self.hub_inputs: dict[int, HubAdapter] = {}
 
     def _default_store(self, loc: Location) -> ObjectStore:
         if loc.scheme == "file":
@@ -130,13 +136,20 @@ class Storage:
     # -- inputs
     def _checked(
         self, uris: Sequence[str], pool: ThreadPoolExecutor
-    ) -> list[tuple[ObjectStore, CheckedAdapter]]:
-        """Every adapter's size and safetensors prefix checked, and the limits, before any of
-        its tensors is read."""
-        located = [self.locate(u) for u in uris]
-        checked = list(pool.map(lambda sp: check_adapter(sp[0], sp[2], sp[1]), located))
-        check_limits(checked, self.max_adapter_bytes, self.max_job_bytes)
-        return [(store, c) for (store, _, _), c in zip(located, checked, strict=True)]
+    ) -> list[tuple[ObjectStore | None, CheckedAdapter | HubAdapter]]:
+        """Every adapter's size and safetensors prefix checked (a Hub adapter's sizes and
+        commit), and the limits over all of them, before any of its tensors is read."""
+
+        def check(uri: str) -> tuple[ObjectStore | None, CheckedAdapter | HubAdapter]:
+            if uri.startswith(HUB_SCHEME):
+                return None, check_hub_adapter(parse_hub(uri))
+            store, prefix, loc = self.locate(uri)
+            return store, check_adapter(store, loc, prefix)
+
+        checked = list(pool.map(check, uris))
+        check_limits([c for _, c in checked], self.max_adapter_bytes, self.max_job_bytes)  # type: ignore[misc]
+        self.hub_inputs = {i: c for i, (_, c) in enumerate(checked) if isinstance(c, HubAdapter)}
+        return checked
 
     def _pool(self, count: int) -> ThreadPoolExecutor:
         return ThreadPoolExecutor(min(self.max_parallel, count) or 1)
@@ -150,6 +163,8 @@ class Storage:
 
             def fetch(i: int) -> Path:
                 store, adapter = checked[i]
+                if isinstance(adapter, HubAdapter):
+                    return fetch_hub_adapter(adapter)
                 if adapter.location.scheme == "file":
                     return Path(adapter.location.path)
                 return download_adapter(store, adapter, dest / str(i))
@@ -162,13 +177,16 @@ class Storage:
         """The adapters at ``uris``, in order, ready for ``worker.runner.run_merge``: checked
         first (sizes, limits, prefix); a ``file://`` adapter is its folder, used in place; an
         S3 adapter a :class:`StreamedInput` whose config is copied to ``dest/<index>/`` and
-        whose weights are read from S3 as the merge goes, within ``read_ahead``."""
+        whose weights are read from S3 as the merge goes, within ``read_ahead``; a Hub
+        adapter its two files fetched at the commit it was sized at (``hub_inputs``)."""
         with self._pool(len(uris)) as pool:
             checked = self._checked(uris, pool)
-            remote = sum(adapter.location.scheme != "file" for _, adapter in checked)
+            remote = sum(adapter.location.scheme == "s3" for _, adapter in checked)
 
             def prepare(i: int) -> Path | StreamedInput:
                 store, adapter = checked[i]
+                if isinstance(adapter, HubAdapter):  # fetched into huggingface_hub's cache
+                    return fetch_hub_adapter(adapter)
                 if adapter.location.scheme == "file":
                     return Path(adapter.location.path)
                 return prepare_streamed(store, adapter, dest / str(i), read_ahead, remote)
