@@ -72,7 +72,18 @@ class Settings(BaseSettings):
     max_modules: int = Field(
         65_536, ge=1, description="modules in a merge, checked from the headers before reading"
     )
-    max_output_rank: int = Field(512, ge=1, description="largest output.rank (422 above)")
+    max_output_rank: int = Field(
+        512,
+        ge=1,
+        description="largest output rank: an explicit output.rank (422 above), and the merged "
+        "rank a job can reach without one (limit_exceeded before any tensor is read)",
+    )
+    max_output_bytes: int = Field(
+        40 * GiB,
+        ge=1,
+        description="largest merged adapter (its weights file), estimated from the plan before "
+        "any tensor is read",
+    )
     max_request_bytes: int = Field(1 * MiB, ge=1024, description="largest HTTP body (413 above)")
     max_work_bytes: int | None = Field(
         None,

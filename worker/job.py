@@ -190,6 +190,8 @@ def _merge(
                 on_progress=tracker.on_progress, should_cancel=tracker.should_cancel,
                 max_modules=settings.max_modules,
                 max_work_bytes=settings.max_work_bytes or default_max_work_bytes(),
+                max_output_rank=settings.max_output_rank,
+                max_output_bytes=settings.max_output_bytes,
                 weights_sink=publisher.weights_sink,  # S3: the weights go up as they are merged
             )  # fmt: skip
             tracker.publish("upload", outcome.modules, outcome.modules)

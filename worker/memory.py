@@ -25,6 +25,7 @@ between the measured peak and 1.5 times it.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -47,8 +48,14 @@ __all__ = [
 #: Bytes per value of each ``output.dtype``.
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 #: What a merge costs besides its tensors: threads and their stacks, allocator arenas, the
-#: safetensors handles and the writer's queue (a tiny merge measures about 14 MiB).
-FIXED_OVERHEAD = 16 << 20
+#: safetensors handles, the writer's queue, library pages touched for the first time (a tiny
+#: merge in a freshly forked work horse measures 14–23 MiB, depending on how its threads
+#: interleave).
+FIXED_OVERHEAD = 24 << 20
+#: The tensors' bytes are counted with this much more: glibc keeps freed blocks below its
+#: mmap threshold in its heaps (fragmented), pages round allocations up, and the same merge
+#: measures a few percent apart from run to run (tests/worker/test_memory_grid.py).
+ALLOCATOR_SLACK = 0.15
 #: Merged modules held besides those being merged: the one being written and those whose
 #: bytes are still in the writer's queue (``worker.adapters.writer.MAX_IN_FLIGHT`` tensors).
 WAITING_MODULES = 2
@@ -146,7 +153,8 @@ def estimate_work(
 ) -> WorkEstimate:
     """The job's peak: the ``threads`` costliest modules at their peaks at once, the
     :data:`WAITING_MODULES` largest merged results besides them, ``held_bytes`` and
-    :data:`FIXED_OVERHEAD`. Modules of equal shapes are estimated once."""
+    :data:`FIXED_OVERHEAD`, the tensors counted with :data:`ALLOCATOR_SLACK`. Modules of
+    equal shapes are estimated once."""
     cache: dict[tuple, tuple[int, int]] = {}
     costs = []
     for shape in modules:
@@ -158,14 +166,16 @@ def estimate_work(
             )  # fmt: skip
         costs.append((cache[key], shape.module))
     if not costs:
-        return WorkEstimate(FIXED_OVERHEAD + held_bytes, None, 0, held_bytes, threads)
+        total = FIXED_OVERHEAD + math.ceil((1 + ALLOCATOR_SLACK) * held_bytes)
+        return WorkEstimate(total, None, 0, held_bytes, threads)
     by_peak = sorted(costs, key=lambda c: c[0][0], reverse=True)
     side_by_side = sum(peak for (peak, _), _ in by_peak[:threads])
     waiting = 0
     if len(costs) > threads:
         waiting = sum(sorted((out for (_, out), _ in costs), reverse=True)[:WAITING_MODULES])
     (top_peak, _), top_module = by_peak[0]
-    total = FIXED_OVERHEAD + held_bytes + side_by_side + waiting
+    tensors = held_bytes + side_by_side + waiting
+    total = FIXED_OVERHEAD + math.ceil((1 + ALLOCATOR_SLACK) * tensors)
     return WorkEstimate(total, top_module, top_peak, held_bytes, min(threads, len(costs)))
 
 

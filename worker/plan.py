@@ -27,6 +27,7 @@ from worker.memory import (
     WorkEstimate,
     check_work,
     estimate_work,
+    format_bytes,
     merged_rank_bound,
 )
 from worker.module_values import ModuleValues, model_layers
@@ -59,6 +60,7 @@ class MergePlan:
     notes: list[str]
     work: WorkEstimate | None = None  # the estimated peak working memory (worker.memory)
     work_limit: int | None = None  # the limit it was checked against (None: none)
+    output_bytes: int = 0  # the weights file's size at most (exact when output_rank is known)
 
 
 def _single(readers: Sequence[AdapterSource], field: str) -> object:
@@ -212,19 +214,72 @@ def _planned_modules(
     return modules
 
 
+def _rank_bound_reason(spec: MergeSpec, mp: ModulePlan) -> str:
+    if mp.max_rank is None:
+        return f"a dense {spec.space}-space update has any rank up to min(m, n)"
+    return f"Σr = {mp.total_rank} of its {len(mp.sources)} adapters"
+
+
+def _output_bytes(spec: MergeSpec, modules: list[ModulePlan], output_rank: int | None) -> int:
+    """The weights file's size: every module at the output's one rank (the largest merged
+    rank, at most min(m, n) of the widest module when only the merge will know it)."""
+    rank = output_rank or max(min(mp.in_features, mp.out_features) for mp in modules)
+    return sum((mp.in_features + mp.out_features) * rank for mp in modules) * DTYPE_BYTES[
+        spec.output.dtype
+    ]
+
+
+def _check_output(
+    spec: MergeSpec,
+    modules: list[ModulePlan],
+    output_bytes: int,
+    max_output_rank: int | None,
+    max_output_bytes: int | None,
+) -> None:
+    """The output's rank and size, bounded from the plan before any tensor is read: a merge
+    whose rank is set by the layers, not by the inputs (full space, or knots with isotropize,
+    without ``output.rank``), turns a few KB of adapters into hundreds of MB."""
+    if max_output_rank is not None:
+        if spec.output.rank is not None and spec.output.rank > max_output_rank:
+            raise LimitExceeded(
+                f"output.rank {spec.output.rank} is over this service's limit of "
+                f"{max_output_rank} (COREMERGE_MAX_OUTPUT_RANK)"
+            )
+        bound = lambda mp: mp.max_rank or min(mp.in_features, mp.out_features)  # noqa: E731
+        widest = max(modules, key=bound)
+        if bound(widest) > max_output_rank:
+            raise LimitExceeded(
+                f"module {widest.module!r}: its merged rank can reach {bound(widest)} "
+                f"({_rank_bound_reason(spec, widest)}), over this service's limit of "
+                f"{max_output_rank} (COREMERGE_MAX_OUTPUT_RANK): set output.rank to at most "
+                f"{max_output_rank} to truncate every module to its best approximation"
+            )
+    if max_output_bytes is not None and output_bytes > max_output_bytes:
+        raise LimitExceeded(
+            f"the merged adapter would be {format_bytes(output_bytes)} ({len(modules)} modules "
+            f"in {spec.output.dtype}), over this service's limit of "
+            f"{format_bytes(max_output_bytes)} (COREMERGE_MAX_OUTPUT_BYTES): set a smaller "
+            "output.rank or dtype"
+        )
+
+
 def make_plan(
     readers: Sequence[AdapterSource],
     spec: MergeSpec,
     *,
     max_modules: int | None = None,
     max_work_bytes: int | None = None,
+    max_output_rank: int | None = None,
+    max_output_bytes: int | None = None,
     threads: int = 1,
 ) -> MergePlan:
     """Check the adapters against each other and lay out the merge (docs/architecture.md).
 
-    Service limits (none by default), both raising ``LimitExceeded``: ``max_modules`` caps
+    Service limits (none by default), each raising ``LimitExceeded``: ``max_modules`` caps
     the number of merged modules; ``max_work_bytes`` the job's estimated peak working memory
-    with ``threads`` modules merged side by side (``worker.pipeline.merge_threads``).
+    with ``threads`` modules merged side by side (``worker.pipeline.merge_threads``);
+    ``max_output_rank`` the output's rank (an explicit ``output.rank``, and the merged rank
+    it can reach without one); ``max_output_bytes`` the size of the weights file.
     """
     if max_modules is not None:
         _check_module_count(readers, max_modules)
@@ -241,6 +296,8 @@ def make_plan(
     every = len(modules) == len({m for r in readers for m in r.modules})
     bounds = [mp.max_rank for mp in modules]
     output_rank = None if None in bounds else max(bounds)  # type: ignore[type-var]
+    output_bytes = _output_bytes(spec, modules, output_rank)
+    _check_output(spec, modules, output_bytes, max_output_rank, max_output_bytes)
     work = _estimate_work(readers, spec, modules, output_rank, threads)
     check_work(work, max_work_bytes, space=spec.space, method=spec.method)
     return MergePlan(
@@ -253,4 +310,5 @@ def make_plan(
         notes=notes,
         work=work,
         work_limit=max_work_bytes,
+        output_bytes=output_bytes,
     )

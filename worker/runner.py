@@ -283,6 +283,8 @@ def run_merge(
     should_cancel: Callable[[], bool] | None = None,
     max_modules: int | None = None,
     max_work_bytes: int | None = None,
+    max_output_rank: int | None = None,
+    max_output_bytes: int | None = None,
     batch_window: int | None = None,
     weights_sink: Callable[[], BinaryIO | None] | None = None,
     record_local_paths: bool = True,
@@ -292,9 +294,9 @@ def run_merge(
 
     Raises a ``jobs.errors.MergeError`` for every known failure (``Canceled`` when
     ``should_cancel()`` is true at a module boundary) and ``FileExistsError`` when ``out_dir``
-    exists and is not empty. ``max_modules`` and ``max_work_bytes`` (the estimated peak
-    working memory, ``worker.memory``) are service limits, checked from the headers before
-    any tensor is read (``LimitExceeded``). ``batch_window`` modules are merged at a time in
+    exists and is not empty. ``max_modules``, ``max_work_bytes`` (the estimated peak
+    working memory, ``worker.memory``), ``max_output_rank`` and ``max_output_bytes`` are
+    service limits, checked from the headers before any tensor is read (``LimitExceeded``). ``batch_window`` modules are merged at a time in
     one batched call per shape (core space only); by default that is done on CUDA only.
     ``weights_sink()``, when it gives a target, receives ``adapter_model.safetensors`` as it is
     written (an upload to the output's store, beside the merge) instead of ``out_dir``.
@@ -313,6 +315,7 @@ def run_merge(
         merger = _ModuleMerger(spec, readers, torch_device, batch_window)
         plan = make_plan(
             readers, spec, max_modules=max_modules, max_work_bytes=max_work_bytes,
+            max_output_rank=max_output_rank, max_output_bytes=max_output_bytes,
             threads=max(merger.threads, merger.window),
         )  # fmt: skip
         control.progress("plan", 0, len(plan.modules))

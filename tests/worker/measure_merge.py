@@ -1,11 +1,7 @@
-"""Run one merge and measure its peak working memory against the plan's estimate (the child
-side of ``tests/worker/test_memory_estimate.py`` and ``test_memory_grid.py``; not a test
-module).
-
-    python -m tests.worker.measure_merge '{"spec": {...}, "dirs": [...], "out": "..."}'
-
-or, from a forkserver that preloaded this module (torch and the worker imported once),
-:func:`measure` in a fresh forked process per merge. The measure is the process's peak
+"""Run one merge and measure its peak working memory against the plan's estimate: the child
+side of ``tests/worker/test_memory_grid.py`` (not a test module). A forkserver preloads this
+module (torch and the worker imported once, as a worker with ``COREMERGE_WORKER_PRELOAD``
+does) and runs :func:`measure` in a fresh forked process per merge. The measure is the process's peak
 resident memory during ``run_merge`` (VmHWM) less its resident memory right before it: the
 kernel's peak counter is reset first (``/proc/self/clear_refs``), so the imports' transient
 peaks do not count. glibc's malloc is set as the worker sets it (``worker.allocator``): large
@@ -15,8 +11,6 @@ freed buffers go back to the system, so the resident memory follows what is allo
 from __future__ import annotations
 
 import gc
-import json
-import sys
 from pathlib import Path
 
 import torch
@@ -60,10 +54,3 @@ def measure(job: dict) -> dict:
     estimate = outcome.report["memory"]["estimated_peak_bytes"]
     return {"estimate": estimate, "measured": measured, "reset": reset}
 
-
-def main() -> None:
-    print(json.dumps(measure(json.loads(sys.argv[1]))))
-
-
-if __name__ == "__main__":
-    main()

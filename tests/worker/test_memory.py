@@ -2,7 +2,7 @@
 ``max_work_bytes`` is refused from its headers, before any tensor is read (limit_exceeded,
 naming the module, the estimate, the limit and COREMERGE_MAX_WORK_BYTES); and the default
 limit, 80 % of the process's memory limit. How close the estimate is to real peaks:
-``tests/worker/test_memory_estimate.py``."""
+``tests/worker/test_memory_grid.py``."""
 
 from __future__ import annotations
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from jobs.errors import AdapterIncompatible
+from jobs.errors import AdapterIncompatible, LimitExceeded
 from jobs.spec import MergeSpec
 from tests.conftest import edit_config
 from worker.adapters import open_adapters
@@ -54,3 +54,29 @@ def test_incompatible_adapters(peft_adapters: list[Path], adapter_copy, tmp_path
         match=r"module 'model\.layers\.0\.self_attn\.q_proj' has different shapes",
     ):
         _plan([peft_adapters[0], wide])
+
+
+def test_the_output_is_bounded_from_the_plan(peft_adapters: list[Path]) -> None:
+    """COREMERGE_MAX_OUTPUT_RANK bounds an explicit output.rank and the merged rank a job can
+    reach without one; COREMERGE_MAX_OUTPUT_BYTES the weights file, estimated exactly."""
+    dirs = peft_adapters
+    spec = MergeSpec.model_validate(
+        {"adapters": [{"uri": str(d)} for d in dirs], "output": {"uri": "/tmp/o"}}
+    )
+    readers = open_adapters(dirs, [d.name for d in dirs])
+    plan = make_plan(readers, spec)
+    # Every module at the output's one rank (14), float32.
+    assert plan.output_bytes == sum(
+        (mp.in_features + mp.out_features) * 14 * 4 for mp in plan.modules
+    )
+    with pytest.raises(LimitExceeded, match=r"merged rank can reach 14 \(Σr = 14 of its 3"):
+        make_plan(readers, spec, max_output_rank=13)
+    make_plan(readers, spec, max_output_rank=14)
+    with pytest.raises(LimitExceeded, match="COREMERGE_MAX_OUTPUT_BYTES"):
+        make_plan(readers, spec, max_output_bytes=plan.output_bytes - 1)
+    ranked = spec.model_copy(update={"output": spec.output.model_copy(update={"rank": 20})})
+    with pytest.raises(LimitExceeded, match="output.rank 20 is over this service's limit of 16"):
+        make_plan(readers, ranked, max_output_rank=16)
+    full = spec.model_copy(update={"space": "full"})
+    with pytest.raises(LimitExceeded, match="a dense full-space update has any rank up to"):
+        make_plan(readers, full, max_output_rank=8)

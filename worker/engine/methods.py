@@ -535,6 +535,8 @@ def merge_tasks_cost(
     before = L.now
     X = METHODS[method].cost(L, s, **_own(params))
     formed = L.now - before - X
+    if params.get("alpha", 1.0) == AUTO:
+        L.spike(s.X)  # the merged X's squares
     if params.get("isotropize", False):
         iso = isotropize_cost(L, s.G, s.a, s.b)
         L.free(X)

@@ -119,8 +119,10 @@ def knots_components(factors: Sequence[LoraFactors]) -> tuple[Tensor, Tensor, Te
     return Qb @ Us, S, blocks
 
 
-def _knots_components_cost(L: Ledger, m: int, n: int, ranks: Sequence[int]) -> tuple[int, int]:
-    """:func:`knots_components`: (the bytes of U and the blocks, kept; k, the kept rank)."""
+def _knots_components_cost(
+    L: Ledger, m: int, n: int, ranks: Sequence[int]
+) -> tuple[int, int, int]:
+    """:func:`knots_components`: (the bytes of the blocks, of U, both kept; k, the kept rank)."""
     T, R = len(ranks), sum(ranks)
     c = min(m, R)
     k = min(c, sum(min(n, r) for r in ranks))  # singular values kept, at most
@@ -132,7 +134,7 @@ def _knots_components_cost(L: Ledger, m: int, n: int, ranks: Sequence[int]) -> t
     blocks = L.alloc(F32 * T * k * n)
     U = L.alloc(F32 * m * k)
     L.free(qb, qa, middle, small, kept)
-    return blocks + U, k
+    return blocks, U, k
 
 
 def merge_in_knots_space(
@@ -154,9 +156,11 @@ def merge_in_knots_space(
     if params.get("isotropize", False):  # the m × n ΔW's singular values; alpha from the same
         energies = task_energies(tasks, S[None]) if params.get("alpha") == "auto" else None
         X, _ = merge_tasks(method, tasks, {**params, "isotropize": False, "alpha": 1.0})
-        dW = isotropize((U * S) @ X[0])[None]
-        alpha = resolve_alphas(params, energies, dW)[0]
-        B, A, kept = _dense_to_lora(alpha * dW[0], rank)
+        del tasks
+        dW = isotropize((U * S) @ X[0])
+        del X
+        alpha = resolve_alphas(params, energies, dW[None])[0]
+        B, A, kept = _dense_to_lora(dW.mul_(alpha) if alpha != 1.0 else dW, rank)
         return MergedModule(B=B, A=A, kept_energy=kept, alpha=alpha)
     X, alphas = merge_tasks(method, tasks, params, row_scale=S[None])  # ‖U S V‖ = ‖S V‖
     del tasks
@@ -174,23 +178,25 @@ def knots_space_cost(
 ) -> int:  # fmt: skip
     """:func:`merge_in_knots_space`: the factored SVD of [ΔW_1 … ΔW_T], the method on the T
     blocks V_t (k × n), then ΔW = U S X, dense only with ``isotropize``."""
-    components, k = _knots_components_cost(L, m, n, ranks)
+    blocks, U, k = _knots_components_cost(L, m, n, ranks)
     shape = TaskShape(1, len(ranks), k, n, None, min(m, n))
     X, _ = merge_tasks_cost(L, shape, method, {**params, "isotropize": False})
-    US = L.alloc(F32 * m * k)
+    L.free(blocks)
     if params.get("isotropize", False):
+        US = L.alloc(F32 * m * k)
         dense = L.alloc(F32 * m * n)
+        L.free(US, X)
         iso = isotropize_cost(L, 1, m, n)
         L.free(dense)
-        L.spike(F32 * m * n)  # alpha · dW
         out = _dense_to_lora_cost(L, m, n, rank)
         L.free(iso)
-    else:
+    else:  # factored_svd(U S, X) and the truncation
+        US = L.alloc(F32 * m * k)
         factors = factored_svd_cost(L, 1, m, k, n)
         out = L.alloc(F32 * m * (k if rank is None else min(rank, k)))  # B = U_k S_k
         out += factors  # A is a view of Vh
-        L.free(factors)
-    L.free(components, X, US)
+        L.free(factors, US, X)
+    L.free(U)
     return out
 
 
