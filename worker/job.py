@@ -178,9 +178,7 @@ def _merge(
             tmp_dir = Path(tmp)
             tracker.publish("download", 0, 0)
             # Checked (sizes, headers) now; S3 weights are read while the merge runs.
-            inputs = storage.open_inputs(
-                [a.uri for a in spec.adapters], tmp_dir / "inputs", read_ahead
-            )
+            inputs = storage.open_inputs([a.uri for a in spec.adapters], tmp_dir / "inputs")
             if tracker.should_cancel():
                 raise Canceled("canceled before merging; nothing was published")
             outcome = run_merge(
@@ -189,6 +187,7 @@ def _merge(
                 max_modules=settings.max_modules,
                 max_work_bytes=settings.max_work_bytes or default_max_work_bytes(),
                 weights_sink=publisher.weights_sink,  # S3: the weights go up as they are merged
+                read_ahead=read_ahead,
             )  # fmt: skip
             tracker.publish("upload", outcome.modules, outcome.modules)
             # A cancel is honoured until the report is written: checked before every file.

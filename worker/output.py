@@ -225,7 +225,7 @@ def write_report(staging: Path, report: dict[str, Any]) -> None:
 def _inputs(spec: MergeSpec, readers: Sequence[AdapterSource], hashes: list[str]) -> list[dict]:
     return [
         {
-            "name": reader.name,
+            "name": ref.display_name,  # entries naming one adapter share its reader
             "uri": ref.uri,
             "peft_type": reader.config.peft_type,
             "weight": ref.weight,

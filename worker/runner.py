@@ -32,9 +32,10 @@ import torch
 
 from jobs.errors import AdapterInvalid, Canceled, InternalError, OutputNotFinite
 from jobs.spec import MergeSpec
-from worker.adapters import AdapterSource, open_adapters
 from worker.adapters.format import REPORT_NAME
-from worker.adapters.source import AdapterLocation
+from worker.adapters.opening import Input, open_adapters
+from worker.adapters.source import AdapterSource
+from worker.adapters.streamed import ReadAhead
 from worker.engine import (
     FactorStack,
     MergedModule,
@@ -131,12 +132,20 @@ class _ModuleMerger:
             torch.empty(mp.total_rank, mp.in_features, device=self.device),
             [info.rank for info in infos],
         )
-        scales = []
-        for i, info, sl in zip(mp.sources, infos, stack.slices, strict=True):
-            A, B = self.readers[i].read(mp.module, self.device, check=False)
-            scales.append(info.scaling * self.spec.adapters[i].weight)
-            stack.A[sl] = A
-            torch.mul(B, scales[-1], out=stack.B[:, sl])
+        scales = [
+            info.scaling * self.spec.adapters[i].weight
+            for i, info in zip(mp.sources, infos, strict=True)
+        ]
+        # An input named by several entries is one source (opened once): read once, copied
+        # into each entry's place with that entry's weight.
+        places: dict[int, list[int]] = {}
+        for j, i in enumerate(mp.sources):
+            places.setdefault(id(self.readers[i]), []).append(j)
+        for js in places.values():
+            A, B = self.readers[mp.sources[js[0]]].read(mp.module, self.device, check=False)
+            for j in js:
+                stack.A[stack.slices[j]] = A
+                torch.mul(B, scales[j], out=stack.B[:, stack.slices[j]])
         if not bool(torch.isfinite(stack.A.sum() + stack.B.sum())):
             self._explain_non_finite(mp, stack, scales)
         return stack
@@ -258,7 +267,7 @@ class _MergeStats:
 
 def run_merge(
     spec: MergeSpec,
-    adapter_dirs: Sequence[Path | AdapterLocation],
+    adapter_dirs: Sequence[Input],
     out_dir: Path,
     *,
     device: str = "auto",
@@ -268,15 +277,17 @@ def run_merge(
     max_work_bytes: int | None = None,
     batch_window: int | None = None,
     weights_sink: Callable[[], BinaryIO | None] | None = None,
+    read_ahead: ReadAhead | None = None,
 ) -> MergeOutcome:
     """Merge the adapters in ``adapter_dirs`` (in ``spec.adapters`` order: local folders, or
-    an ``AdapterLocation`` each, whose weights are read as the merge goes) into ``out_dir``.
+    a ``RemoteAdapter`` each, whose weights are read as the merge goes within
+    ``read_ahead``; ``worker.adapters.opening``) into ``out_dir``.
 
     Raises a ``jobs.errors.MergeError`` for every known failure (``Canceled`` when
     ``should_cancel()`` is true at a module boundary) and ``FileExistsError`` when ``out_dir``
     exists and is not empty. ``max_modules`` and ``max_work_bytes`` (the estimated peak
     working memory, ``worker.memory``) are service limits, checked from the headers before
-    any tensor is read (``LimitExceeded``). ``batch_window`` modules are merged at a time in
+    any tensor is read (``LimitExceeded``; the module limit as each input is opened). ``batch_window`` modules are merged at a time in
     one batched call per shape (core space only); by default that is done on CUDA only.
     ``weights_sink()``, when it gives a target, receives ``adapter_model.safetensors`` as it is
     written (an upload to the output's store, beside the merge) instead of ``out_dir``.
@@ -289,7 +300,10 @@ def run_merge(
         raise ValueError("one adapter directory per spec.adapters entry is required")
     control = _Control(on_progress, should_cancel)
     torch_device = resolve_device(device)
-    readers = open_adapters(adapter_dirs, [ref.display_name for ref in spec.adapters])
+    readers = open_adapters(
+        adapter_dirs, [ref.display_name for ref in spec.adapters], read_ahead=read_ahead,
+        max_modules=max_modules, should_cancel=should_cancel,
+    )  # fmt: skip
     try:
         merger = _ModuleMerger(spec, readers, torch_device, batch_window)
         plan = make_plan(
@@ -347,8 +361,12 @@ def _hashing(
     thread of its own (hashlib releases the GIL); a streamed input hashes its bytes as they
     arrive, and gives its digest once the merge has read them."""
     hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sha256")
+    digests: dict[int, Future[str] | _DigestWhenRead] = {}  # a shared source hashed once
     try:
-        yield [_DigestWhenRead(r) if r.streamed else hasher.submit(r.sha256) for r in readers]
+        for r in readers:
+            if id(r) not in digests:
+                digests[id(r)] = _DigestWhenRead(r) if r.streamed else hasher.submit(r.sha256)
+        yield [digests[id(r)] for r in readers]
     finally:
         hasher.shutdown(wait=True, cancel_futures=True)
 

@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 
 from jobs.errors import AdapterInvalid
 from jobs.spec import MergeSpec
-from worker.adapters.source import open_adapters
+from worker.adapters.opening import open_adapters
 from worker.runner import run_merge
 
 

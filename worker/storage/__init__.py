@@ -4,7 +4,7 @@
     s3.py        S3Store: one bucket through boto3 (pinned reads, conditional creates)
     local.py     LocalStore: the local file system (atomic, conditional creates)
     errors.py    S3's errors as job errors
-    inputs.py    checking input adapters, then reading them as the merge goes (or copying)
+    inputs.py    checking input adapters, then handing out their bytes (pinned) or copying them
     publish.py   publishing an output without destroying data (claim, files, report last)
 
 :class:`Storage` puts them together for a job: it picks the store for each location and runs
@@ -20,18 +20,18 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from jobs.uris import Location, parse_uri
 from worker.adapters.format import CONFIG_NAME, REPORT_NAME, WEIGHTS_NAME
 
 from .inputs import (
     CheckedAdapter,
-    StreamedInput,
+    RemoteInput,
     check_adapter,
     check_limits,
     download_adapter,
-    prepare_streamed,
+    prepare_remote,
 )
 from .local import LocalStore
 from .objects import MemoryStore, ObjectStore
@@ -45,9 +45,6 @@ from .publish import (
 )
 from .s3 import S3Store, make_s3_client
 
-if TYPE_CHECKING:
-    from worker.adapters.streamed import ReadAhead
-
 __all__ = [
     "CLAIM_NAME",
     "CONFIG_NAME",
@@ -60,9 +57,9 @@ __all__ = [
     "ObjectStore",
     "OutputPublisher",
     "Published",
+    "RemoteInput",
     "S3Store",
     "Storage",
-    "StreamedInput",
     "conditional_writes_honoured",
     "make_s3_client",
     "make_transfer_config",
@@ -132,11 +129,24 @@ class Storage:
         self, uris: Sequence[str], pool: ThreadPoolExecutor
     ) -> list[tuple[ObjectStore, CheckedAdapter]]:
         """Every adapter's size and safetensors prefix checked, and the limits, before any of
-        its tensors is read."""
-        located = [self.locate(u) for u in uris]
-        checked = list(pool.map(lambda sp: check_adapter(sp[0], sp[2], sp[1]), located))
-        check_limits(checked, self.max_adapter_bytes, self.max_job_bytes)
-        return [(store, c) for (store, _, _), c in zip(located, checked, strict=True)]
+        its tensors is read. An adapter named by several entries is checked once, and the
+        entries share its ``CheckedAdapter`` (one URI, one ETag); the size limits count it
+        once per entry, as the merge reads it once per entry's weight."""
+        located = {}
+        for uri in uris:
+            store, prefix, loc = self.locate(uri)
+            located.setdefault(loc.normalized, (store, prefix, loc))
+        distinct = list(located.values())
+        checked = dict(
+            zip(
+                located,
+                pool.map(lambda spl: check_adapter(spl[0], spl[2], spl[1]), distinct),
+                strict=True,
+            )
+        )
+        entries = [(located[n][0], checked[n]) for n in (parse_uri(u).normalized for u in uris)]
+        check_limits([c for _, c in entries], self.max_adapter_bytes, self.max_job_bytes)
+        return entries
 
     def _pool(self, count: int) -> ThreadPoolExecutor:
         return ThreadPoolExecutor(min(self.max_parallel, count) or 1)
@@ -156,24 +166,30 @@ class Storage:
 
             return list(pool.map(fetch, range(len(checked))))
 
-    def open_inputs(
-        self, uris: Sequence[str], dest: Path, read_ahead: ReadAhead
-    ) -> list[Path | StreamedInput]:
+    def open_inputs(self, uris: Sequence[str], dest: Path) -> list[Path | RemoteInput]:
         """The adapters at ``uris``, in order, ready for ``worker.runner.run_merge``: checked
         first (sizes, limits, prefix); a ``file://`` adapter is its folder, used in place; an
-        S3 adapter a :class:`StreamedInput` whose config is copied to ``dest/<index>/`` and
-        whose weights are read from S3 as the merge goes, within ``read_ahead``."""
+        S3 adapter a :class:`RemoteInput`: its config copied to ``dest/<n>/``, its weights
+        handed out as a pinned object (``worker.adapters.opening`` reads them). Entries
+        naming the same adapter get the same object, so it is opened once."""
         with self._pool(len(uris)) as pool:
             checked = self._checked(uris, pool)
-            remote = sum(adapter.location.scheme != "file" for _, adapter in checked)
+            distinct = list({id(adapter): (store, adapter) for store, adapter in checked}.values())
 
-            def prepare(i: int) -> Path | StreamedInput:
-                store, adapter = checked[i]
+            def prepare(i: int) -> Path | RemoteInput:
+                store, adapter = distinct[i]
                 if adapter.location.scheme == "file":
                     return Path(adapter.location.path)
-                return prepare_streamed(store, adapter, dest / str(i), read_ahead, remote)
+                return prepare_remote(store, adapter, dest / str(i))
 
-            return list(pool.map(prepare, range(len(checked))))
+            prepared = dict(
+                zip(
+                    (id(a) for _, a in distinct),
+                    pool.map(prepare, range(len(distinct))),
+                    strict=True,
+                )
+            )
+            return [prepared[id(adapter)] for _, adapter in checked]
 
     # -- output
     def publisher(
