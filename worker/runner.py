@@ -287,17 +287,14 @@ def run_merge(
     ``should_cancel()`` is true at a module boundary) and ``FileExistsError`` when ``out_dir``
     exists and is not empty. ``max_modules`` and ``max_work_bytes`` (the estimated peak
     working memory, ``worker.memory``) are service limits, checked from the headers before
-    any tensor is read (``LimitExceeded``; the module limit as each input is opened). ``batch_window`` modules are merged at a time in
-    one batched call per shape (core space only); by default that is done on CUDA only.
+    any tensor is read (``LimitExceeded``; the module limit as each input is opened).
+    ``batch_window`` modules are merged at a time in one batched call per shape (core space
+    only); by default that is done on CUDA only.
     ``weights_sink()``, when it gives a target, receives ``adapter_model.safetensors`` as it is
     written (an upload to the output's store, beside the merge) instead of ``out_dir``.
     """
     started = time.perf_counter()
-    out_dir = Path(out_dir)
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
-        raise FileExistsError(f"output directory {out_dir} already exists and is not empty")
-    if len(adapter_dirs) != len(spec.adapters):
-        raise ValueError("one adapter directory per spec.adapters entry is required")
+    out_dir = _checked_call(spec, adapter_dirs, out_dir)
     control = _Control(on_progress, should_cancel)
     torch_device = resolve_device(device)
     readers = open_adapters(
@@ -327,6 +324,16 @@ def run_merge(
         for reader in readers:
             reader.close()
     return MergeOutcome(out_dir, weights.rank, len(plan.modules), weights.nbytes, seconds, report)
+
+
+def _checked_call(spec: MergeSpec, adapter_dirs: Sequence[Input], out_dir: Path) -> Path:
+    """``out_dir`` as a path, refused when it holds anything; one input per adapter."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise FileExistsError(f"output directory {out_dir} already exists and is not empty")
+    if len(adapter_dirs) != len(spec.adapters):
+        raise ValueError("one adapter directory per spec.adapters entry is required")
+    return out_dir
 
 
 @contextlib.contextmanager

@@ -41,6 +41,7 @@ __all__ = [
     "HEADER_BYTES_PER_TENSOR",
     "HEADER_METADATA_BYTES",
     "LORA_KEY",
+    "MAX_CONFIG_BYTES",
     "MAX_HEADER_BYTES",
     "MODEL_CARD_NAME",
     "PICKLE_NAMES",
@@ -68,6 +69,9 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 REPORT_NAME = "merge_report.json"
 #: The merged adapter's model card (the Hugging Face convention: YAML front matter, Markdown).
 MODEL_CARD_NAME = "README.md"
+#: A config larger than this is not a PEFT config: refused before it is read (locally) or
+#: copied (from the HEAD of a remote one).
+MAX_CONFIG_BYTES = 1 << 20
 #: Weights saved by ``torch.save``: never loaded (unpickling runs code).
 PICKLE_NAMES = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth")
 

@@ -6,6 +6,8 @@
     errors.py    S3's errors as job errors
     inputs.py    checking input adapters, then handing out their bytes (pinned) or copying them
     publish.py   publishing an output without destroying data (claim, files, report last)
+    ownership.py who wrote an object at an output: a tag nobody outside the service can forge
+    reports.py   a merge_report.json found at an output, read back within bounds
 
 :class:`Storage` puts them together for a job: it picks the store for each location and runs
 the input and publishing protocols on it. Stores are made by a factory that tests can replace
@@ -14,7 +16,6 @@ the input and publishing protocols on it. Stores are made by a factory that test
 
 from __future__ import annotations
 
-import json
 import uuid
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -22,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from jobs.errors import AdapterNotFound
 from jobs.uris import Location, parse_uri
 from worker.adapters.format import CONFIG_NAME, REPORT_NAME, WEIGHTS_NAME
 
@@ -35,14 +37,14 @@ from .inputs import (
 )
 from .local import LocalStore
 from .objects import MemoryStore, ObjectStore
+from .ownership import JOB_ID_META, RUN_META, TAG_META, Owner
 from .publish import (
     CLAIM_NAME,
-    JOB_ID_META,
-    RUN_META,
     OutputPublisher,
     conditional_writes_honoured,
     remove_run_leftovers,
 )
+from .reports import read_report
 from .s3 import S3Store, make_s3_client
 
 __all__ = [
@@ -51,11 +53,13 @@ __all__ = [
     "JOB_ID_META",
     "REPORT_NAME",
     "RUN_META",
+    "TAG_META",
     "WEIGHTS_NAME",
     "LocalStore",
     "MemoryStore",
     "ObjectStore",
     "OutputPublisher",
+    "Owner",
     "Published",
     "RemoteInput",
     "S3Store",
@@ -193,31 +197,35 @@ class Storage:
 
     # -- output
     def publisher(
-        self, uri: str, *, job_id: str, run: str, claim_wait_s: float = 120.0
+        self, uri: str, *, owner: Owner, run: str, claim_wait_s: float = 120.0
     ) -> OutputPublisher:
-        """The publisher of one run of ``job_id`` at ``uri`` (``worker.storage.publish``)."""
+        """The publisher of one run of ``owner``'s job at ``uri`` (``worker.storage.publish``)."""
         store, prefix, loc = self.locate(uri)
         return OutputPublisher(
-            store, prefix, loc.normalized, job_id=job_id, run=run, claim_wait_s=claim_wait_s
+            store, prefix, loc.normalized, owner=owner, run=run, claim_wait_s=claim_wait_s
         )
 
     def published_by(self, uri: str) -> str | None:
-        """The job id that published the adapter at ``uri``, ``""`` for an output that exists
-        but is not ours to tell, ``None`` when no report is there."""
+        """The job id that the report at ``uri`` names (unverified: only the job's own
+        ``Owner`` can tell a forgery), ``""`` when it names none, ``None`` with no report."""
         store, prefix, _ = self.locate(uri)
         report = store.head(prefix + REPORT_NAME)
         return None if report is None else report.metadata.get(JOB_ID_META, "")
 
     def read_report(self, uri: str) -> dict[str, Any]:
-        store, prefix, _ = self.locate(uri)
-        return json.loads(store.read(prefix + REPORT_NAME))
+        """The report published at ``uri``, bounded and checked (``reports.read_report``)."""
+        store, prefix, loc = self.locate(uri)
+        info = store.head(prefix + REPORT_NAME)
+        if info is None:
+            raise AdapterNotFound(f"{loc}{REPORT_NAME}: not found")
+        return read_report(store, info, loc.normalized)
 
-    def publish(self, local_dir: Path, uri: str, *, job_id: str) -> Published:
-        """Publish the merged adapter in ``local_dir`` at ``uri`` as one run of ``job_id``:
-        check, claim, files, the report last (``worker.storage.publish``)."""
+    def publish(self, local_dir: Path, uri: str, *, owner: Owner) -> Published:
+        """Publish the merged adapter in ``local_dir`` at ``uri`` as one run of ``owner``'s
+        job: check, claim, files, the report last (``worker.storage.publish``)."""
         loc = parse_uri(uri)
         report_uri = f"{loc}{REPORT_NAME}"
-        publisher = self.publisher(uri, job_id=job_id, run=uuid.uuid4().hex)
+        publisher = self.publisher(uri, owner=owner, run=uuid.uuid4().hex)
         try:
             if publisher.prepare() is not None:
                 return Published(loc.normalized, report_uri, already=True)
@@ -226,24 +234,29 @@ class Storage:
             publisher.release()
         return Published(loc.normalized, report_uri)
 
-    def drop_claim(self, uri: str, job_id: str) -> None:
-        """Delete ``job_id``'s claim on the output at ``uri``, if one is left beside its
-        published report (a run killed between the two); another job's claim stays."""
+    def drop_claim(self, uri: str, owner: Owner) -> None:
+        """Delete the claim of ``owner``'s job on the output at ``uri``, if one is left beside
+        its published report (a run killed between the two); another job's claim stays."""
         store, prefix, _ = self.locate(uri)
-        info = store.head(prefix + CLAIM_NAME)
-        if info is not None and info.metadata.get(JOB_ID_META) == job_id:
+        if owner.wrote(store.head(prefix + CLAIM_NAME)):
             store.delete(prefix + CLAIM_NAME)
 
-    def remove_leftovers(self, uri: str, job_id: str, run: str | None) -> None:
-        """What a dead run of ``job_id`` left at ``uri`` (``publish.remove_run_leftovers``)."""
+    def remove_leftovers(self, uri: str, owner: Owner, run: str | None) -> None:
+        """What a dead run of ``owner``'s job left at ``uri`` (``publish.remove_run_leftovers``)."""
         store, prefix, _ = self.locate(uri)
-        remove_run_leftovers(store, prefix, job_id, run)
+        remove_run_leftovers(store, prefix, owner, run)
 
 
-def remove_dead_run_leftovers(settings: Any, job_id: str, uri: str, run: str | None = None) -> None:
+def remove_dead_run_leftovers(
+    settings: Any, job_id: str, uri: str, run: str | None = None, *, secret: str | None = None
+) -> None:
     """For the worker that saw a run of ``job_id`` die: remove what that run (``run``; every
-    run of the job when None, its last one) left at the output ``uri``."""
+    run of the job when None, its last one) left at the output ``uri``. ``secret`` is the
+    job's (its record's ``output_secret``): without it nothing can be told the job's, and
+    nothing is removed."""
+    if secret is None:
+        return
     loc = parse_uri(uri)
     Storage(make_s3_client(settings) if loc.scheme == "s3" else None).remove_leftovers(
-        uri, job_id, run
+        uri, Owner(job_id, secret), run
     )

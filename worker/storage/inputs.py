@@ -29,6 +29,7 @@ from jobs.errors import AdapterInvalid, AdapterNotFound, LimitExceeded, StorageE
 from jobs.uris import Location
 from worker.adapters.format import (
     CONFIG_NAME,
+    MAX_CONFIG_BYTES,
     PICKLE_NAMES,
     PREFIX_BYTES,
     WEIGHTS_NAME,
@@ -92,6 +93,8 @@ def check_adapter(store: ObjectStore, loc: Location, prefix: str) -> CheckedAdap
         if info is None:
             _refuse_missing(store, loc, prefix, name)
         infos[name] = info
+    if infos[CONFIG_NAME].size > MAX_CONFIG_BYTES:  # from the HEAD: it is never copied
+        raise AdapterInvalid(f"{loc}{CONFIG_NAME}: is larger than 1 MiB (not a PEFT config)")
     weights = infos[WEIGHTS_NAME]
     head = (
         b""
