@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import platform
+import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -46,6 +47,7 @@ __all__ = [
     "VERSION",
     "WrittenWeights",
     "build_report",
+    "code_span",
     "write_config",
     "write_model_card",
     "write_report",
@@ -180,14 +182,16 @@ def write_model_card(staging: Path, report: dict[str, Any]) -> None:
         front.append(f"base_model: {json.dumps(base)}")
     front += ["tags:", *(f"- {tag}" for tag in ("peft", "lora", "merge", "coremerge")), "---"]
     rows = [
-        f"| {i['name']} | `{i['uri']}` | {i['weight']:g} | {i['r']} | `{i['sha256']}` |"
+        f"| {code_span(i['name'], cell=True)} | {code_span(i['uri'], cell=True)} | "
+        f"{i['weight']:g} | {i['r']} | `{i['sha256']}` |"
         for i in report["inputs"]
     ]
-    params = ", ".join(f"`{k}={v}`" for k, v in report["params"].items()) or "none"
+    params = ", ".join(code_span(f"{k}={v}") for k, v in report["params"].items()) or "none"
     body = [
         "# Merged LoRA adapter",
         "",
-        f"{len(report['inputs'])} LoRA adapters of `{base or 'an unnamed base model'}` merged "
+        f"{len(report['inputs'])} LoRA adapters of "
+        f"{code_span(base) if base else 'an unnamed base model'} merged "
         f"into one by coremerge {report['software']['coremerge']} with `{report['method']}` in "
         f"{report['space']} space (Core Space merging, [Panariello et al., NeurIPS 2025]"
         "(https://arxiv.org/abs/2509.17786)). Load it like any PEFT LoRA adapter.",
@@ -204,6 +208,26 @@ def write_model_card(staging: Path, report: dict[str, Any]) -> None:
         f"- `{REPORT_NAME}` beside this card has the per-module details and the self-check.",
     ]
     (staging / MODEL_CARD_NAME).write_text("\n".join([*front, "", *body]) + "\n")
+
+
+def code_span(text: object, *, cell: bool = False) -> str:
+    r"""``text`` (untrusted: an adapter's name, a URI, a base model name) as one Markdown
+    code span, inert wherever it stands in the card: characters that are not printable
+    (newlines, tabs, bidirectional overrides) shown as escapes, so it stays on its line; the
+    span fenced by more backticks than any run inside it, so it cannot end early; and, in a
+    table ``cell``, ``|`` escaped, so it cannot add cells. Inside a code span Markdown shows
+    HTML (``<img …>``, ``<!--``) as text.
+
+    >>> code_span("x`|1|<!--", cell=True)
+    '``x`\\|1\\|<!--``'
+    """
+    shown = "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(text))
+    if cell:
+        shown = shown.replace("|", "\\|")
+    runs = [len(run) for run in re.findall("`+", shown)]
+    fence = "`" * (max(runs, default=0) + 1)
+    pad = " " if shown[:1] == "`" or shown[-1:] == "`" or not shown.strip() else ""
+    return f"{fence}{pad}{shown}{pad}{fence}"
 
 
 def _alpha_line(alpha: dict[str, Any]) -> list[str]:

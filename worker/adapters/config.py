@@ -20,7 +20,7 @@ import regex
 
 from jobs.errors import AdapterInvalid, LimitExceeded
 
-from .format import CONFIG_NAME
+from .format import CONFIG_NAME, MAX_CONFIG_BYTES
 
 __all__ = [
     "CONFIG_NAME",
@@ -35,8 +35,6 @@ __all__ = [
     "read_adapter_config",
 ]
 
-#: A config larger than this is not a PEFT config (limits are checked before parsing).
-MAX_CONFIG_BYTES = 1 << 20
 #: Seconds one rank/alpha pattern may take to match one module name (microseconds normally).
 PATTERN_TIMEOUT_S = 0.2
 #: rank_pattern plus alpha_pattern entries one adapter may have. Every pattern is matched
@@ -55,8 +53,18 @@ MAX_PATTERN_REPEAT = 100
 #: worker for hours; a normal adapter spends milliseconds here.
 PATTERN_BUDGET_S = 2.0
 
-# Initialisations that rewrite the base weights: the adapter alone does not describe ΔW.
-_BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq")
+# Initialisations that rewrite the base weights: the adapter alone does not describe ΔW
+# (LoRA-GA, like PiSSA, subtracts its initial factors from the base weight).
+_BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
+#: Variants whose update is not ΔW = s·B·A on every input: merged as plain LoRA, they would
+#: be merged silently wrong. (field, why)
+_OTHER_COMPUTATIONS = (
+    ("alora_invocation_tokens", "aLoRA (alora_invocation_tokens) applies only after its "
+     "invocation tokens"),
+    ("use_qalora", "QALoRA (use_qalora) applies A to pooled inputs"),
+    ("use_bdlora", "BD-LoRA (use_bdlora) splits its factors in blocks across devices"),
+    ("arrow_config", "Arrow (arrow_config) routes each token among several LoRA experts"),
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -193,6 +201,9 @@ def _refusals(raw: dict[str, Any]) -> list[str]:
         out.append("layer_replication is not supported")
     if raw.get("trainable_token_indices"):
         out.append("trainable_token_indices is not supported")
+    for name, why in _OTHER_COMPUTATIONS:
+        if raw.get(name) not in (None, False, [], {}):
+            out.append(f"{why} and is not supported")
     return out
 
 
