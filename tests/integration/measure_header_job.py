@@ -6,6 +6,7 @@ seconds from submission to its end and the work horse's peak RSS (VmHWM, polled)
 
     .venv/bin/python -m tests.integration.measure_header_job --copies 64
     .venv/bin/python -m tests.integration.measure_header_job --copies 1 --code /tmp/before
+    .venv/bin/python -m tests.integration.measure_header_job --header-bytes 60000000
 
 ``--code`` runs the API and the worker from another checkout of the project (e.g. an
 earlier commit, ``git archive <commit> | tar -x -C DIR``), for a before/after comparison.
@@ -72,12 +73,15 @@ def peak_rss_mib(worker: subprocess.Popen, done) -> float:
     return peak / 1024
 
 
-def run(copies: int, code: Path, work: Path) -> dict:
+def run(copies: int, code: Path, work: Path, header_bytes: int) -> dict:
     with moto_server(work / "moto.log") as endpoint, claimed_redis_db() as db:
-        s3 = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
+        s3 = boto3.client(
+            "s3", endpoint_url=endpoint, region_name="us-east-1",
+            aws_access_key_id="testing", aws_secret_access_key="testing",
+        )  # fmt: skip
         for bucket in ("adapters", "merged"):
             s3.create_bucket(Bucket=bucket)
-        modules = write_adapter(work / "hostile")
+        modules = write_adapter(work / "hostile", header_bytes)
         for name in ("adapter_config.json", "adapter_model.safetensors"):
             s3.upload_file(str(work / "hostile" / name), "adapters", f"hostile/{name}")
         port = free_port()
@@ -122,9 +126,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--copies", type=int, default=64)
     parser.add_argument("--code", type=Path, default=ROOT)
+    parser.add_argument("--header-bytes", type=int, default=99_900_000)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="header-job-") as work:
-        print(json.dumps(run(args.copies, args.code.resolve(), Path(work))))
+        result = run(args.copies, args.code.resolve(), Path(work), args.header_bytes)
+        print(json.dumps(result))
 
 
 if __name__ == "__main__":
