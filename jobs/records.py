@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import secrets
 import time
 import uuid
 import zlib
@@ -126,6 +127,9 @@ class JobRecord:
     accepting_since: float | None = None
     attempts: int = 0
     run: str | None = None
+    # The job's secret nonce, which tags the objects it writes at its output (made by the
+    # worker on the first run: worker.storage.ownership); never shown by the API.
+    output_secret: str | None = None
 
     @classmethod
     def from_hash(cls, raw: dict[bytes, bytes]) -> JobRecord:
@@ -153,6 +157,7 @@ class JobRecord:
             accepting_since=float(d["accepting"]) if "accepting" in d else None,
             attempts=int(d.get("attempts", 0)),
             run=d.get("run"),
+            output_secret=d.get("output_secret"),
         )
 
 
@@ -426,6 +431,18 @@ class JobStore:
             progress={"stage": "download", "modules_done": 0, "modules_total": 0},
         )  # fmt: skip
         return token if moved else None
+
+    def output_secret(self, job_id: str) -> str | None:
+        """The job's secret nonce for tagging its output objects: made on first use and
+        kept with the record for every later run (None when the record is gone). Called by
+        the worker while its run holds the ``running`` record, which has no expiry, so the
+        field never outlives the record."""
+        key = self.job_key(job_id)
+        if not self.redis.exists(key):
+            return None
+        self.redis.hsetnx(key, "output_secret", secrets.token_hex(32))
+        value = self.redis.hget(key, "output_secret")
+        return value.decode() if value is not None else None
 
     def requeue(self, job_id: str, reason: str) -> bool:
         """running → queued: the worker died and RQ runs the job again. The run token goes, so

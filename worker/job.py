@@ -15,6 +15,7 @@ succeeded. Runs in the forked work horse: this is where torch (and CUDA) is firs
 from __future__ import annotations
 
 import logging
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -36,10 +37,11 @@ from jobs.settings import Settings
 from jobs.spec import MergeSpec
 from jobs.tenants import load_tenants, refusal
 from jobs.uris import parse_uri
+from worker.adapters.format import CONFIG_NAME, WEIGHTS_NAME
 from worker.adapters.streamed import ReadAhead
 from worker.limits import default_max_work_bytes
 from worker.runner import Progress, run_merge
-from worker.storage import Storage, make_s3_client, make_transfer_config
+from worker.storage import Owner, Storage, make_s3_client, make_transfer_config
 from worker.storage.hub import pinned_spec
 from worker.workdir import ATTEMPT_PREFIX, sweep_attempts
 
@@ -163,13 +165,15 @@ def _merge(
     sweep_attempts(settings.work_dir, record.id)
 
     # Before any input is read: an output holding others' objects ends the job here.
+    owner = _owner(record, tracker.store)
     publisher = storage.publisher(
-        output_uri, job_id=record.id, run=run, claim_wait_s=2.0 * settings.worker_ttl
+        output_uri, owner=owner, run=run, claim_wait_s=2.0 * settings.worker_ttl
     )
     try:
-        if publisher.prepare() is not None:  # an earlier run of this job published it
-            storage.drop_claim(output_uri, record.id)  # …maybe before it dropped its claim
-            return _result(spec, storage.read_report(output_uri), output_uri, started)
+        published = publisher.prepare()
+        if published is not None:  # an earlier run of this job published it
+            storage.drop_claim(output_uri, owner)  # …maybe before it dropped its claim
+            return _result(spec, publisher.read_report(published), output_uri, started)
         with (
             tempfile.TemporaryDirectory(
                 prefix=f"{ATTEMPT_PREFIX}{record.id}-", dir=settings.work_dir
@@ -179,9 +183,7 @@ def _merge(
             tmp_dir = Path(tmp)
             tracker.publish("download", 0, 0)
             # Checked (sizes, headers) now; S3 weights are read while the merge runs.
-            inputs = storage.open_inputs(
-                [a.uri for a in spec.adapters], tmp_dir / "inputs", read_ahead
-            )
+            inputs = storage.open_inputs([a.uri for a in spec.adapters], tmp_dir / "inputs")
             spec = pinned_spec(spec, storage.hub_inputs)  # the report records the commits
             if tracker.should_cancel():
                 raise Canceled("canceled before merging; nothing was published")
@@ -193,6 +195,7 @@ def _merge(
                 max_output_rank=settings.max_output_rank,
                 max_output_bytes=settings.max_output_bytes,
                 weights_sink=publisher.weights_sink,  # S3: the weights go up as they are merged
+                read_ahead=read_ahead,
             )  # fmt: skip
             tracker.publish("upload", outcome.modules, outcome.modules)
             # A cancel is honoured until the report is written: checked before every file.
@@ -204,6 +207,15 @@ def _merge(
     finally:
         publisher.release()
     return _result(spec, outcome.report, output_uri, started)
+
+
+def _owner(record: JobRecord, store: JobStore) -> Owner:
+    """The job as the owner of its output's objects: its id and the secret nonce in its
+    record (``worker.storage.ownership``)."""
+    secret = store.output_secret(record.id)
+    if secret is None:
+        raise InternalError("the job's record vanished while it ran; nothing was published")
+    return Owner(record.id, secret)
 
 
 def _result(spec: MergeSpec, report: dict[str, Any], uri: str, started: float) -> dict[str, Any]:
@@ -239,8 +251,25 @@ def _check_access(record: JobRecord, spec: MergeSpec, settings: Settings) -> Non
     if tenant is None:
         raise AccessDenied(f"tenant {record.tenant!r} is not in this worker's tenants file")
     for uri in [*(a.uri for a in spec.adapters), spec.output.uri]:
-        refused = refusal(
-            tenant, uri, allow_file_uris=settings.allow_file_uris, for_output=uri == spec.output.uri
-        )
+        output = uri == spec.output.uri
+        refused = refusal(tenant, uri, allow_file_uris=settings.allow_file_uris, for_output=output)
         if refused is not None:
             raise AccessDenied(refused.message)
+        for resolved in _resolved(uri, output):
+            if refusal(tenant, resolved, allow_file_uris=True, for_output=output) is not None:
+                raise AccessDenied(
+                    f"{uri!r}: resolves (through a symbolic link) to a location tenant "
+                    f"{record.tenant!r} may not use"
+                )
+
+
+def _resolved(uri: str, output: bool) -> list[str]:
+    """Where a ``file://`` location really is: its folder with every symbolic link
+    resolved, and an input's two files (a link in the folder could point anywhere); the
+    allow-list is checked on these too. Nothing for ``s3://``."""
+    loc = parse_uri(uri)
+    if loc.scheme != "file":
+        return []
+    folder = Path(os.path.realpath(loc.path))
+    paths = [folder] if output else [folder, *(folder / n for n in (CONFIG_NAME, WEIGHTS_NAME))]
+    return [f"file://{os.path.realpath(p)}/" for p in paths]

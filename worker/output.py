@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import platform
+import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -46,6 +47,7 @@ __all__ = [
     "VERSION",
     "WrittenWeights",
     "build_report",
+    "code_span",
     "write_config",
     "write_model_card",
     "write_report",
@@ -180,15 +182,16 @@ def write_model_card(staging: Path, report: dict[str, Any]) -> None:
         front.append(f"base_model: {json.dumps(base)}")
     front += ["tags:", *(f"- {tag}" for tag in ("peft", "lora", "merge", "coremerge")), "---"]
     rows = [
-        f"| {i['name']} | {_uri_text(i['uri'])} | {_weight_text(i['weight'])} | {i['r']} "
-        f"| `{i['sha256']}` |"
+        f"| {code_span(i['name'], cell=True)} | {_uri_text(i['uri'])} | "
+        f"{_weight_text(i['weight'])} | {i['r']} | `{i['sha256']}` |"
         for i in report["inputs"]
     ]
-    params = ", ".join(f"`{k}={v}`" for k, v in report["params"].items()) or "none"
+    params = ", ".join(code_span(f"{k}={v}") for k, v in report["params"].items()) or "none"
     body = [
         "# Merged LoRA adapter",
         "",
-        f"{len(report['inputs'])} LoRA adapters of `{base or 'an unnamed base model'}` merged "
+        f"{len(report['inputs'])} LoRA adapters of "
+        f"{code_span(base) if base else 'an unnamed base model'} merged "
         f"into one by coremerge {report['software']['coremerge']} with `{report['method']}` in "
         f"{report['space']} space (Core Space merging, [Panariello et al., NeurIPS 2025]"
         "(https://arxiv.org/abs/2509.17786)). Load it like any PEFT LoRA adapter.",
@@ -209,7 +212,7 @@ def write_model_card(staging: Path, report: dict[str, Any]) -> None:
 
 def _uri_text(uri: str | None) -> str:
     """An input's location in the card: its URI, or "local folder" when it is not recorded."""
-    return "local folder" if uri is None else f"`{uri}`"
+    return "local folder" if uri is None else code_span(uri, cell=True)
 
 
 def _weight_text(weight: Any) -> str:
@@ -217,7 +220,27 @@ def _weight_text(weight: Any) -> str:
     in the report's module records)."""
     if isinstance(weight, int | float):
         return f"{weight:g}"
-    return f"`{json.dumps(weight, separators=(',', ':'))}`".replace("|", "\\|")
+    return code_span(json.dumps(weight, separators=(",", ":")), cell=True)
+
+
+def code_span(text: object, *, cell: bool = False) -> str:
+    r"""``text`` (untrusted: an adapter's name, a URI, a base model name) as one Markdown
+    code span, inert wherever it stands in the card: characters that are not printable
+    (newlines, tabs, bidirectional overrides) shown as escapes, so it stays on its line; the
+    span fenced by more backticks than any run inside it, so it cannot end early; and, in a
+    table ``cell``, ``|`` escaped, so it cannot add cells. Inside a code span Markdown shows
+    HTML (``<img …>``, ``<!--``) as text.
+
+    >>> code_span("x`|1|<!--", cell=True)
+    '``x`\\|1\\|<!--``'
+    """
+    shown = "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(text))
+    if cell:
+        shown = shown.replace("|", "\\|")
+    runs = [len(run) for run in re.findall("`+", shown)]
+    fence = "`" * (max(runs, default=0) + 1)
+    pad = " " if shown[:1] == "`" or shown[-1:] == "`" or not shown.strip() else ""
+    return f"{fence}{pad}{shown}{pad}{fence}"
 
 
 def _alpha_line(alpha: dict[str, Any]) -> list[str]:
@@ -241,7 +264,7 @@ def _inputs(
 ) -> list[dict]:
     return [
         {
-            "name": reader.name,
+            "name": ref.display_name,  # entries naming one adapter share its reader
             "uri": ref.uri if record_local_paths or _remote(ref.uri) else None,
             "peft_type": reader.config.peft_type,
             "weight": ref.model_dump(mode="json")["weight"],

@@ -146,7 +146,7 @@ def _estimate_work(
         output_rank=output_rank,
         dtype_bytes=DTYPE_BYTES[spec.output.dtype],
         threads=threads,
-        held_bytes=sum(r.held_bytes for r in readers),
+        held_bytes=sum(r.held_bytes for r in {id(r): r for r in readers}.values()),
     )
 
 

@@ -116,7 +116,7 @@ def _remove_leftovers(record: JobRecord | None, run: str | None) -> None:
     from worker.storage import remove_dead_run_leftovers  # boto3, no torch; only on this rare path
 
     try:
-        remove_dead_run_leftovers(Settings(), record.id, uri, run)
+        remove_dead_run_leftovers(Settings(), record.id, uri, run, secret=record.output_secret)
     except Exception:  # best effort: a claim left is waited for, then the job fails
         log.warning("job %s: could not remove what its dead run left at its output", record.id,
                     exc_info=True)  # fmt: skip

@@ -32,9 +32,10 @@ import torch
 
 from jobs.errors import AdapterInvalid, Canceled, InternalError, OutputNotFinite
 from jobs.spec import MergeSpec
-from worker.adapters import AdapterSource, open_adapters
 from worker.adapters.format import REPORT_NAME
-from worker.adapters.source import AdapterLocation
+from worker.adapters.opening import Input, open_adapters
+from worker.adapters.source import AdapterSource
+from worker.adapters.streamed import ReadAhead
 from worker.engine import (
     FactorStack,
     MergedModule,
@@ -140,12 +141,17 @@ class _ModuleMerger:
             torch.empty(mp.total_rank, mp.in_features, device=self.device),
             [info.rank for info in infos],
         )
-        scales = []
-        for i, weight, info, sl in zip(mp.sources, mp.weights, infos, stack.slices, strict=True):
-            A, B = self.readers[i].read(mp.module, self.device, check=False)
-            scales.append(info.scaling * weight)
-            stack.A[sl] = A
-            torch.mul(B, scales[-1], out=stack.B[:, sl])
+        scales = [info.scaling * weight for weight, info in zip(mp.weights, infos, strict=True)]
+        # An input named by several entries is one source (opened once): read once, copied
+        # into each entry's place with that entry's weight.
+        places: dict[int, list[int]] = {}
+        for j, i in enumerate(mp.sources):
+            places.setdefault(id(self.readers[i]), []).append(j)
+        for js in places.values():
+            A, B = self.readers[mp.sources[js[0]]].read(mp.module, self.device, check=False)
+            for j in js:
+                stack.A[stack.slices[j]] = A
+                torch.mul(B, scales[j], out=stack.B[:, stack.slices[j]])
         if not bool(torch.isfinite(stack.A.sum() + stack.B.sum())):
             self._explain_non_finite(mp, stack, scales)
         return stack
@@ -275,7 +281,7 @@ class _MergeStats:
 
 def run_merge(
     spec: MergeSpec,
-    adapter_dirs: Sequence[Path | AdapterLocation],
+    adapter_dirs: Sequence[Input],
     out_dir: Path,
     *,
     device: str = "auto",
@@ -288,29 +294,31 @@ def run_merge(
     batch_window: int | None = None,
     weights_sink: Callable[[], BinaryIO | None] | None = None,
     record_local_paths: bool = True,
+    read_ahead: ReadAhead | None = None,
 ) -> MergeOutcome:
     """Merge the adapters in ``adapter_dirs`` (in ``spec.adapters`` order: local folders, or
-    an ``AdapterLocation`` each, whose weights are read as the merge goes) into ``out_dir``.
+    a ``RemoteAdapter`` each, whose weights are read as the merge goes within
+    ``read_ahead``; ``worker.adapters.opening``) into ``out_dir``.
 
     Raises a ``jobs.errors.MergeError`` for every known failure (``Canceled`` when
     ``should_cancel()`` is true at a module boundary) and ``FileExistsError`` when ``out_dir``
     exists and is not empty. ``max_modules``, ``max_work_bytes`` (the estimated peak
     working memory, ``worker.memory``), ``max_output_rank`` and ``max_output_bytes`` are
-    service limits, checked from the headers before any tensor is read (``LimitExceeded``). ``batch_window`` modules are merged at a time in
-    one batched call per shape (core space only); by default that is done on CUDA only.
+    service limits, checked from the headers before any tensor is read (``LimitExceeded``;
+    the module limit as each input is opened). ``batch_window`` modules are merged at a time
+    in one batched call per shape (core space only); by default that is done on CUDA only.
     ``weights_sink()``, when it gives a target, receives ``adapter_model.safetensors`` as it is
     written (an upload to the output's store, beside the merge) instead of ``out_dir``.
     ``record_local_paths`` False leaves local inputs' paths out of the report and the card.
     """
     started = time.perf_counter()
-    out_dir = Path(out_dir)
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
-        raise FileExistsError(f"output directory {out_dir} already exists and is not empty")
-    if len(adapter_dirs) != len(spec.adapters):
-        raise ValueError("one adapter directory per spec.adapters entry is required")
+    out_dir = _checked_call(spec, adapter_dirs, out_dir)
     control = _Control(on_progress, should_cancel)
     torch_device = resolve_device(device)
-    readers = open_adapters(adapter_dirs, [ref.display_name for ref in spec.adapters])
+    readers = open_adapters(
+        adapter_dirs, [ref.display_name for ref in spec.adapters], read_ahead=read_ahead,
+        max_modules=max_modules, should_cancel=should_cancel,
+    )  # fmt: skip
     try:
         merger = _ModuleMerger(spec, readers, torch_device, batch_window)
         plan = make_plan(
@@ -335,6 +343,16 @@ def run_merge(
         for reader in readers:
             reader.close()
     return MergeOutcome(out_dir, weights.rank, len(plan.modules), weights.nbytes, seconds, report)
+
+
+def _checked_call(spec: MergeSpec, adapter_dirs: Sequence[Input], out_dir: Path) -> Path:
+    """``out_dir`` as a path, refused when it holds anything; one input per adapter."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise FileExistsError(f"output directory {out_dir} already exists and is not empty")
+    if len(adapter_dirs) != len(spec.adapters):
+        raise ValueError("one adapter directory per spec.adapters entry is required")
+    return out_dir
 
 
 @contextlib.contextmanager
@@ -369,8 +387,12 @@ def _hashing(
     thread of its own (hashlib releases the GIL); a streamed input hashes its bytes as they
     arrive, and gives its digest once the merge has read them."""
     hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sha256")
+    digests: dict[int, Future[str] | _DigestWhenRead] = {}  # a shared source hashed once
     try:
-        yield [_DigestWhenRead(r) if r.streamed else hasher.submit(r.sha256) for r in readers]
+        for r in readers:
+            if id(r) not in digests:
+                digests[id(r)] = _DigestWhenRead(r) if r.streamed else hasher.submit(r.sha256)
+        yield [digests[id(r)] for r in readers]
     finally:
         hasher.shutdown(wait=True, cancel_futures=True)
 

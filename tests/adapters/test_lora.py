@@ -96,8 +96,7 @@ def test_a_read_error_names_no_local_path(adapter_copy) -> None:
     """The job's message says what failed, not where on the worker: an OSError's file name
     (a path in the worker's scratch space) stays in the worker's log."""
     adapter = adapter_copy(0)
-    reader = AdapterReader(adapter, "gone")
-    reader.close()
+    reader = AdapterReader(adapter, "gone")  # the header is read; the file is mapped later
     (adapter / "adapter_model.safetensors").unlink()
     with pytest.raises(AdapterInvalid) as info:
         reader.read("model.layers.0.self_attn.q_proj")

@@ -9,11 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from jobs.errors import LimitExceeded
+from jobs.errors import AdapterInvalid, LimitExceeded
 from tests.conftest import edit_config
 from worker.adapters import config as config_module
 from worker.adapters import open_adapters
 from worker.adapters.config import (
+    MAX_PATTERN_CHARS,
     MAX_PATTERNS,
     PATTERN_BUDGET_S,
     PatternBudget,
@@ -107,3 +108,81 @@ def test_patterns_still_apply_as_peft_matches_them(peft_adapters: list[Path]) ->
     (reader,) = open_adapters([peft_adapters[2]], ["patterns"])
     assert reader.modules["model.layers.0.self_attn.k_proj"].rank == 6
     assert reader.modules["model.layers.1.self_attn.q_proj"].scaling == pytest.approx(16 / 2)
+
+
+# -- issue 22 §2: nothing is compiled before it is bounded
+
+
+@pytest.mark.parametrize(
+    ("pattern", "code", "says"),
+    [
+        # regex unrolls counted repeats when compiling: > 3 GiB, and ~1e11 bytes
+        (r"((a{1000}){1000}){10}", "limit_exceeded", "repeats 1000 times, over the limit of 100"),
+        (r"(a{20000}){20000}", "limit_exceeded", "repeats 20000 times, over the limit of 100"),
+        (r"(a+)+b", "adapter_invalid", "repeats a group that repeats itself"),
+        (r"(x{2}\.){3}q_proj", "adapter_invalid", "repeats a group that repeats itself"),
+        ("q_proj|" + "x" * MAX_PATTERN_CHARS, "limit_exceeded", "characters long, over the limit"),
+    ],
+    ids=["nested-counted", "large-counted", "nested-plus", "nested-small-counts", "too-long"],
+)
+def test_a_costly_pattern_is_refused_before_it_is_compiled(
+    adapter_copy, monkeypatch, pattern: str, code: str, says: str
+) -> None:
+    adapter = adapter_copy(0)
+    edit_config(adapter, rank_pattern={pattern: 4})
+    compiled = []
+    monkeypatch.setattr(config_module.regex, "compile", lambda *a, **k: compiled.append(a))
+    with pytest.raises((LimitExceeded, AdapterInvalid)) as info:
+        read_adapter_config(adapter, "costly")
+    assert info.value.code == code
+    assert info.value.message.startswith("adapter 'costly': rank/alpha pattern ")
+    assert says in info.value.message, info.value.message
+    assert compiled == []
+
+
+def test_the_117_byte_config_of_the_issue_is_refused_at_once(tmp_path: Path) -> None:
+    import json
+    import resource
+    import time
+
+    (tmp_path / "adapter_config.json").write_text(
+        json.dumps({"peft_type": "LORA", "r": 1, "rank_pattern": {"((a{1000}){1000}){10}": 1}})
+    )
+    assert (tmp_path / "adapter_config.json").stat().st_size < 120
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    started = time.perf_counter()
+    with pytest.raises(LimitExceeded):
+        read_adapter_config(tmp_path, "tiny")
+    assert time.perf_counter() - started < 0.5
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss < 64 << 10  # KiB: < 64 MiB
+
+
+@pytest.mark.parametrize(
+    "pattern",
+    [r"(.*\.)?q_proj", r"layers\.(\d+)\.self_attn\.(q|k)_proj", r"model\.layers\.1[0-9]\.mlp\..*",
+     r"(ab){2}c{3}", r"[a-z]{100}"],
+)  # fmt: skip
+def test_the_patterns_peft_users_write_are_allowed(adapter_copy, pattern: str) -> None:
+    adapter = adapter_copy(0)
+    edit_config(adapter, rank_pattern={pattern: 4})
+    assert pattern in read_adapter_config(adapter, "fine").rank_pattern
+
+
+def test_compiling_a_pattern_counts_in_the_adapters_budget(monkeypatch) -> None:
+    """The budget times compile and match together: three patterns that each take 0.9 s to
+    compile (a fake clock) exhaust the 2 s before a third match."""
+    clock = [0.0]
+
+    def slow_compile(key: str):
+        clock[0] += 0.9
+        return compile_pattern(key)
+
+    compile_pattern = config_module._compile
+    monkeypatch.setattr(config_module, "_clock", lambda: clock[0])
+    monkeypatch.setattr(config_module, "_compile", slow_compile)
+    budget = PatternBudget()
+    patterns = {f"no_such_module_{i}": 4 for i in range(3)}
+    _pattern_key(dict(list(patterns.items())[:2]), Q0, budget)
+    assert budget.spent == pytest.approx(1.8)
+    with pytest.raises(PatternBudgetExceeded):
+        _pattern_key(patterns, "model.layers.1.self_attn.q_proj", budget)

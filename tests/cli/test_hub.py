@@ -119,7 +119,7 @@ def test_local_paths_are_left_out_unless_asked(peft_adapters: list[Path], tmp_pa
     assert [i["uri"] for i in report["inputs"]] == [None, None, None]
     assert [i["name"] for i in report["inputs"]] == ["task-0", "task-1", "task-2"]
     card = (quiet / "README.md").read_text()
-    assert "| task-0 | local folder |" in card
+    assert "| `task-0` | local folder |" in card
     assert str(peft_adapters[0].parent) not in card + json.dumps(report)
     recorded = tmp_path / "recorded"
     assert _run(*peft_adapters, "-o", recorded, "--method", "ta", "--record-paths") == 0

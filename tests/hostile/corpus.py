@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 
 from tests.conftest import edit_config
 
-__all__ = ["CASES", "WEIGHTS", "Case", "many_modules", "padded"]
+__all__ = ["CASES", "WEIGHTS", "Case", "long_header", "many_modules", "many_tensors", "padded"]
 
 WEIGHTS = "adapter_model.safetensors"
 CONFIG = "adapter_config.json"
@@ -238,6 +238,60 @@ CASES: list[Case] = [
         "rank/alpha pattern '(a|aa)+b' takes over",
     ),
     Case(
+        "counted-repeat-pattern",  # regex would unroll it into > 3 GiB when compiling
+        _config(rank_pattern={"((a{1000}){1000}){10}": 4}),
+        "limit_exceeded",
+        "rank/alpha pattern '((a{1000}){1000}){10}' repeats 1000 times, over the limit of 100",
+    ),
+    Case(
+        "nested-repeat-pattern",
+        _config(alpha_pattern={r"(\w+\.)+q_proj": 16}),
+        "adapter_invalid",
+        "repeats a group that repeats itself",
+    ),
+    Case(
+        "long-pattern",
+        _config(rank_pattern={"q_proj|" + "x" * 600: 4}),
+        "limit_exceeded",
+        "characters long, over the limit of 512",
+    ),
+    Case(
+        "huge-config",  # valid JSON, refused by its size (from the HEAD: never copied)
+        _config(notes="x" * (1 << 20)),
+        "adapter_invalid",
+        "is larger than 1 MiB",
+    ),
+    Case(
+        "lora-ga-init",  # like PiSSA, it rewrites the base weight
+        _config(init_lora_weights="lora_ga"),
+        "adapter_invalid",
+        "init_lora_weights='lora_ga' changes the base weights and is not supported",
+    ),
+    Case(
+        "alora",
+        _config(alora_invocation_tokens=[32001, 32002]),
+        "adapter_invalid",
+        "aLoRA (alora_invocation_tokens) applies only after its invocation tokens and is not",
+    ),
+    Case(
+        "qalora",
+        _config(use_qalora=True, qalora_group_size=16),
+        "adapter_invalid",
+        "QALoRA (use_qalora) applies A to pooled inputs and is not supported",
+    ),
+    Case(
+        "bdlora",
+        _config(use_bdlora={"target_modules_bd_a": ["q_proj"], "nblocks": 2}),
+        "adapter_invalid",
+        "BD-LoRA (use_bdlora) splits its factors in blocks across devices and is not supported",
+    ),
+    Case(
+        "arrow",
+        _config(arrow_config={"top_k": 3, "router_temperature": 1.0}),
+        "adapter_invalid",
+        "Arrow (arrow_config) routes each token among several LoRA experts and is not supported",
+    ),
+    Case(
         "too-many-patterns",
         _config(rank_pattern={f"no_such_module_{i}": 4 for i in range(1025)}),
         "limit_exceeded",
@@ -282,3 +336,27 @@ def many_modules(good: Path, folder: Path, count: int) -> Path:
             tensors[key.replace(".layers.0.", f".layers.{layer}.")] = value.clone()
     save_file(tensors, path, metadata={"format": "pt"})
     return folder
+
+
+def _tiny_tensors(good: Path, folder: Path, modules: int) -> Path:
+    """A copy of ``good`` whose weights are ``modules`` LoRA modules of 1 × 1: a valid file
+    whose header is almost all it holds."""
+    shutil.copytree(good, folder)
+    tensors = {}
+    for i in range(modules):
+        tensors[f"base_model.model.model.layers.{i}.mlp.up_proj.lora_A.weight"] = torch.zeros(4, 1)
+        tensors[f"base_model.model.model.layers.{i}.mlp.up_proj.lora_B.weight"] = torch.zeros(1, 4)
+    save_file(tensors, folder / WEIGHTS, metadata={"format": "pt"})
+    return folder
+
+
+def many_tensors(good: Path, folder: Path, max_modules: int) -> Path:
+    """Over twice ``max_modules`` tensors in a header short enough for that many modules:
+    refused when its entries are counted, before the JSON is parsed."""
+    return _tiny_tensors(good, folder, max_modules + 20)
+
+
+def long_header(good: Path, folder: Path, nbytes: int) -> Path:
+    """A valid adapter whose header is longer than ``nbytes`` (many tiny modules): refused
+    from its length alone, before the header is read."""
+    return _tiny_tensors(good, folder, nbytes // 200 + 1)

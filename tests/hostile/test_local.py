@@ -12,8 +12,17 @@ import pytest
 
 from jobs.errors import LimitExceeded
 from jobs.spec import MAX_ADAPTERS, MergeSpec
-from tests.hostile.corpus import CASES, WEIGHTS, Case, many_modules, padded
+from tests.hostile.corpus import (
+    CASES,
+    WEIGHTS,
+    Case,
+    long_header,
+    many_modules,
+    many_tensors,
+    padded,
+)
 from worker.adapters import format as safetensors_header
+from worker.adapters.format import max_header_bytes
 from worker.cli import main
 from worker.runner import run_merge
 from worker.storage import Storage
@@ -69,6 +78,21 @@ def test_module_limit_is_checked_from_the_headers(peft_adapters: list[Path], tmp
     assert not out.exists()
     done = run_merge(_spec([good, wide], out), [good, wide], out, device="cpu", max_modules=12)
     assert done.modules == 12
+
+
+def test_header_limits_are_checked_before_the_header_is_parsed(
+    peft_adapters: list[Path], tmp_path: Path
+) -> None:
+    good, out = peft_adapters[0], tmp_path / "out"
+    long = long_header(good, tmp_path / "long", max_header_bytes(16))
+    many = many_tensors(good, tmp_path / "many", 16)
+    for bad, says in (
+        (long, r"'long': adapter_model.safetensors has a \d+-byte header, more than the 82944"),
+        (many, r"'many': adapter_model.safetensors lists 72 tensors, more than the 34"),
+    ):
+        with pytest.raises(LimitExceeded, match=says):
+            run_merge(_spec([good, bad], out), [good, bad], out, device="cpu", max_modules=16)
+    assert not out.exists()
 
 
 def test_size_limits_are_checked_before_reading(peft_adapters: list[Path], tmp_path: Path):

@@ -23,7 +23,7 @@ from jobs.spec import MergeSpec
 from tests.integration.conftest import Stack
 from tests.processes import Workers, wait_until
 from worker.adapters.format import MODEL_CARD_NAME
-from worker.storage import CLAIM_NAME, CONFIG_NAME, JOB_ID_META, REPORT_NAME, WEIGHTS_NAME
+from worker.storage import CLAIM_NAME, CONFIG_NAME, REPORT_NAME, WEIGHTS_NAME, Owner
 
 #: COREMERGE_WORKER_TTL for these workers: the smallest allowed. A dead worker's job is
 #: abandoned at most this long (plus a heartbeat interval, ttl/4) after its last heartbeat.
@@ -165,11 +165,15 @@ def test_a_job_killed_on_every_attempt_ends_failed_not_running(
     for attempt in (1, 2):  # COREMERGE_JOB_RETRIES=1: two attempts
         victim = crash.wait_merging(job_id, attempt=attempt, timeout=WORKER_TTL + 60)
         if attempt == 2:
-            # What a run killed while publishing leaves: its claim on the output. With no
-            # retry to come back for it, the worker that records the failure releases it.
+            # What a run killed while publishing leaves: its claim on the output, tagged as
+            # the run tags it. With no retry to come back for it, the worker that records
+            # the failure releases it.
+            record = crash.record(job_id)
+            key = output.removeprefix("s3://merged/") + CLAIM_NAME
+            owner = Owner(job_id, record.output_secret)
             crash.stack.s3.put_object(
-                Bucket="merged", Key=output.removeprefix("s3://merged/") + CLAIM_NAME,
-                Body=job_id.encode(), Metadata={JOB_ID_META: job_id},
+                Bucket="merged", Key=key, Body=job_id.encode(),
+                Metadata=owner.metadata(record.run, key),
             )  # fmt: skip
         assert crash.workers.kill(victim)
         crash.workers.start(victim, wait=False)

@@ -14,8 +14,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.hostile.corpus import CASES, many_modules, padded
+from tests.hostile.corpus import CASES, long_header, many_modules, many_tensors, padded
 from tests.integration.conftest import KEY_A, LIMITS, Stack
+from worker.adapters.format import max_header_bytes
 
 ADAPTER_LIMIT = LIMITS["COREMERGE_MAX_ADAPTER_BYTES"]
 JOB_LIMIT = LIMITS["COREMERGE_MAX_JOB_BYTES"]
@@ -26,6 +27,16 @@ EXPECTED = {c.name: (c.code, c.says) for c in CASES} | {
     "over-adapter-bytes": ("limit_exceeded", f"limit of {ADAPTER_LIMIT} per adapter"),
     "over-job-bytes": ("limit_exceeded", f"limit of {JOB_LIMIT} (COREMERGE_MAX_JOB_BYTES)"),
     "over-modules": ("limit_exceeded", f"limit of {MODULE_LIMIT} (COREMERGE_MAX_MODULES)"),
+    "over-header-bytes": (
+        "limit_exceeded",
+        f"-byte header, more than the {max_header_bytes(MODULE_LIMIT)} bytes that this "
+        f"service's limit of {MODULE_LIMIT} modules can need (COREMERGE_MAX_MODULES)",
+    ),
+    "over-header-entries": (
+        "limit_exceeded",
+        f"tensors, more than the {2 * MODULE_LIMIT + 2} that this service's limit of "
+        f"{MODULE_LIMIT} modules can hold",
+    ),
 }
 
 
@@ -52,6 +63,11 @@ def hostile_jobs(
     inputs["over-job-bytes"] = [near_uri] * (JOB_LIMIT // ADAPTER_LIMIT + 1)
     wide = many_modules(good, work / "over-modules", MODULE_LIMIT + 1)
     inputs["over-modules"] = [_put(stack, wide, f"{run}/over-modules/")]
+    for name, make in (
+        ("over-header-bytes", lambda f: long_header(good, f, max_header_bytes(MODULE_LIMIT))),
+        ("over-header-entries", lambda f: many_tensors(good, f, MODULE_LIMIT)),
+    ):
+        inputs[name] = [tiny[0], _put(stack, make(work / name), f"{run}/{name}/")]
 
     submitted = {}
     with stack.client() as client:

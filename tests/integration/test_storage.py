@@ -27,8 +27,8 @@ from worker.storage import (
     CONFIG_NAME,
     JOB_ID_META,
     REPORT_NAME,
-    RUN_META,
     WEIGHTS_NAME,
+    Owner,
     Storage,
     make_s3_client,
     make_transfer_config,
@@ -49,6 +49,11 @@ def s3_client(moto_endpoint, s3, monkeypatch):
 @pytest.fixture
 def prefix() -> str:
     return f"storage-{uuid.uuid4().hex[:8]}/"
+
+
+def owner(job_id: str) -> Owner:
+    """A job as the owner of output objects, with a secret of its own."""
+    return Owner(job_id, f"secret-of-{job_id}")
 
 
 def fake_adapter(directory: Path, payload: bytes = b"\0" * 64) -> Path:
@@ -166,7 +171,7 @@ def test_transient_errors_are_retried_then_storage_error(s3_client, s3, prefix, 
 
 def _merged_dir(tmp_path: Path, payload: bytes = b"\0" * 64) -> Path:
     out = fake_adapter(tmp_path / "merged", payload)
-    (out / REPORT_NAME).write_text('{"output": {"rank": 4}}')
+    (out / REPORT_NAME).write_text('{"output": {"rank": 4, "modules": 1, "bytes": 64}}')
     return out
 
 
@@ -178,7 +183,7 @@ def test_publish_writes_the_report_last_and_conditionally(s3_client, s3, prefix,
     storage = Storage(s3_client, transfer_config=make_transfer_config(Settings()))
     uri = f"s3://merged/team-a/{prefix}run/"
     assert storage.published_by(uri) is None
-    published = storage.publish(_merged_dir(tmp_path), uri, job_id="job-1")
+    published = storage.publish(_merged_dir(tmp_path), uri, owner=owner("job-1"))
     assert published.uri == uri and published.report_uri == uri + REPORT_NAME
     # the claim first (twice: the second, refused, proves the store honours If-None-Match),
     # the report last; the claim is gone once the report marks completion
@@ -193,16 +198,16 @@ def test_publish_writes_the_report_last_and_conditionally(s3_client, s3, prefix,
     head = s3.head_object(Bucket="merged", Key=f"team-a/{prefix}run/{REPORT_NAME}")
     assert head["Metadata"][JOB_ID_META] == "job-1"
     assert storage.published_by(uri) == "job-1"
-    assert storage.read_report(uri) == {"output": {"rank": 4}}
+    assert storage.read_report(uri) == {"output": {"rank": 4, "modules": 1, "bytes": 64}}
 
     # a re-run of the same job finds its own output and writes nothing; another job ends
     # output_exists and writes nothing either: the published weights are never overwritten
     weights_key = f"team-a/{prefix}run/{WEIGHTS_NAME}"
     etag = s3.head_object(Bucket="merged", Key=weights_key)["ETag"]
     order.clear()
-    assert storage.publish(_merged_dir(tmp_path / "again"), uri, job_id="job-1").already
+    assert storage.publish(_merged_dir(tmp_path / "again"), uri, owner=owner("job-1")).already
     with pytest.raises(OutputExists, match="which this job did not write"):
-        storage.publish(_merged_dir(tmp_path / "other", b"\1" * 64), uri, job_id="job-2")
+        storage.publish(_merged_dir(tmp_path / "other", b"\1" * 64), uri, owner=owner("job-2"))
     assert order == []  # not even a claim
     assert s3.head_object(Bucket="merged", Key=weights_key)["ETag"] == etag
     assert storage.published_by(uri) == "job-1"
@@ -217,24 +222,24 @@ def test_a_job_publishing_keeps_other_jobs_off_the_output(s3_client, s3, prefix,
     uri = f"s3://merged/team-a/{prefix}busy/"
     base = f"team-a/{prefix}busy/"
     # job-1's first run (run-a) died after its claim and a partial upload
-    meta = {JOB_ID_META: "job-1", RUN_META: "run-a"}
-    s3.put_object(Bucket="merged", Key=base + CLAIM_NAME, Body=b"run-a", Metadata=meta)
-    s3.put_object(Bucket="merged", Key=base + WEIGHTS_NAME, Body=b"partial", Metadata=meta)
+    for name, body in ((CLAIM_NAME, b"run-a"), (WEIGHTS_NAME, b"partial")):
+        meta = owner("job-1").metadata("run-a", base + name)
+        s3.put_object(Bucket="merged", Key=base + name, Body=body, Metadata=meta)
     with pytest.raises(OutputExists):
-        storage.publish(_merged_dir(tmp_path / "two", b"\2" * 64), uri, job_id="job-2")
+        storage.publish(_merged_dir(tmp_path / "two", b"\2" * 64), uri, owner=owner("job-2"))
     assert s3.get_object(Bucket="merged", Key=base + WEIGHTS_NAME)["Body"].read() == b"partial"
     assert storage.published_by(uri) is None
 
-    second = storage.publisher(uri, job_id="job-1", run="run-b", claim_wait_s=0.5)
+    second = storage.publisher(uri, owner=owner("job-1"), run="run-b", claim_wait_s=0.5)
     with pytest.raises(StorageError, match="another run of this job has held the output"):
         second.prepare()  # only the claim holder writes
     second.release()
     assert s3.get_object(Bucket="merged", Key=base + CLAIM_NAME)["Body"].read() == b"run-a"
 
-    storage.remove_leftovers(uri, "job-1", "run-a")  # the dead run's supervisor
+    storage.remove_leftovers(uri, owner("job-1"), "run-a")  # the dead run's supervisor
     assert output_keys(s3, base) == []
     merged = _merged_dir(tmp_path / "one")
-    assert not storage.publish(merged, uri, job_id="job-1").already
+    assert not storage.publish(merged, uri, owner=owner("job-1")).already
     body = s3.get_object(Bucket="merged", Key=base + WEIGHTS_NAME)["Body"].read()
     assert body == (merged / WEIGHTS_NAME).read_bytes()
     assert storage.published_by(uri) == "job-1"
@@ -250,7 +255,7 @@ def test_failed_publish_leaves_nothing(s3_client, s3, prefix, tmp_path) -> None:
     inject(s3_client, 500, "InternalError", when=lambda r: REPORT_NAME in r.url)
     uri = f"s3://merged/team-a/{prefix}fails/"
     with pytest.raises(StorageError):
-        Storage(s3_client).publish(_merged_dir(tmp_path), uri, job_id="job-1")
+        Storage(s3_client).publish(_merged_dir(tmp_path), uri, owner=owner("job-1"))
     assert s3.list_objects_v2(Bucket="merged", Prefix=f"team-a/{prefix}").get("KeyCount") == 0
 
 
@@ -258,7 +263,7 @@ def test_publish_to_a_file_uri_creates_files_conditionally(tmp_path) -> None:
     target = tmp_path / "out" / "run"
     storage = Storage(None)
     assert storage.published_by(f"file://{target}") is None
-    storage.publish(_merged_dir(tmp_path), f"file://{target}", job_id="j")
+    storage.publish(_merged_dir(tmp_path), f"file://{target}", owner=owner("j"))
     files = sorted(p.name for p in target.iterdir() if p.is_file())
     assert files == [CONFIG_NAME, WEIGHTS_NAME, REPORT_NAME]  # the claim is gone
     assert sorted(p.name for p in target.iterdir() if p.is_dir()) == [META_DIR]
@@ -266,7 +271,9 @@ def test_publish_to_a_file_uri_creates_files_conditionally(tmp_path) -> None:
     assert storage.published_by(f"file://{target}") == "j"
     before = {name: (target / name).read_bytes() for name in files}
     with pytest.raises(OutputExists):
-        storage.publish(_merged_dir(tmp_path / "b", b"\3" * 64), f"file://{target}", job_id="k")
+        storage.publish(
+            _merged_dir(tmp_path / "b", b"\3" * 64), f"file://{target}", owner=owner("k")
+        )
     assert {name: (target / name).read_bytes() for name in files} == before
 
 
@@ -358,7 +365,7 @@ def test_transient_faults_while_publishing_are_retried(
     )  # fmt: skip
     uri = f"s3://merged/team-a/{prefix}retried/"
     merged = _merged_dir(tmp_path)
-    Storage(retrying_client).publish(merged, uri, job_id="job-1")
+    Storage(retrying_client).publish(merged, uri, owner=owner("job-1"))
     assert len(faults.attempts) == 2
     body = s3.get_object(Bucket="merged", Key=f"team-a/{prefix}retried/{WEIGHTS_NAME}")["Body"]
     assert body.read() == (merged / WEIGHTS_NAME).read_bytes()
@@ -404,7 +411,7 @@ def test_access_denied_while_publishing_ends_at_once_and_leaves_nothing(
     )  # fmt: skip
     with pytest.raises(AccessDenied):
         Storage(retrying_client).publish(
-            _merged_dir(tmp_path), f"s3://merged/team-a/{prefix}denied/", job_id="job-1"
+            _merged_dir(tmp_path), f"s3://merged/team-a/{prefix}denied/", owner=owner("job-1")
         )
     assert len(faults.attempts) == 1
     assert s3.list_objects_v2(Bucket="merged", Prefix=f"team-a/{prefix}denied/")["KeyCount"] == 0
@@ -417,12 +424,13 @@ def test_a_claim_left_beside_a_published_report_is_dropped_by_the_same_job(
     report (worker/job.py) drops the claim; another job's call leaves it alone."""
     storage = Storage(s3_client)
     uri = f"s3://merged/team-a/{prefix}late/"
-    storage.publish(_merged_dir(tmp_path), uri, job_id="job-1")
+    storage.publish(_merged_dir(tmp_path), uri, owner=owner("job-1"))
     claim = f"team-a/{prefix}late/{CLAIM_NAME}"
-    s3.put_object(Bucket="merged", Key=claim, Body=b"job-1", Metadata={JOB_ID_META: "job-1"})
-    storage.drop_claim(uri, "job-2")
+    meta = owner("job-1").metadata("run-x", claim)
+    s3.put_object(Bucket="merged", Key=claim, Body=b"job-1", Metadata=meta)
+    storage.drop_claim(uri, owner("job-2"))
     assert s3.head_object(Bucket="merged", Key=claim)
-    storage.drop_claim(uri, "job-1")
+    storage.drop_claim(uri, owner("job-1"))
     assert s3.list_objects_v2(Bucket="merged", Prefix=claim)["KeyCount"] == 0
     assert storage.published_by(uri) == "job-1"
 
@@ -472,7 +480,7 @@ def test_a_report_whose_answer_was_lost_counts_as_published(s3_client, s3, prefi
     s3_client.meta.events.register("before-parameter-build.s3.PutObject", remember_key)
     s3_client.meta.events.register("after-call.s3.PutObject", lose_the_answer)
     uri = f"s3://merged/team-a/{prefix}lost/"
-    published = Storage(s3_client).publish(_merged_dir(tmp_path), uri, job_id="job-1")
+    published = Storage(s3_client).publish(_merged_dir(tmp_path), uri, owner=owner("job-1"))
     assert not published.already
     assert Storage(s3_client).published_by(uri) == "job-1"
     assert output_keys(s3, f"team-a/{prefix}lost/") == sorted(

@@ -22,6 +22,7 @@ from tests.integration.conftest import AWS_ENV
 from tests.worker.synthetic import lora_adapter
 from worker.adapters import open_adapters
 from worker.adapters.format import module_order
+from worker.adapters.header import held_for_header
 from worker.adapters.lora import LoraReader
 from worker.adapters.streamed import ReadAhead, StreamedLoraReader
 from worker.demo import make_tiny_adapters
@@ -65,10 +66,15 @@ def synthetic(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
 def open_streamed(
     s3_client, uris: list[str], dest: Path, read_ahead: ReadAhead
 ) -> list[StreamedLoraReader]:
-    inputs = Storage(s3_client).open_inputs(uris, dest, read_ahead)
-    readers = open_adapters(inputs, [f"a{i}" for i in range(len(uris))])
+    inputs = Storage(s3_client).open_inputs(uris, dest)
+    readers = open_adapters(inputs, [f"a{i}" for i in range(len(uris))], read_ahead=read_ahead)
     assert all(isinstance(r, StreamedLoraReader) for r in readers)
     return readers  # type: ignore[return-value]
+
+
+def parsed_header_bytes(reader: StreamedLoraReader) -> int:
+    """What a reader counts for its parsed header, held for the whole merge."""
+    return held_for_header(reader._data_start - 8)
 
 
 def weights_files(folder: Path) -> list[Path]:
@@ -109,15 +115,17 @@ def test_streamed_reads_equal_local_reads_and_hash_the_whole_object(
             assert stats.direct_bytes == 0
             assert stats.span_bytes == len(data) - reader._data_start
             assert stats.gets >= (len(data) - HEAD_BYTES) // SPAN  # beyond what the check read
-            # The look-ahead stayed within the window (counted in bytes held).
-            assert 0 < stats.peak_held_bytes <= WINDOW == reader.held_bytes
+            # The look-ahead stayed within the window, which the bytes held count, with the
+            # parsed header.
+            assert 0 < stats.peak_held_bytes <= WINDOW
+            assert reader.held_bytes == WINDOW + parsed_header_bytes(reader)
             reader.close()
             assert stats.held_bytes == 0
         # The work-memory estimate counts every input's window.
         spec = MergeSpec.model_validate(
             {"adapters": [{"uri": u} for u in uris], "output": {"uri": "/tmp/x"}}
         )
-        assert make_plan(readers, spec).work.held_bytes == len(uris) * WINDOW
+        assert make_plan(readers, spec).work.held_bytes == sum(r.held_bytes for r in readers)
     assert weights_files(tmp_path / "in") == []  # only the configs reached the disk
 
 
@@ -175,9 +183,12 @@ def test_a_merge_whose_input_is_replaced_midway_fails_and_leaves_nothing(
             s3.put_object(Bucket="adapters-a", Key=key, Body=b"\0" * 1024)
 
     with ReadAhead(WINDOW * 2, SPAN, connections=2) as read_ahead:
-        inputs = Storage(s3_client).open_inputs(uris, tmp_path / "in", read_ahead)
+        inputs = Storage(s3_client).open_inputs(uris, tmp_path / "in")
         with pytest.raises(StorageError, match="changed while this job was reading it"):
-            run_merge(spec, inputs, tmp_path / "out", device="cpu", on_progress=replace_once)
+            run_merge(
+                spec, inputs, tmp_path / "out", device="cpu", on_progress=replace_once,
+                read_ahead=read_ahead,
+            )  # fmt: skip
     assert replaced
     assert not (tmp_path / "out").exists()
     assert [p.name for p in tmp_path.iterdir()] == ["in"]  # the staging folder went too
@@ -195,8 +206,10 @@ def test_a_streamed_merge_equals_the_local_merge_bit_for_bit(
         job = MergeSpec.model_validate(spec)
         tag = uuid.uuid4().hex[:6]
         with ReadAhead(WINDOW * len(uris), SPAN, connections=3) as read_ahead:
-            inputs = Storage(s3_client).open_inputs(uris, tmp_path / f"in-{tag}", read_ahead)
-            served = run_merge(job, inputs, tmp_path / f"served-{tag}", device="cpu")
+            inputs = Storage(s3_client).open_inputs(uris, tmp_path / f"in-{tag}")
+            served = run_merge(
+                job, inputs, tmp_path / f"served-{tag}", device="cpu", read_ahead=read_ahead
+            )
         local = run_merge(job, dirs, tmp_path / f"local-{tag}", device="cpu")
         for name in (WEIGHTS_NAME, CONFIG_NAME):
             assert (served.out_dir / name).read_bytes() == (local.out_dir / name).read_bytes()
@@ -239,16 +252,16 @@ def test_a_bad_adapter_is_refused_as_the_local_reader_refuses_it(
     folder = case.make(good_adapter, tmp_path)
     uri = upload(s3, folder)
 
-    def refusal(inputs: list) -> AdapterInvalid:
+    def refusal(inputs: list, read_ahead: ReadAhead | None = None) -> AdapterInvalid:
         with pytest.raises(AdapterInvalid) as caught:
-            for reader in open_adapters(inputs, [case.name]):
+            for reader in open_adapters(inputs, [case.name], read_ahead=read_ahead):
                 for module in sorted(reader.modules, key=module_order):
                     reader.read(module)
         return caught.value
 
     local = refusal([folder])
     with ReadAhead(WINDOW, SPAN, connections=2) as read_ahead:
-        streamed = refusal(Storage(s3_client).open_inputs([uri], tmp_path / "in", read_ahead))
+        streamed = refusal(Storage(s3_client).open_inputs([uri], tmp_path / "in"), read_ahead)
     assert case.says in local.message and case.says in streamed.message
     if "safetensors file" not in local.message:  # coremerge's own checks: the same words
         assert streamed.message == local.message

@@ -10,7 +10,6 @@ import pytest
 
 from jobs.errors import LimitExceeded
 from tests.hub_cache import put_in_cache
-from worker.adapters.streamed import ReadAhead
 from worker.storage import Storage
 
 
@@ -25,8 +24,7 @@ def cache(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, peft_adapters: list[P
 
 
 def _open(storage: Storage, uris: list[str], tmp_path: Path) -> list:
-    with ReadAhead(1 << 20, 1 << 20, 1) as read_ahead:
-        return storage.open_inputs(uris, tmp_path / "inputs", read_ahead)
+    return storage.open_inputs(uris, tmp_path / "inputs")
 
 
 def test_hub_inputs_are_pinned_and_given_as_folders(

@@ -20,7 +20,7 @@ from worker.adapters import open_adapters
 from worker.adapters.lora import LoraReader
 from worker.adapters.vera import VeraReader
 from worker.limits import default_max_work_bytes, memory_limit
-from worker.memory import ModuleShape, estimate_work, format_bytes
+from worker.memory import ALLOCATOR_SLACK, ModuleShape, estimate_work, format_bytes
 from worker.plan import make_plan
 from worker.runner import run_merge
 
@@ -104,8 +104,9 @@ def test_modules_side_by_side_and_inputs_held_add_up() -> None:
     one = estimate_work(shapes, threads=1, held_bytes=0, **kwargs)
     four = estimate_work(shapes, threads=4, held_bytes=0, **kwargs)
     held = estimate_work(shapes, threads=1, held_bytes=GiB, **kwargs)
-    assert four.peak_bytes - one.peak_bytes == 3 * one.module_bytes
-    assert held.peak_bytes - one.peak_bytes == GiB
+    slack = 1 + ALLOCATOR_SLACK  # every tensor byte is counted with the allocator's slack
+    assert four.peak_bytes - one.peak_bytes == pytest.approx(slack * 3 * one.module_bytes, abs=2)
+    assert held.peak_bytes - one.peak_bytes == pytest.approx(slack * GiB, abs=2)
 
 
 def test_a_vera_reader_declares_its_regenerated_projections(tmp_path: Path) -> None:

@@ -1,6 +1,7 @@
 """The publishing protocol (worker/storage/publish.py) against an in-memory store: nothing a
-job did not write is ever overwritten or deleted, only the claim holder writes, and a lost
-answer to the report's PUT is not a failure."""
+job did not write is ever overwritten or deleted, only the claim holder writes, a lost
+answer to a PUT is not a failure, and what a job wrote is told by a tag nobody else can
+forge (worker/storage/ownership.py): a run adopts only its own objects."""
 
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from worker.storage import (
     MemoryStore,
     Storage,
 )
+from worker.storage.ownership import TAG_META, Owner
 from worker.storage.publish import OutputPublisher, remove_run_leftovers
 
 OUT = "merged/run/"
@@ -32,22 +34,30 @@ def merged_dir(tmp_path: Path) -> Path:
     out.mkdir()
     (out / CONFIG_NAME).write_text("{}")
     (out / WEIGHTS_NAME).write_bytes(b"\0" * 64)
-    (out / REPORT_NAME).write_text('{"output": {"rank": 4}}')
+    (out / REPORT_NAME).write_text('{"output": {"rank": 4, "modules": 1, "bytes": 64}}')
     return out
 
 
+def owner(job: str = "job-1") -> Owner:
+    return Owner(job, f"secret-of-{job}")
+
+
 def publisher(store: MemoryStore, job: str = "job-1", run: str = "run-1", **kw) -> OutputPublisher:
-    return OutputPublisher(store, OUT, "mem://merged/run/", job_id=job, run=run, **kw)
+    return OutputPublisher(store, OUT, "mem://merged/run/", owner=owner(job), run=run, **kw)
 
 
 def test_publishes_under_a_claim_with_the_report_last(tmp_path: Path) -> None:
     store = MemoryStore()
     p = publisher(store)
     assert p.prepare() is None
-    assert store.head(OUT + CLAIM_NAME).metadata == {JOB_ID_META: "job-1", RUN_META: "run-1"}
+    claim = store.head(OUT + CLAIM_NAME)
+    assert claim.metadata == owner().metadata("run-1", OUT + CLAIM_NAME)
+    assert {JOB_ID_META: "job-1", RUN_META: "run-1"}.items() < claim.metadata.items()
     p.publish(merged_dir(tmp_path))
     p.release()
-    assert store.list(OUT) == sorted(OUT + n for n in (CONFIG_NAME, WEIGHTS_NAME, REPORT_NAME))
+    assert list(store.iter_keys(OUT)) == sorted(
+        OUT + n for n in (CONFIG_NAME, WEIGHTS_NAME, REPORT_NAME)
+    )
     assert publisher(store, run="run-2").prepare() is not None  # published: nothing to do
 
 
@@ -56,7 +66,7 @@ def test_an_object_the_job_did_not_write_ends_it_before_anything_is_written() ->
     store.create(OUT + "notes.txt", b"a tenant's file", {})
     with pytest.raises(OutputExists, match=r"notes\.txt"):
         publisher(store).prepare()
-    assert store.list(OUT) == [OUT + "notes.txt"]
+    assert list(store.iter_keys(OUT)) == [OUT + "notes.txt"]
     assert store.read(OUT + "notes.txt") == b"a tenant's file"
 
 
@@ -66,7 +76,7 @@ def test_a_store_that_ignores_conditional_writes_is_refused(tmp_path: Path) -> N
     with pytest.raises(StorageError, match="does not honour conditional writes"):
         p.prepare()
     p.release()
-    assert store.list(OUT) == []
+    assert list(store.iter_keys(OUT)) == []
 
 
 def test_only_the_claim_holder_writes() -> None:
@@ -95,7 +105,7 @@ def test_a_failure_removes_what_this_run_created_and_nothing_else(tmp_path: Path
     with pytest.raises(StorageError):
         p.publish(merged_dir(tmp_path))
     p.release()
-    assert store.list(OUT) == []
+    assert list(store.iter_keys(OUT)) == []
 
 
 def test_a_report_whose_answer_was_lost_counts_as_published(tmp_path: Path) -> None:
@@ -122,19 +132,100 @@ def test_a_cancel_is_honoured_up_to_the_report(tmp_path: Path) -> None:
     with pytest.raises(Canceled):
         p.publish(merged_dir(tmp_path), should_cancel=lambda: next(asked))
     p.release()
-    assert store.list(OUT) == []
+    assert list(store.iter_keys(OUT)) == []
 
 
 def test_a_dead_run_s_leftovers_go_and_nothing_else() -> None:
     store = MemoryStore()
-    dead = {JOB_ID_META: "job-1", RUN_META: "run-a"}
-    store.create(OUT + CLAIM_NAME, b"run-a", dead)
-    store.create(OUT + WEIGHTS_NAME, b"partial", dead)
+    for key in (OUT + CLAIM_NAME, OUT + WEIGHTS_NAME):
+        store.create(key, b"run-a", owner().metadata("run-a", key))
     store.create(OUT + "other.bin", b"x", {JOB_ID_META: "job-2"})
-    remove_run_leftovers(store, OUT, "job-1", "run-b")  # another run's: nothing
-    assert len(store.list(OUT)) == 3
-    remove_run_leftovers(store, OUT, "job-1", "run-a")
-    assert store.list(OUT) == [OUT + "other.bin"]
+    forged = {JOB_ID_META: "job-1", RUN_META: "run-a", TAG_META: "0" * 64}
+    store.create(OUT + "forged.bin", b"x", forged)  # names the job and the run: not its tag
+    remove_run_leftovers(store, OUT, owner(), "run-b")  # another run's: nothing
+    assert len(list(store.iter_keys(OUT))) == 4
+    remove_run_leftovers(store, OUT, owner(), "run-a")
+    assert list(store.iter_keys(OUT)) == [OUT + "forged.bin", OUT + "other.bin"]
+
+
+# -- ownership (issue 22 §3)
+
+
+@pytest.mark.parametrize(
+    "metadata",
+    [
+        {JOB_ID_META: "job-1"},  # the id alone: known before the job exists (keyed jobs)
+        {JOB_ID_META: "job-1", RUN_META: "run-1", TAG_META: "f" * 64},
+        owner().metadata("run-1", OUT + "README.md"),  # a real tag, copied from another key
+        owner("job-2").metadata("run-1", OUT + REPORT_NAME),  # another job's
+    ],
+    ids=["job-id", "made-up-tag", "copied-tag", "other-job"],
+)
+def test_a_planted_report_is_not_the_job_s(metadata: dict[str, str]) -> None:
+    """A report planted at the output with the job's id (and more) is an object the job
+    did not write: output_exists, before anything is written, and it stays."""
+    store = MemoryStore()
+    store.create(OUT + REPORT_NAME, b'{"output": {"rank": 1, "modules": 1, "bytes": 1}}', metadata)
+    with pytest.raises(OutputExists, match=r"'merge_report\.json', which this job did not write"):
+        publisher(store).prepare()
+    assert list(store.iter_keys(OUT)) == [OUT + REPORT_NAME]
+
+
+def test_a_claim_whose_answer_was_lost_is_the_run_s_own(tmp_path: Path) -> None:
+    """The claim's PUT landed, its answer was lost (the retry then finds it taken, or the
+    error reaches the run): the run holds the claim, publishes, and releases it."""
+
+    class LostClaimAnswer(MemoryStore):
+        def create(self, key: str, source: Path | bytes, metadata: Mapping[str, str]) -> None:
+            first = key.endswith(CLAIM_NAME) and self.head(key) is None
+            super().create(key, source, metadata)
+            if first:
+                raise StorageError("connection reset after the PUT")
+
+    store = LostClaimAnswer()
+    p = publisher(store, claim_wait_s=0.1)
+    assert p.prepare() is None
+    p.publish(merged_dir(tmp_path))
+    p.release()
+    assert store.head(OUT + CLAIM_NAME) is None  # not stranded: the next job may come
+    assert store.head(OUT + REPORT_NAME).metadata[RUN_META] == "run-1"
+
+    store = LostClaimAnswer()
+    failed = publisher(store)
+    failed.prepare()
+    failed.release()  # the run fails before publishing: its claim goes with it
+    assert list(store.iter_keys(OUT)) == []
+
+
+def test_a_run_adopts_only_its_own_objects(tmp_path: Path) -> None:
+    """Weights left by a dead run of the same job are not adopted as this run's (their
+    sha256 would not be the report's): the claim holder removes them and writes its own."""
+    store = MemoryStore()
+    stale = OUT + WEIGHTS_NAME
+    store.create(stale, b"an earlier run's weights", owner().metadata("run-0", stale))
+    p = publisher(store)
+    assert p.prepare() is None
+    p.publish(merged_dir(tmp_path))
+    p.release()
+    assert store.read(stale) == (tmp_path / "merged" / WEIGHTS_NAME).read_bytes()
+    assert owner().run_of(store.head(stale)) == "run-1"
+
+
+def test_a_file_taken_by_someone_else_meanwhile_ends_the_job(tmp_path: Path) -> None:
+    class Planter(MemoryStore):
+        def create(self, key: str, source: Path | bytes, metadata: Mapping[str, str]) -> None:
+            if key.endswith(WEIGHTS_NAME) and self.head(key) is None:  # planted just before
+                super().create(key, b"theirs", {JOB_ID_META: "job-1", RUN_META: "run-1"})
+            super().create(key, source, metadata)
+
+    store = Planter()
+    p = publisher(store)
+    p.prepare()
+    with pytest.raises(OutputExists, match="written by someone else"):
+        p.publish(merged_dir(tmp_path))
+    p.release()
+    assert [k.removeprefix(OUT) for k in store.iter_keys(OUT)] == [WEIGHTS_NAME]
+    assert store.read(OUT + WEIGHTS_NAME) == b"theirs"
 
 
 def test_a_job_runs_against_an_in_memory_store(peft_adapters: list[Path], tmp_path: Path):
@@ -147,7 +238,7 @@ def test_a_job_runs_against_an_in_memory_store(peft_adapters: list[Path], tmp_pa
     storage = Storage(stores=lambda loc: buckets[loc.bucket])
     uris = [f"s3://inputs/{i}/" for i in range(len(peft_adapters))]
     output = "s3://merged/run/"
-    p = storage.publisher(output, job_id="job-1", run="run-1")
+    p = storage.publisher(output, owner=owner(), run="run-1")
     assert p.prepare() is None
     dirs = storage.fetch_adapters(uris, tmp_path / "inputs")
     spec = MergeSpec.model_validate(

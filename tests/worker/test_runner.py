@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 
 from jobs.errors import AdapterInvalid
 from jobs.spec import MergeSpec
-from worker.adapters.source import open_adapters
+from worker.adapters.opening import open_adapters
 from worker.runner import run_merge
 
 
@@ -75,7 +75,7 @@ def test_the_merged_adapter_carries_a_model_card(peft_adapters: list[Path], tmp_
     assert 'base_model: "coremerge/tiny-llama-demo"' in front
     assert all(f"- {tag}" in front for tag in ("peft", "lora", "merge", "coremerge"))
     for entry in outcome.report["inputs"]:
-        assert f"| {entry['name']} |" in body and entry["sha256"] in body
+        assert f"| `{entry['name']}` |" in body and entry["sha256"] in body
     assert "`ties`" in body and "`density=0.2`" in body
     assert f"rank: {outcome.rank} for every module" in body
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import math
 import re
+import re._constants as sre
+import re._parser as sre_parse
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,11 +20,13 @@ import regex
 
 from jobs.errors import AdapterInvalid, LimitExceeded
 
-from .format import CONFIG_NAME
+from .format import CONFIG_NAME, MAX_CONFIG_BYTES
 
 __all__ = [
     "CONFIG_NAME",
     "MAX_PATTERNS",
+    "MAX_PATTERN_CHARS",
+    "MAX_PATTERN_REPEAT",
     "PATTERN_BUDGET_S",
     "LoraAdapterConfig",
     "PatternBudget",
@@ -31,21 +35,36 @@ __all__ = [
     "read_adapter_config",
 ]
 
-#: A config larger than this is not a PEFT config (limits are checked before parsing).
-MAX_CONFIG_BYTES = 1 << 20
 #: Seconds one rank/alpha pattern may take to match one module name (microseconds normally).
 PATTERN_TIMEOUT_S = 0.2
 #: rank_pattern plus alpha_pattern entries one adapter may have. Every pattern is matched
 #: against every module name, so the count multiplies the work; PEFT writes one per module
 #: at most, and no real model is near a thousand distinct patterns.
 MAX_PATTERNS = 1024
+#: The longest rank/alpha pattern: PEFT writes a module name (or its suffix) there, a few
+#: hundred characters at most.
+MAX_PATTERN_CHARS = 512
+#: The largest count of a counted repeat (``{n}``, ``{n,m}``) in a pattern. The ``regex``
+#: module unrolls counted repeats when it compiles, so ``((a{1000}){1000}){10}`` would need
+#: gigabytes before any timeout could apply; a module name is shorter than this anyway.
+MAX_PATTERN_REPEAT = 100
 #: Seconds all of one adapter's pattern matching may take together. Each match is capped at
 #: PATTERN_TIMEOUT_S, but 0.2 s times thousands of modules and patterns would still hold a
 #: worker for hours; a normal adapter spends milliseconds here.
 PATTERN_BUDGET_S = 2.0
 
-# Initialisations that rewrite the base weights: the adapter alone does not describe ΔW.
-_BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq")
+# Initialisations that rewrite the base weights: the adapter alone does not describe ΔW
+# (LoRA-GA, like PiSSA, subtracts its initial factors from the base weight).
+_BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
+#: Variants whose update is not ΔW = s·B·A on every input: merged as plain LoRA, they would
+#: be merged silently wrong. (field, why)
+_OTHER_COMPUTATIONS = (
+    ("alora_invocation_tokens", "aLoRA (alora_invocation_tokens) applies only after its "
+     "invocation tokens"),
+    ("use_qalora", "QALoRA (use_qalora) applies A to pooled inputs"),
+    ("use_bdlora", "BD-LoRA (use_bdlora) splits its factors in blocks across devices"),
+    ("arrow_config", "Arrow (arrow_config) routes each token among several LoRA experts"),
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -137,7 +156,8 @@ class PatternBudget:
 def _pattern_key(patterns: dict[str, Any], module: str, budget: PatternBudget | None = None) -> str:
     # Same rule as peft.utils.other.get_pattern_key: a pattern matches a dotted suffix. The
     # patterns come from the adapter, so a hostile one such as "(a|aa)+b" could backtrack for
-    # hours on a long module name: the ``regex`` module (re-compatible) stops it.
+    # hours on a long module name: the ``regex`` module (re-compatible) stops it. Compiling
+    # is timed with the match (it cannot be interrupted: read_adapter_config bounds it).
     for key in patterns:
         timeout = PATTERN_TIMEOUT_S if budget is None else budget.timeout()
         started = _clock()
@@ -154,6 +174,8 @@ def _pattern_key(patterns: dict[str, Any], module: str, budget: PatternBudget | 
         finally:
             if budget is not None:
                 budget.charge(_clock() - started)
+        if budget is not None and budget.spent > budget.seconds:  # compiling counts too
+            raise budget.exceeded()
         if matched:
             return key
     return module
@@ -179,6 +201,9 @@ def _refusals(raw: dict[str, Any]) -> list[str]:
         out.append("layer_replication is not supported")
     if raw.get("trainable_token_indices"):
         out.append("trainable_token_indices is not supported")
+    for name, why in _OTHER_COMPUTATIONS:
+        if raw.get(name) not in (None, False, [], {}):
+            out.append(f"{why} and is not supported")
     return out
 
 
@@ -206,6 +231,73 @@ def _wrong_types(raw: dict[str, Any]) -> list[str]:
     return out
 
 
+_REPEATS = {sre.MAX_REPEAT, sre.MIN_REPEAT, getattr(sre, "POSSESSIVE_REPEAT", sre.MAX_REPEAT)}
+
+
+def _parts(op: Any, av: Any) -> list[Any]:
+    """The sub-patterns of one node of a parsed pattern (``re``'s own parser)."""
+    if op in _REPEATS:
+        return [av[2]]
+    if op is sre.SUBPATTERN:
+        return [av[3]]
+    if op is sre.BRANCH:
+        return list(av[1])
+    if op in (sre.ASSERT, sre.ASSERT_NOT):
+        return [av[1]]
+    if op is getattr(sre, "ATOMIC_GROUP", None):
+        return [av]
+    if op is sre.GROUPREF_EXISTS:
+        return [p for p in av[1:] if p is not None]
+    return []
+
+
+def _repeat_refusal(items: Any, inside_repeat: bool) -> tuple[type[Exception], str] | None:
+    """Why a parsed pattern is refused before it is compiled: a counted repeat over
+    :data:`MAX_PATTERN_REPEAT`, or a repeat inside a repeat (``?`` counts as none)."""
+    for op, av in items:
+        repeats = False
+        if op in _REPEATS:
+            counts = [c for c in av[:2] if c is not sre.MAXREPEAT]
+            if max(counts, default=0) > MAX_PATTERN_REPEAT:
+                return LimitExceeded, (
+                    f"repeats {max(counts)} times, over the limit of {MAX_PATTERN_REPEAT} per "
+                    "counted repeat"
+                )
+            repeats = av[1] is sre.MAXREPEAT or av[1] > 1
+            if repeats and inside_repeat:
+                return AdapterInvalid, (
+                    "repeats a group that repeats itself, which a module name pattern never "
+                    "needs (nested repeats can take exponential time)"
+                )
+        for part in _parts(op, av):
+            refused = _repeat_refusal(part, inside_repeat or repeats)
+            if refused is not None:
+                return refused
+    return None
+
+
+def _check_pattern_shapes(raw: dict[str, Any], adapter: str) -> None:
+    """Refuse a rank/alpha pattern that is too long, not a regular expression, or whose
+    repeats could make compiling or matching it costly, before any is compiled (the parse
+    is ``re``'s own, which builds a tree and expands nothing)."""
+    for pattern in [*(raw.get("rank_pattern") or {}), *(raw.get("alpha_pattern") or {})]:
+        shown = pattern if len(pattern) <= 80 else pattern[:77] + "..."
+        if len(pattern) > MAX_PATTERN_CHARS:
+            raise LimitExceeded(
+                f"adapter {adapter!r}: rank/alpha pattern {shown!r} is {len(pattern)} "
+                f"characters long, over the limit of {MAX_PATTERN_CHARS}"
+            )
+        try:
+            refused = _repeat_refusal(sre_parse.parse(pattern), False)
+        except (re.error, RecursionError, OverflowError) as exc:
+            raise AdapterInvalid(
+                f"adapter {adapter!r}: bad rank/alpha pattern {shown!r}: {exc}"
+            ) from None
+        if refused is not None:
+            kind, why = refused
+            raise kind(f"adapter {adapter!r}: rank/alpha pattern {shown!r} {why}")
+
+
 def _check_pattern_count(raw: dict[str, Any], adapter: str) -> None:
     """Refuse more than :data:`MAX_PATTERNS` rank/alpha patterns, before any is compiled."""
     count = len(raw.get("rank_pattern") or {}) + len(raw.get("alpha_pattern") or {})
@@ -228,6 +320,7 @@ def read_adapter_config(directory: Path, adapter: str) -> LoraAdapterConfig:
     if wrong_types:
         raise AdapterInvalid(f"adapter {adapter!r}: {CONFIG_NAME}: " + "; ".join(wrong_types))
     _check_pattern_count(raw, adapter)
+    _check_pattern_shapes(raw, adapter)
     refused = _refusals(raw)
     if refused:
         raise AdapterInvalid(f"adapter {adapter!r}: " + "; ".join(refused))

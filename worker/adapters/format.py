@@ -38,7 +38,10 @@ from jobs.errors import AdapterInvalid
 __all__ = [
     "CONFIG_NAME",
     "DTYPE_SIZES",
+    "HEADER_BYTES_PER_TENSOR",
+    "HEADER_METADATA_BYTES",
     "LORA_KEY",
+    "MAX_CONFIG_BYTES",
     "MAX_HEADER_BYTES",
     "MODEL_CARD_NAME",
     "PICKLE_NAMES",
@@ -50,8 +53,11 @@ __all__ = [
     "TensorEntry",
     "check_prefix",
     "check_weights_file",
+    "count_entries",
     "header_length",
     "lora_keys",
+    "max_header_bytes",
+    "max_tensors",
     "module_order",
     "parse_header",
     "vera_lambda_keys",
@@ -63,6 +69,9 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 REPORT_NAME = "merge_report.json"
 #: The merged adapter's model card (the Hugging Face convention: YAML front matter, Markdown).
 MODEL_CARD_NAME = "README.md"
+#: A config larger than this is not a PEFT config: refused before it is read (locally) or
+#: copied (from the HEAD of a remote one).
+MAX_CONFIG_BYTES = 1 << 20
 #: Weights saved by ``torch.save``: never loaded (unpickling runs code).
 PICKLE_NAMES = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth")
 
@@ -74,6 +83,13 @@ VERA_PROJECTIONS = ("base_model.vera_A", "base_model.vera_B")
 #: safetensors' own limit on the JSON header (``MAX_HEADER_SIZE``, 100 MB); a longer one is
 #: refused by every safetensors reader, so it is refused here first, with a clearer message.
 MAX_HEADER_BYTES = 100_000_000
+#: Header bytes one tensor may take when a header is bounded by a module limit: its key (a
+#: module name of a few hundred characters) with its dtype, shape and byte range, written
+#: compactly as safetensors writes them (about 120 bytes for a Llama module's factor).
+HEADER_BYTES_PER_TENSOR = 512
+#: Header bytes allowed besides the tensors: ``__metadata__`` (PEFT writes
+#: ``{"format": "pt"}``) and safetensors' alignment padding.
+HEADER_METADATA_BYTES = 64 << 10
 #: Bytes needed to check a file's prefix: the u64 length and the header's first byte.
 PREFIX_BYTES = 9
 #: Bytes per value of every dtype safetensors knows (a header naming another is invalid).
@@ -135,6 +151,32 @@ def check_prefix(head: bytes, size: int) -> None:
         )
     if head[8:9] != b"{":
         raise ValueError("the header is not a JSON object (not a safetensors file)")
+
+
+def max_tensors(max_modules: int) -> int:
+    """The most tensors an adapter of ``max_modules`` modules holds: two per module (LoRA's
+    A and B, VeRA's λ_b and λ_d) and VeRA's two shared projections."""
+    return 2 * max_modules + 2
+
+
+def max_header_bytes(max_modules: int | None) -> int:
+    """The longest header an adapter of at most ``max_modules`` modules can need (with no
+    module limit, safetensors' own :data:`MAX_HEADER_BYTES`).
+
+    >>> max_header_bytes(128)
+    197632
+    """
+    if max_modules is None:
+        return MAX_HEADER_BYTES
+    needed = HEADER_METADATA_BYTES + max_tensors(max_modules) * HEADER_BYTES_PER_TENSOR
+    return min(MAX_HEADER_BYTES, needed)
+
+
+def count_entries(header: bytes) -> int:
+    """How many tensors a JSON header lists at most, counted in its bytes before anything is
+    parsed: every entry has one ``"data_offsets"`` key (a key or a string that contains
+    the same bytes only makes the count larger, never smaller)."""
+    return header.count(b'"data_offsets"')
 
 
 def header_length(head: bytes) -> int:

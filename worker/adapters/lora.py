@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import re
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -28,8 +28,10 @@ from .config import (
     PatternTimeout,
     read_adapter_config,
 )
-from .format import LORA_KEY, WEIGHTS_NAME, check_weights_file, lora_keys
-from .source import ModuleInfo, as_factors, read_header, sha256_file
+from .factors import as_factors, read_after_close, sha256_file
+from .format import LORA_KEY, WEIGHTS_NAME, TensorEntry, check_weights_file, lora_keys
+from .header import held_for_header, read_header
+from .source import ModuleInfo
 
 __all__ = ["REOPEN_EVERY", "LoraReader", "lora_modules"]
 
@@ -53,7 +55,7 @@ def _unsupported_key(key: str) -> str:
     return "not a LoRA factor of the form base_model.model.<module>.lora_{A,B}.weight"
 
 
-def _check_factor(name: str, key: str, shape: list[int], dtype: str) -> re.Match[str]:
+def _check_factor(name: str, key: str, shape: tuple[int, ...], dtype: str) -> re.Match[str]:
     """The key's module and factor, refused unless it is a 2-D float LoRA factor."""
     match = LORA_KEY.match(key)
     if match is None:
@@ -70,8 +72,8 @@ def _check_factor(name: str, key: str, shape: list[int], dtype: str) -> re.Match
     return match
 
 
-#: ``{"A": (shape, dtype), "B": (shape, dtype)}``: one module's two factors in a header.
-_Pair = dict[str, tuple[list[int], str]]
+#: ``{"A": entry, "B": entry}``: one module's two factors in a header.
+_Pair = dict[str, TensorEntry]
 
 
 def _module_info(
@@ -82,7 +84,7 @@ def _module_info(
     if set(pair) != {"A", "B"}:
         missing = "lora_B" if "A" in pair else "lora_A"
         raise AdapterInvalid(f"adapter {name!r}: module {module!r} has no {missing}.weight")
-    (r, n), (m, r_b) = pair["A"][0], pair["B"][0]
+    (r, n), (m, r_b) = pair["A"].shape, pair["B"].shape
     if r != r_b:
         raise AdapterInvalid(
             f"adapter {name!r}: module {module!r}: lora_A has rank {r} but lora_B has rank {r_b}"
@@ -100,22 +102,23 @@ def _module_info(
         )
     if min(r, n, m) < 1:
         raise AdapterInvalid(f"adapter {name!r}: module {module!r} has an empty factor")
-    stored = r * n * _FLOAT_DTYPES[pair["A"][1]] + m * r * _FLOAT_DTYPES[pair["B"][1]]
-    converted = F32 * r * (n + m) if {pair["A"][1], pair["B"][1]} != {"F32"} else 0
+    dtypes = pair["A"].dtype, pair["B"].dtype
+    stored = r * n * _FLOAT_DTYPES[dtypes[0]] + m * r * _FLOAT_DTYPES[dtypes[1]]
+    converted = F32 * r * (n + m) if set(dtypes) != {"F32"} else 0
     return ModuleInfo(module, r, n, m, scaling, read_bytes=stored + converted), stored
 
 
 def lora_modules(
-    name: str, config: LoraAdapterConfig, header: Mapping[str, tuple[Sequence[int], str]]
+    name: str, config: LoraAdapterConfig, header: Mapping[str, TensorEntry]
 ) -> tuple[dict[str, ModuleInfo], dict[str, int]]:
-    """A LoRA adapter's modules from its safetensors header ``{key: (shape, dtype)}``, and
-    each module's bytes in the file. Every refusal of a LoRA input's header is made here,
-    so a local file (:class:`LoraReader`) and a streamed object
-    (``worker.adapters.streamed``) are refused alike, with the same words."""
+    """A LoRA adapter's modules from its safetensors header's entries, and each module's
+    bytes in the file. Every refusal of a LoRA input's header is made here, so a local file
+    (:class:`LoraReader`) and a streamed object (``worker.adapters.streamed``) are refused
+    alike, with the same words."""
     factors: dict[str, _Pair] = {}
-    for key, (shape, dtype) in header.items():
-        match = _check_factor(name, key, list(shape), dtype)
-        factors.setdefault(match["module"], {})[match["which"]] = (list(shape), dtype)
+    for key, entry in header.items():
+        match = _check_factor(name, key, entry.shape, entry.dtype)
+        factors.setdefault(match["module"], {})[match["which"]] = entry
     if not factors:
         raise AdapterInvalid(f"adapter {name!r}: {WEIGHTS_NAME} holds no LoRA factors")
     modules, stored = {}, {}
@@ -130,11 +133,20 @@ class LoraReader:
 
     >>> reader = LoraReader(Path("my-adapter"), name="snli")  # doctest: +SKIP
     >>> A, B = reader.read("model.layers.0.self_attn.q_proj")  # doctest: +SKIP
+
+    ``max_modules`` bounds the header (``worker.adapters.header``).
     """
 
     streamed = False  # a local file: hashed beside the merge
 
-    def __init__(self, directory: Path, name: str, config: LoraAdapterConfig | None = None) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        name: str,
+        config: LoraAdapterConfig | None = None,
+        *,
+        max_modules: int | None = None,
+    ) -> None:
         self.directory = Path(directory)
         self.name = name
         if not self.directory.is_dir():
@@ -147,16 +159,17 @@ class LoraReader:
         check_weights_file(self.directory, name)
         self.path = self.directory / WEIGHTS_NAME
         self.nbytes = self.path.stat().st_size
-        self.modules: dict[str, ModuleInfo] = self._index()
-        self.held_bytes = self._mapped_bytes()
+        self.modules: dict[str, ModuleInfo] = self._index(max_modules)
+        self.held_bytes = self._mapped_bytes() + held_for_header(self._header_bytes)
         self._handle = None
         self._reads = 0
+        self._closed = False
         self._lock = threading.Lock()  # the runner reads modules from several threads
         self._keys = {m: lora_keys(m) for m in self.modules}
 
-    def _index(self) -> dict[str, ModuleInfo]:
-        header = read_header(self.path, self.name, self.nbytes)
-        modules, self._stored = lora_modules(self.name, self.config, header)
+    def _index(self, max_modules: int | None) -> dict[str, ModuleInfo]:
+        entries, self._header_bytes = read_header(self.path, self.name, self.nbytes, max_modules)
+        modules, self._stored = lora_modules(self.name, self.config, entries)
         return modules
 
     def _mapped_bytes(self) -> int:
@@ -175,6 +188,8 @@ class LoraReader:
         key_a, key_b = self._keys[module]
         try:
             with self._lock:
+                if self._closed:
+                    raise read_after_close(self.name)
                 if self._handle is None or self._reads >= REOPEN_EVERY:
                     self._handle, self._reads = None, 0
                     self._handle = safe_open(self.path, framework="pt")
@@ -192,5 +207,6 @@ class LoraReader:
         return sha256_file(self.path)
 
     def close(self) -> None:
-        """Drop the memory map (the next read reopens it)."""
-        self._handle = None
+        """Drop the memory map; final (``AdapterSource``)."""
+        with self._lock:
+            self._closed, self._handle = True, None

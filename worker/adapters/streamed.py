@@ -4,8 +4,9 @@ The worker does not copy an S3 input to its disk first: it reads the safetensors
 (already in the bytes the input check fetched, ``worker.storage.inputs``), then the data
 section in FILE order, in spans of whole tensors fetched by ranged GETs a few spans ahead of
 the merge, on the job's small pool of connections (:class:`ReadAhead`). Each GET goes
-through ``fetch(start, end)``, which the storage layer pins to the ETag the input was sized
-by: an object replaced mid-job is refused (``storage_error``), never mixed in.
+through the ``RemoteFile`` the storage layer handed out (``worker.adapters.source``), which
+pins it to the ETag the input was sized by: an object replaced mid-job is refused
+(``storage_error``), never mixed in.
 
     span 0 (fetched, being read) │ span 1 (fetched) │ span 2 (in flight) │ span 3 …
     └──────── at most ``window_bytes`` held ────────────────────────────┘
@@ -41,28 +42,19 @@ from types import TracebackType
 
 import torch
 
-from jobs.errors import AdapterInvalid, StorageError
+from jobs.errors import StorageError
 
 from .config import LoraAdapterConfig
-from .format import (
-    PREFIX_BYTES,
-    WEIGHTS_NAME,
-    TensorEntry,
-    check_prefix,
-    header_length,
-    lora_keys,
-    parse_header,
-)
+from .factors import as_factors, read_after_close
+from .format import PREFIX_BYTES, WEIGHTS_NAME, TensorEntry, check_prefix, header_length, lora_keys
+from .header import check_header_length, held_for_header, invalid, parse_bounded
 from .lora import lora_modules
-from .source import ModuleInfo, as_factors
+from .source import ModuleInfo, RemoteFile
 
-__all__ = ["Fetch", "ReadAhead", "StreamStats", "StreamedLoraReader"]
+__all__ = ["ReadAhead", "StreamStats", "StreamedLoraReader"]
 
 #: The smallest window one streamed input gets, however many share the job's.
 MIN_WINDOW_BYTES = 256 << 10
-
-#: ``fetch(start, end)``: bytes [start, end) of the object, pinned to the ETag it was sized by.
-Fetch = Callable[[int, int], bytes]
 
 _TORCH_DTYPES = {
     "F64": torch.float64,
@@ -155,10 +147,12 @@ def _decode(data: bytes | memoryview, entry: TensorEntry) -> torch.Tensor:
 class StreamedLoraReader:
     """A PEFT LoRA adapter's weights in object storage, read as the merge asks for them.
 
-    ``head`` is the object's first bytes as the input check read them (at least the
-    9-byte prefix; usually the whole header); ``fetch`` reads any other range, pinned.
-    Opening reads the rest of the header if ``head`` stops short, and refuses what
-    :class:`worker.adapters.lora.LoraReader` refuses, with the same messages.
+    ``weights.head`` is the object's first bytes as the input check read them (at least the
+    9-byte prefix; usually the whole header); ``weights.fetch`` reads any other range,
+    pinned. Opening reads the rest of the header if the head stops short (within the bound
+    ``max_modules`` sets, ``worker.adapters.header``), and refuses what
+    :class:`worker.adapters.lora.LoraReader` refuses, with the same messages. The reader's
+    share of the job's look-ahead is ``window_bytes``, in spans of at most ``span_bytes``.
     """
 
     streamed = True  # the digest comes from the bytes as they arrive
@@ -167,25 +161,22 @@ class StreamedLoraReader:
         self,
         name: str,
         config: LoraAdapterConfig,
+        weights: RemoteFile,
         *,
-        size: int,
-        head: bytes,
-        fetch: Fetch,
         read_ahead: ReadAhead,
         window_bytes: int,
         span_bytes: int,
+        max_modules: int | None = None,
     ) -> None:
-        self.name, self.config, self.nbytes = name, config, size
-        self._fetch_range, self._read_ahead = fetch, read_ahead
+        self.name, self.config, self.nbytes = name, config, weights.size
+        self._fetch_range, self._read_ahead = weights.fetch, read_ahead
         self._sha = hashlib.sha256()
-        header = self._header(head)
+        header = self._header(weights.head, max_modules)
         self._data_start = PREFIX_BYTES - 1 + len(header)
-        entries = self._entries(header)
-        modules, stored = lora_modules(
-            name, config, {k: (e.shape, e.dtype) for k, e in entries.items()}
-        )
+        entries = parse_bounded(name, header, self.nbytes - self._data_start, max_modules)
+        modules, stored = lora_modules(name, config, entries)
         self._entries_by_key = entries
-        self._prefetched = head[self._data_start :]  # data bytes the check already read
+        self._prefetched = weights.head[self._data_start :]  # data bytes the check already read
         self._spans = _spans(entries, self._data_start, span_bytes)
         self._span_of = {k: i for i, s in enumerate(self._spans) for k in s.pending}
         self._module_of = {key: m for m in modules for key in lora_keys(m)}
@@ -196,7 +187,8 @@ class StreamedLoraReader:
             m: replace(info, read_bytes=info.read_bytes + stored[m]) for m, info in modules.items()
         }
         self._window = window_bytes
-        self.held_bytes = max([window_bytes, *(s.nbytes for s in self._spans)])
+        parsed = held_for_header(len(header))
+        self.held_bytes = max([window_bytes, *(s.nbytes for s in self._spans)]) + parsed
         self.stats = StreamStats()
         self._cond = threading.Condition()
         self._next = 0  # the next span to fetch
@@ -209,28 +201,18 @@ class StreamedLoraReader:
 
     # -- opening
 
-    def _invalid(self, why: object) -> AdapterInvalid:
-        return AdapterInvalid(
-            f"adapter {self.name!r}: {WEIGHTS_NAME} is not a valid safetensors file ({why})"
-        )
-
-    def _header(self, head: bytes) -> bytes:
-        """The JSON header, checked (prefix first) and hashed with the prefix."""
+    def _header(self, head: bytes, max_modules: int | None) -> bytes:
+        """The JSON header, checked (prefix and length first) and hashed with the prefix."""
         try:
             check_prefix(head[:PREFIX_BYTES], self.nbytes)
         except ValueError as exc:
-            raise self._invalid(exc) from None
+            raise invalid(self.name, exc) from None
+        check_header_length(f"adapter {self.name!r}", header_length(head), max_modules)
         end = PREFIX_BYTES - 1 + header_length(head)
         if len(head) < end:
             head = head + self._fetch_range(len(head), end)
         self._sha.update(head[:end])
         return head[PREFIX_BYTES - 1 : end]
-
-    def _entries(self, header: bytes) -> dict[str, TensorEntry]:
-        try:
-            return parse_header(header, self.nbytes - self._data_start)
-        except ValueError as exc:
-            raise self._invalid(exc) from None
 
     # -- fetching and hashing, in file order (call with the lock held unless said otherwise)
 
@@ -319,7 +301,7 @@ class StreamedLoraReader:
         if self._error is not None:
             raise self._error
         if self._closed:
-            raise StorageError(f"adapter {self.name!r}: read after the input was closed")
+            raise read_after_close(self.name)
 
     # -- reading
 
@@ -421,7 +403,7 @@ class StreamedLoraReader:
 
     def close(self) -> None:
         """Stop: spans not fetched yet are not, those in flight are dropped when they land,
-        and every byte held goes. (The reader cannot be read again.)"""
+        and every byte held goes; final (``AdapterSource``)."""
         with self._cond:
             self._closed = True
             for span in self._spans:

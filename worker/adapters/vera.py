@@ -10,21 +10,24 @@ with ``save_projection=True``; otherwise they are regenerated from ``projection_
 with PEFT's own initialisation code. Neither form records a module's input size, which the
 slice of ``vera_A`` needs: it comes from a LoRA adapter of the same job that has the module,
 or from the base model's config (see ``worker.adapters.base_model``); both are looked up when
-the reader is opened (``worker.adapters.open_adapters``), so its modules are complete from the
+the reader is opened (``worker.adapters.opening``), so its modules are complete from the
 start.
 """
 
 from __future__ import annotations
 
 import threading
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
 
-from jobs.errors import AdapterInvalid, reason
+from jobs.errors import AdapterInvalid, LimitExceeded, reason
 
+from .base_model import BaseModelRefused, linear_input_sizes
 from .config import LoraAdapterConfig
+from .factors import check_finite, read_after_close, sha256_file
 from .format import (
     VERA_LAMBDA_KEY,
     VERA_PROJECTIONS,
@@ -32,41 +35,83 @@ from .format import (
     check_weights_file,
     vera_lambda_keys,
 )
-from .source import (
-    InputSizes,
-    ModuleInfo,
-    check_finite,
-    read_header,
-    sha256_file,
-    vera_input_sizes,
-)
+from .header import held_for_header, read_header
+from .source import InputSizes, ModuleInfo
 
-__all__ = ["VeraReader"]
+__all__ = ["MAX_VERA_BYTES", "VeraReader", "check_vera_size", "vera_input_sizes"]
 
 F32 = 4
+#: The largest VeRA weights file read. VeRA stores two vectors per module and, at most, two
+#: projections shared by every layer: a 70B-parameter model at r = 256 needs under 100 MB.
+#: A remote one is copied to the worker's disk whole, so its size is checked (from the HEAD)
+#: before the copy.
+MAX_VERA_BYTES = 256 << 20
 #: Bytes per value of safetensors dtypes (an unknown one counts as 8, the widest).
 _ITEMSIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2}
+
+
+def check_vera_size(name: str, nbytes: int) -> None:
+    """Refuse VeRA weights over :data:`MAX_VERA_BYTES` (before a remote one is copied)."""
+    if nbytes > MAX_VERA_BYTES:
+        raise LimitExceeded(
+            f"adapter {name!r}: a VeRA adapter's {WEIGHTS_NAME} of {nbytes} bytes, over the "
+            f"limit of {MAX_VERA_BYTES} (VeRA weights are vectors and two shared projections)"
+        )
+
+
+def vera_input_sizes(
+    name: str, config: LoraAdapterConfig, modules: Sequence[str], known: InputSizes
+) -> InputSizes:
+    """Each module's input size: from ``known``, else from the base model's local config; a
+    clear error when neither knows."""
+    missing = [m for m in modules if m not in known]
+    sizes = {m: known[m] for m in modules if m in known}
+    if missing:
+        try:
+            from_base = linear_input_sizes(
+                config.base_model_name_or_path, config.base_model_class, missing
+            )
+        except BaseModelRefused as exc:
+            raise AdapterInvalid(f"adapter {name!r}: {exc}") from None
+        if from_base is None:
+            raise AdapterInvalid(
+                f"adapter {name!r}: a VeRA adapter does not record its layers' input sizes, "
+                f"and neither a LoRA input of this job nor a local base model config "
+                f"(base_model_name_or_path={config.base_model_name_or_path!r}) gives them for "
+                f"{len(missing)} module(s), e.g. {missing[0]!r}"
+            )
+        sizes.update(from_base)
+    return sizes
 
 
 class VeraReader:
     """A PEFT VeRA adapter on local disk (an ``AdapterSource``). ``known_input_sizes`` gives
     modules' input sizes (a LoRA input of the same job); the rest come from the base model's
-    local config (``worker.adapters.source.vera_input_sizes``)."""
+    local config (:func:`vera_input_sizes`). ``max_modules`` bounds the header
+    (``worker.adapters.header``)."""
 
-    streamed = False  # a local file (an S3 VeRA adapter is downloaded whole: it is small)
+    streamed = False  # a local file (an S3 VeRA adapter is copied whole first: it is small)
 
     def __init__(
-        self, directory: Path, name: str, config: LoraAdapterConfig, known_input_sizes: InputSizes
+        self,
+        directory: Path,
+        name: str,
+        config: LoraAdapterConfig,
+        known_input_sizes: InputSizes,
+        *,
+        max_modules: int | None = None,
     ) -> None:
         self.directory, self.name, self.config = Path(directory), name, config
         check_weights_file(self.directory, name)
         self.path = self.directory / WEIGHTS_NAME
         self.nbytes = self.path.stat().st_size
+        check_vera_size(name, self.nbytes)
         self._projections: tuple[torch.Tensor, torch.Tensor] | None = None
         self._projections_lock = threading.Lock()  # modules are read from several threads
-        full_header = read_header(self.path, name, self.nbytes)
-        header = {k: shape for k, (shape, _) in full_header.items()}
-        self._itemsizes = {k: _ITEMSIZES.get(dtype, 8) for k, (_, dtype) in full_header.items()}
+        self._closed = False
+        entries, header_bytes = read_header(self.path, name, self.nbytes, max_modules)
+        header = {k: list(e.shape) for k, e in entries.items()}
+        self._itemsizes = {k: _ITEMSIZES.get(e.dtype, 8) for k, e in entries.items()}
         self.saved_projection_shapes = self._check_projections(header)
         lambdas: dict[str, dict[str, list[int]]] = {}
         for key, shape in header.items():
@@ -92,7 +137,7 @@ class VeraReader:
             module: self._module_info(module, sizes[module], pair["b"][0])
             for module, pair in lambdas.items()
         }
-        self.held_bytes = self._projection_bytes()
+        self.held_bytes = self._projection_bytes() + held_for_header(header_bytes)
 
     def _check_projections(
         self, header: dict[str, list[int]]
@@ -162,6 +207,8 @@ class VeraReader:
         """vera_A and vera_B as PEFT draws them: its own ``_kaiming_init``, seeded by the key,
         with the largest input and output sizes among the adapted modules."""
         with self._projections_lock:
+            if self._closed:
+                raise read_after_close(self.name)
             return self._regenerate_once()
 
     def _regenerate_once(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -186,8 +233,10 @@ class VeraReader:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """A′ = diag(λ_d) vera_A[:, :n] (r × n) and B′ = diag(λ_b) vera_B[:m, :] (m × r), float32.
 
-        ``check`` as in :meth:`worker.adapters.source.AdapterSource.read`.
+        ``check`` as in ``AdapterSource.read``.
         """
+        if self._closed:
+            raise read_after_close(self.name)
         info = self.modules[module]
         n, m = info.in_features, info.out_features
         key_b, key_d = vera_lambda_keys(module)
@@ -215,4 +264,7 @@ class VeraReader:
         return sha256_file(self.path)
 
     def close(self) -> None:
-        """Nothing is held open between reads."""
+        """Drop the regenerated projections (no file is held open between reads); final
+        (``AdapterSource``)."""
+        with self._projections_lock:
+            self._closed, self._projections = True, None

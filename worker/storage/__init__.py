@@ -4,9 +4,11 @@
     s3.py        S3Store: one bucket through boto3 (pinned reads, conditional creates)
     local.py     LocalStore: the local file system (atomic, conditional creates)
     errors.py    S3's errors as job errors
-    inputs.py    checking input adapters, then reading them as the merge goes (or copying)
+    inputs.py    checking input adapters, then handing out their bytes (pinned) or copying them
     hub.py       Hugging Face Hub adapters (hf://): sized, then fetched into its cache
     publish.py   publishing an output without destroying data (claim, files, report last)
+    ownership.py who wrote an object at an output: a tag nobody outside the service can forge
+    reports.py   a merge_report.json found at an output, read back within bounds
 
 :class:`Storage` puts them together for a job: it picks the store for each location and runs
 the input and publishing protocols on it. Stores are made by a factory that tests can replace
@@ -15,14 +17,14 @@ the input and publishing protocols on it. Stores are made by a factory that test
 
 from __future__ import annotations
 
-import json
 import uuid
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from jobs.errors import AdapterNotFound
 from jobs.hub import HUB_SCHEME, parse_hub
 from jobs.uris import Location, parse_uri
 from worker.adapters.format import CONFIG_NAME, REPORT_NAME, WEIGHTS_NAME
@@ -30,26 +32,23 @@ from worker.adapters.format import CONFIG_NAME, REPORT_NAME, WEIGHTS_NAME
 from .hub import HubAdapter, check_hub_adapter, fetch_hub_adapter
 from .inputs import (
     CheckedAdapter,
-    StreamedInput,
+    RemoteInput,
     check_adapter,
     check_limits,
     download_adapter,
-    prepare_streamed,
+    prepare_remote,
 )
 from .local import LocalStore
 from .objects import MemoryStore, ObjectStore
+from .ownership import JOB_ID_META, RUN_META, TAG_META, Owner
 from .publish import (
     CLAIM_NAME,
-    JOB_ID_META,
-    RUN_META,
     OutputPublisher,
     conditional_writes_honoured,
     remove_run_leftovers,
 )
+from .reports import read_report
 from .s3 import S3Store, make_s3_client
-
-if TYPE_CHECKING:
-    from worker.adapters.streamed import ReadAhead
 
 __all__ = [
     "CLAIM_NAME",
@@ -57,15 +56,17 @@ __all__ = [
     "JOB_ID_META",
     "REPORT_NAME",
     "RUN_META",
+    "TAG_META",
     "WEIGHTS_NAME",
     "LocalStore",
     "MemoryStore",
     "ObjectStore",
     "OutputPublisher",
+    "Owner",
     "Published",
+    "RemoteInput",
     "S3Store",
     "Storage",
-    "StreamedInput",
     "conditional_writes_honoured",
     "make_s3_client",
     "make_transfer_config",
@@ -138,7 +139,13 @@ class Storage:
         self, uris: Sequence[str], pool: ThreadPoolExecutor
     ) -> list[tuple[ObjectStore | None, CheckedAdapter | HubAdapter]]:
         """Every adapter's size and safetensors prefix checked (a Hub adapter's sizes and
-        commit), and the limits over all of them, before any of its tensors is read."""
+        commit), and the limits, before any of its tensors is read. An adapter named by
+        several entries is checked once, and the entries share its result (one URI, one ETag
+        or commit); the size limits count it once per entry, as the merge reads it once per
+        entry's weight."""
+
+        def key(uri: str) -> str:
+            return uri if uri.startswith(HUB_SCHEME) else parse_uri(uri).normalized
 
         def check(uri: str) -> tuple[ObjectStore | None, CheckedAdapter | HubAdapter]:
             if uri.startswith(HUB_SCHEME):
@@ -146,10 +153,14 @@ class Storage:
             store, prefix, loc = self.locate(uri)
             return store, check_adapter(store, loc, prefix)
 
-        checked = list(pool.map(check, uris))
-        check_limits([c for _, c in checked], self.max_adapter_bytes, self.max_job_bytes)  # type: ignore[misc]
-        self.hub_inputs = {i: c for i, (_, c) in enumerate(checked) if isinstance(c, HubAdapter)}
-        return checked
+        firsts: dict[str, str] = {}
+        for uri in uris:
+            firsts.setdefault(key(uri), uri)
+        checked = dict(zip(firsts, pool.map(check, firsts.values()), strict=True))
+        entries = [checked[key(uri)] for uri in uris]
+        check_limits([c for _, c in entries], self.max_adapter_bytes, self.max_job_bytes)  # type: ignore[misc]
+        self.hub_inputs = {i: c for i, (_, c) in enumerate(entries) if isinstance(c, HubAdapter)}
+        return entries
 
     def _pool(self, count: int) -> ThreadPoolExecutor:
         return ThreadPoolExecutor(min(self.max_parallel, count) or 1)
@@ -171,55 +182,65 @@ class Storage:
 
             return list(pool.map(fetch, range(len(checked))))
 
-    def open_inputs(
-        self, uris: Sequence[str], dest: Path, read_ahead: ReadAhead
-    ) -> list[Path | StreamedInput]:
+    def open_inputs(self, uris: Sequence[str], dest: Path) -> list[Path | RemoteInput]:
         """The adapters at ``uris``, in order, ready for ``worker.runner.run_merge``: checked
         first (sizes, limits, prefix); a ``file://`` adapter is its folder, used in place; an
-        S3 adapter a :class:`StreamedInput` whose config is copied to ``dest/<index>/`` and
-        whose weights are read from S3 as the merge goes, within ``read_ahead``; a Hub
-        adapter its two files fetched at the commit it was sized at (``hub_inputs``)."""
+        S3 adapter a :class:`RemoteInput`: its config copied to ``dest/<n>/``, its weights
+        handed out as a pinned object (``worker.adapters.opening`` reads them); a Hub
+        adapter its two files fetched at the commit it was sized at (``hub_inputs``).
+        Entries naming the same adapter get the same object, so it is opened once."""
         with self._pool(len(uris)) as pool:
             checked = self._checked(uris, pool)
-            remote = sum(adapter.location.scheme == "s3" for _, adapter in checked)
+            distinct = list({id(adapter): (store, adapter) for store, adapter in checked}.values())
 
-            def prepare(i: int) -> Path | StreamedInput:
-                store, adapter = checked[i]
+            def prepare(i: int) -> Path | RemoteInput:
+                store, adapter = distinct[i]
                 if isinstance(adapter, HubAdapter):  # fetched into huggingface_hub's cache
                     return fetch_hub_adapter(adapter)
                 if adapter.location.scheme == "file":
                     return Path(adapter.location.path)
-                return prepare_streamed(store, adapter, dest / str(i), read_ahead, remote)
+                return prepare_remote(store, adapter, dest / str(i))
 
-            return list(pool.map(prepare, range(len(checked))))
+            prepared = dict(
+                zip(
+                    (id(a) for _, a in distinct),
+                    pool.map(prepare, range(len(distinct))),
+                    strict=True,
+                )
+            )
+            return [prepared[id(adapter)] for _, adapter in checked]
 
     # -- output
     def publisher(
-        self, uri: str, *, job_id: str, run: str, claim_wait_s: float = 120.0
+        self, uri: str, *, owner: Owner, run: str, claim_wait_s: float = 120.0
     ) -> OutputPublisher:
-        """The publisher of one run of ``job_id`` at ``uri`` (``worker.storage.publish``)."""
+        """The publisher of one run of ``owner``'s job at ``uri`` (``worker.storage.publish``)."""
         store, prefix, loc = self.locate(uri)
         return OutputPublisher(
-            store, prefix, loc.normalized, job_id=job_id, run=run, claim_wait_s=claim_wait_s
+            store, prefix, loc.normalized, owner=owner, run=run, claim_wait_s=claim_wait_s
         )
 
     def published_by(self, uri: str) -> str | None:
-        """The job id that published the adapter at ``uri``, ``""`` for an output that exists
-        but is not ours to tell, ``None`` when no report is there."""
+        """The job id that the report at ``uri`` names (unverified: only the job's own
+        ``Owner`` can tell a forgery), ``""`` when it names none, ``None`` with no report."""
         store, prefix, _ = self.locate(uri)
         report = store.head(prefix + REPORT_NAME)
         return None if report is None else report.metadata.get(JOB_ID_META, "")
 
     def read_report(self, uri: str) -> dict[str, Any]:
-        store, prefix, _ = self.locate(uri)
-        return json.loads(store.read(prefix + REPORT_NAME))
+        """The report published at ``uri``, bounded and checked (``reports.read_report``)."""
+        store, prefix, loc = self.locate(uri)
+        info = store.head(prefix + REPORT_NAME)
+        if info is None:
+            raise AdapterNotFound(f"{loc}{REPORT_NAME}: not found")
+        return read_report(store, info, loc.normalized)
 
-    def publish(self, local_dir: Path, uri: str, *, job_id: str) -> Published:
-        """Publish the merged adapter in ``local_dir`` at ``uri`` as one run of ``job_id``:
-        check, claim, files, the report last (``worker.storage.publish``)."""
+    def publish(self, local_dir: Path, uri: str, *, owner: Owner) -> Published:
+        """Publish the merged adapter in ``local_dir`` at ``uri`` as one run of ``owner``'s
+        job: check, claim, files, the report last (``worker.storage.publish``)."""
         loc = parse_uri(uri)
         report_uri = f"{loc}{REPORT_NAME}"
-        publisher = self.publisher(uri, job_id=job_id, run=uuid.uuid4().hex)
+        publisher = self.publisher(uri, owner=owner, run=uuid.uuid4().hex)
         try:
             if publisher.prepare() is not None:
                 return Published(loc.normalized, report_uri, already=True)
@@ -228,24 +249,29 @@ class Storage:
             publisher.release()
         return Published(loc.normalized, report_uri)
 
-    def drop_claim(self, uri: str, job_id: str) -> None:
-        """Delete ``job_id``'s claim on the output at ``uri``, if one is left beside its
-        published report (a run killed between the two); another job's claim stays."""
+    def drop_claim(self, uri: str, owner: Owner) -> None:
+        """Delete the claim of ``owner``'s job on the output at ``uri``, if one is left beside
+        its published report (a run killed between the two); another job's claim stays."""
         store, prefix, _ = self.locate(uri)
-        info = store.head(prefix + CLAIM_NAME)
-        if info is not None and info.metadata.get(JOB_ID_META) == job_id:
+        if owner.wrote(store.head(prefix + CLAIM_NAME)):
             store.delete(prefix + CLAIM_NAME)
 
-    def remove_leftovers(self, uri: str, job_id: str, run: str | None) -> None:
-        """What a dead run of ``job_id`` left at ``uri`` (``publish.remove_run_leftovers``)."""
+    def remove_leftovers(self, uri: str, owner: Owner, run: str | None) -> None:
+        """What a dead run of ``owner``'s job left at ``uri`` (``publish.remove_run_leftovers``)."""
         store, prefix, _ = self.locate(uri)
-        remove_run_leftovers(store, prefix, job_id, run)
+        remove_run_leftovers(store, prefix, owner, run)
 
 
-def remove_dead_run_leftovers(settings: Any, job_id: str, uri: str, run: str | None = None) -> None:
+def remove_dead_run_leftovers(
+    settings: Any, job_id: str, uri: str, run: str | None = None, *, secret: str | None = None
+) -> None:
     """For the worker that saw a run of ``job_id`` die: remove what that run (``run``; every
-    run of the job when None, its last one) left at the output ``uri``."""
+    run of the job when None, its last one) left at the output ``uri``. ``secret`` is the
+    job's (its record's ``output_secret``): without it nothing can be told the job's, and
+    nothing is removed."""
+    if secret is None:
+        return
     loc = parse_uri(uri)
     Storage(make_s3_client(settings) if loc.scheme == "s3" else None).remove_leftovers(
-        uri, job_id, run
+        uri, Owner(job_id, secret), run
     )

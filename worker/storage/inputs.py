@@ -8,12 +8,13 @@ bypassed and two versions of an input are never mixed. The check reads the weigh
 :data:`HEAD_BYTES` (one ranged GET): the prefix it checks, and the header that opening the
 input needs next.
 
-Two ways to read an S3 adapter once checked:
+The storage layer hands out bytes, never readers. Two ways to have an S3 adapter once
+checked:
 
-- :class:`StreamedInput` (the worker's): only ``adapter_config.json`` goes to
-  ``dest/<index>/``; a LoRA adapter's weights are read from S3 as the merge goes
-  (``worker.adapters.streamed``), so the worker's disk never holds them; a VeRA adapter's
-  (small by design: vectors and two shared projections) are copied there whole.
+- :func:`prepare_remote` (the worker's): only ``adapter_config.json`` goes to
+  ``dest/<index>/``; the weights stay where they are, as a :class:`PinnedObject` (size,
+  first bytes, ranged fetch, download). ``worker.adapters.opening`` decides how to read them
+  (a LoRA adapter's as the merge goes, a VeRA adapter's copied first).
 - :func:`download_adapter`: both files copied to ``dest/<index>/``.
 
 A local path is never built from a key.
@@ -21,15 +22,14 @@ A local path is never built from a key.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from jobs.errors import AdapterInvalid, AdapterNotFound, LimitExceeded, StorageError
 from jobs.uris import Location
 from worker.adapters.format import (
     CONFIG_NAME,
+    MAX_CONFIG_BYTES,
     PICKLE_NAMES,
     PREFIX_BYTES,
     WEIGHTS_NAME,
@@ -38,20 +38,15 @@ from worker.adapters.format import (
 
 from .objects import ObjectInfo, ObjectStore
 
-if TYPE_CHECKING:  # torch: imported when an input is opened, not with the storage layer
-    from worker.adapters.config import LoraAdapterConfig
-    from worker.adapters.source import AdapterSource, InputSizes
-    from worker.adapters.streamed import ReadAhead
-
 __all__ = [
     "HEAD_BYTES",
     "CheckedAdapter",
-    "StreamedInput",
+    "PinnedObject",
+    "RemoteInput",
     "check_adapter",
     "check_limits",
     "download_adapter",
-    "pinned_range",
-    "prepare_streamed",
+    "prepare_remote",
 ]
 
 #: The weights' first bytes read by the check: the prefix, and the whole header of any
@@ -98,6 +93,8 @@ def check_adapter(store: ObjectStore, loc: Location, prefix: str) -> CheckedAdap
         if info is None:
             _refuse_missing(store, loc, prefix, name)
         infos[name] = info
+    if infos[CONFIG_NAME].size > MAX_CONFIG_BYTES:  # from the HEAD: it is never copied
+        raise AdapterInvalid(f"{loc}{CONFIG_NAME}: is larger than 1 MiB (not a PEFT config)")
     weights = infos[WEIGHTS_NAME]
     head = (
         b""
@@ -138,57 +135,50 @@ def download_adapter(store: ObjectStore, adapter: CheckedAdapter, target: Path) 
     return target
 
 
-def pinned_range(store: ObjectStore, info: ObjectInfo, uri: str) -> Callable[[int, int], bytes]:
-    """``fetch(start, end)``: bytes [start, end) of the object, refused unless it still has
-    the ETag it was checked with (and a short answer refused too)."""
+@dataclass(frozen=True)
+class PinnedObject:
+    """An object of ``store`` as it was checked (a ``worker.adapters.source.RemoteFile``):
+    every read is pinned to its ETag, and a short answer is refused too; ``uri`` names it in
+    messages."""
 
-    def fetch(start: int, end: int) -> bytes:
-        data = store.read(info.key, etag=info.etag, start=start, length=end - start)
+    store: ObjectStore
+    info: ObjectInfo
+    uri: str
+    head: bytes = b""  # its first bytes, as the check read them
+
+    @property
+    def size(self) -> int:
+        return self.info.size
+
+    def fetch(self, start: int, end: int) -> bytes:
+        """Bytes [start, end) of the object."""
+        data = self.store.read(self.info.key, etag=self.info.etag, start=start, length=end - start)
         if len(data) != end - start:
-            raise StorageError(f"{uri}: short read (the object changed?); nothing was published")
+            raise StorageError(
+                f"{self.uri}: short read (the object changed?); nothing was published"
+            )
         return data
 
-    return fetch
+    def download(self, dest: Path) -> None:
+        """Copy the whole object to the local file ``dest``."""
+        self.store.download(self.info.key, dest, etag=self.info.etag, size=self.info.size)
 
 
 @dataclass(frozen=True)
-class StreamedInput:
-    """An S3 input adapter, checked, with its config copied to ``directory``: opened as a
-    source whose weights are read from the store as the merge goes (a LoRA adapter) or
-    copied beside the config first (VeRA). An ``AdapterLocation`` of
-    ``worker.adapters.source``."""
+class RemoteInput:
+    """An S3 input adapter, checked, as the worker opens it (a
+    ``worker.adapters.source.RemoteAdapter``): its config copied to ``directory``, its
+    weights where they lie."""
 
     directory: Path
-    store: ObjectStore
-    adapter: CheckedAdapter
-    read_ahead: ReadAhead
-    window_bytes: int  # this input's share of the job's look-ahead
-    span_bytes: int
-
-    def open(self, name: str, config: LoraAdapterConfig, known: InputSizes) -> AdapterSource:
-        from worker.adapters.streamed import StreamedLoraReader
-        from worker.adapters.vera import VeraReader
-
-        weights = self.adapter.weights
-        if config.peft_type == "VERA":
-            target = self.directory / WEIGHTS_NAME
-            self.store.download(weights.key, target, etag=weights.etag, size=weights.size)
-            return VeraReader(self.directory, name, config, known)
-        return StreamedLoraReader(
-            name, config, size=weights.size, head=self.adapter.head,
-            fetch=pinned_range(self.store, weights, f"{self.adapter.location}{WEIGHTS_NAME}"),
-            read_ahead=self.read_ahead, window_bytes=self.window_bytes,
-            span_bytes=self.span_bytes,
-        )  # fmt: skip
+    weights: PinnedObject
 
 
-def prepare_streamed(
-    store: ObjectStore, adapter: CheckedAdapter, target: Path, read_ahead: ReadAhead, inputs: int
-) -> StreamedInput:
-    """Copy the adapter's config into the new folder ``target`` (pinned) and return the
-    input, with its share of ``read_ahead`` among the job's ``inputs`` streamed inputs."""
+def prepare_remote(store: ObjectStore, adapter: CheckedAdapter, target: Path) -> RemoteInput:
+    """Copy the adapter's config into the new folder ``target`` (pinned) and hand out its
+    weights as a :class:`PinnedObject`."""
     target.mkdir(parents=True, exist_ok=False)
     config = adapter.config
     store.download(config.key, target / CONFIG_NAME, etag=config.etag, size=config.size)
-    window, span = read_ahead.share(inputs)
-    return StreamedInput(target, store, adapter, read_ahead, window, span)
+    uri = f"{adapter.location}{WEIGHTS_NAME}"
+    return RemoteInput(target, PinnedObject(store, adapter.weights, uri, adapter.head))

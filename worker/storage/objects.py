@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import threading
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -43,8 +43,10 @@ class ObjectStore(Protocol):
         """The object's size, ETag and metadata; ``None`` when there is no such object."""
         ...
 
-    def list(self, prefix: str) -> list[str]:
-        """The keys that start with ``prefix``."""
+    def iter_keys(self, prefix: str) -> Iterator[str]:
+        """The keys that start with ``prefix``, a page at a time: a caller that stops early
+        (at the first object that is not its own) never lists the rest, and one that goes
+        on holds a page, not the whole listing."""
         ...
 
     def read(
@@ -74,6 +76,7 @@ class MemoryStore:
     def __init__(self, *, honour_conditions: bool = True) -> None:
         self.objects: dict[str, tuple[bytes, dict[str, str]]] = {}
         self.honour_conditions = honour_conditions
+        self.listed = 0  # keys handed out by iter_keys (the tests of early stops count them)
         self._lock = threading.Lock()
 
     def head(self, key: str) -> ObjectInfo | None:
@@ -83,9 +86,12 @@ class MemoryStore:
             body, metadata = self.objects[key]
         return ObjectInfo(key, len(body), hashlib.md5(body).hexdigest(), dict(metadata))
 
-    def list(self, prefix: str) -> list[str]:
+    def iter_keys(self, prefix: str) -> Iterator[str]:
         with self._lock:
-            return sorted(k for k in self.objects if k.startswith(prefix))
+            keys = sorted(k for k in self.objects if k.startswith(prefix))
+        for key in keys:
+            self.listed += 1
+            yield key
 
     def read(
         self, key: str, *, etag: str | None = None, length: int | None = None, start: int = 0

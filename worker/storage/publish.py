@@ -1,18 +1,22 @@
 """Publishing a merged adapter without ever destroying data (docs/guarantees.md).
 
-One run of one job publishes at an output prefix, on any ``ObjectStore``:
+One run of one job publishes at an output prefix, on any ``ObjectStore``. What the job
+wrote is told by a tag nobody outside the service can forge (``worker.storage.ownership``).
 
-1. **prepare** (before any input is read): list the prefix. An object that this job did not
-   write ends the job ``output_exists`` and stays as it is. This job's own report means an
-   earlier run published already: nothing more to do. Otherwise the run *claims* the output:
-   ``.coremerge-claim``, created conditionally, naming the job and the run. The claim is then
-   created a second time, which must fail: a store that ignores ``If-None-Match`` would let
-   two writers overwrite each other, so publishing stops there with ``storage_error``.
-   A claim of another run of the same job (a run given up for dead that is in fact alive)
-   is waited for: only the claim holder writes.
-2. **publish**: every file is created conditionally with the job and run in its metadata, the
-   report last; a cancel is honoured up to the report. A report whose PUT reached the store
-   but whose answer was lost is recognised by its metadata and counts as published.
+1. **prepare** (before any input is read): list the prefix, a page at a time. The first
+   object that this job did not write ends the job ``output_exists`` (nothing more is
+   listed) and stays as it is. This job's own report means an earlier run published
+   already: nothing more to do. Otherwise the run *claims* the output: ``.coremerge-claim``,
+   created conditionally, tagged with the job and the run; a claim that this very run
+   created (its PUT landed, its answer was lost) is its own. The claim is then created a
+   second time, which must fail: a store that ignores ``If-None-Match`` would let two
+   writers overwrite each other, so publishing stops there with ``storage_error``. A claim
+   of another run of the same job (a run given up for dead that is in fact alive) is waited
+   for: only the claim holder writes. Holding the claim, the run removes what other runs of
+   its job left (a dead run's partial upload): it adopts only its own objects.
+2. **publish**: every file is created conditionally with the job's tag, the report last; a
+   cancel is honoured up to the report. A file whose PUT reached the store but whose answer
+   was lost is recognised by its tag (this run's) and counts as created.
 3. **release**: the run deletes its claim, and after a failure every object it created in
    this run, and nothing else.
 """
@@ -23,12 +27,14 @@ import contextlib
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from jobs.errors import Canceled, MergeError, OutputExists, StorageError
 from worker.adapters.format import REPORT_NAME, WEIGHTS_NAME
 
 from .objects import AlreadyExists, ObjectInfo, ObjectStore
+from .ownership import JOB_ID_META, RUN_META, Owner
+from .reports import read_report
 from .s3 import S3Store, S3UploadSink
 
 __all__ = [
@@ -37,13 +43,11 @@ __all__ = [
     "RUN_META",
     "OutputPublisher",
     "conditional_writes_honoured",
+    "remove_run_leftovers",
 ]
 
 #: The object that reserves an output for one run while it publishes (deleted afterwards).
 CLAIM_NAME = ".coremerge-claim"
-#: Metadata naming the job, and the run of it, that wrote an object.
-JOB_ID_META = "coremerge-job-id"
-RUN_META = "coremerge-run"
 #: Seconds between looks at a claim held by another run of the same job.
 CLAIM_POLL_S = 1.0
 
@@ -64,7 +68,7 @@ def conditional_writes_honoured(store: ObjectStore, key: str) -> bool:
 
 
 class OutputPublisher:
-    """One run (``run``) of one job (``job_id``) publishing at ``prefix`` of ``store``;
+    """One run (``run``) of one job (``owner``) publishing at ``prefix`` of ``store``;
     ``uri`` names the output in messages. ``claim_wait_s`` bounds the wait for another run
     of the same job that holds the claim."""
 
@@ -74,13 +78,12 @@ class OutputPublisher:
         prefix: str,
         uri: str,
         *,
-        job_id: str,
+        owner: Owner,
         run: str,
         claim_wait_s: float = 120.0,
     ) -> None:
         self.store, self.prefix, self.uri = store, prefix, uri
-        self.job_id, self.run, self.claim_wait_s = job_id, run, claim_wait_s
-        self.metadata = {JOB_ID_META: job_id, RUN_META: run}
+        self.owner, self.run, self.claim_wait_s = owner, run, claim_wait_s
         self.created: list[str] = []  # keys this run created, claim first
         self.published = False
 
@@ -88,8 +91,16 @@ class OutputPublisher:
     def claim_key(self) -> str:
         return self.prefix + CLAIM_NAME
 
-    def _ours(self, info: ObjectInfo | None) -> bool:
-        return info is not None and info.metadata.get(JOB_ID_META) == self.job_id
+    def metadata_for(self, key: str) -> dict[str, str]:
+        """The metadata this run writes with the object ``key``: the job's tag."""
+        return self.owner.metadata(self.run, key)
+
+    def _mine(self, key: str) -> bool:
+        """Whether this run created ``key`` (a create whose answer was lost)."""
+        try:
+            return self.owner.run_of(self.store.head(key)) == self.run
+        except MergeError:
+            return False
 
     # -- 1. before any input is read
     def prepare(self) -> ObjectInfo | None:
@@ -99,17 +110,7 @@ class OutputPublisher:
         if report is not None:
             return report
         deadline = time.monotonic() + self.claim_wait_s
-        while True:
-            try:
-                self.store.create(self.claim_key, self.run.encode(), self.metadata)
-                break
-            except AlreadyExists:
-                holder = self.store.head(self.claim_key)
-            if holder is not None and not self._ours(holder):
-                raise OutputExists(
-                    f"{self.uri}: another job is publishing to this output; give each job "
-                    "its own output.uri"
-                )
+        while not self._claim():
             if time.monotonic() > deadline:
                 raise StorageError(
                     f"{self.uri}: another run of this job has held the output for over "
@@ -121,19 +122,40 @@ class OutputPublisher:
                 return report
         self.created.append(self.claim_key)
         try:
-            self.store.create(self.claim_key, self.run.encode(), self.metadata)
+            self.store.create(self.claim_key, self.run.encode(), self.metadata_for(self.claim_key))
         except AlreadyExists:
+            self._remove_other_runs()
             return None
         raise StorageError(
             f"{self.uri}: the store does not honour conditional writes (If-None-Match); "
             "publishing there could overwrite data, so nothing was written"
         )
 
+    def _claim(self) -> bool:
+        """Create the claim: True once this run holds it (created now, or created by this
+        run before an answer was lost), False while another run of the job holds it."""
+        try:
+            self.store.create(self.claim_key, self.run.encode(), self.metadata_for(self.claim_key))
+            return True
+        except AlreadyExists:
+            holder = self.store.head(self.claim_key)
+        except MergeError:
+            if self._mine(self.claim_key):  # the PUT landed; only its answer was lost
+                return True
+            raise
+        holder_run = self.owner.run_of(holder)
+        if holder is not None and holder_run is None:
+            raise OutputExists(
+                f"{self.uri}: another job is publishing to this output; give each job "
+                "its own output.uri"
+            )
+        return holder_run == self.run
+
     def _check_contents(self) -> ObjectInfo | None:
-        """OutputExists for an object this job did not write; this job's report, if any."""
-        for key in self.store.list(self.prefix):
+        """OutputExists at the first object this job did not write; this job's report, if any."""
+        for key in self.store.iter_keys(self.prefix):  # stops at the first foreign object
             info = self.store.head(key)
-            if info is None or self._ours(info):
+            if info is None or self.owner.wrote(info):
                 continue
             if key == self.claim_key:
                 raise OutputExists(
@@ -145,7 +167,19 @@ class OutputPublisher:
                 "not write; nothing there was touched (give each job its own output.uri)"
             )
         report = self.store.head(self.prefix + REPORT_NAME)
-        return report if self._ours(report) else None
+        return report if self.owner.wrote(report) else None
+
+    def _remove_other_runs(self) -> None:
+        """Holding the claim: delete what other runs of this job left (no report: it would
+        have been found), so that this run publishes and adopts only its own objects."""
+        for key in self.store.iter_keys(self.prefix):
+            run = self.owner.run_of(self.store.head(key))
+            if run is not None and run != self.run:
+                self.store.delete(key)
+
+    def read_report(self, info: ObjectInfo) -> dict[str, Any]:
+        """This job's published report (``prepare``'s answer), bounded and checked."""
+        return read_report(self.store, info, self.uri)
 
     # -- 2. the files, the report last
     def weights_sink(self) -> BinaryIO | None:
@@ -155,9 +189,10 @@ class OutputPublisher:
         if not isinstance(self.store, S3Store):
             return None
         # Two parts in flight and one filling: at most three parts of memory (48 MiB by default).
+        key = self.prefix + WEIGHTS_NAME
         upload = S3UploadSink(
-            self.store, self.prefix + WEIGHTS_NAME, self.metadata,
-            part_size=self.store.chunk_size, concurrency=2,
+            self.store, key, self.metadata_for(key), part_size=self.store.chunk_size,
+            concurrency=2,
         )  # fmt: skip
         return _RunSink(self, upload)
 
@@ -179,32 +214,25 @@ class OutputPublisher:
             )
             if stop:
                 raise Canceled("canceled while publishing; nothing was published")
-            key = self.prefix + name
-            try:
-                self.store.create(key, local_dir / name, self.metadata)
-            except AlreadyExists:
-                self._taken(key)
-                continue
-            except MergeError:
-                if name == REPORT_NAME and self._written_by_this_run(key):
-                    self.created.append(key)  # the PUT landed; only its answer was lost
-                    break
-                raise
-            self.created.append(key)
+            self._create(self.prefix + name, local_dir / name)
         self.published = True
 
-    def _written_by_this_run(self, key: str) -> bool:
+    def _create(self, key: str, source: Path) -> None:
+        """Create one file, conditionally; a create whose answer was lost counts when the
+        object there is this run's."""
         try:
-            info = self.store.head(key)
+            self.store.create(key, source, self.metadata_for(key))
+        except AlreadyExists:
+            self._taken(key)
         except MergeError:
-            return False
-        return info is not None and info.metadata.get(RUN_META) == self.run
+            if not self._mine(key):
+                raise
+        self.created.append(key)
 
     def _taken(self, key: str) -> None:
-        """A file's key was taken after the contents were checked: ours (an answer lost, or
-        an earlier run of this job) is kept, anything else ends the job."""
-        info = self.store.head(key)
-        if not self._ours(info):
+        """A file's key was taken after the claim: this run's own (a retried PUT whose
+        first answer was lost) is kept; anything else ends the job."""
+        if not self._mine(key):
             raise OutputExists(
                 f"{self.uri}: {key.removeprefix(self.prefix)!r} was written by someone else "
                 "while this job published; nothing there was touched"
@@ -220,20 +248,18 @@ class OutputPublisher:
         self.created = [] if not self.published else self.created[1:]
 
 
-def remove_run_leftovers(store: ObjectStore, prefix: str, job_id: str, run: str | None) -> None:
-    """What a dead run of ``job_id`` left at ``prefix`` (its claim, a partial upload), for
-    the worker that saw it die: the objects that run wrote (every object of the job when
+def remove_run_leftovers(store: ObjectStore, prefix: str, owner: Owner, run: str | None) -> None:
+    """What a dead run of ``owner``'s job left at ``prefix`` (its claim, a partial upload),
+    for the worker that saw it die: the objects that run wrote (every object of the job when
     ``run`` is None: no run of it is left), unless the job's report is there (then the
-    adapter is complete and only the claim goes). Nothing written by anyone else is touched."""
-    report = store.head(prefix + REPORT_NAME)
-    published = report is not None and report.metadata.get(JOB_ID_META) == job_id
-    for key in store.list(prefix):
+    adapter is complete and only the claim goes). The listing is read a page at a time;
+    nothing written by anyone else is touched."""
+    published = owner.wrote(store.head(prefix + REPORT_NAME))
+    for key in store.iter_keys(prefix):
         if published and key != prefix + CLAIM_NAME:
             continue
-        info = store.head(key)
-        if info is None or info.metadata.get(JOB_ID_META) != job_id:
-            continue
-        if run is None or info.metadata.get(RUN_META) in (run, None):
+        wrote = owner.run_of(store.head(key))
+        if wrote is not None and run in (None, wrote):
             with contextlib.suppress(MergeError):
                 store.delete(key)
 
@@ -253,7 +279,6 @@ class _RunSink:
             self.upload.close()
         except AlreadyExists:
             self.publisher._taken(self.upload.key)
-            return
         self.publisher.created.append(self.upload.key)
 
     def abort(self) -> None:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -33,6 +33,8 @@ from .objects import AlreadyExists, ObjectInfo
 __all__ = ["ConditionalConflict", "S3Store", "S3UploadSink", "make_s3_client"]
 
 MiB = 1 << 20
+#: Keys per ListObjectsV2 page (S3's most).
+LIST_PAGE_KEYS = 1000
 #: Attempts at a conditional create that S3 answers 409 (a concurrent conditional write).
 CONFLICT_ATTEMPTS = 3
 
@@ -103,6 +105,7 @@ class S3Store:
         self.client, self.bucket = client, bucket
         self.multipart_threshold, self.chunk_size = multipart_threshold, chunk_size
         self.concurrency = concurrency
+        self.page_size = LIST_PAGE_KEYS
 
     def _uri(self, key: str) -> str:
         return f"s3://{self.bucket}/{key}"
@@ -118,12 +121,14 @@ class S3Store:
             raise_mapped(exc, self._uri(key))
         return ObjectInfo(key, head["ContentLength"], head["ETag"], head.get("Metadata", {}))
 
-    def list(self, prefix: str) -> list[str]:
+    def iter_keys(self, prefix: str) -> Iterator[str]:
+        pages = self.client.get_paginator("list_objects_v2").paginate(
+            Bucket=self.bucket, Prefix=prefix, PaginationConfig={"PageSize": self.page_size}
+        )
         try:
-            pages = self.client.get_paginator("list_objects_v2").paginate(
-                Bucket=self.bucket, Prefix=prefix
-            )
-            return [obj["Key"] for page in pages for obj in page.get("Contents", [])]
+            for page in pages:  # one ListObjectsV2 request each, as the caller goes on
+                for obj in page.get("Contents", []):
+                    yield obj["Key"]
         except Exception as exc:
             raise_mapped(exc, self._uri(prefix))
 
