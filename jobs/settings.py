@@ -137,6 +137,12 @@ class Settings(BaseSettings):
     # -- the client commands (coremerge submit / status)
     api_url: str = Field("http://127.0.0.1:8000", description="the service, for the client")
     api_key: SecretStr | None = Field(None, description="bearer key sent by the client")
+    api_wait: float = Field(
+        15.0,
+        ge=0,
+        description="seconds the client commands wait for an API that refuses connections "
+        "(one still starting) before saying it is unreachable",
+    )
 
     log_level: str = Field("INFO", description="DEBUG, INFO, WARNING, ERROR")
     log_format: Literal["json", "text"] = Field(

@@ -100,19 +100,32 @@ class Refusal:
     message: str
 
 
+#: The processes that check locations, as a refusal names them (``process=`` of :func:`refusal`).
+_CHECKERS = {"api": "the API (coremerge serve)", "worker": "the worker (coremerge worker)"}
+
+
 def refusal(
-    tenant: Tenant, uri: str, *, allow_file_uris: bool, for_output: bool = False
+    tenant: Tenant,
+    uri: str,
+    *,
+    allow_file_uris: bool,
+    for_output: bool = False,
+    process: str = "api",
 ) -> Refusal | None:
     """``None`` when ``tenant`` may use ``uri`` (as the output when ``for_output``, else as an
     input); otherwise the reason it may not. ``uri`` is parsed and normalised first
-    (:func:`jobs.uris.parse_uri`: ``S3://b/p`` is ``s3://b/p/``)."""
+    (:func:`jobs.uris.parse_uri`: ``S3://b/p`` is ``s3://b/p/``). ``process`` (``api`` or
+    ``worker``) is who checks: both do, each with its own settings, so a refusal of
+    ``file://`` says which one refused and which variable it lacks."""
     try:
         location = parse_uri(uri)
     except InvalidUri as exc:
         return Refusal("invalid", str(exc))
     if location.scheme == "file" and not allow_file_uris:
         return Refusal(
-            "forbidden", f"{uri!r}: file:// URIs are disabled here (COREMERGE_ALLOW_FILE_URIS)"
+            "forbidden",
+            f"{uri!r}: file:// URIs are disabled in {_CHECKERS[process]}: set "
+            "COREMERGE_ALLOW_FILE_URIS=true for the API and the workers alike",
         )
     if for_output and tenant.is_read_only(location):
         return Refusal(

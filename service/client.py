@@ -111,6 +111,10 @@ class CoremergeClient:
                     on_busy(exc.problem, wait)
                 time.sleep(wait)
 
+    def health(self) -> dict[str, Any]:
+        """``GET /healthz``: the API process answers (it does not look at Redis)."""
+        return self._call("GET", "/healthz")
+
     def get(self, job_id: str) -> dict[str, Any]:
         return self._call("GET", f"/merges/{job_id}")
 

@@ -20,6 +20,7 @@ import argparse
 import ipaddress
 import json
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +36,12 @@ def register(subparsers: Any) -> None:
     serve.add_argument(
         "--host", default="127.0.0.1", help="address to bind (default loopback: 127.0.0.1)"
     )
-    serve.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    serve.add_argument(
+        "--port",
+        type=int,
+        help="port (default: the port of COREMERGE_API_URL, 8000 unless set, where the client "
+        "commands look for the API)",
+    )
     serve.add_argument("--access-log", action="store_true", help="log every request")
     serve.add_argument(
         "--allow-open-non-loopback",
@@ -109,7 +115,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     uvicorn.run(
         create_app(settings),
         host=args.host,
-        port=args.port,
+        port=args.port if args.port is not None else _api_port(settings.api_url),
         log_level=settings.log_level.lower(),
         log_config=None,  # uvicorn's loggers go through the root handler of jobs.logs
         access_log=args.access_log,
@@ -117,12 +123,56 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _api_port(api_url: str) -> int:
+    """The port ``serve`` listens on by default: COREMERGE_API_URL's, so that ``serve`` and
+    the client commands of one machine agree through one variable."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(api_url)
+    try:
+        port = parts.port
+    except ValueError:
+        port = None
+    return port or (443 if parts.scheme == "https" else 8000)
+
+
+class Unreachable(Exception):
+    """The API did not answer at its URL (a refused connection, a timeout, a bad name)."""
+
+
 def _client(args: argparse.Namespace) -> Any:
-    from service.client import CoremergeClient
+    """A client for ``--url`` or COREMERGE_API_URL, once the API answers there: a refused
+    connection is retried for COREMERGE_API_WAIT seconds (an API started a moment ago, as in
+    the quickstart, is still importing), saying so on stderr; then :class:`Unreachable`
+    names the URL and where it came from."""
+    import httpx
+
+    from service.client import ApiError, CoremergeClient
 
     settings = _settings()
     key = settings.api_key.get_secret_value() if settings.api_key else None
-    return CoremergeClient(args.url or settings.api_url, key)
+    url = args.url or settings.api_url
+    source = "--url" if args.url else "COREMERGE_API_URL"
+    client = CoremergeClient(url, key)
+    deadline = time.monotonic() + settings.api_wait
+    said = False
+    while True:
+        try:
+            client.health()
+            return client
+        except ApiError:  # something answers there: the command's own call will say what
+            return client
+        except httpx.TransportError as exc:
+            if not isinstance(exc, httpx.ConnectError) or time.monotonic() > deadline:
+                client.close()
+                raise Unreachable(
+                    f"cannot reach the API at {url} (from {source}): "
+                    f"{type(exc).__name__}; is `coremerge serve` running there?"
+                ) from None
+            if not said:
+                print(f"coremerge: waiting for the API at {url} ({source})…", file=sys.stderr)
+                said = True
+            time.sleep(0.2)
 
 
 def _print_progress(job: dict[str, Any]) -> None:
@@ -154,7 +204,12 @@ def cmd_submit(args: argparse.Namespace) -> int:
     except (OSError, json.JSONDecodeError) as exc:
         print(f"coremerge: error: {args.spec}: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    with _client(args) as client:
+    try:
+        client = _client(args)
+    except Unreachable as exc:
+        print(f"coremerge: error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    with client:
         try:
             job = client.submit(spec, idempotency_key=args.idempotency_key, on_busy=_print_busy)
             if args.wait:
@@ -168,7 +223,12 @@ def cmd_submit(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     from service.client import ApiError
 
-    with _client(args) as client:
+    try:
+        client = _client(args)
+    except Unreachable as exc:
+        print(f"coremerge: error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    with client:
         try:
             job = client.get(args.job_id)
         except ApiError as exc:

@@ -236,7 +236,8 @@ def _check_access(record: JobRecord, spec: MergeSpec, settings: Settings) -> Non
         raise AccessDenied(f"tenant {record.tenant!r} is not in this worker's tenants file")
     for uri in [*(a.uri for a in spec.adapters), spec.output.uri]:
         refused = refusal(
-            tenant, uri, allow_file_uris=settings.allow_file_uris, for_output=uri == spec.output.uri
-        )
+            tenant, uri, allow_file_uris=settings.allow_file_uris,
+            for_output=uri == spec.output.uri, process="worker",
+        )  # fmt: skip
         if refused is not None:
             raise AccessDenied(refused.message)

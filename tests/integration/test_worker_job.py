@@ -85,3 +85,14 @@ def test_worker_rechecks_access(settings, monkeypatch, tmp_path, peft_adapters) 
     job = run_one(settings, {"adapters": [{"uri": f"file://{peft_adapters[0]}"}],
                              "output": {"uri": f"file://{tmp_path}/out"}})  # fmt: skip
     assert job["status"] == "failed" and job["error"]["code"] == "access_denied"
+
+
+def test_a_worker_without_file_uris_says_so(settings, monkeypatch, tmp_path, peft_adapters) -> None:
+    """The API allowed file:// but this worker does not: the error names the worker and the
+    variable it lacks (the quickstart used to set it for the API only)."""
+    monkeypatch.setenv("COREMERGE_ALLOW_FILE_URIS", "false")
+    job = run_one(settings, {"adapters": [{"uri": f"file://{peft_adapters[0]}"}],
+                             "output": {"uri": f"file://{tmp_path}/out"}})  # fmt: skip
+    assert job["status"] == "failed" and job["error"]["code"] == "access_denied"
+    assert "disabled in the worker (coremerge worker)" in job["error"]["message"]
+    assert "COREMERGE_ALLOW_FILE_URIS=true" in job["error"]["message"]

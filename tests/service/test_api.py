@@ -196,7 +196,9 @@ def test_open_mode_accepts_any_s3_location(make_settings) -> None:
         r = client.post("/merges", json=spec(output={"uri": "s3://anything/else/"}))
         assert r.status_code == 202
         r = client.post("/merges", json=spec(output={"uri": "file:///tmp/out/"}))
-        assert r.status_code == 403  # file:// stays off unless enabled
+        assert r.status_code == 403  # file:// stays off unless enabled, and says who refused
+        assert "disabled in the API (coremerge serve)" in r.json()["detail"]
+        assert "COREMERGE_ALLOW_FILE_URIS=true" in r.json()["detail"]
     settings = make_settings(tenants_file=None, allow_file_uris=True)
     with TestClient(create_app(settings)) as client:
         r = client.post("/merges", json=spec(output={"uri": "file:///tmp/out/"}))
