@@ -3,7 +3,7 @@ the queue and the metrics into one app. ``coremerge serve`` runs it under uvicor
 
 While it runs, the app re-reads a changed tenants file (``jobs.tenants.TenantsFile``) and,
 at start-up and every :data:`SWEEP_INTERVAL_S` seconds, queues the keyed submissions whose
-API request died before queueing them (``service.stranded``).
+API request died before queueing them (``jobs.submission.repair_stranded``).
 
 It never imports torch (the API image has none, and it starts in well under a second);
 ``tests/service/test_import.py`` holds it to that.
@@ -24,17 +24,19 @@ from starlette.concurrency import run_in_threadpool
 from jobs.queue import make_queue
 from jobs.records import JobStore
 from jobs.settings import Settings
+from jobs.submission import repair_stranded
 from jobs.tenants import TenantsFile
 from service.api import health, merges
 from service.metrics import RequestMetricsMiddleware, ServiceMetrics
 from service.problems import Problem, install
-from service.stranded import SWEEP_INTERVAL_S, repair_stranded
 
 __all__ = ["create_app"]
 
 log = logging.getLogger("coremerge.api")
 
 VERSION = "0.1.0"
+#: Seconds between two sweeps of stranded keyed submissions by one API process.
+SWEEP_INTERVAL_S = 10.0
 
 
 class _BodyLimit:

@@ -1,7 +1,7 @@
 """Errors as RFC 9457 ``application/problem+json``, turned into HTTP in this one place.
 
-Routes raise a :class:`Problem` (or let a validation error, an unknown route, a Redis outage
-escape); :func:`install` maps each to a body with ``type``, ``title``, ``status``, ``detail``,
+Routes raise a :class:`Problem` (or let a validation error, an unknown route, a Redis outage,
+a refused submission of ``jobs.submission`` escape); :func:`install` maps each to a body with ``type``, ``title``, ``status``, ``detail``,
 and for a validation error an ``errors`` list naming every offending field::
 
     {"type": "urn:coremerge:problem:invalid-request", "title": "Invalid request",
@@ -22,6 +22,8 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from jobs.submission import IdempotencyKeyReused, QuotaExceeded, RecordContended, StillAccepting
+
 __all__ = [
     "PROBLEM_JSON",
     "Problem",
@@ -29,6 +31,7 @@ __all__ = [
     "field_name",
     "install",
     "problem_responses",
+    "submission_problem",
 ]
 
 PROBLEM_JSON = "application/problem+json"
@@ -131,6 +134,35 @@ _BODY_NOT_PARSED = "There was an error parsing the body"
 _HTTP_METHODS = ("get", "put", "post", "delete", "options", "head", "patch", "trace")
 
 
+def submission_problem(exc: Exception) -> Problem:
+    """A refused submission (``jobs.submission``'s errors) as the status that says why."""
+    if isinstance(exc, QuotaExceeded):  # nothing was created: the same request may come again
+        return Problem(
+            429, exc.message, slug="quota-exceeded", headers={"Retry-After": str(exc.retry_after)}
+        )
+    if isinstance(exc, IdempotencyKeyReused):
+        return Problem(
+            422,
+            str(exc),
+            slug="idempotency-key-reused",
+            title="Idempotency-Key reused",
+            errors=[{"field": "header.Idempotency-Key", "message": "used with another body"}],
+        )
+    if isinstance(exc, StillAccepting):
+        return Problem(
+            409,
+            f"{exc}; retry",
+            slug="idempotency-conflict",
+            headers={"Retry-After": str(exc.retry_after)},
+        )
+    assert isinstance(exc, RecordContended)
+    return Problem(409, f"{exc}", slug="conflict")
+
+
+#: The domain errors :func:`submission_problem` maps.
+SUBMISSION_ERRORS = (QuotaExceeded, IdempotencyKeyReused, StillAccepting, RecordContended)
+
+
 def install(app: FastAPI) -> None:
     """Register the exception handlers that turn every error into problem+json."""
     import redis.exceptions
@@ -138,6 +170,12 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(Problem)
     async def _problem(request: Request, exc: Problem) -> JSONResponse:
         return exc.response()
+
+    for error in SUBMISSION_ERRORS:
+
+        @app.exception_handler(error)
+        async def _refused(request: Request, exc: Exception) -> JSONResponse:
+            return submission_problem(exc).response()
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -7,26 +7,17 @@ thread pool instead of blocking the event loop.
 from __future__ import annotations
 
 import re
-import time
-from dataclasses import replace
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, Header, Query
 from fastapi.responses import JSONResponse
-from rq import Queue
 
-from jobs.queue import cancel_queued, enqueue_merge, enqueue_merge_once, withdraw
-from jobs.records import (
-    ACCEPT_STALE_S,
-    JobRecord,
-    JobStore,
-    QuotaExceeded,
-    fingerprint,
-    job_id_for,
-)
+from jobs.queue import cancel_queued
+from jobs.records import JobRecord, JobStore, job_id_for
 from jobs.settings import Settings
 from jobs.spec import MergeSpec
 from jobs.status import STATUSES
+from jobs.submission import submit
 from jobs.tenants import Tenant, refusal
 from jobs.uris import output_overlap, parse_uri
 from service.api.deps import (
@@ -97,16 +88,6 @@ def _normalized_request(spec: MergeSpec) -> dict:
     return request
 
 
-def _too_many(exc: QuotaExceeded) -> Problem:
-    """A quota's refusal as 429, with when to retry."""
-    return Problem(
-        429,
-        exc.message,
-        slug="quota-exceeded",
-        headers={"Retry-After": str(exc.retry_after)},
-    )
-
-
 def _own_job(store: JobStore, tenant: Tenant, job_id: str) -> JobRecord:
     """The tenant's job, or 404 (also for another tenant's job: its existence is not told)."""
     record = store.get(job_id) if _JOB_ID.match(job_id) else None
@@ -146,95 +127,15 @@ def submit_merge(
     ] = None,
 ) -> JSONResponse:
     _check_limits_and_access(spec, tenant, settings)
-    request = _normalized_request(spec)
-    job_id = job_id_for(tenant.name, idempotency_key)
-    if idempotency_key is None:
-        record = _create_unkeyed(job_id, tenant, request, settings, store, queue)
-    else:
-        try:
-            record, created = _create_keyed(job_id, tenant, request, settings, store, queue)
-        except QuotaExceeded as exc:
-            raise _too_many(exc) from None
-        if not created:
-            return _job_response(record, 200)
+    submitted = submit(
+        store, queue, settings,
+        job_id=job_id_for(tenant.name, idempotency_key), tenant=tenant.name,
+        request=_normalized_request(spec), keyed=idempotency_key is not None,
+    )  # fmt: skip
+    if not submitted.created:
+        return _job_response(submitted.record, 200)
     metrics.submitted.inc()
-    return _job_response(record, 202)
-
-
-def _create_unkeyed(
-    job_id: str, tenant: Tenant, request: dict, settings: Settings, store: JobStore, queue: Queue
-) -> JobRecord:
-    """Create and queue a job with a random id: the record and the queue entry go in one
-    transaction, so both exist or neither does. The quotas are checked by the record's
-    creation inside it; a look beforehand keeps a refused submission from queueing a job
-    nearly always, and when two submissions race for the last slot, the loser's queue entry
-    is taken out again."""
-    refused = store.quota_refusal(tenant.name)
-    if refused is not None:
-        raise _too_many(refused)
-    with store.redis.pipeline(transaction=True) as pipe:
-        pipe.multi()
-        record = store.create(job_id, tenant.name, request, pipeline=pipe)
-        enqueue_merge(queue, job_id, settings, pipeline=pipe)
-        answers = pipe.execute()
-    try:
-        store.created(answers[0])
-    except QuotaExceeded as exc:
-        withdraw(queue, job_id)
-        raise _too_many(exc) from None
-    assert record is not None
-    return record
-
-
-def _create_keyed(
-    job_id: str, tenant: Tenant, request: dict, settings: Settings, store: JobStore, queue: Queue
-) -> tuple[JobRecord, bool]:
-    """Create and queue the job of an Idempotency-Key (True), or return the existing one
-    after checking that this is a true repeat (False)."""
-    for _ in range(3):  # a repeat whose record expires meanwhile creates it afresh
-        record = store.create(job_id, tenant.name, request)
-        if record is not None:
-            break
-        existing = store.get(job_id)
-        if existing is not None:
-            return _repeat(existing, request, settings, store, queue), False
-    else:
-        raise Problem(409, "the job record is changing under this request; retry", slug="conflict")
-    try:
-        enqueue_merge_once(queue, job_id, settings)
-    except BaseException:
-        store.discard(job_id, tenant.name)
-        raise
-    store.mark_accepted(job_id)
-    return replace(record, accepting_since=None), True
-
-
-def _repeat(
-    existing: JobRecord, request: dict, settings: Settings, store: JobStore, queue: Queue
-) -> JobRecord:
-    """The same Idempotency-Key again: same body → the same job (200); another body → 422;
-    the first request still being accepted → 409."""
-    if existing.fingerprint != fingerprint(request):
-        raise Problem(
-            422,
-            "this Idempotency-Key was used with a different request body",
-            slug="idempotency-key-reused",
-            title="Idempotency-Key reused",
-            errors=[{"field": "header.Idempotency-Key", "message": "used with another body"}],
-        )
-    if existing.accepting_since is not None:
-        if time.time() - existing.accepting_since < ACCEPT_STALE_S:
-            raise Problem(
-                409,
-                "a request with this Idempotency-Key is still being accepted; retry",
-                slug="idempotency-conflict",
-                headers={"Retry-After": "1"},
-            )
-        # The first request died between creating the record and queueing it: finish its work.
-        enqueue_merge_once(queue, existing.id, settings)
-        store.mark_accepted(existing.id)
-        existing = store.get(existing.id) or existing
-    return replace(existing, accepting_since=None)
+    return _job_response(submitted.record, 202)
 
 
 @router.get(

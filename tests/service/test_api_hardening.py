@@ -20,10 +20,10 @@ from jobs.queue import make_queue
 from jobs.records import ACCEPT_STALE_S, JobRecord, JobStore, job_id_for
 from jobs.settings import Settings
 from jobs.spec import MergeSpec
+from jobs.submission import repair_stranded
 from jobs.tenants import Tenant, Tenants, TenantsFileError, hash_key, refusal
 from jobs.uris import output_overlap, overlaps, parse_uri
 from service.app import create_app
-from service.stranded import repair_stranded
 from tests.service.conftest import AUTH_A, AUTH_B, KEY_A, KEY_B, TENANTS, spec
 
 PROBLEM = "application/problem+json"
