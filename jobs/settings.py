@@ -14,7 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from jobs.spec import MAX_ADAPTERS
@@ -86,6 +86,12 @@ class Settings(BaseSettings):
     submits_per_minute: int = Field(
         600, ge=1, description="per tenant, submissions in any minute (429 above)"
     )
+    max_stored_jobs: int = Field(
+        1000,
+        ge=1,
+        description="per tenant, job records kept in Redis: beyond it a submission deletes the "
+        "tenant's oldest finished records, whatever their TTL (at least MAX_ACTIVE_JOBS)",
+    )
 
     # -- jobs (RQ's defaults lose or repeat work; set every one explicitly)
     job_timeout: int = Field(3600, ge=1, description="seconds before a running merge is stopped")
@@ -148,6 +154,17 @@ class Settings(BaseSettings):
     log_format: Literal["json", "text"] = Field(
         "json", description="json: one object per line with job_id and tenant; text: plain lines"
     )
+
+    @model_validator(mode="after")
+    def _stored_covers_active(self) -> Settings:
+        """Active jobs are never deleted to make room, so the stored-records cap must hold
+        them all."""
+        if self.max_stored_jobs < self.max_active_jobs:
+            raise ValueError(
+                f"COREMERGE_MAX_STORED_JOBS ({self.max_stored_jobs}) must be at least "
+                f"COREMERGE_MAX_ACTIVE_JOBS ({self.max_active_jobs})"
+            )
+        return self
 
     @property
     def redis_kwargs(self) -> dict[str, object]:

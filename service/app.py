@@ -102,6 +102,7 @@ def create_app(
         result_ttl=settings.result_ttl,
         max_active_jobs=settings.max_active_jobs,
         submits_per_minute=settings.submits_per_minute,
+        max_stored_jobs=settings.max_stored_jobs,
     )
     queue = make_queue(redis, settings)
     metrics = ServiceMetrics(store, queue)

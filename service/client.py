@@ -118,11 +118,29 @@ class CoremergeClient:
     def get(self, job_id: str) -> dict[str, Any]:
         return self._call("GET", f"/merges/{job_id}")
 
-    def list(self, *, status: str | None = None, limit: int = 50) -> list[dict[str, Any]]:
+    def page(
+        self, *, status: str | None = None, limit: int = 50, cursor: str | None = None
+    ) -> dict[str, Any]:
+        """One page of the caller's jobs, newest first: ``{"jobs": [summary, …],
+        "next_cursor": …}`` (``limit`` at most 100; pass ``next_cursor`` back for the next)."""
         params: dict[str, Any] = {"limit": limit}
         if status is not None:
             params["status"] = status
-        return self._call("GET", "/merges", params=params)["jobs"]
+        if cursor is not None:
+            params["cursor"] = cursor
+        return self._call("GET", "/merges", params=params)
+
+    def list(self, *, status: str | None = None, limit: int = 50) -> list[dict[str, Any]]:
+        """Up to ``limit`` of the caller's jobs (summaries), newest first, page after page."""
+        jobs: list[dict[str, Any]] = []
+        cursor = None
+        while len(jobs) < limit:
+            page = self.page(status=status, limit=min(limit - len(jobs), 100), cursor=cursor)
+            jobs += page["jobs"]
+            cursor = page["next_cursor"]
+            if cursor is None:
+                break
+        return jobs
 
     def cancel(self, job_id: str) -> dict[str, Any]:
         """Cancel a queued job (at once) or a running one (at its next module boundary)."""

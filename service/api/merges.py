@@ -12,6 +12,7 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, Depends, Header, Query
 from fastapi.responses import JSONResponse
 
+from jobs.listing import MAX_PAGE, InvalidCursor, list_jobs
 from jobs.queue import cancel_queued
 from jobs.records import JobRecord, JobStore, job_id_for
 from jobs.settings import Settings
@@ -151,7 +152,7 @@ def get_merge(job_id: str, tenant: TenantDep, store: StoreDep) -> JSONResponse:
 @router.get(
     "",
     response_model=JobList,
-    summary="List the caller's jobs, newest first",
+    summary="List the caller's jobs, newest first, a page at a time",
     responses=problem_responses(401, 422, 503),
 )
 def list_merges(
@@ -160,10 +161,21 @@ def list_merges(
     status: Annotated[
         Literal[STATUSES] | None, Query(description="only jobs in this status")
     ] = None,  # type: ignore[valid-type]
-    limit: Annotated[int, Query(ge=1, le=500)] = 50,
+    limit: Annotated[int, Query(ge=1, le=MAX_PAGE, description="jobs per page")] = 50,
+    cursor: Annotated[
+        str | None,
+        Query(
+            max_length=512,
+            pattern=r"^[A-Za-z0-9_-]+$",
+            description="the previous page's next_cursor",
+        ),
+    ] = None,
 ) -> JSONResponse:
-    records = store.list(tenant.name, status=status, limit=limit)
-    return JSONResponse({"jobs": [job_view(r) for r in records]})
+    try:
+        page = list_jobs(store, tenant.name, status=status, limit=limit, cursor=cursor)
+    except InvalidCursor as exc:
+        raise Problem.invalid("query.cursor", str(exc)) from None
+    return JSONResponse({"jobs": [j.to_dict() for j in page.jobs], "next_cursor": page.next_cursor})
 
 
 @router.delete(

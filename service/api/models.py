@@ -11,7 +11,16 @@ from jobs.records import JobRecord
 from jobs.spec import MergeSpec
 from jobs.status import STATUSES
 
-__all__ = ["Job", "JobError", "JobList", "JobProgress", "JobResult", "JobStatus", "job_view"]
+__all__ = [
+    "Job",
+    "JobError",
+    "JobList",
+    "JobProgress",
+    "JobResult",
+    "JobStatus",
+    "JobSummary",
+    "job_view",
+]
 
 JobStatus = Literal[STATUSES]  # type: ignore[valid-type]
 ErrorCode = Literal[ERROR_CODES]  # type: ignore[valid-type]
@@ -51,8 +60,30 @@ class Job(BaseModel):
     error: JobError | None
 
 
+class JobSummary(BaseModel):
+    """A job as a listing shows it: where it stands, not what it asked for (the full job,
+    request included, is ``GET /merges/{id}``)."""
+
+    id: str
+    status: JobStatus
+    created_at: str
+    started_at: str | None
+    finished_at: str | None
+    updated_at: str | None
+    attempts: int = Field(description="runs started so far (more than one after a worker died)")
+    method: str | None
+    space: str | None
+    adapters: int | None = Field(description="how many input adapters")
+    output_uri: str | None
+    progress: JobProgress | None
+    error_code: ErrorCode | None
+
+
 class JobList(BaseModel):
-    jobs: list[Job] = Field(description="the caller's jobs, newest first")
+    jobs: list[JobSummary] = Field(description="the caller's jobs, newest first")
+    next_cursor: str | None = Field(
+        description="pass as ?cursor= for the next page; null on the last page"
+    )
 
 
 def job_view(record: JobRecord) -> dict[str, Any]:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from jobs.listing import list_jobs
 from jobs.queue import make_queue
 from jobs.records import JobStore, QuotaExceeded, job_id_for
 from jobs.spec import MergeSpec
@@ -72,7 +73,7 @@ def test_a_quota_refusal_creates_and_queues_nothing(make_settings, redis) -> Non
             _submit(store, queue, settings, key, _request())
         assert refused.value.limit == "max_active_jobs" and refused.value.retry_after > 0
     assert queue.job_ids == [kept.record.id]
-    assert [r.id for r in store.list("team-a")] == [kept.record.id]
+    assert [r.id for r in list_jobs(store, "team-a").jobs] == [kept.record.id]
 
 
 def test_the_http_layer_does_not_import_rq() -> None:

@@ -181,7 +181,7 @@ def test_a_tenant_sees_and_cancels_only_its_own_jobs(client) -> None:
     for method in ("GET", "DELETE"):
         r = client.request(method, f"/merges/{job_id}", headers=AUTH_B)
         assert r.status_code == 404 and r.headers["content-type"] == PROBLEM
-    assert client.get("/merges", headers=AUTH_B).json() == {"jobs": []}
+    assert client.get("/merges", headers=AUTH_B).json() == {"jobs": [], "next_cursor": None}
     assert [j["id"] for j in client.get("/merges", headers=AUTH_A).json()["jobs"]] == [job_id]
     assert client.get(f"/merges/{job_id}", headers=AUTH_A).json()["status"] == "queued"
 

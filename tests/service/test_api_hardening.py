@@ -16,8 +16,10 @@ from fastapi.testclient import TestClient
 from redis import Redis
 from rq.serializers import JSONSerializer
 
+from jobs import listing
+from jobs.listing import list_jobs
 from jobs.queue import make_queue
-from jobs.records import ACCEPT_STALE_S, JobRecord, JobStore, job_id_for
+from jobs.records import ACCEPT_STALE_S, JobStore, job_id_for
 from jobs.settings import Settings
 from jobs.spec import MergeSpec
 from jobs.submission import repair_stranded
@@ -299,14 +301,14 @@ def test_listing_by_status_reads_only_that_status(client, settings, redis, monke
     assert store.redis.zcard(store.status_key("team-a", "failed")) == 1
 
     decoded: list[str] = []
-    original = JobRecord.from_hash.__func__
+    original = listing._summary
 
-    def counting(cls, raw):
-        record = original(cls, raw)
-        decoded.append(record.id)
-        return record
+    def counting(store, key, values):
+        summary = original(store, key, values)
+        decoded.append(summary.id)
+        return summary
 
-    monkeypatch.setattr(JobRecord, "from_hash", classmethod(counting))
+    monkeypatch.setattr(listing, "_summary", counting)
     jobs = client.get("/merges?status=failed", headers=AUTH_A).json()["jobs"]
     assert [j["id"] for j in jobs] == [failed]
     assert decoded == [failed]  # not the 30 queued records
@@ -337,9 +339,9 @@ def test_status_indexes_follow_every_move_and_drop_expired_records(settings, red
     assert members("queued") == [d]
     assert members("running") == [b]
     assert members("succeeded") == [a] and members("canceled") == [c]
-    assert [r.id for r in store.list("ix", status="running")] == [b]
+    assert [r.id for r in list_jobs(store, "ix", status="running").jobs] == [b]
     redis.delete(store.job_key(a))  # as if it expired
-    assert store.list("ix", status="succeeded") == []
+    assert list_jobs(store, "ix", status="succeeded").jobs == []
     assert members("succeeded") == []
     store.discard(d, "ix")
     assert members("queued") == []

@@ -16,6 +16,7 @@ from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, settings
 from schemathesis.checks import positive_data_acceptance
 
+from jobs.listing import list_jobs
 from jobs.settings import Settings
 from service.app import create_app
 from tests.service.conftest import AUTH_A, spec
@@ -104,7 +105,7 @@ def test_success_paths_conform_to_the_schema() -> None:
     key = {"Idempotency-Key": f"fuzz-{uuid.uuid4().hex}"}
     assert call("/merges", "POST", body=body, headers=key) == 202
     assert call("/merges", "POST", body=body, headers=key) == 200
-    job_id = APP.app.state.store.list("team-a", limit=1)[0].id
+    job_id = list_jobs(APP.app.state.store, "team-a", limit=1).jobs[0].id
     assert call("/merges/{job_id}", "GET", path_parameters={"job_id": job_id}) == 200
     assert call("/merges", "GET", query={"status": "queued", "limit": 5}) == 200
     assert call("/merges/{job_id}", "DELETE", path_parameters={"job_id": job_id}) == 200
