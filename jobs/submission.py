@@ -108,7 +108,7 @@ def _create_unkeyed(
     with store.redis.pipeline(transaction=True) as pipe:
         pipe.multi()
         record = store.create(job_id, tenant, request, pipeline=pipe)
-        enqueue_merge(queue, job_id, settings, pipeline=pipe)
+        enqueue_merge(queue, job_id, settings, tenant=tenant, pipeline=pipe)
         answers = pipe.execute()
     try:
         store.created(answers[0])
@@ -139,7 +139,7 @@ def _create_keyed(
     else:
         raise RecordContended("the job record is changing under this request; retry")
     try:
-        enqueue_merge_once(queue, job_id, settings)
+        enqueue_merge_once(queue, job_id, settings, tenant=tenant)
     except BaseException:
         store.discard(job_id, tenant)
         raise
@@ -158,7 +158,7 @@ def _repeat(
     if existing.accepting_since is not None:
         if time.time() - existing.accepting_since < ACCEPT_STALE_S:
             raise StillAccepting("a request with this Idempotency-Key is still being accepted")
-        enqueue_merge_once(queue, existing.id, settings)
+        enqueue_merge_once(queue, existing.id, settings, tenant=existing.tenant)
         store.mark_accepted(existing.id)
         existing = store.get(existing.id) or existing
     return replace(existing, accepting_since=None)
@@ -184,7 +184,7 @@ def repair_stranded(
             and record.status == JobStatus.QUEUED
         )
         if stranded:
-            enqueue_merge_once(queue, job_id, settings)
+            enqueue_merge_once(queue, job_id, settings, tenant=record.tenant)
             repaired += 1
             log.warning("job %s: its submission stopped before queueing it; queued it now", job_id)
         store.mark_accepted(job_id)

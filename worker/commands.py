@@ -68,7 +68,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     from redis import Redis
     from rq.serializers import JSONSerializer
 
-    from jobs.queue import make_queue
+    from jobs.queue import MergeQueue, make_queue
     from worker.rq_worker import MergeWorker, heartbeat_interval, on_work_horse_killed
 
     refused = _unsafe_store(settings)
@@ -82,6 +82,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
         name=args.name,
         connection=redis,
         serializer=JSONSerializer,
+        queue_class=MergeQueue,  # a retried job goes back to its fair place too
         worker_ttl=settings.worker_ttl,
         job_monitoring_interval=heartbeat_interval(settings),
         maintenance_interval=settings.maintenance_interval,

@@ -23,6 +23,7 @@ from typing import Any
 from rq import Queue, Worker
 from rq.job import Job
 
+from jobs.fairness import took
 from jobs.records import JobRecord, JobStore
 from jobs.settings import Settings
 from worker.workdir import sweep_attempts
@@ -69,6 +70,15 @@ class MergeWorker(Worker):
             job.id, "internal", f"RQ gave up on it ({exc_string.strip()}); no retries left"
         ):
             log.error("job %s: RQ gave up on it (%s); marked failed", job.id, exc_string.strip())
+
+    def execute_job(self, job: Job, queue: Queue) -> None:
+        """Run ``job``; first record that its round is being served, so that jobs queued
+        from now on take their turns after it (``jobs.fairness``)."""
+        try:
+            took(self.connection, queue.key, job.id)
+        except Exception:  # fairness is bookkeeping: a failure to note it must not lose a job
+            log.warning("job %s: could not record its fair round", job.id, exc_info=True)
+        super().execute_job(job, queue)
 
     def get_heartbeat_ttl(self, job: Job, working_time: float = 0.0) -> int:
         interval = float(self.job_monitoring_interval)

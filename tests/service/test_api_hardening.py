@@ -392,7 +392,7 @@ def test_the_sweep_repairs_once_and_leaves_ended_jobs_alone(make_settings, redis
     again = _stranded(store, "s3")
     from jobs.queue import enqueue_merge
 
-    enqueue_merge(queue, again, settings)
+    enqueue_merge(queue, again, settings, tenant="team-a")
     assert repair_stranded(store, queue, settings) == 1
     assert queue.job_ids == [stranded, again]
     from rq.job import Job
