@@ -14,13 +14,17 @@ succeeded. Runs in the forked work horse: this is where torch (and CUDA) is firs
 
 from __future__ import annotations
 
+import contextlib
+import faulthandler
 import logging
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from redis import Redis
+from rq import get_current_job
 from rq.timeouts import JobTimeoutException
 
 from jobs.errors import (
@@ -46,6 +50,8 @@ __all__ = ["preload", "run_job"]
 
 log = logging.getLogger("coremerge.worker")
 
+#: Seconds past its timeout after which a job stuck in one native call ends its process.
+STUCK_GRACE_S = 10
 #: Seconds between progress writes / cancel checks (a check at every module would be fine
 #: for Redis, but a 10 000-module merge does not need 10 000 writes).
 POLL_INTERVAL_S = 0.1
@@ -101,11 +107,32 @@ def preload(settings: Settings) -> None:
 def run_job(job_id: str) -> dict[str, Any] | None:
     """Run the merge job ``job_id`` (RQ calls this). Returns the result, or None. Every line
     logged meanwhile carries the job id and its tenant (``jobs.logs``)."""
-    with log_context(job_id=job_id):
-        return _run_job(job_id)
+    current = get_current_job()
+    timeout = current.timeout if current is not None else None
+    with log_context(job_id=job_id), _hard_deadline(timeout):
+        return _run_job(job_id, timeout)
 
 
-def _run_job(job_id: str) -> dict[str, Any] | None:
+@contextlib.contextmanager
+def _hard_deadline(timeout: float | None) -> Iterator[None]:
+    """End this work horse :data:`STUCK_GRACE_S` seconds after the job's timeout if it is
+    still running then. RQ's timeout is a signal whose handler runs between two Python
+    bytecodes, so a merge inside one long native call (an SVD) would not notice it before
+    the call returns, and RQ's own last resort, 60 s later, looks like a dead worker and
+    retries the job. faulthandler's watchdog is a native thread: it writes every thread's
+    traceback to the worker's log and exits, and the worker then ends the job ``timeout``
+    (``worker.rq_worker.on_work_horse_killed``)."""
+    if not timeout or timeout <= 0:
+        yield
+        return
+    faulthandler.dump_traceback_later(timeout + STUCK_GRACE_S, exit=True)
+    try:
+        yield
+    finally:
+        faulthandler.cancel_dump_traceback_later()
+
+
+def _run_job(job_id: str, timeout: float | None = None) -> dict[str, Any] | None:
     settings = Settings()
     redis = Redis.from_url(settings.redis_url, **settings.redis_kwargs)
     store = JobStore(redis, key_prefix=settings.key_prefix, result_ttl=settings.result_ttl)
@@ -121,7 +148,8 @@ def _run_job(job_id: str) -> dict[str, Any] | None:
         result = _merge(record, settings, _Tracker(store, job_id, run), started, run)
     except JobTimeoutException:
         error: MergeError = JobTimeout(
-            f"the merge ran over {settings.job_timeout} s (COREMERGE_JOB_TIMEOUT); nothing was published"
+            f"the merge ran over {timeout or settings.job_timeout} s (COREMERGE_JOB_TIMEOUT); "
+            "nothing was published"
         )
     except MergeError as exc:
         error = exc

@@ -22,6 +22,7 @@ from typing import Any
 
 from rq import Queue, Worker
 from rq.job import Job
+from rq.utils import now
 
 from jobs.fairness import took
 from jobs.records import JobRecord, JobStore
@@ -144,8 +145,34 @@ def on_job_failure(job: Job, connection: Any, exc_type: Any, exc_value: Any, tb:
 
 def on_work_horse_killed(job: Job, retpid: int, ret_val: int, rusage: Any) -> None:
     """The forked work horse died under a job (killed, out of memory, segfault): its local
-    scratch folders go at once, then the record and the output are seen to."""
+    scratch folders go at once, then the record and the output are seen to. A horse that
+    died past the job's timeout ran out of time (it ended itself, stuck in a native call,
+    or RQ killed it): the job ends ``timeout`` and is not retried."""
     sweep_attempts(Settings().work_dir, job.id)
+    if _ran_out_of_time(job):
+        _record_timeout(job, job.connection)
+        return
     _record_worker_death(
         job, job.connection, f"the merge process died (wait status {ret_val}; out of memory?)"
     )
+
+
+def _ran_out_of_time(job: Job) -> bool:
+    if not job.timeout or job.timeout <= 0 or job.started_at is None:
+        return False
+    return (now() - job.started_at).total_seconds() >= job.timeout
+
+
+def _record_timeout(job: Job, connection: Any) -> None:
+    """End the job ``timeout``, remove what its run left at the output, and keep RQ from
+    running it again (a retry would run out of time the same way)."""
+    job.retries_left = 0  # RQ's failure handling, next, then fails it instead of retrying
+    store = _store_for(job, connection)
+    record = store.get(job.id)
+    message = (
+        f"the merge ran over its {job.timeout} s (COREMERGE_JOB_TIMEOUT) inside one long "
+        "computation and was stopped; nothing was published"
+    )
+    _remove_leftovers(record, None)  # first: once the job reads failed, its output is clean
+    if store.fail(job.id, "timeout", message):
+        log.warning("job %s: ran over its %s s timeout; stopped, not retried", job.id, job.timeout)
