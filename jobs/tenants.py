@@ -54,6 +54,8 @@ _TENANT_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 _TENANT_FIELDS = frozenset({"keys_sha256", "allow", "read_only"})
 #: The API looks at the tenants file's identity (inode, size, mtime) at most this often.
 RELOAD_CHECK_S = 1.0
+#: A tenants file larger than this is refused unread (thousands of tenants fit in 1 MiB).
+MAX_TENANTS_FILE_BYTES = 16 << 20
 
 
 class TenantsFileError(ValueError):
@@ -172,10 +174,28 @@ class Tenants:
 
     @classmethod
     def from_file(cls, path: Path) -> Tenants:
+        """Parse the tenants file. Every way it can be broken (unreadable, too large, not
+        UTF-8, not JSON, nested too deeply for the parser, the wrong shape) is one
+        :class:`TenantsFileError` whose message says which, never another exception."""
         try:
-            raw = json.loads(Path(path).read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise TenantsFileError(f"tenants file {path}: {exc}") from None
+            with open(path, "rb") as handle:
+                data = handle.read(MAX_TENANTS_FILE_BYTES + 1)
+        except OSError as exc:
+            raise TenantsFileError(
+                f"tenants file {path}: cannot read it ({exc.strerror})"
+            ) from None
+        if len(data) > MAX_TENANTS_FILE_BYTES:
+            raise TenantsFileError(
+                f"tenants file {path}: larger than {MAX_TENANTS_FILE_BYTES} bytes"
+            )
+        try:
+            raw = json.loads(data.decode("utf-8"))
+        except UnicodeDecodeError as exc:
+            raise TenantsFileError(f"tenants file {path}: not UTF-8 at byte {exc.start}") from None
+        except json.JSONDecodeError as exc:
+            raise TenantsFileError(f"tenants file {path}: not JSON ({exc})") from None
+        except RecursionError:
+            raise TenantsFileError(f"tenants file {path}: nested too deeply to parse") from None
         return cls.from_dict(raw, source=str(path))
 
     @classmethod

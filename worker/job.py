@@ -32,13 +32,14 @@ from jobs.errors import (
     Canceled,
     InternalError,
     JobTimeout,
+    LimitExceeded,
     MergeError,
 )
 from jobs.logs import bind_log_context, log_context
 from jobs.records import JobRecord, JobStore
 from jobs.settings import Settings
 from jobs.spec import MergeSpec
-from jobs.tenants import load_tenants, refusal
+from jobs.tenants import TenantsFileError, load_tenants, refusal
 from jobs.uris import parse_uri
 from worker.adapters.streamed import ReadAhead
 from worker.memory import default_max_work_bytes
@@ -177,6 +178,7 @@ def _merge(
     record: JobRecord, settings: Settings, tracker: _Tracker, started: float, run: str
 ) -> dict[str, Any]:
     spec = MergeSpec.model_validate(record.request)
+    _check_request_limits(spec, settings)
     _check_access(record, spec, settings)
     storage = Storage(
         make_s3_client(settings) if _uses_s3(spec) else None,
@@ -256,10 +258,32 @@ def _uses_s3(spec: MergeSpec) -> bool:
     return any(u.startswith("s3://") for u in [spec.output.uri, *(a.uri for a in spec.adapters)])
 
 
+def _check_request_limits(spec: MergeSpec, settings: Settings) -> None:
+    """The API refused these at submission; the record may come from an older or another API
+    (or straight from Redis), so this worker holds the job to its own limits too."""
+    if len(spec.adapters) > settings.max_adapters:
+        raise LimitExceeded(
+            f"{len(spec.adapters)} adapters; this worker takes at most {settings.max_adapters} "
+            "(COREMERGE_MAX_ADAPTERS)"
+        )
+    if spec.output.rank is not None and spec.output.rank > settings.max_output_rank:
+        raise LimitExceeded(
+            f"output.rank {spec.output.rank}; this worker writes at most rank "
+            f"{settings.max_output_rank} (COREMERGE_MAX_OUTPUT_RANK)"
+        )
+
+
 def _check_access(record: JobRecord, spec: MergeSpec, settings: Settings) -> None:
     """The API checked these locations at submission; check again with this worker's tenants
     file (it may have changed, and the queue is not a trust boundary)."""
-    tenant = load_tenants(settings.tenants_file, warn_open=False).get(record.tenant)
+    try:
+        tenants = load_tenants(settings.tenants_file, warn_open=False)
+    except TenantsFileError as exc:
+        log.error("%s; refusing the job", exc)  # the path and the cause, for the operator only
+        raise AccessDenied(
+            "this worker cannot read its tenants file (COREMERGE_TENANTS_FILE); its log says why"
+        ) from None
+    tenant = tenants.get(record.tenant)
     if tenant is None:
         raise AccessDenied(f"tenant {record.tenant!r} is not in this worker's tenants file")
     for uri in [*(a.uri for a in spec.adapters), spec.output.uri]:

@@ -38,6 +38,12 @@ __all__ = [
 
 log = logging.getLogger("coremerge.queue")
 
+#: The job errors of failures RQ reports in its own words (which stay in the worker's log).
+GAVE_UP = (
+    "the job could not be run (RQ gave up on it, no retries left); the worker's log has the details"
+)
+ESCAPED = "the job ended unexpectedly; nothing was published and the worker's log has the details"
+
 
 class MergeWorker(Worker):
     """RQ's forking worker; a job is abandoned ``worker_ttl`` seconds after its worker's last
@@ -66,10 +72,9 @@ class MergeWorker(Worker):
             execution=execution,
         )  # fmt: skip
         # Every other way here (a killed work horse, an exception out of the job function)
-        # has already ended the record through a callback: fail() then changes nothing.
-        if final and _store_for(job, self.connection).fail(
-            job.id, "internal", f"RQ gave up on it ({exc_string.strip()}); no retries left"
-        ):
+        # has already ended the record through a callback: fail() then changes nothing. RQ's
+        # text goes to the log only: the client sees a fixed message.
+        if final and _store_for(job, self.connection).fail(job.id, "internal", GAVE_UP):
             log.error("job %s: RQ gave up on it (%s); marked failed", job.id, exc_string.strip())
 
     def execute_job(self, job: Job, queue: Queue) -> None:
@@ -135,12 +140,14 @@ def _remove_leftovers(record: JobRecord | None, run: str | None) -> None:
 
 def on_job_failure(job: Job, connection: Any, exc_type: Any, exc_value: Any, tb: Any) -> None:
     """RQ's failure callback. The job function catches every merge error itself, so this runs
-    for an abandoned job (its worker vanished) or an exception that escaped the function."""
+    for an abandoned job (its worker vanished) or an exception that escaped the function
+    (its type and text go to the log; the client sees a fixed message)."""
     name = getattr(exc_type, "__name__", str(exc_type))
     if name == "AbandonedJobError":
         _record_worker_death(job, connection, "its worker died")
     else:
-        _store_for(job, connection).fail(job.id, "internal", f"the job function raised {name}")
+        log.error("job %s: the job function raised %s: %s", job.id, name, exc_value)
+        _store_for(job, connection).fail(job.id, "internal", ESCAPED)
 
 
 def on_work_horse_killed(job: Job, retpid: int, ret_val: int, rusage: Any) -> None:

@@ -514,6 +514,39 @@ def test_a_revoked_key_stops_working_without_a_restart(make_settings, tmp_path, 
         assert client.get("/merges", headers=new_b).status_code == 200
 
 
+@pytest.mark.parametrize(
+    ("content", "said"),
+    [
+        (b'{"tenants": {"team-a\xff": {}}}', "not UTF-8 at byte 20"),
+        (b"[" * 200_000 + b"]" * 200_000, "nested too deeply to parse"),
+        (b'{"tenants": ' + b'{"a": ' * 5000 + b"1" + b"}" * 5001, "nested too deeply to parse"),
+    ],
+)
+def test_a_tenants_file_that_turns_unparsable_keeps_the_last_good_one(
+    make_settings, tmp_path, caplog, content: bytes, said: str
+) -> None:
+    """Invalid UTF-8 or nesting deeper than the parser's recursion limit: no 500, the last
+    good tenants stay, one clear line in the log."""
+    path = tmp_path / "tenants.json"
+    path.write_text(json.dumps(TENANTS))
+    with TestClient(create_app(make_settings(tenants_file=path))) as client:
+        assert client.get("/merges", headers=AUTH_A).status_code == 200
+        with caplog.at_level(logging.ERROR, logger="coremerge.auth"):
+            tmp = path.with_suffix(".new")
+            tmp.write_bytes(content)
+            tmp.replace(path)
+            time.sleep(1.2)
+            for _ in range(3):
+                assert client.get("/merges", headers=AUTH_A).status_code == 200
+                assert (
+                    client.get("/merges", headers={"Authorization": "Bearer x"}).status_code == 401
+                )
+    lines = [r.getMessage() for r in caplog.records if r.name == "coremerge.auth"]
+    assert len(lines) == 1, lines
+    assert said in lines[0] and "keeping the last good tenants" in lines[0]
+    assert "\n" not in lines[0] and len(lines[0]) < 300
+
+
 def _replace(path: Path, content: dict) -> None:
     """Write a new version of ``path`` the way an editor or a Secret volume does: rename."""
     tmp = path.with_suffix(".new")
