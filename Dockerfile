@@ -22,7 +22,8 @@ FROM base AS api
 # goes in with --no-deps so that torch, peft and transformers stay out of this image.
 RUN pip install \
       "pydantic>=2.7,<3" "pydantic-settings>=2.3,<3" "fastapi>=0.115" "uvicorn[standard]>=0.30" \
-      "httpx>=0.27" "redis>=5" "rq>=3,<4" "boto3>=1.36" "prometheus-client>=0.20"
+      "httpx>=0.27" "redis>=5" "rq>=3,<4" "boto3>=1.36" "prometheus-client>=0.20" \
+      "fastapi-offline>=1.7,<2"
 COPY pyproject.toml README.md ./
 COPY jobs ./jobs
 COPY service ./service

@@ -28,6 +28,7 @@ from jobs.submission import repair_stranded
 from jobs.tenants import TenantsFile
 from service.api import health, merges
 from service.metrics import RequestMetricsMiddleware, ServiceMetrics
+from service.openapi import install_docs, openapi_schema
 from service.problems import Problem, install
 
 __all__ = ["create_app"]
@@ -124,7 +125,11 @@ def create_app(
         summary="Merge many LoRA adapters into one, in Core Space.",
         description="Submit merge jobs over adapter URIs; poll them; fetch the merged adapter "
         "from the output URI. Errors are RFC 9457 application/problem+json.",
+        docs_url=None,  # served from the package by install_docs: no CDN
+        redoc_url=None,
     )
+    app.openapi = lambda: openapi_schema(app, open_mode=settings.tenants_file is None)  # type: ignore[method-assign]
+    install_docs(app)
     app.state.settings = settings
     app.state.tenants_file = TenantsFile(settings.tenants_file)
     app.state.store = store

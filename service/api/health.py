@@ -17,12 +17,14 @@ router = APIRouter(tags=["operations"])
 log = logging.getLogger("coremerge.api")
 
 
-@router.get("/healthz", summary="The process is alive")
+@router.get("/healthz", operation_id="healthz", summary="The process is alive")
 async def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/readyz", summary="Redis answers", responses=problem_responses(503))
+@router.get(
+    "/readyz", operation_id="readyz", summary="Redis answers", responses=problem_responses(503)
+)
 def readyz(store: StoreDep) -> dict[str, str]:
     try:
         store.redis.ping()
@@ -40,6 +42,7 @@ def readyz(store: StoreDep) -> dict[str, str]:
 
 @router.get(
     "/metrics",
+    operation_id="metrics",
     summary="Prometheus metrics",
     response_class=Response,
     responses={200: {"content": {CONTENT_TYPE_LATEST: {}}, "description": "text exposition"}},

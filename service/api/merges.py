@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Depends, Header, Query
+from fastapi import APIRouter, Depends, Header, Path, Query, Request
 from fastapi.responses import JSONResponse
 
 from jobs.listing import MAX_PAGE, InvalidCursor, list_jobs
@@ -29,15 +29,32 @@ from service.api.deps import (
     TenantDep,
     reject_unknown_query,
 )
-from service.api.models import Job, JobList, job_view
+from service.api.models import JOB_ID_PATTERN, Job, JobList, job_view
 from service.problems import Problem, problem_responses
 
 __all__ = ["router"]
 
 router = APIRouter(prefix="/merges", tags=["merges"], dependencies=[Depends(reject_unknown_query)])
 
-_JOB_ID = re.compile(r"^[0-9a-f]{32}$")
-_LOCATION = {"Location": {"description": "the job's URL", "schema": {"type": "string"}}}
+_JOB_ID = re.compile(JOB_ID_PATTERN)
+_LOCATION = {
+    "Location": {
+        "description": "the job's URL",
+        "schema": {"type": "string", "format": "uri-reference"},
+    }
+}
+#: From a submission to the job it created: what a client (or a stateful fuzzer) does next.
+_JOB_LINKS = {
+    "GetMerge": {"operationId": "getMerge", "parameters": {"job_id": "$response.body#/id"},
+                 "description": "read the job"},
+    "CancelMerge": {"operationId": "cancelMerge", "parameters": {"job_id": "$response.body#/id"},
+                    "description": "cancel the job"},
+}  # fmt: skip
+#: The job id in a path: its shape is declared, but a malformed one is a 404, like any id
+#: that names no job of the caller's (never a 422).
+JobIdPath = Annotated[
+    str, Path(description="the job's id", json_schema_extra={"pattern": JOB_ID_PATTERN})
+]
 
 
 def _job_response(record: JobRecord, status: int) -> JSONResponse:
@@ -97,16 +114,34 @@ def _own_job(store: JobStore, tenant: Tenant, job_id: str) -> JobRecord:
     return record
 
 
+async def require_json(request: Request) -> None:
+    """415 for a body that does not say it is JSON: FastAPI would read one without a
+    ``Content-Type`` as JSON, and answer 422 for any other type."""
+    content_type = request.headers.get("content-type", "")
+    media = content_type.split(";", 1)[0].strip().lower()
+    if media != "application/json" and not (
+        media.startswith("application/") and media.endswith("+json")
+    ):
+        said = f"Content-Type {media!r}" if media else "no Content-Type"
+        raise Problem(
+            415,
+            f"the body must be sent with Content-Type: application/json ({said})",
+            slug="unsupported-media-type",
+        )
+
+
 @router.post(
     "",
     status_code=202,
     response_model=Job,
+    operation_id="submitMerge",
     summary="Submit a merge job",
+    dependencies=[Depends(require_json)],
     responses={
-        202: {"description": "the job was queued", "headers": _LOCATION},
+        202: {"description": "the job was queued", "headers": _LOCATION, "links": _JOB_LINKS},
         200: {"model": Job, "description": "a repeat (same Idempotency-Key, same body)",
-              "headers": _LOCATION},
-        **problem_responses(401, 403, 409, 413, 422, 429, 503),
+              "headers": _LOCATION, "links": _JOB_LINKS},
+        **problem_responses(401, 403, 409, 413, 415, 422, 429, 503),
     },
 )  # fmt: skip
 def submit_merge(
@@ -142,16 +177,18 @@ def submit_merge(
 @router.get(
     "/{job_id}",
     response_model=Job,
+    operation_id="getMerge",
     summary="Read a job",
     responses=problem_responses(401, 404, 503),
 )
-def get_merge(job_id: str, tenant: TenantDep, store: StoreDep) -> JSONResponse:
+def get_merge(job_id: JobIdPath, tenant: TenantDep, store: StoreDep) -> JSONResponse:
     return JSONResponse(job_view(_own_job(store, tenant, job_id)))
 
 
 @router.get(
     "",
     response_model=JobList,
+    operation_id="listMerges",
     summary="List the caller's jobs, newest first, a page at a time",
     responses=problem_responses(401, 422, 503),
 )
@@ -181,6 +218,7 @@ def list_merges(
 @router.delete(
     "/{job_id}",
     response_model=Job,
+    operation_id="cancelMerge",
     summary="Cancel a queued or running job",
     responses={
         200: {"description": "the job is canceled (it had not started, or was canceled before)"},
@@ -188,7 +226,9 @@ def list_merges(
         **problem_responses(401, 404, 409, 503),
     },
 )
-def cancel_merge(job_id: str, tenant: TenantDep, store: StoreDep, queue: QueueDep) -> JSONResponse:
+def cancel_merge(
+    job_id: JobIdPath, tenant: TenantDep, store: StoreDep, queue: QueueDep
+) -> JSONResponse:
     _own_job(store, tenant, job_id)
     outcome = store.cancel(job_id)
     record = _own_job(store, tenant, job_id)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any, Literal
 
 from pydantic import BaseModel, Field
@@ -10,6 +11,9 @@ from jobs.errors import ERROR_CODES
 from jobs.records import JobRecord
 from jobs.spec import MergeSpec
 from jobs.status import STATUSES
+
+#: A job id (the pattern the OpenAPI schema declares; ``service.openapi``).
+JOB_ID_PATTERN = r"^[0-9a-f]{32}$"
 
 __all__ = [
     "Job",
@@ -49,11 +53,11 @@ class JobError(BaseModel):
 class Job(BaseModel):
     """A merge job."""
 
-    id: str
+    id: str = Field(pattern=JOB_ID_PATTERN)
     status: JobStatus
-    created_at: str
-    started_at: str | None
-    finished_at: str | None
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
     progress: JobProgress | None
     request: MergeSpec
     result: JobResult | None
@@ -64,12 +68,12 @@ class JobSummary(BaseModel):
     """A job as a listing shows it: where it stands, not what it asked for (the full job,
     request included, is ``GET /merges/{id}``)."""
 
-    id: str
+    id: str = Field(pattern=JOB_ID_PATTERN)
     status: JobStatus
-    created_at: str
-    started_at: str | None
-    finished_at: str | None
-    updated_at: str | None
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    updated_at: datetime | None
     attempts: int = Field(description="runs started so far (more than one after a worker died)")
     method: str | None
     space: str | None
