@@ -38,7 +38,7 @@ DOCS_ASSETS = "/docs-assets"
 #: API refuses more (``..`` and empty segments, an IP address as a bucket): those are 422s.
 URI_PATTERN = (
     r"^([sS]3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/[^\x00-\x20\x7f%\\?#]*)?"
-    r"|[fF][iI][lL][eE]://(localhost)?/[^\x00-\x20\x7f%\\?#]*)$"
+    r"|[fF][iI][lL][eE]://(localhost)?/[^\x00-\x20\x7f%\\?#/][^\x00-\x20\x7f%\\?#]*)$"
 )
 #: Operations that never answer 422 (FastAPI declares one for every operation with
 #: parameters).

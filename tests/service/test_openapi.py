@@ -105,7 +105,7 @@ def test_the_uri_pattern_admits_every_location_the_api_accepts(uri: str) -> None
 @pytest.mark.parametrize(
     "uri",
     ["http://a/b/", "s3://a/b c/", "s3://a/%2e%2e/", "/local/path", "s3://b/x?y", "ftp://x/y/",
-     "s3://Bucket/x/", "s3:///x/"],
+     "s3://Bucket/x/", "s3:///x/", "file://localhost/", "file:///"],
 )  # fmt: skip
 def test_the_uri_pattern_refuses_what_the_api_refuses(uri: str) -> None:
     with pytest.raises(InvalidUri):
