@@ -36,6 +36,7 @@ __all__ = [
     "enqueue_merge_once",
     "make_queue",
     "withdraw",
+    "workers_listening",
 ]
 
 #: The RQ job function, by name: the API never imports the worker side.
@@ -136,3 +137,11 @@ def cancel_queued(queue: Queue, job_id: str) -> None:
     """Take a canceled job out of RQ's queue (best effort: the worker skips it anyway)."""
     with contextlib.suppress(NoSuchJobError, InvalidJobOperation):
         Job.fetch(job_id, connection=queue.connection, serializer=JSONSerializer).cancel()
+
+
+def workers_listening(queue: Queue) -> int:
+    """How many RQ workers are registered on ``queue`` now (a worker's registration lapses
+    when its heartbeats stop)."""
+    from rq import Worker
+
+    return Worker.count(connection=queue.connection, queue=queue)

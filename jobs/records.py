@@ -133,6 +133,7 @@ class JobRecord:
     fingerprint: str
     started_at: str | None = None
     finished_at: str | None = None
+    updated_at: str | None = None
     progress: dict[str, Any] | None = None
     result: dict[str, Any] | None = None
     error: dict[str, Any] | None = None
@@ -160,6 +161,7 @@ class JobRecord:
             fingerprint=d["fingerprint"],
             started_at=d.get("started_at"),
             finished_at=d.get("finished_at"),
+            updated_at=d.get("updated_at"),
             progress=d["progress"],
             result=d["result"],
             error=d["error"],
@@ -302,6 +304,7 @@ class JobStore:
             "tenant": tenant,
             "status": "queued",
             "created_at": created_at,
+            "updated_at": created_at,
             "fingerprint": digest,
         }
         stored, payload = _json_field("request", request)
@@ -326,7 +329,7 @@ class JobStore:
             self.accepting_key,
         ]
         record = JobRecord(job_id, tenant, JobStatus.QUEUED, created_at, request, digest,
-                           accepting_since=accepting)  # fmt: skip
+                           updated_at=created_at, accepting_since=accepting)  # fmt: skip
         if pipeline is not None:
             self._create(keys=keys, args=args, client=pipeline)
             return record
@@ -385,6 +388,7 @@ class JobStore:
         as JSON; ``None`` deletes the field). Returns (moved, previous or current status; ``None`` if there is
         no such job)."""
         assert to in STATUSES and set(allowed_from) <= set(STATUSES)
+        fields.setdefault("updated_at", now_iso())
         ttl = self.result_ttl if to in TERMINAL else 0
         args: list[Any] = [to, "," + ",".join(allowed_from) + ",", ttl, fence or ""]
         for name, value in fields.items():
@@ -450,6 +454,8 @@ class JobStore:
             job_id, to, allowed_from=("running",) if run else ACTIVE, fence=run,
             finished_at=now_iso(), error={"code": code, "message": message},
         )  # fmt: skip
+        if moved:
+            self.redis.hincrby(self.stats_key, f"error:{code}", 1)
         return moved
 
     def cancel(self, job_id: str) -> str | None:
@@ -460,6 +466,7 @@ class JobStore:
             error={"code": "canceled", "message": "canceled before it started"},
         )  # fmt: skip
         if moved:
+            self.redis.hincrby(self.stats_key, "error:canceled", 1)
             return "canceled"
         if status != "running":
             return status
@@ -483,7 +490,8 @@ class JobStore:
         record is no longer running, or no longer held by ``run``). One round trip, so it can
         run at every module."""
         payload = json.dumps(progress, separators=(",", ":"))
-        return bool(self._progress(keys=[self.job_key(job_id)], args=[payload, run or ""]))
+        args = [payload, run or "", now_iso()]
+        return bool(self._progress(keys=[self.job_key(job_id)], args=args))
 
     def should_stop(self, job_id: str, *, run: str | None = None) -> bool:
         status, flag, holder = self.redis.hmget(

@@ -205,12 +205,12 @@ if tonumber(ARGV[3]) > 0 then redis.call('EXPIRE', KEYS[1], ARGV[3]) end
 return {1, current}
 """
 
-# KEYS: job. ARGV: progress JSON, run token ('' = any). Publishes progress of a running job;
-# 1 = it should stop (canceled, no longer running, or this run was replaced by another).
+# KEYS: job. ARGV: progress JSON, run token ('' = any), now (ISO 8601). Publishes progress of
+# a running job; 1 = it should stop (canceled, no longer running, or this run was replaced).
 PROGRESS = """
 if redis.call('HGET', KEYS[1], 'status') ~= 'running' then return 1 end
 if ARGV[2] ~= '' and redis.call('HGET', KEYS[1], 'run') ~= ARGV[2] then return 1 end
-redis.call('HSET', KEYS[1], 'progress', ARGV[1])
+redis.call('HSET', KEYS[1], 'progress', ARGV[1], 'updated_at', ARGV[3])
 if redis.call('HGET', KEYS[1], 'cancel_requested') == '1' then return 1 end
 return 0
 """

@@ -111,6 +111,11 @@ class CoremergeClient:
                     on_busy(exc.problem, wait)
                 time.sleep(wait)
 
+    def ready(self) -> dict[str, Any]:
+        """``GET /readyz``: Redis answers; how many workers listen, how many jobs wait, and a
+        hint when jobs wait with no worker."""
+        return self._call("GET", "/readyz")
+
     def health(self) -> dict[str, Any]:
         """``GET /healthz``: the API process answers (it does not look at Redis)."""
         return self._call("GET", "/healthz")
@@ -153,16 +158,21 @@ class CoremergeClient:
         on_progress: Callable[[dict[str, Any]], None] | None = None,
         poll_interval: float = 0.5,
         timeout: float | None = None,
+        notify_every: float | None = None,
     ) -> dict[str, Any]:
         """Poll until the job is succeeded, failed or canceled; return it. ``on_progress`` is
-        called with the job whenever its status or progress changed."""
+        called with the job whenever its status or progress changed (and, with
+        ``notify_every``, at least that often); raises ``TimeoutError`` after ``timeout``."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        seen = None
+        seen, notified = None, 0.0
         while True:
             job = self.get(job_id)
-            state = (job["status"], job.get("progress"))
-            if on_progress is not None and state != seen:
+            state = (job["status"], (job.get("progress") or {}).get("modules_done"),
+                     (job.get("progress") or {}).get("stage"))  # fmt: skip
+            due = notify_every is not None and time.monotonic() - notified >= notify_every
+            if on_progress is not None and (state != seen or due):
                 on_progress(job)
+                notified = time.monotonic()
             seen = state
             if job["status"] in TERMINAL:
                 return job

@@ -2,7 +2,7 @@
 
     coremerge serve [--host 127.0.0.1] [--port 8000] [--allow-open-non-loopback]
                                                          the HTTP API (uvicorn)
-    coremerge submit SPEC.json [--wait] [--idempotency-key K]
+    coremerge submit SPEC.json [--wait [--timeout S]] [--idempotency-key K]
     coremerge status ID
     coremerge hash-key < key                             the sha256 for the tenants file
 
@@ -28,6 +28,10 @@ __all__ = ["register"]
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
+#: ``submit --wait --timeout``: the job had not ended when the time was up (as timeout(1)).
+EXIT_WAIT_TIMEOUT = 124
+#: Seconds a job may wait queued under ``submit --wait`` before the CLI looks for workers.
+NO_WORKER_HINT_AFTER_S = 10.0
 
 
 def register(subparsers: Any) -> None:
@@ -53,6 +57,13 @@ def register(subparsers: Any) -> None:
     submit = subparsers.add_parser("submit", help="submit a job spec to the service")
     submit.add_argument("spec", metavar="SPEC.json", help="a job spec (docs/job-spec.md)")
     submit.add_argument("--wait", action="store_true", help="show progress until it ends")
+    submit.add_argument(
+        "--timeout",
+        type=float,
+        metavar="SECONDS",
+        help=f"with --wait: give up waiting after this long (exit {EXIT_WAIT_TIMEOUT}; the job "
+        "goes on)",
+    )
     submit.add_argument("--idempotency-key", help="a retried submit returns the same job")
     submit.add_argument("--url", help="the service (default COREMERGE_API_URL)")
     submit.set_defaults(func=cmd_submit)
@@ -192,8 +203,17 @@ def _print_busy(problem: dict[str, Any], retry_after: float) -> None:
 
 
 def _outcome(job: dict[str, Any]) -> int:
+    """The job on stdout; a failure's code and message on stderr too, where a person looks."""
     print(json.dumps(job, indent=2))
-    return 0 if job["status"] in ("succeeded", "queued", "running") else EXIT_FAILED
+    if job["status"] in ("succeeded", "queued", "running"):
+        return 0
+    error = job.get("error") or {}
+    print(
+        f"coremerge: job {job['id']} {job['status']}: {error.get('code', '?')}: "
+        f"{error.get('message', '')}",
+        file=sys.stderr,
+    )
+    return EXIT_FAILED
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
@@ -213,11 +233,33 @@ def cmd_submit(args: argparse.Namespace) -> int:
         try:
             job = client.submit(spec, idempotency_key=args.idempotency_key, on_busy=_print_busy)
             if args.wait:
-                job = client.wait(job["id"], on_progress=_print_progress)
+                job = _wait(client, job, args.timeout)
         except ApiError as exc:
             print(f"coremerge: error: {exc}", file=sys.stderr)
             return EXIT_USAGE if exc.status in (400, 413, 422) else EXIT_FAILED
+        except TimeoutError as exc:
+            print(f"coremerge: {exc}; it goes on (coremerge status ID)", file=sys.stderr)
+            return EXIT_WAIT_TIMEOUT
     return _outcome(job)
+
+
+def _wait(client: Any, job: dict[str, Any], timeout: float | None) -> dict[str, Any]:
+    """Poll the job to its end, printing progress; say once if it has waited queued for
+    :data:`NO_WORKER_HINT_AFTER_S` seconds while no worker listens (``/readyz``)."""
+    hinted = False
+    started = time.monotonic()
+
+    def progress(seen: dict[str, Any]) -> None:
+        nonlocal hinted
+        _print_progress(seen)
+        waited = time.monotonic() - started
+        if seen["status"] == "queued" and not hinted and waited >= NO_WORKER_HINT_AFTER_S:
+            hinted = True
+            ready = client.ready()
+            if ready.get("hint"):
+                print(f"coremerge: hint: {ready['hint']}", file=sys.stderr, flush=True)
+
+    return client.wait(job["id"], on_progress=progress, timeout=timeout, notify_every=5.0)
 
 
 def cmd_status(args: argparse.Namespace) -> int:

@@ -170,7 +170,10 @@ def _run_job(job_id: str, timeout: float | None = None) -> dict[str, Any] | None
         # Replaced (its worker was given up for dead and the job re-queued): the run that
         # holds the record now decides how the job ends.
         log.warning("job %s: this run was replaced; %s not recorded", job_id, error.code)
-    log.info("job %s: %s: %s", job_id, error.code, error.message)
+    log.warning(
+        "job %s: %s after %.2f s: %s", job_id, error.code, time.perf_counter() - started,
+        error.message,
+    )  # fmt: skip
     return None
 
 

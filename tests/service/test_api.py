@@ -321,7 +321,7 @@ def test_cancel_while_the_report_is_written_is_409(client, settings, redis) -> N
 def test_healthz_readyz_and_redis_outage(make_settings) -> None:
     with TestClient(create_app(make_settings())) as client:
         assert client.get("/healthz").json() == {"status": "ok"}
-        assert client.get("/readyz").json() == {"status": "ready"}
+        assert client.get("/readyz").json() == {"status": "ready", "workers": 0, "queued": 0}
     dead = make_settings(redis_url="redis://127.0.0.1:1/0")  # nothing listens on port 1
     with TestClient(create_app(dead)) as client:
         assert client.get("/healthz").status_code == 200  # never touches Redis

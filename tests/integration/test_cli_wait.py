@@ -1,0 +1,51 @@
+"""``coremerge submit --wait`` as an operator meets it (issue 25 §2, §4): with no worker
+listening it says so and ``--timeout`` ends the wait (exit 124, the job goes on); a job that
+fails prints its code and message on stderr."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+from tests.integration.conftest import KEY_A, ROOT, Stack
+from tests.processes import start_api, stop
+
+
+def _submit(env: dict, spec_path: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "worker.cli", "submit", str(spec_path), "--wait", *args],
+        cwd=ROOT, env={**env, "COREMERGE_API_KEY": KEY_A}, capture_output=True, text=True,
+        timeout=120,
+    )  # fmt: skip
+
+
+def test_waiting_with_no_worker_hints_and_times_out(
+    stack: Stack, tiny: list[str], tmp_path
+) -> None:
+    name = f"noworker{uuid.uuid4().hex[:8]}"
+    env = {**stack.env, "COREMERGE_QUEUE": name, "COREMERGE_KEY_PREFIX": name}
+    api, url = start_api(env, tmp_path / "api.log")
+    spec_path = tmp_path / "job.json"
+    spec_path.write_text(json.dumps({"adapters": [{"uri": u} for u in tiny],
+                                     "output": {"uri": f"s3://merged/team-a/{name}/"}}))  # fmt: skip
+    try:
+        run = _submit({**env, "COREMERGE_API_URL": url}, spec_path, "--timeout", "13")
+    finally:
+        stop(api)
+    assert run.returncode == 124, run.stderr
+    assert "no worker listens on queue" in run.stderr and name in run.stderr
+    assert "still queued after 13" in run.stderr
+
+
+def test_a_failed_job_prints_its_error_on_stderr(stack: Stack, tmp_path) -> None:
+    spec_path = tmp_path / "job.json"
+    missing = f"s3://adapters-a/missing-{uuid.uuid4().hex[:8]}/"
+    spec_path.write_text(json.dumps({"adapters": [{"uri": missing}],
+                                     "output": {"uri": f"s3://merged/team-a/{uuid.uuid4().hex}/"}}))  # fmt: skip
+    run = _submit(stack.env, spec_path)
+    assert run.returncode == 1
+    assert json.loads(run.stdout)["error"]["code"] == "adapter_not_found"
+    assert "failed: adapter_not_found: " in run.stderr
