@@ -52,7 +52,7 @@ def register(subparsers: Any) -> None:
         action="store_true",
         help="without a tenants file (open mode: no keys), bind a non-loopback --host anyway",
     )
-    serve.set_defaults(func=cmd_serve)
+    serve.set_defaults(func=_configured(cmd_serve))
 
     submit = subparsers.add_parser("submit", help="submit a job spec to the service")
     submit.add_argument("spec", metavar="SPEC.json", help="a job spec (docs/job-spec.md)")
@@ -66,12 +66,12 @@ def register(subparsers: Any) -> None:
     )
     submit.add_argument("--idempotency-key", help="a retried submit returns the same job")
     submit.add_argument("--url", help="the service (default COREMERGE_API_URL)")
-    submit.set_defaults(func=cmd_submit)
+    submit.set_defaults(func=_configured(cmd_submit))
 
     status = subparsers.add_parser("status", help="show a job")
     status.add_argument("job_id", metavar="ID")
     status.add_argument("--url", help="the service (default COREMERGE_API_URL)")
-    status.set_defaults(func=cmd_status)
+    status.set_defaults(func=_configured(cmd_status))
 
     hash_key = subparsers.add_parser(
         "hash-key", help="read an API key on stdin, print its sha256 for the tenants file"
@@ -80,15 +80,42 @@ def register(subparsers: Any) -> None:
 
 
 def _settings() -> Any:
-    from jobs.settings import Settings
+    """The settings; a bad ``COREMERGE_*`` value raises ``ConfigError`` naming it, which
+    :func:`_configured` turns into one line and exit status 2."""
+    from jobs.settings import load_settings
 
-    return Settings()
+    return load_settings()
 
 
-def _configure_logging(settings: Any) -> None:
-    from jobs.logs import configure_logging  # JSON lines (or text), job_id and tenant
+def _configured(command: Any) -> Any:
+    """``command``, with a configuration error reported as one line and exit status 2."""
+
+    def run(args: argparse.Namespace) -> int:
+        from jobs.settings import ConfigError
+
+        try:
+            return command(args)
+        except ConfigError as exc:
+            print(f"coremerge: {exc}", file=sys.stderr)
+            return EXIT_USAGE
+
+    return run
+
+
+def _configure_logging(settings: Any, process: str = "api") -> None:
+    """JSON lines (or text) with job_id and tenant; then the effective configuration and a
+    warning for each ``COREMERGE_*`` variable that is no setting."""
+    import logging
+
+    from jobs.logs import configure_logging
+    from jobs.settings import configuration_lines, unknown_variables
 
     configure_logging(settings.log_level, settings.log_format)
+    log = logging.getLogger(f"coremerge.{process}")
+    for line in configuration_lines(settings, process):
+        log.info("%s", line)
+    for warning in unknown_variables():
+        log.warning("%s", warning)
 
 
 def is_loopback(host: str) -> bool:
