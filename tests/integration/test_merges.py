@@ -72,7 +72,8 @@ def test_merge_equals_the_local_merge_bit_for_bit_and_loads_in_peft(
     assert result["uri"] == spec["output"]["uri"]
     assert result["report_uri"] == spec["output"]["uri"] + REPORT_NAME
     assert job["progress"] == {"stage": "upload", "modules_done": result["modules"],
-                               "modules_total": result["modules"]}  # fmt: skip
+                               "modules_total": result["modules"], "percent": 100.0,
+                               "eta_seconds": None}  # fmt: skip
     served = download(stack.s3, result["uri"], tmp_path / "served")
 
     local_spec = MergeSpec.model_validate({**spec, "output": {"uri": str(tmp_path / "local")}})
