@@ -4,7 +4,8 @@ The tenants file (``COREMERGE_TENANTS_FILE``, docs/job-spec.md)::
 
     {"tenants": {"team-a": {"keys_sha256": ["9f86d0…"],
                             "allow": ["s3://adapters-a/", "s3://merged/team-a/"],
-                            "read_only": ["s3://shared-catalogue/"]}}}
+                            "read_only": ["s3://shared-catalogue/"]},
+                 "ops": {"keys_sha256": ["60303a…"], "role": "admin"}}}
 
 Keys are stored only as their sha256 (``coremerge hash-key`` prints it). A presented key is
 hashed and compared with every stored hash in constant time, without stopping at a match, so
@@ -51,7 +52,10 @@ log = logging.getLogger("coremerge.auth")
 
 _SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
 _TENANT_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
-_TENANT_FIELDS = frozenset({"keys_sha256", "allow", "read_only"})
+_TENANT_FIELDS = frozenset({"keys_sha256", "allow", "read_only", "role"})
+#: ``tenant`` (the default) sees its own jobs; ``admin`` may also read and list every
+#: tenant's jobs (never cancel them, nor use their locations).
+ROLES = ("tenant", "admin")
 #: The API looks at the tenants file's identity (inode, size, mtime) at most this often.
 RELOAD_CHECK_S = 1.0
 #: A tenants file larger than this is refused unread (thousands of tenants fit in 1 MiB).
@@ -75,6 +79,7 @@ class Tenant:
     name: str
     allow: tuple[str, ...] | None
     read_only: tuple[str, ...] = ()
+    admin: bool = False
 
     def may_use(self, location: Location, *, for_output: bool = False) -> bool:
         """Whether the tenant may read (``for_output=False``) or write at ``location``."""
@@ -218,8 +223,12 @@ class Tenants:
                 raise bad(f"tenant name {name!r}: letters, digits, '_', '.', '-' only")
             if not isinstance(body, dict) or not set(body) <= _TENANT_FIELDS:
                 raise bad(
-                    f"tenant {name!r}: only 'keys_sha256', 'allow' and 'read_only' are accepted"
+                    f"tenant {name!r}: only 'keys_sha256', 'allow', 'read_only' and 'role' "
+                    "are accepted"
                 )
+            role = body.get("role", "tenant")
+            if role not in ROLES:
+                raise bad(f"tenant {name!r}: role must be 'tenant' or 'admin'")
             hashes = body.get("keys_sha256", [])
             if not isinstance(hashes, list) or not all(
                 isinstance(h, str) and _SHA256_HEX.match(h) for h in hashes
@@ -227,7 +236,7 @@ class Tenants:
                 raise bad(f"tenant {name!r}: keys_sha256 must be lower-case sha256 hex digests")
             allow = _prefixes(body.get("allow", []), f"tenant {name!r}: allow", bad)
             read_only = _prefixes(body.get("read_only", []), f"tenant {name!r}: read_only", bad)
-            entries.append((Tenant(name, allow, read_only), hashes))
+            entries.append((Tenant(name, allow, read_only, admin=role == "admin"), hashes))
         seen: set[str] = set()
         for _, hashes in entries:
             if seen & set(hashes):

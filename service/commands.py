@@ -3,7 +3,7 @@
     coremerge serve [--host 127.0.0.1] [--port 8000] [--allow-open-non-loopback]
                                                          the HTTP API (uvicorn)
     coremerge submit SPEC.json [--wait [--timeout S]] [--idempotency-key K]
-    coremerge status ID
+    coremerge status ID | cancel ID | list [--status S] [--limit N]
     coremerge hash-key < key                             the sha256 for the tenants file
 
 Without a tenants file the API is open (no keys), so ``serve`` then refuses any address but
@@ -72,6 +72,19 @@ def register(subparsers: Any) -> None:
     status.add_argument("job_id", metavar="ID")
     status.add_argument("--url", help="the service (default COREMERGE_API_URL)")
     status.set_defaults(func=_configured(cmd_status))
+
+    cancel = subparsers.add_parser("cancel", help="cancel a queued or running job")
+    cancel.add_argument("job_id", metavar="ID")
+    cancel.add_argument("--url", help="the service (default COREMERGE_API_URL)")
+    cancel.set_defaults(func=_configured(cmd_cancel))
+
+    listing = subparsers.add_parser("list", help="list your jobs, newest first (summaries)")
+    listing.add_argument(
+        "--status", choices=("queued", "running", "succeeded", "failed", "canceled")
+    )
+    listing.add_argument("--limit", type=int, default=20, help="how many (default 20)")
+    listing.add_argument("--url", help="the service (default COREMERGE_API_URL)")
+    listing.set_defaults(func=_configured(cmd_list))
 
     hash_key = subparsers.add_parser(
         "hash-key", help="read an API key on stdin, print its sha256 for the tenants file"
@@ -304,6 +317,47 @@ def cmd_status(args: argparse.Namespace) -> int:
             print(f"coremerge: error: {exc}", file=sys.stderr)
             return EXIT_FAILED
     return _outcome(job)
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    """Cancel the job: at once when queued, at its next module boundary when running."""
+    from service.client import ApiError
+
+    try:
+        client = _client(args)
+    except Unreachable as exc:
+        print(f"coremerge: error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    with client:
+        try:
+            job = client.cancel(args.job_id)
+        except ApiError as exc:
+            print(f"coremerge: error: {exc}", file=sys.stderr)
+            return EXIT_FAILED
+    print(json.dumps(job, indent=2))
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    """One line per job, newest first: id, status, method/space, adapters, output, error."""
+    from service.client import ApiError
+
+    try:
+        client = _client(args)
+    except Unreachable as exc:
+        print(f"coremerge: error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    with client:
+        try:
+            jobs = client.list(status=args.status, limit=max(1, args.limit))
+        except ApiError as exc:
+            print(f"coremerge: error: {exc}", file=sys.stderr)
+            return EXIT_USAGE if exc.status == 422 else EXIT_FAILED
+    for job in jobs:
+        error = f"  {job['error_code']}" if job.get("error_code") else ""
+        print(f"{job['id']}  {job['status']:<9}  {job['created_at']}  {job['method']}/"
+              f"{job['space']}  {job['adapters']} adapters  {job['output_uri']}{error}")  # fmt: skip
+    return 0
 
 
 def cmd_hash_key(args: argparse.Namespace) -> int:

@@ -54,6 +54,8 @@ PROBLEM_TYPES: dict[str, tuple[int, str]] = {
     "unauthorized": (401, "no API key, or an unknown one (with keys configured)"),
     "forbidden-location": (403, "a location outside the tenant's allow-list, an output under a "
                            "`read_only` prefix, or `file://` while disabled"),
+    "forbidden": (403, "an operation the caller's role does not allow (listing another "
+                  "tenant's jobs without the admin role)"),
     "not-found": (404, "no such job (or another tenant's), or no such endpoint"),
     "method-not-allowed": (405, "a method the path does not have; `Allow` lists those it has"),
     "conflict": (409, "the job record changed under the request; send it again"),

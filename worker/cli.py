@@ -311,8 +311,19 @@ def _add_merge_parser(sub: Any) -> None:
     )
 
 
+def _version() -> str:
+    """The installed distribution's version (pyproject.toml's)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("coremerge")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="coremerge", description="Merge LoRA adapters in Core Space.")
+    parser.add_argument("--version", action="version", version=f"coremerge {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     _add_merge_parser(sub)

@@ -106,10 +106,11 @@ def _normalized_request(spec: MergeSpec) -> dict:
     return request
 
 
-def _own_job(store: JobStore, tenant: Tenant, job_id: str) -> JobRecord:
-    """The tenant's job, or 404 (also for another tenant's job: its existence is not told)."""
+def _own_job(store: JobStore, tenant: Tenant, job_id: str, *, reading: bool = False) -> JobRecord:
+    """The tenant's job, or 404 (also for another tenant's job: its existence is not told).
+    An admin may read (``reading``) any tenant's job."""
     record = store.get(job_id) if _JOB_ID.match(job_id) else None
-    if record is None or record.tenant != tenant.name:
+    if record is None or (record.tenant != tenant.name and not (reading and tenant.admin)):
         raise Problem(404, f"no job {job_id!r}", slug="not-found")
     return record
 
@@ -182,7 +183,7 @@ def submit_merge(
     responses=problem_responses(401, 404, 503),
 )
 def get_merge(job_id: JobIdPath, tenant: TenantDep, store: StoreDep) -> JSONResponse:
-    return JSONResponse(job_view(_own_job(store, tenant, job_id)))
+    return JSONResponse(job_view(_own_job(store, tenant, job_id, reading=True)))
 
 
 @router.get(
@@ -190,7 +191,7 @@ def get_merge(job_id: JobIdPath, tenant: TenantDep, store: StoreDep) -> JSONResp
     response_model=JobList,
     operation_id="listMerges",
     summary="List the caller's jobs, newest first, a page at a time",
-    responses=problem_responses(401, 422, 503),
+    responses=problem_responses(401, 403, 422, 503),
 )
 def list_merges(
     tenant: TenantDep,
@@ -207,9 +208,21 @@ def list_merges(
             description="the previous page's next_cursor",
         ),
     ] = None,
+    of_tenant: Annotated[
+        str | None,
+        Query(
+            alias="tenant",
+            pattern=r"^[A-Za-z0-9_.-]{1,64}$",
+            description="admins only: list this tenant's jobs instead of the caller's",
+        ),
+    ] = None,
 ) -> JSONResponse:
+    if of_tenant is not None and of_tenant != tenant.name and not tenant.admin:
+        raise Problem(
+            403, "query.tenant: only an admin may list another tenant's jobs", slug="forbidden"
+        )
     try:
-        page = list_jobs(store, tenant.name, status=status, limit=limit, cursor=cursor)
+        page = list_jobs(store, of_tenant or tenant.name, status=status, limit=limit, cursor=cursor)
     except InvalidCursor as exc:
         raise Problem.invalid("query.cursor", str(exc)) from None
     return JSONResponse({"jobs": [j.to_dict() for j in page.jobs], "next_cursor": page.next_cursor})

@@ -49,3 +49,37 @@ def test_a_failed_job_prints_its_error_on_stderr(stack: Stack, tmp_path) -> None
     assert run.returncode == 1
     assert json.loads(run.stdout)["error"]["code"] == "adapter_not_found"
     assert "failed: adapter_not_found: " in run.stderr
+
+
+def test_list_cancel_and_version_commands(stack: Stack, tiny: list[str], tmp_path) -> None:
+    name = f"cli{uuid.uuid4().hex[:8]}"
+    env = {**stack.env, "COREMERGE_QUEUE": name, "COREMERGE_KEY_PREFIX": name,
+           "COREMERGE_API_KEY": KEY_A}  # fmt: skip
+    api, url = start_api(env, tmp_path / "api.log")  # no worker on this queue: jobs wait
+    env["COREMERGE_API_URL"] = url
+
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "worker.cli", *args], cwd=ROOT, env=env,
+                              capture_output=True, text=True, timeout=60)  # fmt: skip
+
+    spec_path = tmp_path / "job.json"
+    try:
+        ids = []
+        for i in range(2):
+            spec_path.write_text(json.dumps({"adapters": [{"uri": u} for u in tiny],
+                                             "output": {"uri": f"s3://merged/team-a/{name}-{i}/"}}))  # fmt: skip
+            ids.append(json.loads(cli("submit", str(spec_path)).stdout)["id"])
+        listed = cli("list", "--limit", "5")
+        assert listed.returncode == 0, listed.stderr
+        lines = listed.stdout.splitlines()
+        assert [line.split()[0] for line in lines] == ids[::-1]
+        assert "queued" in lines[0] and f"s3://merged/team-a/{name}-1/" in lines[0]
+        canceled = cli("cancel", ids[0])
+        assert canceled.returncode == 0 and json.loads(canceled.stdout)["status"] == "canceled"
+        only = cli("list", "--status", "canceled")
+        assert [line.split()[0] for line in only.stdout.splitlines()] == [ids[0]]
+        assert cli("cancel", "0" * 32).returncode == 1
+    finally:
+        stop(api)
+    version = cli("--version")
+    assert version.returncode == 0 and version.stdout.strip().startswith("coremerge 0.")

@@ -561,3 +561,30 @@ def _within(seconds: float, check: Callable[[], bool]) -> bool:
             return True
         time.sleep(0.1)
     return False
+
+
+def test_an_admin_reads_and_lists_every_tenants_jobs_but_cancels_none(
+    make_settings, tmp_path
+) -> None:
+    """The tenants file's ``"role": "admin"``: read any job, list any tenant's jobs with
+    ?tenant=; no cancel of another's job; a plain tenant may not list another's."""
+    path = tmp_path / "tenants.json"
+    tenants = json.loads(json.dumps(TENANTS))
+    tenants["tenants"]["ops"] = {"keys_sha256": [hash_key("ops-key")], "role": "admin"}
+    path.write_text(json.dumps(tenants))
+    admin = {"Authorization": "Bearer ops-key"}
+    with TestClient(create_app(make_settings(tenants_file=path))) as client:
+        job = client.post("/merges", json=spec(), headers=AUTH_A).json()
+        assert client.get(f"/merges/{job['id']}", headers=admin).json()["id"] == job["id"]
+        listed = client.get("/merges?tenant=team-a", headers=admin).json()["jobs"]
+        assert [j["id"] for j in listed] == [job["id"]]
+        assert client.get("/merges", headers=admin).json()["jobs"] == []  # its own: none
+        assert client.delete(f"/merges/{job['id']}", headers=admin).status_code == 404
+        refused = client.get("/merges?tenant=team-a", headers=AUTH_B)
+        assert refused.status_code == 403
+        assert refused.json()["type"] == "urn:coremerge:problem:forbidden"
+        assert client.get(f"/merges/{job['id']}", headers=AUTH_B).status_code == 404
+    bad = json.loads(json.dumps(tenants))
+    bad["tenants"]["ops"]["role"] = "root"
+    with pytest.raises(TenantsFileError, match="role must be"):
+        Tenants.from_dict(bad)
