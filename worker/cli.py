@@ -155,7 +155,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
     dirs = [local_path(a.uri) for a in spec.adapters]
     out_dir = local_path(spec.output.uri)
-    bar = _progress_bar(args.quiet)
+    bar = _progress_bar(args.quiet or not sys.stderr.isatty())  # no bar in logs and pipes
     from worker.memory import default_max_work_bytes
 
     outcome = run_merge(
@@ -170,8 +170,20 @@ def cmd_merge(args: argparse.Namespace) -> int:
         f"  rank {outcome.rank}, {outcome.modules} modules, {outcome.bytes / 2**20:.1f} MiB "
         f"{spec.output.dtype}, {outcome.seconds:.2f} s on {report['device']}; "
         + (f"self-check residual {residual:.1e}" if residual is not None else "nothing projected")
+        + _lowest_kept_energy(report)
     )
     return 0
+
+
+def _lowest_kept_energy(report: dict[str, Any]) -> str:
+    """With ``--rank``: the module that kept the least of its update's energy, so that a rank
+    too small for some module shows on the summary line, not only in the report."""
+    kept = [(m["kept_energy"], m["module"]) for m in report.get("modules", [])
+            if m.get("kept_energy") is not None]  # fmt: skip
+    if not kept:
+        return ""
+    energy, module = min(kept)
+    return f"; lowest kept energy {energy:.3f} ({module})"
 
 
 class _progress_bar:  # noqa: N801 (used like a function)
