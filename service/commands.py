@@ -3,7 +3,7 @@
     coremerge serve [--host 127.0.0.1] [--port 8000] [--allow-open-non-loopback]
                                                          the HTTP API (uvicorn)
     coremerge submit SPEC.json [--wait [--timeout S]] [--idempotency-key K]
-    coremerge status ID | cancel ID | list [--status S] [--limit N]
+    coremerge status ID | cancel ID | list [--status S] [--limit N] | fetch ID DIR
     coremerge hash-key < key                             the sha256 for the tenants file
 
 Without a tenants file the API is open (no keys), so ``serve`` then refuses any address but
@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -85,6 +86,12 @@ def register(subparsers: Any) -> None:
     listing.add_argument("--limit", type=int, default=20, help="how many (default 20)")
     listing.add_argument("--url", help="the service (default COREMERGE_API_URL)")
     listing.set_defaults(func=_configured(cmd_list))
+
+    fetch = subparsers.add_parser("fetch", help="download a succeeded job's merged adapter")
+    fetch.add_argument("job_id", metavar="ID")
+    fetch.add_argument("dest", metavar="DIR", help="a folder that does not exist yet (or is empty)")
+    fetch.add_argument("--url", help="the service (default COREMERGE_API_URL)")
+    fetch.set_defaults(func=_configured(cmd_fetch))
 
     hash_key = subparsers.add_parser(
         "hash-key", help="read an API key on stdin, print its sha256 for the tenants file"
@@ -358,6 +365,73 @@ def cmd_list(args: argparse.Namespace) -> int:
         print(f"{job['id']}  {job['status']:<9}  {job['created_at']}  {job['method']}/"
               f"{job['space']}  {job['adapters']} adapters  {job['output_uri']}{error}")  # fmt: skip
     return 0
+
+
+#: What a published output holds that a user wants (the service's own markers stay behind).
+FETCHED = ("adapter_config.json", "adapter_model.safetensors", "README.md", "merge_report.json")
+
+
+def cmd_fetch(args: argparse.Namespace) -> int:
+    """Download the merged adapter of a succeeded job into DIR: from S3 with boto3's own
+    credentials chain (and COREMERGE_S3_ENDPOINT_URL), or copied from a ``file://`` output.
+    The files go to a staging folder beside DIR, renamed into place when all have arrived."""
+    from service.client import ApiError
+
+    dest = Path(args.dest)
+    if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
+        print(f"coremerge: error: {dest} exists and is not an empty folder", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        client = _client(args)
+    except Unreachable as exc:
+        print(f"coremerge: error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    with client:
+        try:
+            job = client.get(args.job_id)
+        except ApiError as exc:
+            print(f"coremerge: error: {exc}", file=sys.stderr)
+            return EXIT_FAILED
+    if job["status"] != "succeeded":
+        print(f"coremerge: error: job {job['id']} is {job['status']}, nothing to fetch",
+              file=sys.stderr)  # fmt: skip
+        return EXIT_FAILED
+    staging = dest.with_name(f".{dest.name}.fetching")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        _download(job["result"]["uri"], staging, _settings())
+        if dest.exists():
+            dest.rmdir()
+        staging.rename(dest)
+    except Exception as exc:
+        shutil.rmtree(staging, ignore_errors=True)
+        print(f"coremerge: error: fetching {job['result']['uri']}: {type(exc).__name__}: {exc}",
+              file=sys.stderr)  # fmt: skip
+        return EXIT_FAILED
+    print(f"fetched {len(FETCHED)} files of job {job['id']} into {dest}")
+    return 0
+
+
+def _download(uri: str, into: Path, settings: Any) -> None:
+    """The :data:`FETCHED` files of the output ``uri`` into the folder ``into``."""
+    from jobs.uris import parse_uri
+
+    location = parse_uri(uri)
+    if location.scheme == "file":
+        for name in FETCHED:
+            shutil.copyfile(Path(location.path) / name, into / name)
+        return
+    import boto3
+    from botocore.config import Config
+
+    s3 = boto3.client(
+        "s3",
+        endpoint_url=settings.s3_endpoint_url,
+        config=Config(retries={"mode": "standard", "total_max_attempts": settings.s3_max_attempts}),
+    )
+    for name in FETCHED:
+        s3.download_file(location.bucket, location.child(name), str(into / name))
 
 
 def cmd_hash_key(args: argparse.Namespace) -> int:

@@ -83,3 +83,28 @@ def test_list_cancel_and_version_commands(stack: Stack, tiny: list[str], tmp_pat
         stop(api)
     version = cli("--version")
     assert version.returncode == 0 and version.stdout.strip().startswith("coremerge 0.")
+
+
+def test_fetch_downloads_the_merged_adapter(stack: Stack, tiny: list[str], tmp_path) -> None:
+    spec_path = tmp_path / "job.json"
+    output = f"s3://merged/team-a/fetch-{uuid.uuid4().hex[:8]}/"
+    spec_path.write_text(
+        json.dumps({"adapters": [{"uri": u} for u in tiny], "output": {"uri": output}})
+    )
+    done = _submit(stack.env, spec_path)
+    assert done.returncode == 0, done.stderr
+    job = json.loads(done.stdout)
+    env = {**stack.env, "COREMERGE_API_KEY": KEY_A}
+    dest = tmp_path / "fetched"
+    run = subprocess.run([sys.executable, "-m", "worker.cli", "fetch", job["id"], str(dest)],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    names = sorted(p.name for p in dest.iterdir())
+    assert names == sorted(["adapter_config.json", "adapter_model.safetensors", "README.md",
+                            "merge_report.json"])  # fmt: skip
+    key = output.removeprefix("s3://merged/") + "adapter_model.safetensors"
+    body = stack.s3.get_object(Bucket="merged", Key=key)["Body"].read()
+    assert (dest / "adapter_model.safetensors").read_bytes() == body
+    again = subprocess.run([sys.executable, "-m", "worker.cli", "fetch", job["id"], str(dest)],
+                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert again.returncode == 2 and "not an empty folder" in again.stderr
