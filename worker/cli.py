@@ -156,6 +156,8 @@ def cmd_merge(args: argparse.Namespace) -> int:
     dirs = [local_path(a.uri) for a in spec.adapters]
     out_dir = local_path(spec.output.uri)
     bar = _progress_bar(args.quiet or not sys.stderr.isatty())  # no bar in logs and pipes
+    if spec.space == "full":
+        bar.estimate = _FullSpaceEstimate()
     from worker.memory import default_max_work_bytes
 
     outcome = run_merge(
@@ -186,6 +188,33 @@ def _lowest_kept_energy(report: dict[str, Any]) -> str:
     return f"; lowest kept energy {energy:.3f} ({module})"
 
 
+class _FullSpaceEstimate:
+    """Full space merges a dense m × n matrix per module, a few hundred times slower than core
+    space: said once at plan time, then, once the first modules are done (or 5 s have
+    passed), how long the whole merge will likely take at that rate (on stderr)."""
+
+    def __init__(self) -> None:
+        self.started: float | None = None
+        self.said = False
+
+    def update(self, progress: Any) -> None:
+        import time
+
+        if progress.stage == "plan" and self.started is None:
+            self.started = time.monotonic()
+            print("coremerge: full space merges a dense m × n matrix per module, typically a "
+                  "few hundred times slower than core space (--space core)", file=sys.stderr)  # fmt: skip
+            return
+        done, total = progress.modules_done, progress.modules_total
+        if self.said or self.started is None or progress.stage != "merge" or not 0 < done < total:
+            return
+        elapsed = time.monotonic() - self.started
+        if done >= min(3, total - 1) or elapsed >= 5.0:
+            self.said = True
+            print(f"coremerge: full space: {done} of {total} modules in {elapsed:.1f} s; the "
+                  f"merge will likely take about {elapsed / done * total:.0f} s", file=sys.stderr)  # fmt: skip
+
+
 class _progress_bar:  # noqa: N801 (used like a function)
     """A tqdm bar on stderr fed by the runner's ``Progress`` reports."""
 
@@ -193,7 +222,11 @@ class _progress_bar:  # noqa: N801 (used like a function)
         self.quiet = quiet
         self.bar = None
 
+    estimate: _FullSpaceEstimate | None = None
+
     def update(self, progress: Any) -> None:
+        if self.estimate is not None:
+            self.estimate.update(progress)
         if self.quiet or progress.stage == "plan":
             return
         if self.bar is None:
