@@ -23,7 +23,7 @@ FROM base AS api
 RUN pip install \
       "pydantic>=2.7,<3" "pydantic-settings>=2.3,<3" "fastapi>=0.115" "uvicorn[standard]>=0.30" \
       "httpx>=0.27" "redis>=5" "rq>=3,<4" "boto3>=1.36" "prometheus-client>=0.20" \
-      "regex>=2023.6"
+      "regex>=2023.6" "fastapi-offline>=1.7,<2"
 COPY pyproject.toml README.md ./
 COPY jobs ./jobs
 COPY service ./service

@@ -23,6 +23,7 @@ from rq.exceptions import DuplicateJobError, InvalidJobOperation, NoSuchJobError
 from rq.job import Job
 from rq.serializers import JSONSerializer
 
+from jobs.fairness import place
 from jobs.settings import Settings
 
 __all__ = [
@@ -35,6 +36,7 @@ __all__ = [
     "enqueue_merge_once",
     "make_queue",
     "withdraw",
+    "workers_listening",
 ]
 
 #: The RQ job function, by name: the API never imports the worker side.
@@ -51,24 +53,42 @@ MAINTENANCE_LOCK_S = 30
 
 
 class MergeQueue(Queue):
-    """RQ's queue with a short maintenance lock (:data:`MAINTENANCE_LOCK_S`)."""
+    """RQ's queue with a short maintenance lock (:data:`MAINTENANCE_LOCK_S`), whose jobs wait
+    in fair turns between tenants (``jobs.fairness``): every push at the back goes to the
+    job's fair place instead."""
 
     def acquire_maintenance_lock(self) -> bool:
         return bool(
             self.connection.set(self.registry_cleaning_key, 1, nx=True, ex=MAINTENANCE_LOCK_S)
         )
 
+    def push_job_id(self, job_id: str, pipeline: Any = None, at_front: bool = False) -> None:
+        super().push_job_id(job_id, pipeline=pipeline, at_front=at_front)
+        if not at_front:
+            place(self.connection, self.key, job_id, pipeline=pipeline)
+
 
 def make_queue(redis: Any, settings: Settings) -> Queue:
     return MergeQueue(settings.queue, connection=redis, serializer=JSONSerializer)
 
 
-def enqueue_merge(queue: Queue, job_id: str, settings: Settings, *, pipeline: Any = None) -> Job:
-    """Queue the merge job ``job_id``. Alone, it is enqueued with ``unique=True`` and raises
+def enqueue_merge(
+    queue: Queue,
+    job_id: str,
+    settings: Settings,
+    *,
+    tenant: str | None = None,
+    pipeline: Any = None,
+) -> Job:
+    """Queue the merge job ``job_id`` of ``tenant``, at its tenant's fair place
+    (``jobs.fairness``). Alone, it is enqueued with ``unique=True`` and raises
     ``DuplicateJobError`` when RQ already holds a job with this id (an Idempotency-Key's id);
     with ``pipeline`` it joins that transaction (RQ ignores ``unique`` in a pipeline, so only
     for ids that cannot collide)."""
-    return queue.enqueue_call(
+    meta = {"key_prefix": settings.key_prefix, "result_ttl": settings.result_ttl}
+    if tenant is not None:
+        meta["tenant"] = tenant
+    job = queue.enqueue_call(
         JOB_FUNCTION,
         args=(job_id,),
         job_id=job_id,
@@ -80,24 +100,29 @@ def enqueue_merge(queue: Queue, job_id: str, settings: Settings, *, pipeline: An
         ttl=None,  # a queued merge waits for a worker as long as it takes
         retry=Retry(max=settings.job_retries) if settings.job_retries else None,
         on_failure=Callback(FAILURE_CALLBACK),
-        meta={"key_prefix": settings.key_prefix, "result_ttl": settings.result_ttl},
+        meta=meta,
         description=f"coremerge merge {job_id}",
     )
+    if pipeline is None:  # RQ's unique enqueue pushes in a script of its own, not push_job_id
+        place(queue.connection, queue.key, job_id)
+    return job
 
 
-def enqueue_merge_once(queue: Queue, job_id: str, settings: Settings) -> None:
+def enqueue_merge_once(
+    queue: Queue, job_id: str, settings: Settings, *, tenant: str | None = None
+) -> None:
     """Queue the merge ``job_id`` unless RQ already has it queued or running: for keyed ids,
     which a submission, its repeat and the API's sweep of stranded submissions may all try
     to queue. A *finished* RQ job under this id (its record expired before RQ's result did)
     is replaced."""
     try:
-        enqueue_merge(queue, job_id, settings)
+        enqueue_merge(queue, job_id, settings, tenant=tenant)
     except DuplicateJobError:
         old = Job.fetch(job_id, connection=queue.connection, serializer=JSONSerializer)
         if old.get_status() in ("queued", "started", "deferred", "scheduled"):
             return  # the job is in the queue already
         old.delete()
-        enqueue_merge(queue, job_id, settings)
+        enqueue_merge(queue, job_id, settings, tenant=tenant)
 
 
 def withdraw(queue: Queue, job_id: str) -> None:
@@ -112,3 +137,11 @@ def cancel_queued(queue: Queue, job_id: str) -> None:
     """Take a canceled job out of RQ's queue (best effort: the worker skips it anyway)."""
     with contextlib.suppress(NoSuchJobError, InvalidJobOperation):
         Job.fetch(job_id, connection=queue.connection, serializer=JSONSerializer).cancel()
+
+
+def workers_listening(queue: Queue) -> int:
+    """How many RQ workers are registered on ``queue`` now (a worker's registration lapses
+    when its heartbeats stop)."""
+    from rq import Worker
+
+    return Worker.count(connection=queue.connection, queue=queue)

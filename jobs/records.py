@@ -66,6 +66,9 @@ _JSON_FIELDS = ("request", "progress", "result", "error")
 #: ``<name>_z``: a spec of 64 adapters with long URIs is most of a record's bytes, and URIs
 #: compress well (a maximal record: docs/service.md, "Redis").
 COMPRESS_OVER = 1024
+#: A job error's message is cut to this many characters (a record's size stays bounded
+#: whatever a worker or an exception had to say).
+MAX_ERROR_MESSAGE = 2000
 #: Seconds over which ``submits_per_minute`` counts submissions (a sliding window).
 SUBMIT_WINDOW_S = 60
 #: Retry-After (seconds) of a submission refused because the tenant has too many active jobs:
@@ -90,6 +93,17 @@ def _json_field(name: str, value: dict[str, Any]) -> tuple[str, str | bytes]:
     if len(text) > COMPRESS_OVER:
         return f"{name}_z", zlib.compress(text.encode(), 6)
     return name, text
+
+
+def _summary_fields(request: dict[str, Any]) -> dict[str, str]:
+    """What a listing shows of the request (``jobs.listing``), kept beside it so a listing
+    never reads the request itself: method, space, adapter count and output location."""
+    return {
+        "method": str(request.get("method", "")),
+        "space": str(request.get("space", "")),
+        "adapters": str(len(request.get("adapters", []))),
+        "output_uri": str((request.get("output") or {}).get("uri", "")),
+    }
 
 
 def now_iso() -> str:
@@ -120,6 +134,7 @@ class JobRecord:
     fingerprint: str
     started_at: str | None = None
     finished_at: str | None = None
+    updated_at: str | None = None
     progress: dict[str, Any] | None = None
     result: dict[str, Any] | None = None
     error: dict[str, Any] | None = None
@@ -150,6 +165,7 @@ class JobRecord:
             fingerprint=d["fingerprint"],
             started_at=d.get("started_at"),
             finished_at=d.get("finished_at"),
+            updated_at=d.get("updated_at"),
             progress=d["progress"],
             result=d["result"],
             error=d["error"],
@@ -165,7 +181,9 @@ class JobStore:
     """Job records of one deployment (``key_prefix``) in one Redis.
 
     ``max_active_jobs`` and ``submits_per_minute`` are the per-tenant quotas that
-    :meth:`create` enforces (``None``: no limit; the worker's store creates nothing)."""
+    :meth:`create` enforces (``None``: no limit; the worker's store creates nothing), and
+    ``max_stored_jobs`` the records a tenant keeps: beyond it, :meth:`create` deletes the
+    tenant's oldest finished records, so submitting and cancelling cannot fill Redis."""
 
     def __init__(
         self,
@@ -175,12 +193,14 @@ class JobStore:
         result_ttl: int = 604_800,
         max_active_jobs: int | None = None,
         submits_per_minute: int | None = None,
+        max_stored_jobs: int | None = None,
     ) -> None:
         self.redis = redis
         self.prefix = key_prefix
         self.result_ttl = result_ttl
         self.max_active_jobs = max_active_jobs
         self.submits_per_minute = submits_per_minute
+        self.max_stored_jobs = max_stored_jobs
         self._transition = redis.register_script(scripts.TRANSITION)
         self._create = redis.register_script(scripts.CREATE)
         self._quota = redis.register_script(scripts.QUOTA)
@@ -223,34 +243,6 @@ class JobStore:
     def get(self, job_id: str) -> JobRecord | None:
         raw = self.redis.hgetall(self.job_key(job_id))
         return JobRecord.from_hash(raw) if raw else None
-
-    def list(self, tenant: str, *, status: str | None = None, limit: int = 50) -> list[JobRecord]:
-        """The tenant's jobs, newest first, optionally only those with ``status``: read from
-        the status's own index, never from every record of the tenant. Entries whose record
-        has expired are dropped from the index on the way."""
-        index = self.tenant_key(tenant) if status is None else self.status_key(tenant, status)
-        found: list[JobRecord] = []
-        # The index holds just the records wanted: read ``limit`` of them, and more only for
-        # those that expired or moved on meanwhile.
-        start, batch = 0, max(limit, 1)
-        while len(found) < limit and start < 20_000:
-            keys = self.redis.zrevrange(index, start, start + batch - 1)
-            if not keys:
-                break
-            with self.redis.pipeline(transaction=False) as pipe:
-                for key in keys:
-                    pipe.hgetall(key)
-                rows = pipe.execute()
-            expired = [key for key, raw in zip(keys, rows, strict=True) if not raw]
-            if expired:  # the record expired: drop it from the index too
-                self.redis.zrem(index, *expired)
-                start -= len(expired)
-            for raw in rows:
-                # A record that moved on between the two reads is in its new index now.
-                if raw and (record := JobRecord.from_hash(raw)).status == (status or record.status):
-                    found.append(record)
-            start += batch
-        return found[:limit]
 
     def stats(self) -> dict[str, float]:
         return {k.decode(): float(v) for k, v in self.redis.hgetall(self.stats_key).items()}
@@ -317,10 +309,12 @@ class JobStore:
             "tenant": tenant,
             "status": "queued",
             "created_at": created_at,
+            "updated_at": created_at,
             "fingerprint": digest,
         }
         stored, payload = _json_field("request", request)
         fields[stored] = payload
+        fields.update(_summary_fields(request))
         accepting = None
         if pipeline is None:
             accepting = time.time()
@@ -328,6 +322,7 @@ class JobStore:
         args = [
             repr(time.time()),
             *self._quota_args(),
+            self.max_stored_jobs or 0,
             fields.get("accepting", ""),
             *(x for kv in fields.items() for x in kv),
         ]
@@ -339,7 +334,7 @@ class JobStore:
             self.accepting_key,
         ]
         record = JobRecord(job_id, tenant, JobStatus.QUEUED, created_at, request, digest,
-                           accepting_since=accepting)  # fmt: skip
+                           updated_at=created_at, accepting_since=accepting)  # fmt: skip
         if pipeline is not None:
             self._create(keys=keys, args=args, client=pipeline)
             return record
@@ -398,6 +393,7 @@ class JobStore:
         as JSON; ``None`` deletes the field). Returns (moved, previous or current status; ``None`` if there is
         no such job)."""
         assert to in STATUSES and set(allowed_from) <= set(STATUSES)
+        fields.setdefault("updated_at", now_iso())
         ttl = self.result_ttl if to in TERMINAL else 0
         args: list[Any] = [to, "," + ",".join(allowed_from) + ",", ttl, fence or ""]
         for name, value in fields.items():
@@ -469,10 +465,14 @@ class JobStore:
         """running (or queued) → failed, or → canceled when ``code`` is ``canceled``; with
         ``run``, only while that run holds the record (a replaced run ends nothing)."""
         to = "canceled" if code == "canceled" else "failed"
+        if len(message) > MAX_ERROR_MESSAGE:
+            message = message[: MAX_ERROR_MESSAGE - 1] + "…"
         moved, _ = self.transition(
             job_id, to, allowed_from=("running",) if run else ACTIVE, fence=run,
             finished_at=now_iso(), error={"code": code, "message": message},
         )  # fmt: skip
+        if moved:
+            self.redis.hincrby(self.stats_key, f"error:{code}", 1)
         return moved
 
     def cancel(self, job_id: str) -> str | None:
@@ -483,6 +483,7 @@ class JobStore:
             error={"code": "canceled", "message": "canceled before it started"},
         )  # fmt: skip
         if moved:
+            self.redis.hincrby(self.stats_key, "error:canceled", 1)
             return "canceled"
         if status != "running":
             return status
@@ -506,7 +507,8 @@ class JobStore:
         record is no longer running, or no longer held by ``run``). One round trip, so it can
         run at every module."""
         payload = json.dumps(progress, separators=(",", ":"))
-        return bool(self._progress(keys=[self.job_key(job_id)], args=[payload, run or ""]))
+        args = [payload, run or "", now_iso()]
+        return bool(self._progress(keys=[self.job_key(job_id)], args=args))
 
     def should_stop(self, job_id: str, *, run: str | None = None) -> bool:
         status, flag, holder = self.redis.hmget(

@@ -104,12 +104,36 @@ redis.call('HSET', KEYS[1], 'cancel_requested', '1')
 return 'requested'
 """
 
+# Keeps a tenant's stored records at ``max_stored`` (0: no limit) by deleting its oldest
+# finished ones (or index entries whose record is gone); queued and running jobs are never
+# deleted. Expects ``all_jobs`` and KEYS[3..8] (the tenant's six indexes) and ``max_active``.
+_EVICT_OLDEST = """
+local function evict_oldest(max_stored)
+  if max_stored <= 0 then return end
+  local excess = redis.call('ZCARD', all_jobs) - max_stored
+  if excess <= 0 then return end
+  -- among the oldest excess + (at most the active ones) entries, finished records go first
+  local span = excess + math.max(max_active, 100)
+  for _, old in ipairs(redis.call('ZRANGE', all_jobs, 0, span - 1)) do
+    if excess <= 0 then break end
+    local status = redis.call('HGET', old, 'status')
+    if status ~= 'queued' and status ~= 'running' then
+      redis.call('DEL', old)
+      for i = 3, 8 do redis.call('ZREM', KEYS[i], old) end
+      excess = excess - 1
+    end
+  end
+end
+"""
+
 # KEYS: job, stats, the tenant's six indexes (all, queued, running, succeeded, failed,
 # canceled), its submissions, the accepting set. ARGV: creation score, max active, max per
-# window, window ms, retry-after s for the active limit, accepting since ('' = not accepting),
-# then field/value pairs. Returns {1, 0} created, {0, 0} the id exists already (checked first,
-# so an idempotent repeat gets its job back even at a limit), {-1 or -2, retry-after s} refused
-# by a quota. Also drops up to two expired entries from the old end of the all-jobs index.
+# window, window ms, retry-after s for the active limit, max stored records (0: no limit),
+# accepting since ('' = not accepting), then field/value pairs. Returns {1, 0} created,
+# {0, 0} the id exists already (checked first, so an idempotent repeat gets its job back even
+# at a limit), {-1 or -2, retry-after s} refused by a quota. Also drops up to two expired
+# entries from the old end of the all-jobs index, and the tenant's oldest finished records
+# beyond max stored.
 CREATE = (
     """
 local job, stats, all_jobs = KEYS[1], KEYS[2], KEYS[3]
@@ -119,10 +143,11 @@ local window_ms, active_retry_s = tonumber(ARGV[4]), tonumber(ARGV[5])
 if redis.call('EXISTS', job) == 1 then return {0, 0} end
 """
     + _QUOTA_CHECK
+    + _EVICT_OLDEST
     + """
 local refused = over_quota()
 if refused then return refused end
-redis.call('HSET', job, unpack(ARGV, 7))
+redis.call('HSET', job, unpack(ARGV, 8))
 redis.call('ZADD', all_jobs, ARGV[1], job)
 redis.call('ZADD', queued_key, ARGV[1], job)
 redis.call('HINCRBY', stats, 'entered:queued', 1)
@@ -132,10 +157,11 @@ if per_window > 0 then
   redis.call('ZADD', submits_key, now_ms, redis.call('HGET', job, 'id'))
   redis.call('PEXPIRE', submits_key, window_ms)
 end
-if ARGV[6] ~= '' then redis.call('ZADD', accepting, ARGV[6], job) end
+if ARGV[7] ~= '' then redis.call('ZADD', accepting, ARGV[7], job) end
 for _, old in ipairs(redis.call('ZRANGE', all_jobs, 0, 1)) do
   if redis.call('EXISTS', old) == 0 then redis.call('ZREM', all_jobs, old) end
 end
+evict_oldest(tonumber(ARGV[6]))
 return {1, 0}
 """
 )
@@ -179,12 +205,12 @@ if tonumber(ARGV[3]) > 0 then redis.call('EXPIRE', KEYS[1], ARGV[3]) end
 return {1, current}
 """
 
-# KEYS: job. ARGV: progress JSON, run token ('' = any). Publishes progress of a running job;
-# 1 = it should stop (canceled, no longer running, or this run was replaced by another).
+# KEYS: job. ARGV: progress JSON, run token ('' = any), now (ISO 8601). Publishes progress of
+# a running job; 1 = it should stop (canceled, no longer running, or this run was replaced).
 PROGRESS = """
 if redis.call('HGET', KEYS[1], 'status') ~= 'running' then return 1 end
 if ARGV[2] ~= '' and redis.call('HGET', KEYS[1], 'run') ~= ARGV[2] then return 1 end
-redis.call('HSET', KEYS[1], 'progress', ARGV[1])
+redis.call('HSET', KEYS[1], 'progress', ARGV[1], 'updated_at', ARGV[3])
 if redis.call('HGET', KEYS[1], 'cancel_requested') == '1' then return 1 end
 return 0
 """

@@ -11,15 +11,27 @@ not settings: boto3 finds them in its own chain (``AWS_ACCESS_KEY_ID``,
 
 from __future__ import annotations
 
+import difflib
+import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal
+from urllib.parse import urlsplit, urlunsplit
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from jobs.spec import MAX_ADAPTERS
 
-__all__ = ["Settings", "settings_table_markdown"]
+__all__ = [
+    "ConfigError",
+    "Settings",
+    "configuration_lines",
+    "load_settings",
+    "redacted_redis_url",
+    "settings_table_markdown",
+    "unknown_variables",
+]
 
 GiB = 1 << 30
 MiB = 1 << 20
@@ -97,6 +109,12 @@ class Settings(BaseSettings):
     submits_per_minute: int = Field(
         600, ge=1, description="per tenant, submissions in any minute (429 above)"
     )
+    max_stored_jobs: int = Field(
+        1000,
+        ge=1,
+        description="per tenant, job records kept in Redis: beyond it a submission deletes the "
+        "tenant's oldest finished records, whatever their TTL (at least MAX_ACTIVE_JOBS)",
+    )
 
     # -- jobs (RQ's defaults lose or repeat work; set every one explicitly)
     job_timeout: int = Field(3600, ge=1, description="seconds before a running merge is stopped")
@@ -148,11 +166,28 @@ class Settings(BaseSettings):
     # -- the client commands (coremerge submit / status)
     api_url: str = Field("http://127.0.0.1:8000", description="the service, for the client")
     api_key: SecretStr | None = Field(None, description="bearer key sent by the client")
+    api_wait: float = Field(
+        15.0,
+        ge=0,
+        description="seconds the client commands wait for an API that refuses connections "
+        "(one still starting) before saying it is unreachable",
+    )
 
     log_level: str = Field("INFO", description="DEBUG, INFO, WARNING, ERROR")
     log_format: Literal["json", "text"] = Field(
         "json", description="json: one object per line with job_id and tenant; text: plain lines"
     )
+
+    @model_validator(mode="after")
+    def _stored_covers_active(self) -> Settings:
+        """Active jobs are never deleted to make room, so the stored-records cap must hold
+        them all."""
+        if self.max_stored_jobs < self.max_active_jobs:
+            raise ValueError(
+                f"COREMERGE_MAX_STORED_JOBS ({self.max_stored_jobs}) must be at least "
+                f"COREMERGE_MAX_ACTIVE_JOBS ({self.max_active_jobs})"
+            )
+        return self
 
     @property
     def redis_kwargs(self) -> dict[str, object]:
@@ -166,6 +201,96 @@ class Settings(BaseSettings):
         if self.redis_password is not None:
             kwargs["password"] = self.redis_password.get_secret_value()
         return kwargs
+
+
+class ConfigError(Exception):
+    """A ``COREMERGE_*`` variable whose value is not acceptable; the message names it."""
+
+
+#: Variables with the prefix that are not settings on purpose (the tests' own).
+_NOT_SETTINGS = ("COREMERGE_TEST_",)
+
+
+def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
+    """The settings from the environment, or :class:`ConfigError` naming the first bad
+    variable, its value (never a secret's) and why: ``configuration error:
+    COREMERGE_JOB_TIMEOUT='10m': Input should be a valid integer``."""
+    environ = os.environ if environ is None else environ
+    try:
+        return Settings()
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        reason = str(error.get("msg", "invalid")).removeprefix("Value error, ")
+        if not error.get("loc"):  # a rule between settings: its message names them
+            raise ConfigError(f"configuration error: {reason}") from None
+        field = str(error["loc"][0])
+        name = f"COREMERGE_{field.upper()}"
+        secret = Settings.model_fields.get(field) is not None and "Secret" in str(
+            Settings.model_fields[field].annotation
+        )
+        value = "***" if secret else repr(environ.get(name, ""))
+        raise ConfigError(f"configuration error: {name}={value}: {reason}") from None
+
+
+def unknown_variables(environ: Mapping[str, str] | None = None) -> list[str]:
+    """A warning for each ``COREMERGE_*`` variable that is no setting (a typo silently
+    leaves the default in force), with the closest setting's name when there is one."""
+    environ = os.environ if environ is None else environ
+    known = [f"COREMERGE_{name.upper()}" for name in Settings.model_fields]
+    warnings = []
+    for name in sorted(environ):
+        if not name.startswith("COREMERGE_") or name in known or name.startswith(_NOT_SETTINGS):
+            continue
+        # compared without the common prefix, which would make any two names look alike
+        suffixes = [k.removeprefix("COREMERGE_") for k in known]
+        close = difflib.get_close_matches(
+            name.removeprefix("COREMERGE_"), suffixes, n=1, cutoff=0.7
+        )
+        hint = f"; did you mean COREMERGE_{close[0]}?" if close else ""
+        warnings.append(f"{name} is not a coremerge setting and is ignored{hint}")
+    return warnings
+
+
+def configuration_lines(settings: Settings, process: str) -> list[str]:
+    """What ``process`` (``api`` or ``worker``) logs at start-up: where it connects and how it
+    is set up, with no password or key in it."""
+    tenants = (
+        f"tenants file {settings.tenants_file}"
+        if settings.tenants_file is not None
+        else "OPEN (no tenants file)"
+    )
+    lines = [
+        f"{process} configuration: redis {redacted_redis_url(settings.redis_url)} "
+        f"(password {'set' if settings.redis_password else 'unset'}), queue {settings.queue!r}, "
+        f"key prefix {settings.key_prefix!r}, {tenants}, file:// URIs "
+        f"{'allowed' if settings.allow_file_uris else 'refused'}",
+    ]
+    if process == "worker":
+        lines.append(
+            f"worker configuration: S3 endpoint {settings.s3_endpoint_url or 'AWS'}, device "
+            f"{settings.device}, work dir {settings.work_dir or 'system temp'}, job timeout "
+            f"{settings.job_timeout} s, worker TTL {settings.worker_ttl} s"
+        )
+    else:
+        lines.append(
+            f"api configuration: job timeout {settings.job_timeout} s, retries "
+            f"{settings.job_retries}, per tenant {settings.max_active_jobs} active jobs, "
+            f"{settings.submits_per_minute} submissions a minute, {settings.max_stored_jobs} "
+            "stored records"
+        )
+    return lines
+
+
+def redacted_redis_url(url: str) -> str:
+    """``redis_url`` without a password (for logs)."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.hostname or ""
+    netloc = f"{parts.username + ':' if parts.username else ':'}***@{host}"
+    if parts.port:
+        netloc += f":{parts.port}"
+    return urlunsplit(parts._replace(netloc=netloc))
 
 
 def _default_text(value: object) -> str:

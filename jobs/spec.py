@@ -192,7 +192,7 @@ def _params_model(method: str) -> type[BaseModel]:
         fields[p.name] = (p.annotation(), Field(p.default, description=p.help))
     return create_model(  # type: ignore[call-overload]
         f"{method.title().replace('_', '')}Params",
-        __config__=ConfigDict(extra="forbid", strict=False),
+        __config__=ConfigDict(extra="forbid", strict=True),
         **fields,
     )
 
@@ -232,8 +232,9 @@ def validate_params(method: str, params: dict[str, Any]) -> dict[str, Any]:
 
 
 class _Strict(BaseModel):
-    # An unknown field anywhere is an error: a typo must never silently change a merge.
-    model_config = ConfigDict(extra="forbid")
+    # An unknown field anywhere is an error, and no value is coerced ("0.5" is not a number,
+    # "yes" not a boolean): a typo must never silently change a merge.
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class AdapterRef(_Strict):

@@ -4,7 +4,8 @@ The tenants file (``COREMERGE_TENANTS_FILE``, docs/job-spec.md)::
 
     {"tenants": {"team-a": {"keys_sha256": ["9f86d0…"],
                             "allow": ["s3://adapters-a/", "s3://merged/team-a/"],
-                            "read_only": ["s3://shared-catalogue/"]}}}
+                            "read_only": ["s3://shared-catalogue/"]},
+                 "ops": {"keys_sha256": ["60303a…"], "role": "admin"}}}
 
 Keys are stored only as their sha256 (``coremerge hash-key`` prints it). A presented key is
 hashed and compared with every stored hash in constant time, without stopping at a match, so
@@ -51,9 +52,14 @@ log = logging.getLogger("coremerge.auth")
 
 _SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
 _TENANT_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
-_TENANT_FIELDS = frozenset({"keys_sha256", "allow", "read_only"})
+_TENANT_FIELDS = frozenset({"keys_sha256", "allow", "read_only", "role"})
+#: ``tenant`` (the default) sees its own jobs; ``admin`` may also read and list every
+#: tenant's jobs (never cancel them, nor use their locations).
+ROLES = ("tenant", "admin")
 #: The API looks at the tenants file's identity (inode, size, mtime) at most this often.
 RELOAD_CHECK_S = 1.0
+#: A tenants file larger than this is refused unread (thousands of tenants fit in 1 MiB).
+MAX_TENANTS_FILE_BYTES = 16 << 20
 
 
 class TenantsFileError(ValueError):
@@ -73,6 +79,7 @@ class Tenant:
     name: str
     allow: tuple[str, ...] | None
     read_only: tuple[str, ...] = ()
+    admin: bool = False
 
     def may_use(self, location: Location, *, for_output: bool = False) -> bool:
         """Whether the tenant may read (``for_output=False``) or write at ``location``.
@@ -107,12 +114,23 @@ class Refusal:
     message: str
 
 
+#: The processes that check locations, as a refusal names them (``process=`` of :func:`refusal`).
+_CHECKERS = {"api": "the API (coremerge serve)", "worker": "the worker (coremerge worker)"}
+
+
 def refusal(
-    tenant: Tenant, uri: str, *, allow_file_uris: bool, for_output: bool = False
+    tenant: Tenant,
+    uri: str,
+    *,
+    allow_file_uris: bool,
+    for_output: bool = False,
+    process: str = "api",
 ) -> Refusal | None:
     """``None`` when ``tenant`` may use ``uri`` (as the output when ``for_output``, else as an
     input); otherwise the reason it may not. ``uri`` is parsed and normalised first
-    (:func:`jobs.uris.parse_uri`: ``S3://b/p`` is ``s3://b/p/``)."""
+    (:func:`jobs.uris.parse_uri`: ``S3://b/p`` is ``s3://b/p/``). ``process`` (``api`` or
+    ``worker``) is who checks: both do, each with its own settings, so a refusal of
+    ``file://`` says which one refused and which variable it lacks."""
     try:
         location = parse_uri(uri)
     except InvalidUri as exc:
@@ -121,7 +139,9 @@ def refusal(
         return Refusal("invalid", f"{uri!r}: an hf:// location is an input only")
     if location.scheme == "file" and not allow_file_uris:
         return Refusal(
-            "forbidden", f"{uri!r}: file:// URIs are disabled here (COREMERGE_ALLOW_FILE_URIS)"
+            "forbidden",
+            f"{uri!r}: file:// URIs are disabled in {_CHECKERS[process]}: set "
+            "COREMERGE_ALLOW_FILE_URIS=true for the API and the workers alike",
         )
     if for_output and tenant.is_read_only(location):
         return Refusal(
@@ -168,10 +188,28 @@ class Tenants:
 
     @classmethod
     def from_file(cls, path: Path) -> Tenants:
+        """Parse the tenants file. Every way it can be broken (unreadable, too large, not
+        UTF-8, not JSON, nested too deeply for the parser, the wrong shape) is one
+        :class:`TenantsFileError` whose message says which, never another exception."""
         try:
-            raw = json.loads(Path(path).read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise TenantsFileError(f"tenants file {path}: {exc}") from None
+            with open(path, "rb") as handle:
+                data = handle.read(MAX_TENANTS_FILE_BYTES + 1)
+        except OSError as exc:
+            raise TenantsFileError(
+                f"tenants file {path}: cannot read it ({exc.strerror})"
+            ) from None
+        if len(data) > MAX_TENANTS_FILE_BYTES:
+            raise TenantsFileError(
+                f"tenants file {path}: larger than {MAX_TENANTS_FILE_BYTES} bytes"
+            )
+        try:
+            raw = json.loads(data.decode("utf-8"))
+        except UnicodeDecodeError as exc:
+            raise TenantsFileError(f"tenants file {path}: not UTF-8 at byte {exc.start}") from None
+        except json.JSONDecodeError as exc:
+            raise TenantsFileError(f"tenants file {path}: not JSON ({exc})") from None
+        except RecursionError:
+            raise TenantsFileError(f"tenants file {path}: nested too deeply to parse") from None
         return cls.from_dict(raw, source=str(path))
 
     @classmethod
@@ -194,8 +232,12 @@ class Tenants:
                 raise bad(f"tenant name {name!r}: letters, digits, '_', '.', '-' only")
             if not isinstance(body, dict) or not set(body) <= _TENANT_FIELDS:
                 raise bad(
-                    f"tenant {name!r}: only 'keys_sha256', 'allow' and 'read_only' are accepted"
+                    f"tenant {name!r}: only 'keys_sha256', 'allow', 'read_only' and 'role' "
+                    "are accepted"
                 )
+            role = body.get("role", "tenant")
+            if role not in ROLES:
+                raise bad(f"tenant {name!r}: role must be 'tenant' or 'admin'")
             hashes = body.get("keys_sha256", [])
             if not isinstance(hashes, list) or not all(
                 isinstance(h, str) and _SHA256_HEX.match(h) for h in hashes
@@ -203,7 +245,7 @@ class Tenants:
                 raise bad(f"tenant {name!r}: keys_sha256 must be lower-case sha256 hex digests")
             allow = _prefixes(body.get("allow", []), f"tenant {name!r}: allow", bad)
             read_only = _prefixes(body.get("read_only", []), f"tenant {name!r}: read_only", bad)
-            entries.append((Tenant(name, allow, read_only), hashes))
+            entries.append((Tenant(name, allow, read_only, admin=role == "admin"), hashes))
         seen: set[str] = set()
         for _, hashes in entries:
             if seen & set(hashes):

@@ -3,7 +3,7 @@ the queue and the metrics into one app. ``coremerge serve`` runs it under uvicor
 
 While it runs, the app re-reads a changed tenants file (``jobs.tenants.TenantsFile``) and,
 at start-up and every :data:`SWEEP_INTERVAL_S` seconds, queues the keyed submissions whose
-API request died before queueing them (``service.stranded``).
+API request died before queueing them (``jobs.submission.repair_stranded``).
 
 It never imports torch (the API image has none, and it starts in well under a second);
 ``tests/service/test_import.py`` holds it to that.
@@ -24,17 +24,20 @@ from starlette.concurrency import run_in_threadpool
 from jobs.queue import make_queue
 from jobs.records import JobStore
 from jobs.settings import Settings
+from jobs.submission import repair_stranded
 from jobs.tenants import TenantsFile
 from service.api import health, merges
 from service.metrics import RequestMetricsMiddleware, ServiceMetrics
+from service.openapi import install_docs, openapi_schema
 from service.problems import Problem, install
-from service.stranded import SWEEP_INTERVAL_S, repair_stranded
 
 __all__ = ["create_app"]
 
 log = logging.getLogger("coremerge.api")
 
 VERSION = "0.1.0"
+#: Seconds between two sweeps of stranded keyed submissions by one API process.
+SWEEP_INTERVAL_S = 10.0
 
 
 class _BodyLimit:
@@ -100,6 +103,7 @@ def create_app(
         result_ttl=settings.result_ttl,
         max_active_jobs=settings.max_active_jobs,
         submits_per_minute=settings.submits_per_minute,
+        max_stored_jobs=settings.max_stored_jobs,
     )
     queue = make_queue(redis, settings)
     metrics = ServiceMetrics(store, queue)
@@ -121,7 +125,11 @@ def create_app(
         summary="Merge many LoRA adapters into one, in Core Space.",
         description="Submit merge jobs over adapter URIs; poll them; fetch the merged adapter "
         "from the output URI. Errors are RFC 9457 application/problem+json.",
+        docs_url=None,  # served from the package by install_docs: no CDN
+        redoc_url=None,
     )
+    app.openapi = lambda: openapi_schema(app, open_mode=settings.tenants_file is None)  # type: ignore[method-assign]
+    install_docs(app)
     app.state.settings = settings
     app.state.tenants_file = TenantsFile(settings.tenants_file)
     app.state.store = store

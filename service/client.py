@@ -111,14 +111,41 @@ class CoremergeClient:
                     on_busy(exc.problem, wait)
                 time.sleep(wait)
 
+    def ready(self) -> dict[str, Any]:
+        """``GET /readyz``: Redis answers; how many workers listen, how many jobs wait, and a
+        hint when jobs wait with no worker."""
+        return self._call("GET", "/readyz")
+
+    def health(self) -> dict[str, Any]:
+        """``GET /healthz``: the API process answers (it does not look at Redis)."""
+        return self._call("GET", "/healthz")
+
     def get(self, job_id: str) -> dict[str, Any]:
         return self._call("GET", f"/merges/{job_id}")
 
-    def list(self, *, status: str | None = None, limit: int = 50) -> list[dict[str, Any]]:
+    def page(
+        self, *, status: str | None = None, limit: int = 50, cursor: str | None = None
+    ) -> dict[str, Any]:
+        """One page of the caller's jobs, newest first: ``{"jobs": [summary, …],
+        "next_cursor": …}`` (``limit`` at most 100; pass ``next_cursor`` back for the next)."""
         params: dict[str, Any] = {"limit": limit}
         if status is not None:
             params["status"] = status
-        return self._call("GET", "/merges", params=params)["jobs"]
+        if cursor is not None:
+            params["cursor"] = cursor
+        return self._call("GET", "/merges", params=params)
+
+    def list(self, *, status: str | None = None, limit: int = 50) -> list[dict[str, Any]]:
+        """Up to ``limit`` of the caller's jobs (summaries), newest first, page after page."""
+        jobs: list[dict[str, Any]] = []
+        cursor = None
+        while len(jobs) < limit:
+            page = self.page(status=status, limit=min(limit - len(jobs), 100), cursor=cursor)
+            jobs += page["jobs"]
+            cursor = page["next_cursor"]
+            if cursor is None:
+                break
+        return jobs
 
     def cancel(self, job_id: str) -> dict[str, Any]:
         """Cancel a queued job (at once) or a running one (at its next module boundary)."""
@@ -131,16 +158,21 @@ class CoremergeClient:
         on_progress: Callable[[dict[str, Any]], None] | None = None,
         poll_interval: float = 0.5,
         timeout: float | None = None,
+        notify_every: float | None = None,
     ) -> dict[str, Any]:
         """Poll until the job is succeeded, failed or canceled; return it. ``on_progress`` is
-        called with the job whenever its status or progress changed."""
+        called with the job whenever its status or progress changed (and, with
+        ``notify_every``, at least that often); raises ``TimeoutError`` after ``timeout``."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        seen = None
+        seen, notified = None, 0.0
         while True:
             job = self.get(job_id)
-            state = (job["status"], job.get("progress"))
-            if on_progress is not None and state != seen:
+            state = (job["status"], (job.get("progress") or {}).get("modules_done"),
+                     (job.get("progress") or {}).get("stage"))  # fmt: skip
+            due = notify_every is not None and time.monotonic() - notified >= notify_every
+            if on_progress is not None and (state != seen or due):
                 on_progress(job)
+                notified = time.monotonic()
             seen = state
             if job["status"] in TERMINAL:
                 return job

@@ -2,10 +2,10 @@
 
     coremerge serve [--host 127.0.0.1] [--port 8000] [--allow-open-non-loopback]
                                                          the HTTP API (uvicorn)
-    coremerge submit SPEC.json [--wait] [--idempotency-key K]
+    coremerge submit SPEC.json [--wait [--timeout S]] [--idempotency-key K]
     coremerge submit --config merge.yml --output s3://bucket/prefix/ [--wait] …
                                                          a mergekit-style configuration
-    coremerge status ID
+    coremerge status ID | cancel ID | list [--status S] [--limit N] | fetch ID DIR
     coremerge hash-key < key                             the sha256 for the tenants file
 
 Without a tenants file the API is open (no keys), so ``serve`` then refuses any address but
@@ -21,7 +21,9 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import json
+import shutil
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +31,10 @@ __all__ = ["register"]
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
+#: ``submit --wait --timeout``: the job had not ended when the time was up (as timeout(1)).
+EXIT_WAIT_TIMEOUT = 124
+#: Seconds a job may wait queued under ``submit --wait`` before the CLI looks for workers.
+NO_WORKER_HINT_AFTER_S = 10.0
 
 
 def register(subparsers: Any) -> None:
@@ -37,14 +43,19 @@ def register(subparsers: Any) -> None:
     serve.add_argument(
         "--host", default="127.0.0.1", help="address to bind (default loopback: 127.0.0.1)"
     )
-    serve.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    serve.add_argument(
+        "--port",
+        type=int,
+        help="port (default: the port of COREMERGE_API_URL, 8000 unless set, where the client "
+        "commands look for the API)",
+    )
     serve.add_argument("--access-log", action="store_true", help="log every request")
     serve.add_argument(
         "--allow-open-non-loopback",
         action="store_true",
         help="without a tenants file (open mode: no keys), bind a non-loopback --host anyway",
     )
-    serve.set_defaults(func=cmd_serve)
+    serve.set_defaults(func=_configured(cmd_serve))
 
     submit = subparsers.add_parser("submit", help="submit a job spec to the service")
     submit.add_argument(
@@ -59,14 +70,40 @@ def register(subparsers: Any) -> None:
         "-o", "--output", metavar="URI", help="with --config: where the merged adapter goes"
     )
     submit.add_argument("--wait", action="store_true", help="show progress until it ends")
+    submit.add_argument(
+        "--timeout",
+        type=float,
+        metavar="SECONDS",
+        help=f"with --wait: give up waiting after this long (exit {EXIT_WAIT_TIMEOUT}; the job "
+        "goes on)",
+    )
     submit.add_argument("--idempotency-key", help="a retried submit returns the same job")
     submit.add_argument("--url", help="the service (default COREMERGE_API_URL)")
-    submit.set_defaults(func=cmd_submit)
+    submit.set_defaults(func=_configured(cmd_submit))
 
     status = subparsers.add_parser("status", help="show a job")
     status.add_argument("job_id", metavar="ID")
     status.add_argument("--url", help="the service (default COREMERGE_API_URL)")
-    status.set_defaults(func=cmd_status)
+    status.set_defaults(func=_configured(cmd_status))
+
+    cancel = subparsers.add_parser("cancel", help="cancel a queued or running job")
+    cancel.add_argument("job_id", metavar="ID")
+    cancel.add_argument("--url", help="the service (default COREMERGE_API_URL)")
+    cancel.set_defaults(func=_configured(cmd_cancel))
+
+    listing = subparsers.add_parser("list", help="list your jobs, newest first (summaries)")
+    listing.add_argument(
+        "--status", choices=("queued", "running", "succeeded", "failed", "canceled")
+    )
+    listing.add_argument("--limit", type=int, default=20, help="how many (default 20)")
+    listing.add_argument("--url", help="the service (default COREMERGE_API_URL)")
+    listing.set_defaults(func=_configured(cmd_list))
+
+    fetch = subparsers.add_parser("fetch", help="download a succeeded job's merged adapter")
+    fetch.add_argument("job_id", metavar="ID")
+    fetch.add_argument("dest", metavar="DIR", help="a folder that does not exist yet (or is empty)")
+    fetch.add_argument("--url", help="the service (default COREMERGE_API_URL)")
+    fetch.set_defaults(func=_configured(cmd_fetch))
 
     hash_key = subparsers.add_parser(
         "hash-key", help="read an API key on stdin, print its sha256 for the tenants file"
@@ -75,15 +112,42 @@ def register(subparsers: Any) -> None:
 
 
 def _settings() -> Any:
-    from jobs.settings import Settings
+    """The settings; a bad ``COREMERGE_*`` value raises ``ConfigError`` naming it, which
+    :func:`_configured` turns into one line and exit status 2."""
+    from jobs.settings import load_settings
 
-    return Settings()
+    return load_settings()
 
 
-def _configure_logging(settings: Any) -> None:
-    from jobs.logs import configure_logging  # JSON lines (or text), job_id and tenant
+def _configured(command: Any) -> Any:
+    """``command``, with a configuration error reported as one line and exit status 2."""
+
+    def run(args: argparse.Namespace) -> int:
+        from jobs.settings import ConfigError
+
+        try:
+            return command(args)
+        except ConfigError as exc:
+            print(f"coremerge: {exc}", file=sys.stderr)
+            return EXIT_USAGE
+
+    return run
+
+
+def _configure_logging(settings: Any, process: str = "api") -> None:
+    """JSON lines (or text) with job_id and tenant; then the effective configuration and a
+    warning for each ``COREMERGE_*`` variable that is no setting."""
+    import logging
+
+    from jobs.logs import configure_logging
+    from jobs.settings import configuration_lines, unknown_variables
 
     configure_logging(settings.log_level, settings.log_format)
+    log = logging.getLogger(f"coremerge.{process}")
+    for line in configuration_lines(settings, process):
+        log.info("%s", line)
+    for warning in unknown_variables():
+        log.warning("%s", warning)
 
 
 def is_loopback(host: str) -> bool:
@@ -121,7 +185,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     uvicorn.run(
         create_app(settings),
         host=args.host,
-        port=args.port,
+        port=args.port if args.port is not None else _api_port(settings.api_url),
         log_level=settings.log_level.lower(),
         log_config=None,  # uvicorn's loggers go through the root handler of jobs.logs
         access_log=args.access_log,
@@ -129,12 +193,56 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _api_port(api_url: str) -> int:
+    """The port ``serve`` listens on by default: COREMERGE_API_URL's, so that ``serve`` and
+    the client commands of one machine agree through one variable."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(api_url)
+    try:
+        port = parts.port
+    except ValueError:
+        port = None
+    return port or (443 if parts.scheme == "https" else 8000)
+
+
+class Unreachable(Exception):
+    """The API did not answer at its URL (a refused connection, a timeout, a bad name)."""
+
+
 def _client(args: argparse.Namespace) -> Any:
-    from service.client import CoremergeClient
+    """A client for ``--url`` or COREMERGE_API_URL, once the API answers there: a refused
+    connection is retried for COREMERGE_API_WAIT seconds (an API started a moment ago, as in
+    the quickstart, is still importing), saying so on stderr; then :class:`Unreachable`
+    names the URL and where it came from."""
+    import httpx
+
+    from service.client import ApiError, CoremergeClient
 
     settings = _settings()
     key = settings.api_key.get_secret_value() if settings.api_key else None
-    return CoremergeClient(args.url or settings.api_url, key)
+    url = args.url or settings.api_url
+    source = "--url" if args.url else "COREMERGE_API_URL"
+    client = CoremergeClient(url, key)
+    deadline = time.monotonic() + settings.api_wait
+    said = False
+    while True:
+        try:
+            client.health()
+            return client
+        except ApiError:  # something answers there: the command's own call will say what
+            return client
+        except httpx.TransportError as exc:
+            if not isinstance(exc, httpx.ConnectError) or time.monotonic() > deadline:
+                client.close()
+                raise Unreachable(
+                    f"cannot reach the API at {url} (from {source}): "
+                    f"{type(exc).__name__}; is `coremerge serve` running there?"
+                ) from None
+            if not said:
+                print(f"coremerge: waiting for the API at {url} ({source})…", file=sys.stderr)
+                said = True
+            time.sleep(0.2)
 
 
 def _print_progress(job: dict[str, Any]) -> None:
@@ -154,8 +262,17 @@ def _print_busy(problem: dict[str, Any], retry_after: float) -> None:
 
 
 def _outcome(job: dict[str, Any]) -> int:
+    """The job on stdout; a failure's code and message on stderr too, where a person looks."""
     print(json.dumps(job, indent=2))
-    return 0 if job["status"] in ("succeeded", "queued", "running") else EXIT_FAILED
+    if job["status"] in ("succeeded", "queued", "running"):
+        return 0
+    error = job.get("error") or {}
+    print(
+        f"coremerge: job {job['id']} {job['status']}: {error.get('code', '?')}: "
+        f"{error.get('message', '')}",
+        file=sys.stderr,
+    )
+    return EXIT_FAILED
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
@@ -166,14 +283,22 @@ def cmd_submit(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"coremerge: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    with _client(args) as client:
+    try:
+        client = _client(args)
+    except Unreachable as exc:
+        print(f"coremerge: error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    with client:
         try:
             job = client.submit(spec, idempotency_key=args.idempotency_key, on_busy=_print_busy)
             if args.wait:
-                job = client.wait(job["id"], on_progress=_print_progress)
+                job = _wait(client, job, args.timeout)
         except ApiError as exc:
             print(f"coremerge: error: {exc}", file=sys.stderr)
             return EXIT_USAGE if exc.status in (400, 413, 422) else EXIT_FAILED
+        except TimeoutError as exc:
+            print(f"coremerge: {exc}; it goes on (coremerge status ID)", file=sys.stderr)
+            return EXIT_WAIT_TIMEOUT
     return _outcome(job)
 
 
@@ -214,16 +339,148 @@ def _config_spec(args: argparse.Namespace) -> dict[str, Any]:
     return spec
 
 
+def _wait(client: Any, job: dict[str, Any], timeout: float | None) -> dict[str, Any]:
+    """Poll the job to its end, printing progress; say once if it has waited queued for
+    :data:`NO_WORKER_HINT_AFTER_S` seconds while no worker listens (``/readyz``)."""
+    hinted = False
+    started = time.monotonic()
+
+    def progress(seen: dict[str, Any]) -> None:
+        nonlocal hinted
+        _print_progress(seen)
+        waited = time.monotonic() - started
+        if seen["status"] == "queued" and not hinted and waited >= NO_WORKER_HINT_AFTER_S:
+            hinted = True
+            ready = client.ready()
+            if ready.get("hint"):
+                print(f"coremerge: hint: {ready['hint']}", file=sys.stderr, flush=True)
+
+    return client.wait(job["id"], on_progress=progress, timeout=timeout, notify_every=5.0)
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     from service.client import ApiError
 
-    with _client(args) as client:
+    try:
+        client = _client(args)
+    except Unreachable as exc:
+        print(f"coremerge: error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    with client:
         try:
             job = client.get(args.job_id)
         except ApiError as exc:
             print(f"coremerge: error: {exc}", file=sys.stderr)
             return EXIT_FAILED
     return _outcome(job)
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    """Cancel the job: at once when queued, at its next module boundary when running."""
+    from service.client import ApiError
+
+    try:
+        client = _client(args)
+    except Unreachable as exc:
+        print(f"coremerge: error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    with client:
+        try:
+            job = client.cancel(args.job_id)
+        except ApiError as exc:
+            print(f"coremerge: error: {exc}", file=sys.stderr)
+            return EXIT_FAILED
+    print(json.dumps(job, indent=2))
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    """One line per job, newest first: id, status, method/space, adapters, output, error."""
+    from service.client import ApiError
+
+    try:
+        client = _client(args)
+    except Unreachable as exc:
+        print(f"coremerge: error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    with client:
+        try:
+            jobs = client.list(status=args.status, limit=max(1, args.limit))
+        except ApiError as exc:
+            print(f"coremerge: error: {exc}", file=sys.stderr)
+            return EXIT_USAGE if exc.status == 422 else EXIT_FAILED
+    for job in jobs:
+        error = f"  {job['error_code']}" if job.get("error_code") else ""
+        print(f"{job['id']}  {job['status']:<9}  {job['created_at']}  {job['method']}/"
+              f"{job['space']}  {job['adapters']} adapters  {job['output_uri']}{error}")  # fmt: skip
+    return 0
+
+
+#: What a published output holds that a user wants (the service's own markers stay behind).
+FETCHED = ("adapter_config.json", "adapter_model.safetensors", "README.md", "merge_report.json")
+
+
+def cmd_fetch(args: argparse.Namespace) -> int:
+    """Download the merged adapter of a succeeded job into DIR: from S3 with boto3's own
+    credentials chain (and COREMERGE_S3_ENDPOINT_URL), or copied from a ``file://`` output.
+    The files go to a staging folder beside DIR, renamed into place when all have arrived."""
+    from service.client import ApiError
+
+    dest = Path(args.dest)
+    if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
+        print(f"coremerge: error: {dest} exists and is not an empty folder", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        client = _client(args)
+    except Unreachable as exc:
+        print(f"coremerge: error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    with client:
+        try:
+            job = client.get(args.job_id)
+        except ApiError as exc:
+            print(f"coremerge: error: {exc}", file=sys.stderr)
+            return EXIT_FAILED
+    if job["status"] != "succeeded":
+        print(f"coremerge: error: job {job['id']} is {job['status']}, nothing to fetch",
+              file=sys.stderr)  # fmt: skip
+        return EXIT_FAILED
+    staging = dest.with_name(f".{dest.name}.fetching")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        _download(job["result"]["uri"], staging, _settings())
+        if dest.exists():
+            dest.rmdir()
+        staging.rename(dest)
+    except Exception as exc:
+        shutil.rmtree(staging, ignore_errors=True)
+        print(f"coremerge: error: fetching {job['result']['uri']}: {type(exc).__name__}: {exc}",
+              file=sys.stderr)  # fmt: skip
+        return EXIT_FAILED
+    print(f"fetched {len(FETCHED)} files of job {job['id']} into {dest}")
+    return 0
+
+
+def _download(uri: str, into: Path, settings: Any) -> None:
+    """The :data:`FETCHED` files of the output ``uri`` into the folder ``into``."""
+    from jobs.uris import parse_uri
+
+    location = parse_uri(uri)
+    if location.scheme == "file":
+        for name in FETCHED:
+            shutil.copyfile(Path(location.path) / name, into / name)
+        return
+    import boto3
+    from botocore.config import Config
+
+    s3 = boto3.client(
+        "s3",
+        endpoint_url=settings.s3_endpoint_url,
+        config=Config(retries={"mode": "standard", "total_max_attempts": settings.s3_max_attempts}),
+    )
+    for name in FETCHED:
+        s3.download_file(location.bucket, location.child(name), str(into / name))
 
 
 def cmd_hash_key(args: argparse.Namespace) -> int:

@@ -21,6 +21,8 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
+from jobs.errors import ERROR_CODES
+from jobs.queue import workers_listening
 from jobs.records import MERGE_SECONDS_BUCKETS, JobStore
 from jobs.status import ACTIVE, STATUSES
 
@@ -40,6 +42,7 @@ class _JobsCollector(Collector):
         try:
             stats = self.store.stats()
             depth = self.queue.count
+            workers = workers_listening(self.queue)
         except Exception:  # a scrape must not fail because Redis is down: report it instead
             up.add_metric([], 0)
             yield up
@@ -64,6 +67,18 @@ class _JobsCollector(Collector):
         yield GaugeMetricFamily(
             "coremerge_queue_depth", "jobs waiting in the RQ queue", value=depth
         )
+        yield GaugeMetricFamily(
+            "coremerge_workers", "RQ workers listening on the queue (heartbeating)", value=workers
+        )
+        failed = CounterMetricFamily(
+            "coremerge_jobs_failed",
+            "jobs that ended failed or canceled, by error code (job outcomes, whatever RQ "
+            "counts: a merge that fails returns normally, so RQ reports it as OK)",
+            labels=["code"],
+        )
+        for code in ERROR_CODES:
+            failed.add_metric([code], stats.get(f"error:{code}", 0))
+        yield failed
 
         count = stats.get("merge_seconds_count", 0)
         buckets = [

@@ -1,7 +1,7 @@
 """Errors as RFC 9457 ``application/problem+json``, turned into HTTP in this one place.
 
-Routes raise a :class:`Problem` (or let a validation error, an unknown route, a Redis outage
-escape); :func:`install` maps each to a body with ``type``, ``title``, ``status``, ``detail``,
+Routes raise a :class:`Problem` (or let a validation error, an unknown route, a Redis outage,
+a refused submission of ``jobs.submission`` escape); :func:`install` maps each to a body with ``type``, ``title``, ``status``, ``detail``,
 and for a validation error an ``errors`` list naming every offending field::
 
     {"type": "urn:coremerge:problem:invalid-request", "title": "Invalid request",
@@ -19,32 +19,87 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from jobs.submission import IdempotencyKeyReused, QuotaExceeded, RecordContended, StillAccepting
 
 __all__ = [
     "PROBLEM_JSON",
+    "PROBLEM_SCHEMA_REF",
+    "PROBLEM_TYPES",
     "Problem",
     "ProblemDetails",
     "field_name",
     "install",
     "problem_responses",
+    "problem_types_markdown",
+    "submission_problem",
 ]
 
 PROBLEM_JSON = "application/problem+json"
+#: Where the OpenAPI schema keeps the one problem schema (``service.openapi``).
+PROBLEM_SCHEMA_REF = "#/components/schemas/Problem"
+#: A problem ``type`` is ``urn:coremerge:problem:<slug>``.
+TYPE_PREFIX = "urn:coremerge:problem:"
 log = logging.getLogger("coremerge.api")
+
+#: Every problem type a client can receive: slug → (status, when). docs/service.md's table is
+#: generated from it (a test keeps them in step), and a :class:`Problem` of another slug is
+#: a bug.
+PROBLEM_TYPES: dict[str, tuple[int, str]] = {
+    "invalid-request": (422, "the body, a query parameter or a header is malformed, unknown or "
+                        "out of range; `errors` names every offending field"),
+    "idempotency-key-reused": (422, "the Idempotency-Key was used before with another body"),
+    "unauthorized": (401, "no API key, or an unknown one (with keys configured)"),
+    "forbidden-location": (403, "a location outside the tenant's allow-list, an output under a "
+                           "`read_only` prefix, or `file://` while disabled"),
+    "forbidden": (403, "an operation the caller's role does not allow (listing another "
+                  "tenant's jobs without the admin role)"),
+    "not-found": (404, "no such job (or another tenant's), or no such endpoint"),
+    "method-not-allowed": (405, "a method the path does not have; `Allow` lists those it has"),
+    "conflict": (409, "the job record changed under the request; send it again"),
+    "idempotency-conflict": (409, "the first request with this Idempotency-Key is still being "
+                             "accepted; send it again after `Retry-After`"),
+    "already-finished": (409, "a cancel of a job that succeeded or failed, or is writing its "
+                         "report (its output is final)"),
+    "too-large": (413, "a body over `COREMERGE_MAX_REQUEST_BYTES`"),
+    "unsupported-media-type": (415, "a body without `Content-Type: application/json`"),
+    "quota-exceeded": (429, "the tenant is at `COREMERGE_MAX_ACTIVE_JOBS` or "
+                       "`COREMERGE_SUBMITS_PER_MINUTE`; nothing was created; retry after "
+                       "`Retry-After`"),
+    "internal": (500, "a bug; the API's log has the details"),
+    "unavailable": (503, "Redis does not answer; retry after `Retry-After`"),
+}  # fmt: skip
 
 
 class ProblemDetails(BaseModel):
     """The body of every error response (RFC 9457)."""
 
-    type: str = "about:blank"
+    model_config = ConfigDict(title="Problem")
+
+    type: str = Field(
+        "about:blank",
+        description="urn:coremerge:problem:<slug>, one of "
+        + ", ".join(PROBLEM_TYPES)
+        + " (docs/service.md lists when each is sent)",
+    )
     title: str
     status: int
     detail: str
-    errors: list[dict[str, str]] | None = Field(
+    errors: list[FieldError] | None = Field(
         None, description='for 422: [{"field": "adapters.0.uri", "message": "…"}, …]'
     )
+
+
+class FieldError(BaseModel):
+    """One offending field of a 422."""
+
+    field: str = Field(description="adapters.0.uri, query.limit, header.Idempotency-Key, …")
+    message: str
+
+
+ProblemDetails.model_rebuild()
 
 
 class Problem(Exception):
@@ -61,6 +116,7 @@ class Problem(Exception):
         errors: list[dict[str, str]] | None = None,
     ) -> None:
         super().__init__(detail)
+        assert slug is None or slug in PROBLEM_TYPES, slug
         self.status = status
         self.detail = detail
         self.slug = slug
@@ -81,7 +137,7 @@ class Problem(Exception):
 
     def response(self) -> JSONResponse:
         body: dict[str, Any] = {
-            "type": f"urn:coremerge:problem:{self.slug}" if self.slug else "about:blank",
+            "type": f"{TYPE_PREFIX}{self.slug}" if self.slug else "about:blank",
             "title": self.title,
             "status": self.status,
             "detail": self.detail,
@@ -131,6 +187,35 @@ _BODY_NOT_PARSED = "There was an error parsing the body"
 _HTTP_METHODS = ("get", "put", "post", "delete", "options", "head", "patch", "trace")
 
 
+def submission_problem(exc: Exception) -> Problem:
+    """A refused submission (``jobs.submission``'s errors) as the status that says why."""
+    if isinstance(exc, QuotaExceeded):  # nothing was created: the same request may come again
+        return Problem(
+            429, exc.message, slug="quota-exceeded", headers={"Retry-After": str(exc.retry_after)}
+        )
+    if isinstance(exc, IdempotencyKeyReused):
+        return Problem(
+            422,
+            str(exc),
+            slug="idempotency-key-reused",
+            title="Idempotency-Key reused",
+            errors=[{"field": "header.Idempotency-Key", "message": "used with another body"}],
+        )
+    if isinstance(exc, StillAccepting):
+        return Problem(
+            409,
+            f"{exc}; retry",
+            slug="idempotency-conflict",
+            headers={"Retry-After": str(exc.retry_after)},
+        )
+    assert isinstance(exc, RecordContended)
+    return Problem(409, f"{exc}", slug="conflict")
+
+
+#: The domain errors :func:`submission_problem` maps.
+SUBMISSION_ERRORS = (QuotaExceeded, IdempotencyKeyReused, StillAccepting, RecordContended)
+
+
 def install(app: FastAPI) -> None:
     """Register the exception handlers that turn every error into problem+json."""
     import redis.exceptions
@@ -138,6 +223,12 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(Problem)
     async def _problem(request: Request, exc: Problem) -> JSONResponse:
         return exc.response()
+
+    for error in SUBMISSION_ERRORS:
+
+        @app.exception_handler(error)
+        async def _refused(request: Request, exc: Exception) -> JSONResponse:
+            return submission_problem(exc).response()
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -155,15 +246,17 @@ def install(app: FastAPI) -> None:
                 else "the body could not be decoded"
             )
             return Problem.invalid("body", f"not valid JSON ({reason})").response()
+        slug = None
         if exc.status_code == 404 and detail == "Not Found":
-            detail = f"no such endpoint: {request.method} {request.url.path}"
+            detail, slug = f"no such endpoint: {request.method} {request.url.path}", "not-found"
         headers = getattr(exc, "headers", None)
         if exc.status_code == 405:
             detail = f"{request.method} is not allowed on {request.url.path}"
+            slug = "method-not-allowed"
             allowed = _allowed_methods(request)  # none for paths outside the schema (/docs)
             if allowed:
                 headers = {**(headers or {}), "Allow": ", ".join(allowed)}
-        return Problem(exc.status_code, detail, headers=headers).response()
+        return Problem(exc.status_code, detail, slug=slug, headers=headers).response()
 
     @app.exception_handler(redis.exceptions.RedisError)
     async def _redis(request: Request, exc: Exception) -> JSONResponse:
@@ -181,12 +274,37 @@ def install(app: FastAPI) -> None:
         ).response()
 
 
+#: Headers that come with a problem of this status, as the OpenAPI schema declares them.
+_PROBLEM_HEADERS: dict[int, dict[str, Any]] = {
+    401: {"WWW-Authenticate": {"description": "Bearer", "schema": {"type": "string"}}},
+    429: {"Retry-After": {"description": "seconds to wait before sending it again",
+                          "schema": {"type": "integer", "minimum": 0}}},
+    503: {"Retry-After": {"description": "seconds to wait before sending it again",
+                          "schema": {"type": "integer", "minimum": 0}}},
+}  # fmt: skip
+
+
 def problem_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
-    """OpenAPI ``responses=`` entries declaring problem+json bodies for these statuses."""
-    return {
-        status: {
+    """OpenAPI ``responses=`` entries declaring problem+json bodies for these statuses (the
+    one ``Problem`` schema, ``service.openapi``), with the headers each comes with."""
+    responses: dict[int | str, dict[str, Any]] = {}
+    for status in statuses:
+        response: dict[str, Any] = {
             "description": HTTPStatus(status).phrase,
-            "content": {PROBLEM_JSON: {"schema": ProblemDetails.model_json_schema()}},
+            "content": {PROBLEM_JSON: {"schema": {"$ref": PROBLEM_SCHEMA_REF}}},
         }
-        for status in statuses
-    }
+        if status in _PROBLEM_HEADERS:
+            response["headers"] = _PROBLEM_HEADERS[status]
+        if status == 409:  # only an idempotency conflict says when to retry
+            response["headers"] = {
+                "Retry-After": {**_PROBLEM_HEADERS[429]["Retry-After"], "required": False}
+            }
+        responses[status] = response
+    return responses
+
+
+def problem_types_markdown() -> str:
+    """The table of problem types in docs/service.md, generated from :data:`PROBLEM_TYPES`."""
+    rows = ["| `type` (after `urn:coremerge:problem:`) | status | when |", "|---|---|---|"]
+    rows += [f"| `{slug}` | {status} | {when} |" for slug, (status, when) in PROBLEM_TYPES.items()]
+    return "\n".join(rows)

@@ -1,13 +1,16 @@
-"""Fixtures shared by every test package: real PEFT LoRA adapters on a tiny model."""
+"""Fixtures shared by every test package: real PEFT LoRA adapters on a tiny model, and the
+session's own Redis (``tests/redis_db.py``)."""
 
 from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from tests.redis_db import session_redis
 from worker.demo import make_tiny_adapters
 
 #: Heterogeneous ranks and scalings: plain, rslora, and per-module rank/alpha patterns.
@@ -22,6 +25,14 @@ ADAPTER_SPECS = [
         "alpha_pattern": {"layers.1.self_attn.q_proj": 16},
     },
 ]
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The URL of this session's Redis: a private ``redis-server`` (or the empty database
+    ``COREMERGE_TEST_REDIS_URL`` names). Tests keep apart by key prefix and queue name."""
+    with session_redis(tmp_path_factory.mktemp("redis")) as url:
+        yield url
 
 
 @pytest.fixture(scope="session")

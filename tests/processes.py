@@ -110,12 +110,14 @@ def moto_server(log: Path) -> Iterator[str]:
 class RedisServer:
     """A ``redis-server`` of a test's own on a free loopback port, persisting to ``dir`` with
     AOF (``appendfsync always``: an accepted job survives even a ``kill -9`` of Redis), so it
-    can be killed and started again with its data."""
+    can be killed and started again with its data; with ``persist=False`` it keeps nothing on
+    disk (the test session's own Redis, ``tests/redis_db.py``)."""
 
-    def __init__(self, dir: Path, password: str | None = None) -> None:
+    def __init__(self, dir: Path, password: str | None = None, *, persist: bool = True) -> None:
         self.dir = dir
         self.port = free_port()
         self.password = password  # requirepass, when given
+        self.persist = persist
         self.proc: subprocess.Popen | None = None
 
     @property
@@ -125,8 +127,11 @@ class RedisServer:
     def start(self) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
         args = ["redis-server", "--bind", "127.0.0.1", "--port", str(self.port),
-                "--dir", str(self.dir), "--appendonly", "yes", "--appendfsync", "always",
-                "--save", "", "--maxmemory-policy", "noeviction"]  # fmt: skip
+                "--dir", str(self.dir), "--save", "", "--maxmemory-policy", "noeviction"]  # fmt: skip
+        if self.persist:
+            args += ["--appendonly", "yes", "--appendfsync", "always"]
+        else:
+            args += ["--appendonly", "no"]
         if self.password is not None:
             args += ["--requirepass", self.password]
         self.proc = start(args, dict(os.environ), self.dir / "redis.log")

@@ -1,39 +1,73 @@
-"""A Redis database of its own for a test session (shared by tests/service and
-tests/integration): RQ's keys (``rq:*``) are not prefixed, so tests that enqueue need a
-database nobody else is using. A database is claimed with a key set NX and emptied on release.
+"""The Redis of a test session: a ``redis-server`` of its own, never someone else's database.
+
+RQ's keys (``rq:*``) are not prefixed, and the tests create, list and delete keys freely, so
+they must not run in a database that holds anybody else's data: a shared Redis on 6379 may be
+a developer's or a CI neighbour's. By default a session therefore starts its own
+``redis-server`` on a free loopback port (no persistence; it dies with the session) and
+never connects to 6379 at all (``tests/test_redis_isolation.py`` checks it).
+
+``COREMERGE_TEST_REDIS_URL`` names a Redis database to use instead (for a machine without
+``redis-server``, or a Redis in another container). That database is handed over to the tests:
+it must be empty when the session starts (the session refuses to run otherwise, so it cannot
+delete data it did not write), and it is emptied again at the end.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 import redis
 
-HOST, PORT = "127.0.0.1", 6379
-CLAIM_KEY = "coremerge-tests:claimed-by"
+from tests.processes import RedisServer
+
+__all__ = ["TEST_REDIS_URL_ENV", "session_redis"]
+
+#: The variable that names a Redis database for the tests instead of a private server.
+TEST_REDIS_URL_ENV = "COREMERGE_TEST_REDIS_URL"
 
 
 @contextmanager
-def claimed_redis_db() -> Iterator[int]:
-    """Claim a free database (15 down to 1), empty it, yield its number, empty it again."""
+def session_redis(workdir: Path) -> Iterator[str]:
+    """Yield the URL of the session's Redis: the database :data:`TEST_REDIS_URL_ENV` names
+    (empty, or the session fails), or a private ``redis-server`` in ``workdir``."""
+    given = os.environ.get(TEST_REDIS_URL_ENV)
+    if given:
+        with _given_database(given) as url:
+            yield url
+        return
+    if shutil.which("redis-server") is None:
+        pytest.fail(
+            f"these tests start a redis-server of their own: install redis-server, or set "
+            f"{TEST_REDIS_URL_ENV} to an empty Redis database they may use"
+        )
+    server = RedisServer(workdir, persist=False)
+    server.start()
     try:
-        redis.Redis(host=HOST, port=PORT, socket_connect_timeout=2).ping()
-    except redis.exceptions.ConnectionError:
-        pytest.fail(f"these tests need a Redis on {HOST}:{PORT} (.ci/run starts one)")
-    for db in range(15, 0, -1):
-        client = redis.Redis(host=HOST, port=PORT, db=db)
-        if client.set(CLAIM_KEY, str(os.getpid()), nx=True, ex=3600):
-            break
-    else:
-        pytest.fail("no free Redis database (1-15) to claim")
-    for key in client.scan_iter(count=1000):
-        if key != CLAIM_KEY.encode():
-            client.delete(key)
+        yield server.url
+    finally:
+        server.stop()
+
+
+@contextmanager
+def _given_database(url: str) -> Iterator[str]:
+    client = redis.Redis.from_url(url, socket_connect_timeout=5)
     try:
-        yield db
+        client.ping()
+    except redis.exceptions.RedisError as exc:
+        pytest.fail(f"{TEST_REDIS_URL_ENV}: the Redis it names does not answer ({exc})")
+    held = client.dbsize()
+    if held:
+        pytest.fail(
+            f"{TEST_REDIS_URL_ENV} names a database that is not empty ({held} keys): the "
+            "tests use (and empty) the database they are given, so give them an empty one"
+        )
+    try:
+        yield url
     finally:
         client.flushdb()
         client.close()

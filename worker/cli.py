@@ -207,7 +207,9 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
     spec, dirs = resolve_cli_inputs(spec, local_path)
     out_dir = local_path(spec.output.uri)
-    bar = _progress_bar(args.quiet)
+    bar = _progress_bar(args.quiet or not sys.stderr.isatty())  # no bar in logs and pipes
+    if spec.space == "full":
+        bar.estimate = _FullSpaceEstimate()
     from worker.limits import default_max_work_bytes
 
     outcome = run_merge(
@@ -223,8 +225,47 @@ def cmd_merge(args: argparse.Namespace) -> int:
         f"  rank {outcome.rank}, {outcome.modules} modules, {outcome.bytes / 2**20:.1f} MiB "
         f"{spec.output.dtype}, {outcome.seconds:.2f} s on {report['device']}; "
         + (f"self-check residual {residual:.1e}" if residual is not None else "nothing projected")
+        + _lowest_kept_energy(report)
     )
     return 0
+
+
+def _lowest_kept_energy(report: dict[str, Any]) -> str:
+    """With ``--rank``: the module that kept the least of its update's energy, so that a rank
+    too small for some module shows on the summary line, not only in the report."""
+    kept = [(m["kept_energy"], m["module"]) for m in report.get("modules", [])
+            if m.get("kept_energy") is not None]  # fmt: skip
+    if not kept:
+        return ""
+    energy, module = min(kept)
+    return f"; lowest kept energy {energy:.3f} ({module})"
+
+
+class _FullSpaceEstimate:
+    """Full space merges a dense m × n matrix per module, a few hundred times slower than core
+    space: said once at plan time, then, once the first modules are done (or 5 s have
+    passed), how long the whole merge will likely take at that rate (on stderr)."""
+
+    def __init__(self) -> None:
+        self.started: float | None = None
+        self.said = False
+
+    def update(self, progress: Any) -> None:
+        import time
+
+        if progress.stage == "plan" and self.started is None:
+            self.started = time.monotonic()
+            print("coremerge: full space merges a dense m × n matrix per module, typically a "
+                  "few hundred times slower than core space (--space core)", file=sys.stderr)  # fmt: skip
+            return
+        done, total = progress.modules_done, progress.modules_total
+        if self.said or self.started is None or progress.stage != "merge" or not 0 < done < total:
+            return
+        elapsed = time.monotonic() - self.started
+        if done >= min(3, total - 1) or elapsed >= 5.0:
+            self.said = True
+            print(f"coremerge: full space: {done} of {total} modules in {elapsed:.1f} s; the "
+                  f"merge will likely take about {elapsed / done * total:.0f} s", file=sys.stderr)  # fmt: skip
 
 
 class _progress_bar:  # noqa: N801 (used like a function)
@@ -234,7 +275,11 @@ class _progress_bar:  # noqa: N801 (used like a function)
         self.quiet = quiet
         self.bar = None
 
+    estimate: _FullSpaceEstimate | None = None
+
     def update(self, progress: Any) -> None:
+        if self.estimate is not None:
+            self.estimate.update(progress)
         if self.quiet or progress.stage == "plan":
             return
         if self.bar is None:
@@ -398,8 +443,19 @@ def _add_merge_parser(sub: Any) -> None:
     )
 
 
+def _version() -> str:
+    """The installed distribution's version (pyproject.toml's)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("coremerge")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="coremerge", description="Merge LoRA adapters in Core Space.")
+    parser.add_argument("--version", action="version", version=f"coremerge {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     _add_merge_parser(sub)

@@ -17,6 +17,7 @@ from typing import Any
 __all__ = ["register"]
 
 EXIT_FAILED = 1
+EXIT_USAGE = 2
 
 
 def register(subparsers: Any) -> None:
@@ -36,15 +37,25 @@ def register(subparsers: Any) -> None:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
+    import logging
     import os
 
     from jobs.logs import configure_logging  # JSON lines (or text), job_id and tenant
-    from jobs.settings import Settings
+    from jobs.settings import ConfigError, configuration_lines, load_settings, unknown_variables
 
-    settings = Settings()
+    try:
+        settings = load_settings()
+    except ConfigError as exc:  # one line naming the variable, exit 2
+        print(f"coremerge: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     if args.healthcheck:
         return _worker_health(settings)
     configure_logging(settings.log_level, settings.log_format)
+    log = logging.getLogger("coremerge.worker")
+    for line in configuration_lines(settings, "worker"):
+        log.info("%s", line)
+    for warning in unknown_variables():
+        log.warning("%s", warning)
     # CUDA and fork: RQ's forking ``Worker`` runs each job in a fresh child (the "work horse"),
     # and CUDA cannot be used in a child forked from a process that initialised it. So this
     # parent never initialises CUDA: it may *import* torch (settings.worker_preload: each job
@@ -68,7 +79,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     from redis import Redis
     from rq.serializers import JSONSerializer
 
-    from jobs.queue import make_queue
+    from jobs.queue import MergeQueue, make_queue
     from worker.rq_worker import MergeWorker, heartbeat_interval, on_work_horse_killed
 
     refused = _unsafe_store(settings)
@@ -82,6 +93,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
         name=args.name,
         connection=redis,
         serializer=JSONSerializer,
+        queue_class=MergeQueue,  # a retried job goes back to its fair place too
         worker_ttl=settings.worker_ttl,
         job_monitoring_interval=heartbeat_interval(settings),
         maintenance_interval=settings.maintenance_interval,

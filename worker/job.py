@@ -14,14 +14,18 @@ succeeded. Runs in the forked work horse: this is where torch (and CUDA) is firs
 
 from __future__ import annotations
 
+import contextlib
+import faulthandler
 import logging
 import os
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from redis import Redis
+from rq import get_current_job
 from rq.timeouts import JobTimeoutException
 
 from jobs.errors import (
@@ -29,13 +33,14 @@ from jobs.errors import (
     Canceled,
     InternalError,
     JobTimeout,
+    LimitExceeded,
     MergeError,
 )
 from jobs.logs import bind_log_context, log_context
 from jobs.records import JobRecord, JobStore
 from jobs.settings import Settings
 from jobs.spec import MergeSpec
-from jobs.tenants import load_tenants, refusal
+from jobs.tenants import TenantsFileError, load_tenants, refusal
 from jobs.uris import parse_uri
 from worker.adapters.format import CONFIG_NAME, WEIGHTS_NAME
 from worker.adapters.streamed import ReadAhead
@@ -49,6 +54,8 @@ __all__ = ["preload", "run_job"]
 
 log = logging.getLogger("coremerge.worker")
 
+#: Seconds past its timeout after which a job stuck in one native call ends its process.
+STUCK_GRACE_S = 10
 #: Seconds between progress writes / cancel checks (a check at every module would be fine
 #: for Redis, but a 10 000-module merge does not need 10 000 writes).
 POLL_INTERVAL_S = 0.1
@@ -104,11 +111,32 @@ def preload(settings: Settings) -> None:
 def run_job(job_id: str) -> dict[str, Any] | None:
     """Run the merge job ``job_id`` (RQ calls this). Returns the result, or None. Every line
     logged meanwhile carries the job id and its tenant (``jobs.logs``)."""
-    with log_context(job_id=job_id):
-        return _run_job(job_id)
+    current = get_current_job()
+    timeout = current.timeout if current is not None else None
+    with log_context(job_id=job_id), _hard_deadline(timeout):
+        return _run_job(job_id, timeout)
 
 
-def _run_job(job_id: str) -> dict[str, Any] | None:
+@contextlib.contextmanager
+def _hard_deadline(timeout: float | None) -> Iterator[None]:
+    """End this work horse :data:`STUCK_GRACE_S` seconds after the job's timeout if it is
+    still running then. RQ's timeout is a signal whose handler runs between two Python
+    bytecodes, so a merge inside one long native call (an SVD) would not notice it before
+    the call returns, and RQ's own last resort, 60 s later, looks like a dead worker and
+    retries the job. faulthandler's watchdog is a native thread: it writes every thread's
+    traceback to the worker's log and exits, and the worker then ends the job ``timeout``
+    (``worker.rq_worker.on_work_horse_killed``)."""
+    if not timeout or timeout <= 0:
+        yield
+        return
+    faulthandler.dump_traceback_later(timeout + STUCK_GRACE_S, exit=True)
+    try:
+        yield
+    finally:
+        faulthandler.cancel_dump_traceback_later()
+
+
+def _run_job(job_id: str, timeout: float | None = None) -> dict[str, Any] | None:
     settings = Settings()
     redis = Redis.from_url(settings.redis_url, **settings.redis_kwargs)
     store = JobStore(redis, key_prefix=settings.key_prefix, result_ttl=settings.result_ttl)
@@ -124,7 +152,8 @@ def _run_job(job_id: str) -> dict[str, Any] | None:
         result = _merge(record, settings, _Tracker(store, job_id, run), started, run)
     except JobTimeoutException:
         error: MergeError = JobTimeout(
-            f"the merge ran over {settings.job_timeout} s (COREMERGE_JOB_TIMEOUT); nothing was published"
+            f"the merge ran over {timeout or settings.job_timeout} s (COREMERGE_JOB_TIMEOUT); "
+            "nothing was published"
         )
     except MergeError as exc:
         error = exc
@@ -144,7 +173,10 @@ def _run_job(job_id: str) -> dict[str, Any] | None:
         # Replaced (its worker was given up for dead and the job re-queued): the run that
         # holds the record now decides how the job ends.
         log.warning("job %s: this run was replaced; %s not recorded", job_id, error.code)
-    log.info("job %s: %s: %s", job_id, error.code, error.message)
+    log.warning(
+        "job %s: %s after %.2f s: %s", job_id, error.code, time.perf_counter() - started,
+        error.message,
+    )  # fmt: skip
     return None
 
 
@@ -152,6 +184,7 @@ def _merge(
     record: JobRecord, settings: Settings, tracker: _Tracker, started: float, run: str
 ) -> dict[str, Any]:
     spec = MergeSpec.model_validate(record.request)
+    _check_request_limits(spec, settings)
     _check_access(record, spec, settings)
     storage = Storage(
         make_s3_client(settings) if _uses_s3(spec) else None,
@@ -244,15 +277,40 @@ def _uses_s3(spec: MergeSpec) -> bool:
     return any(u.startswith("s3://") for u in [spec.output.uri, *(a.uri for a in spec.adapters)])
 
 
+def _check_request_limits(spec: MergeSpec, settings: Settings) -> None:
+    """The API refused these at submission; the record may come from an older or another API
+    (or straight from Redis), so this worker holds the job to its own limits too."""
+    if len(spec.adapters) > settings.max_adapters:
+        raise LimitExceeded(
+            f"{len(spec.adapters)} adapters; this worker takes at most {settings.max_adapters} "
+            "(COREMERGE_MAX_ADAPTERS)"
+        )
+    if spec.output.rank is not None and spec.output.rank > settings.max_output_rank:
+        raise LimitExceeded(
+            f"output.rank {spec.output.rank}; this worker writes at most rank "
+            f"{settings.max_output_rank} (COREMERGE_MAX_OUTPUT_RANK)"
+        )
+
+
 def _check_access(record: JobRecord, spec: MergeSpec, settings: Settings) -> None:
     """The API checked these locations at submission; check again with this worker's tenants
     file (it may have changed, and the queue is not a trust boundary)."""
-    tenant = load_tenants(settings.tenants_file, warn_open=False).get(record.tenant)
+    try:
+        tenants = load_tenants(settings.tenants_file, warn_open=False)
+    except TenantsFileError as exc:
+        log.error("%s; refusing the job", exc)  # the path and the cause, for the operator only
+        raise AccessDenied(
+            "this worker cannot read its tenants file (COREMERGE_TENANTS_FILE); its log says why"
+        ) from None
+    tenant = tenants.get(record.tenant)
     if tenant is None:
         raise AccessDenied(f"tenant {record.tenant!r} is not in this worker's tenants file")
     for uri in [*(a.uri for a in spec.adapters), spec.output.uri]:
         output = uri == spec.output.uri
-        refused = refusal(tenant, uri, allow_file_uris=settings.allow_file_uris, for_output=output)
+        refused = refusal(
+            tenant, uri, allow_file_uris=settings.allow_file_uris, for_output=output,
+            process="worker",
+        )  # fmt: skip
         if refused is not None:
             raise AccessDenied(refused.message)
         for resolved in _resolved(uri, output):

@@ -224,9 +224,10 @@ def _output_bytes(spec: MergeSpec, modules: list[ModulePlan], output_rank: int |
     """The weights file's size: every module at the output's one rank (the largest merged
     rank, at most min(m, n) of the widest module when only the merge will know it)."""
     rank = output_rank or max(min(mp.in_features, mp.out_features) for mp in modules)
-    return sum((mp.in_features + mp.out_features) * rank for mp in modules) * DTYPE_BYTES[
-        spec.output.dtype
-    ]
+    return (
+        sum((mp.in_features + mp.out_features) * rank for mp in modules)
+        * DTYPE_BYTES[spec.output.dtype]
+    )
 
 
 def _check_output(

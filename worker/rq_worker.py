@@ -22,7 +22,9 @@ from typing import Any
 
 from rq import Queue, Worker
 from rq.job import Job
+from rq.utils import now
 
+from jobs.fairness import took
 from jobs.records import JobRecord, JobStore
 from jobs.settings import Settings
 from worker.workdir import sweep_attempts
@@ -35,6 +37,12 @@ __all__ = [
 ]
 
 log = logging.getLogger("coremerge.queue")
+
+#: The job errors of failures RQ reports in its own words (which stay in the worker's log).
+GAVE_UP = (
+    "the job could not be run (RQ gave up on it, no retries left); the worker's log has the details"
+)
+ESCAPED = "the job ended unexpectedly; nothing was published and the worker's log has the details"
 
 
 class MergeWorker(Worker):
@@ -64,11 +72,19 @@ class MergeWorker(Worker):
             execution=execution,
         )  # fmt: skip
         # Every other way here (a killed work horse, an exception out of the job function)
-        # has already ended the record through a callback: fail() then changes nothing.
-        if final and _store_for(job, self.connection).fail(
-            job.id, "internal", f"RQ gave up on it ({exc_string.strip()}); no retries left"
-        ):
+        # has already ended the record through a callback: fail() then changes nothing. RQ's
+        # text goes to the log only: the client sees a fixed message.
+        if final and _store_for(job, self.connection).fail(job.id, "internal", GAVE_UP):
             log.error("job %s: RQ gave up on it (%s); marked failed", job.id, exc_string.strip())
+
+    def execute_job(self, job: Job, queue: Queue) -> None:
+        """Run ``job``; first record that its round is being served, so that jobs queued
+        from now on take their turns after it (``jobs.fairness``)."""
+        try:
+            took(self.connection, queue.key, job.id)
+        except Exception:  # fairness is bookkeeping: a failure to note it must not lose a job
+            log.warning("job %s: could not record its fair round", job.id, exc_info=True)
+        super().execute_job(job, queue)
 
     def get_heartbeat_ttl(self, job: Job, working_time: float = 0.0) -> int:
         interval = float(self.job_monitoring_interval)
@@ -124,18 +140,46 @@ def _remove_leftovers(record: JobRecord | None, run: str | None) -> None:
 
 def on_job_failure(job: Job, connection: Any, exc_type: Any, exc_value: Any, tb: Any) -> None:
     """RQ's failure callback. The job function catches every merge error itself, so this runs
-    for an abandoned job (its worker vanished) or an exception that escaped the function."""
+    for an abandoned job (its worker vanished) or an exception that escaped the function
+    (its type and text go to the log; the client sees a fixed message)."""
     name = getattr(exc_type, "__name__", str(exc_type))
     if name == "AbandonedJobError":
         _record_worker_death(job, connection, "its worker died")
     else:
-        _store_for(job, connection).fail(job.id, "internal", f"the job function raised {name}")
+        log.error("job %s: the job function raised %s: %s", job.id, name, exc_value)
+        _store_for(job, connection).fail(job.id, "internal", ESCAPED)
 
 
 def on_work_horse_killed(job: Job, retpid: int, ret_val: int, rusage: Any) -> None:
     """The forked work horse died under a job (killed, out of memory, segfault): its local
-    scratch folders go at once, then the record and the output are seen to."""
+    scratch folders go at once, then the record and the output are seen to. A horse that
+    died past the job's timeout ran out of time (it ended itself, stuck in a native call,
+    or RQ killed it): the job ends ``timeout`` and is not retried."""
     sweep_attempts(Settings().work_dir, job.id)
+    if _ran_out_of_time(job):
+        _record_timeout(job, job.connection)
+        return
     _record_worker_death(
         job, job.connection, f"the merge process died (wait status {ret_val}; out of memory?)"
     )
+
+
+def _ran_out_of_time(job: Job) -> bool:
+    if not job.timeout or job.timeout <= 0 or job.started_at is None:
+        return False
+    return (now() - job.started_at).total_seconds() >= job.timeout
+
+
+def _record_timeout(job: Job, connection: Any) -> None:
+    """End the job ``timeout``, remove what its run left at the output, and keep RQ from
+    running it again (a retry would run out of time the same way)."""
+    job.retries_left = 0  # RQ's failure handling, next, then fails it instead of retrying
+    store = _store_for(job, connection)
+    record = store.get(job.id)
+    message = (
+        f"the merge ran over its {job.timeout} s (COREMERGE_JOB_TIMEOUT) inside one long "
+        "computation and was stopped; nothing was published"
+    )
+    _remove_leftovers(record, None)  # first: once the job reads failed, its output is clean
+    if store.fail(job.id, "timeout", message):
+        log.warning("job %s: ran over its %s s timeout; stopped, not retried", job.id, job.timeout)

@@ -4,11 +4,13 @@
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from fastapi import APIRouter, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from service.api.deps import MetricsDep, StoreDep
+from jobs.queue import workers_listening
+from service.api.deps import MetricsDep, QueueDep, StoreDep
 from service.problems import Problem, problem_responses
 
 __all__ = ["router"]
@@ -17,15 +19,21 @@ router = APIRouter(tags=["operations"])
 log = logging.getLogger("coremerge.api")
 
 
-@router.get("/healthz", summary="The process is alive")
+@router.get("/healthz", operation_id="healthz", summary="The process is alive")
 async def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/readyz", summary="Redis answers", responses=problem_responses(503))
-def readyz(store: StoreDep) -> dict[str, str]:
+@router.get(
+    "/readyz", operation_id="readyz", summary="Redis answers", responses=problem_responses(503)
+)
+def readyz(store: StoreDep, queue: QueueDep) -> dict[str, Any]:
+    """Ready when Redis answers. The body says how many workers listen and how many jobs
+    wait, with a hint when jobs wait and no worker listens (the API is ready all the same:
+    it accepts jobs, they run when a worker starts)."""
     try:
         store.redis.ping()
+        workers, queued = workers_listening(queue), queue.count
     except Exception as exc:
         # The cause names Redis's host and port: it goes to the log, never to the caller.
         log.warning("readyz: the job store (Redis) does not answer: %s", exc)
@@ -35,11 +43,18 @@ def readyz(store: StoreDep) -> dict[str, str]:
             slug="unavailable",
             headers={"Retry-After": "5"},
         ) from None
-    return {"status": "ready"}
+    body: dict[str, Any] = {"status": "ready", "workers": workers, "queued": queued}
+    if queued and not workers:
+        body["hint"] = (
+            f"{queued} jobs are waiting and no worker listens on queue {queue.name!r}: start "
+            "`coremerge worker` with the same COREMERGE_REDIS_URL and COREMERGE_QUEUE"
+        )
+    return body
 
 
 @router.get(
     "/metrics",
+    operation_id="metrics",
     summary="Prometheus metrics",
     response_class=Response,
     responses={200: {"content": {CONTENT_TYPE_LATEST: {}}, "description": "text exposition"}},

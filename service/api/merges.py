@@ -7,26 +7,18 @@ thread pool instead of blocking the event loop.
 from __future__ import annotations
 
 import re
-import time
-from dataclasses import replace
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Depends, Header, Query
+from fastapi import APIRouter, Depends, Header, Path, Query, Request
 from fastapi.responses import JSONResponse
-from rq import Queue
 
-from jobs.queue import cancel_queued, enqueue_merge, enqueue_merge_once, withdraw
-from jobs.records import (
-    ACCEPT_STALE_S,
-    JobRecord,
-    JobStore,
-    QuotaExceeded,
-    fingerprint,
-    job_id_for,
-)
+from jobs.listing import MAX_PAGE, InvalidCursor, list_jobs
+from jobs.queue import cancel_queued
+from jobs.records import JobRecord, JobStore, job_id_for
 from jobs.settings import Settings
 from jobs.spec import MergeSpec
 from jobs.status import STATUSES
+from jobs.submission import submit
 from jobs.tenants import Tenant, refusal
 from jobs.uris import output_overlap, parse_uri
 from service.api.deps import (
@@ -37,15 +29,32 @@ from service.api.deps import (
     TenantDep,
     reject_unknown_query,
 )
-from service.api.models import Job, JobList, job_view
+from service.api.models import JOB_ID_PATTERN, Job, JobList, job_view
 from service.problems import Problem, problem_responses
 
 __all__ = ["router"]
 
 router = APIRouter(prefix="/merges", tags=["merges"], dependencies=[Depends(reject_unknown_query)])
 
-_JOB_ID = re.compile(r"^[0-9a-f]{32}$")
-_LOCATION = {"Location": {"description": "the job's URL", "schema": {"type": "string"}}}
+_JOB_ID = re.compile(JOB_ID_PATTERN)
+_LOCATION = {
+    "Location": {
+        "description": "the job's URL",
+        "schema": {"type": "string", "format": "uri-reference"},
+    }
+}
+#: From a submission to the job it created: what a client (or a stateful fuzzer) does next.
+_JOB_LINKS = {
+    "GetMerge": {"operationId": "getMerge", "parameters": {"job_id": "$response.body#/id"},
+                 "description": "read the job"},
+    "CancelMerge": {"operationId": "cancelMerge", "parameters": {"job_id": "$response.body#/id"},
+                    "description": "cancel the job"},
+}  # fmt: skip
+#: The job id in a path: its shape is declared, but a malformed one is a 404, like any id
+#: that names no job of the caller's (never a 422).
+JobIdPath = Annotated[
+    str, Path(description="the job's id", json_schema_extra={"pattern": JOB_ID_PATTERN})
+]
 
 
 def _job_response(record: JobRecord, status: int) -> JSONResponse:
@@ -97,34 +106,43 @@ def _normalized_request(spec: MergeSpec) -> dict:
     return request
 
 
-def _too_many(exc: QuotaExceeded) -> Problem:
-    """A quota's refusal as 429, with when to retry."""
-    return Problem(
-        429,
-        exc.message,
-        slug="quota-exceeded",
-        headers={"Retry-After": str(exc.retry_after)},
-    )
-
-
-def _own_job(store: JobStore, tenant: Tenant, job_id: str) -> JobRecord:
-    """The tenant's job, or 404 (also for another tenant's job: its existence is not told)."""
+def _own_job(store: JobStore, tenant: Tenant, job_id: str, *, reading: bool = False) -> JobRecord:
+    """The tenant's job, or 404 (also for another tenant's job: its existence is not told).
+    An admin may read (``reading``) any tenant's job."""
     record = store.get(job_id) if _JOB_ID.match(job_id) else None
-    if record is None or record.tenant != tenant.name:
+    if record is None or (record.tenant != tenant.name and not (reading and tenant.admin)):
         raise Problem(404, f"no job {job_id!r}", slug="not-found")
     return record
+
+
+async def require_json(request: Request) -> None:
+    """415 for a body that does not say it is JSON: FastAPI would read one without a
+    ``Content-Type`` as JSON, and answer 422 for any other type."""
+    content_type = request.headers.get("content-type", "")
+    media = content_type.split(";", 1)[0].strip().lower()
+    if media != "application/json" and not (
+        media.startswith("application/") and media.endswith("+json")
+    ):
+        said = f"Content-Type {media!r}" if media else "no Content-Type"
+        raise Problem(
+            415,
+            f"the body must be sent with Content-Type: application/json ({said})",
+            slug="unsupported-media-type",
+        )
 
 
 @router.post(
     "",
     status_code=202,
     response_model=Job,
+    operation_id="submitMerge",
     summary="Submit a merge job",
+    dependencies=[Depends(require_json)],
     responses={
-        202: {"description": "the job was queued", "headers": _LOCATION},
+        202: {"description": "the job was queued", "headers": _LOCATION, "links": _JOB_LINKS},
         200: {"model": Job, "description": "a repeat (same Idempotency-Key, same body)",
-              "headers": _LOCATION},
-        **problem_responses(401, 403, 409, 413, 422, 429, 503),
+              "headers": _LOCATION, "links": _JOB_LINKS},
+        **problem_responses(401, 403, 409, 413, 415, 422, 429, 503),
     },
 )  # fmt: skip
 def submit_merge(
@@ -146,112 +164,34 @@ def submit_merge(
     ] = None,
 ) -> JSONResponse:
     _check_limits_and_access(spec, tenant, settings)
-    request = _normalized_request(spec)
-    job_id = job_id_for(tenant.name, idempotency_key)
-    if idempotency_key is None:
-        record = _create_unkeyed(job_id, tenant, request, settings, store, queue)
-    else:
-        try:
-            record, created = _create_keyed(job_id, tenant, request, settings, store, queue)
-        except QuotaExceeded as exc:
-            raise _too_many(exc) from None
-        if not created:
-            return _job_response(record, 200)
+    submitted = submit(
+        store, queue, settings,
+        job_id=job_id_for(tenant.name, idempotency_key), tenant=tenant.name,
+        request=_normalized_request(spec), keyed=idempotency_key is not None,
+    )  # fmt: skip
+    if not submitted.created:
+        return _job_response(submitted.record, 200)
     metrics.submitted.inc()
-    return _job_response(record, 202)
-
-
-def _create_unkeyed(
-    job_id: str, tenant: Tenant, request: dict, settings: Settings, store: JobStore, queue: Queue
-) -> JobRecord:
-    """Create and queue a job with a random id: the record and the queue entry go in one
-    transaction, so both exist or neither does. The quotas are checked by the record's
-    creation inside it; a look beforehand keeps a refused submission from queueing a job
-    nearly always, and when two submissions race for the last slot, the loser's queue entry
-    is taken out again."""
-    refused = store.quota_refusal(tenant.name)
-    if refused is not None:
-        raise _too_many(refused)
-    with store.redis.pipeline(transaction=True) as pipe:
-        pipe.multi()
-        record = store.create(job_id, tenant.name, request, pipeline=pipe)
-        enqueue_merge(queue, job_id, settings, pipeline=pipe)
-        answers = pipe.execute()
-    try:
-        store.created(answers[0])
-    except QuotaExceeded as exc:
-        withdraw(queue, job_id)
-        raise _too_many(exc) from None
-    assert record is not None
-    return record
-
-
-def _create_keyed(
-    job_id: str, tenant: Tenant, request: dict, settings: Settings, store: JobStore, queue: Queue
-) -> tuple[JobRecord, bool]:
-    """Create and queue the job of an Idempotency-Key (True), or return the existing one
-    after checking that this is a true repeat (False)."""
-    for _ in range(3):  # a repeat whose record expires meanwhile creates it afresh
-        record = store.create(job_id, tenant.name, request)
-        if record is not None:
-            break
-        existing = store.get(job_id)
-        if existing is not None:
-            return _repeat(existing, request, settings, store, queue), False
-    else:
-        raise Problem(409, "the job record is changing under this request; retry", slug="conflict")
-    try:
-        enqueue_merge_once(queue, job_id, settings)
-    except BaseException:
-        store.discard(job_id, tenant.name)
-        raise
-    store.mark_accepted(job_id)
-    return replace(record, accepting_since=None), True
-
-
-def _repeat(
-    existing: JobRecord, request: dict, settings: Settings, store: JobStore, queue: Queue
-) -> JobRecord:
-    """The same Idempotency-Key again: same body → the same job (200); another body → 422;
-    the first request still being accepted → 409."""
-    if existing.fingerprint != fingerprint(request):
-        raise Problem(
-            422,
-            "this Idempotency-Key was used with a different request body",
-            slug="idempotency-key-reused",
-            title="Idempotency-Key reused",
-            errors=[{"field": "header.Idempotency-Key", "message": "used with another body"}],
-        )
-    if existing.accepting_since is not None:
-        if time.time() - existing.accepting_since < ACCEPT_STALE_S:
-            raise Problem(
-                409,
-                "a request with this Idempotency-Key is still being accepted; retry",
-                slug="idempotency-conflict",
-                headers={"Retry-After": "1"},
-            )
-        # The first request died between creating the record and queueing it: finish its work.
-        enqueue_merge_once(queue, existing.id, settings)
-        store.mark_accepted(existing.id)
-        existing = store.get(existing.id) or existing
-    return replace(existing, accepting_since=None)
+    return _job_response(submitted.record, 202)
 
 
 @router.get(
     "/{job_id}",
     response_model=Job,
+    operation_id="getMerge",
     summary="Read a job",
     responses=problem_responses(401, 404, 503),
 )
-def get_merge(job_id: str, tenant: TenantDep, store: StoreDep) -> JSONResponse:
-    return JSONResponse(job_view(_own_job(store, tenant, job_id)))
+def get_merge(job_id: JobIdPath, tenant: TenantDep, store: StoreDep) -> JSONResponse:
+    return JSONResponse(job_view(_own_job(store, tenant, job_id, reading=True)))
 
 
 @router.get(
     "",
     response_model=JobList,
-    summary="List the caller's jobs, newest first",
-    responses=problem_responses(401, 422, 503),
+    operation_id="listMerges",
+    summary="List the caller's jobs, newest first, a page at a time",
+    responses=problem_responses(401, 403, 422, 503),
 )
 def list_merges(
     tenant: TenantDep,
@@ -259,15 +199,39 @@ def list_merges(
     status: Annotated[
         Literal[STATUSES] | None, Query(description="only jobs in this status")
     ] = None,  # type: ignore[valid-type]
-    limit: Annotated[int, Query(ge=1, le=500)] = 50,
+    limit: Annotated[int, Query(ge=1, le=MAX_PAGE, description="jobs per page")] = 50,
+    cursor: Annotated[
+        str | None,
+        Query(
+            max_length=512,
+            pattern=r"^[A-Za-z0-9_-]+$",
+            description="the previous page's next_cursor",
+        ),
+    ] = None,
+    of_tenant: Annotated[
+        str | None,
+        Query(
+            alias="tenant",
+            pattern=r"^[A-Za-z0-9_.-]{1,64}$",
+            description="admins only: list this tenant's jobs instead of the caller's",
+        ),
+    ] = None,
 ) -> JSONResponse:
-    records = store.list(tenant.name, status=status, limit=limit)
-    return JSONResponse({"jobs": [job_view(r) for r in records]})
+    if of_tenant is not None and of_tenant != tenant.name and not tenant.admin:
+        raise Problem(
+            403, "query.tenant: only an admin may list another tenant's jobs", slug="forbidden"
+        )
+    try:
+        page = list_jobs(store, of_tenant or tenant.name, status=status, limit=limit, cursor=cursor)
+    except InvalidCursor as exc:
+        raise Problem.invalid("query.cursor", str(exc)) from None
+    return JSONResponse({"jobs": [j.to_dict() for j in page.jobs], "next_cursor": page.next_cursor})
 
 
 @router.delete(
     "/{job_id}",
     response_model=Job,
+    operation_id="cancelMerge",
     summary="Cancel a queued or running job",
     responses={
         200: {"description": "the job is canceled (it had not started, or was canceled before)"},
@@ -275,7 +239,9 @@ def list_merges(
         **problem_responses(401, 404, 409, 503),
     },
 )
-def cancel_merge(job_id: str, tenant: TenantDep, store: StoreDep, queue: QueueDep) -> JSONResponse:
+def cancel_merge(
+    job_id: JobIdPath, tenant: TenantDep, store: StoreDep, queue: QueueDep
+) -> JSONResponse:
     _own_job(store, tenant, job_id)
     outcome = store.cancel(job_id)
     record = _own_job(store, tenant, job_id)

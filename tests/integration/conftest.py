@@ -3,7 +3,7 @@
 - moto's standalone S3 server on 127.0.0.1 (a subprocess: bind it to loopback),
 - the API: ``python -m worker.cli serve`` (uvicorn), with a tenants file,
 - one worker: ``python -m worker.cli worker`` (RQ's forking worker),
-- a Redis database of their own on the machine's Redis.
+- the session's own Redis (``tests/redis_db.py``: a private ``redis-server``).
 
 The processes themselves (start, stop, kill) are ``tests/processes.py``, shared with the soak
 test; every one is stopped by its pid (and the worker's current work horse, which RQ puts in a
@@ -37,7 +37,6 @@ from tests.processes import (  # noqa: F401  (re-exported for the tests here)
     stop,
     wait_until,
 )
-from tests.redis_db import HOST, PORT, claimed_redis_db
 from tests.tenants import two_tenants
 from worker.demo import make_tiny_adapters
 
@@ -104,47 +103,45 @@ def s3(moto_endpoint: str):
 
 
 @pytest.fixture(scope="session")
-def stack(s3, moto_endpoint: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+def stack(
+    s3, moto_endpoint: str, redis_url: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Stack]:
     work = tmp_path_factory.mktemp("stack")
     tenants = work / "tenants.json"
     tenants.write_text(json.dumps(TENANTS))
-    with claimed_redis_db() as db:
-        port = free_port()
-        redis_url = f"redis://{HOST}:{PORT}/{db}"
-        env = {
-            **{k: v for k, v in os.environ.items() if not k.startswith("COREMERGE_")},
-            **AWS_ENV,
-            "COREMERGE_REDIS_URL": redis_url,
-            "COREMERGE_S3_ENDPOINT_URL": moto_endpoint,
-            "COREMERGE_TENANTS_FILE": str(tenants),
-            "COREMERGE_DEVICE": "cpu",
-            "COREMERGE_JOB_TIMEOUT": "300",
-            "COREMERGE_WORKER_TTL": "20",
-            "COREMERGE_WORK_DIR": str(work),
-            "COREMERGE_API_URL": f"http://127.0.0.1:{port}",
-            **{name: str(value) for name, value in LIMITS.items()},
-        }
-        logs = {"api": work / "api.log", "worker": work / "worker.log"}
-        cli = [sys.executable, "-m", "worker.cli"]
-        api = start([*cli, "serve", "--port", str(port)], env, logs["api"])
-        worker = start([*cli, "worker", "--name", f"it-{port}"], env, logs["worker"])
-        stack = Stack(
-            f"http://127.0.0.1:{port}", moto_endpoint, env, s3, logs, worker, redis_url,
-            [api, worker],
-        )  # fmt: skip
-        try:
-            wait_until(
-                lambda: httpx.get(f"{stack.api_url}/readyz", timeout=1).status_code == 200,
-                "API",
-                proc=api,
-            )
-            wait_until(
-                lambda: "Listening on" in logs["worker"].read_text(), "worker", 60, proc=worker
-            )
-            yield stack
-        finally:
-            for proc in stack.procs:
-                stop(proc)
+    port = free_port()
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("COREMERGE_")},
+        **AWS_ENV,
+        "COREMERGE_REDIS_URL": redis_url,
+        "COREMERGE_S3_ENDPOINT_URL": moto_endpoint,
+        "COREMERGE_TENANTS_FILE": str(tenants),
+        "COREMERGE_DEVICE": "cpu",
+        "COREMERGE_JOB_TIMEOUT": "300",
+        "COREMERGE_WORKER_TTL": "20",
+        "COREMERGE_WORK_DIR": str(work),
+        "COREMERGE_API_URL": f"http://127.0.0.1:{port}",
+        **{name: str(value) for name, value in LIMITS.items()},
+    }
+    logs = {"api": work / "api.log", "worker": work / "worker.log"}
+    cli = [sys.executable, "-m", "worker.cli"]
+    api = start([*cli, "serve", "--port", str(port)], env, logs["api"])
+    worker = start([*cli, "worker", "--name", f"it-{port}"], env, logs["worker"])
+    stack = Stack(
+        f"http://127.0.0.1:{port}", moto_endpoint, env, s3, logs, worker, redis_url,
+        [api, worker],
+    )  # fmt: skip
+    try:
+        wait_until(
+            lambda: httpx.get(f"{stack.api_url}/readyz", timeout=1).status_code == 200,
+            "API",
+            proc=api,
+        )
+        wait_until(lambda: "Listening on" in logs["worker"].read_text(), "worker", 60, proc=worker)
+        yield stack
+    finally:
+        for proc in stack.procs:
+            stop(proc)
 
 
 def inproc_settings(

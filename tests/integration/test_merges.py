@@ -26,6 +26,7 @@ from tests.integration.conftest import (
     ROOT,
     Stack,
     children,
+    free_port,
     make_llama_adapters,
     upload,
     wait_until,
@@ -71,7 +72,8 @@ def test_merge_equals_the_local_merge_bit_for_bit_and_loads_in_peft(
     assert result["uri"] == spec["output"]["uri"]
     assert result["report_uri"] == spec["output"]["uri"] + REPORT_NAME
     assert job["progress"] == {"stage": "upload", "modules_done": result["modules"],
-                               "modules_total": result["modules"]}  # fmt: skip
+                               "modules_total": result["modules"], "percent": 100.0,
+                               "eta_seconds": None}  # fmt: skip
     served = download(stack.s3, result["uri"], tmp_path / "served")
 
     local_spec = MergeSpec.model_validate({**spec, "output": {"uri": str(tmp_path / "local")}})
@@ -278,6 +280,16 @@ def test_submit_and_status_commands(stack: Stack, tiny: list[str], tmp_path: Pat
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert bad.returncode == 1 and "404" in bad.stderr
+    nobody = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    for args, source in ((["--url", nobody], "--url"), ([], "COREMERGE_API_URL")):
+        gone = subprocess.run(
+            [sys.executable, "-m", "worker.cli", "status", job["id"], *args], cwd=ROOT,
+            env={**env, "COREMERGE_API_URL": nobody, "COREMERGE_API_WAIT": "0.5"},
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert gone.returncode == 1
+        assert f"cannot reach the API at {nobody} (from {source})" in gone.stderr
+        assert "Traceback" not in gone.stderr
 
 
 def test_a_killed_merge_process_is_retried_and_succeeds(stack: Stack, big: list[str]) -> None:

@@ -85,3 +85,48 @@ def test_worker_rechecks_access(settings, monkeypatch, tmp_path, peft_adapters) 
     job = run_one(settings, {"adapters": [{"uri": f"file://{peft_adapters[0]}"}],
                              "output": {"uri": f"file://{tmp_path}/out"}})  # fmt: skip
     assert job["status"] == "failed" and job["error"]["code"] == "access_denied"
+
+
+def test_a_worker_without_file_uris_says_so(settings, monkeypatch, tmp_path, peft_adapters) -> None:
+    """The API allowed file:// but this worker does not: the error names the worker and the
+    variable it lacks (the quickstart used to set it for the API only)."""
+    monkeypatch.setenv("COREMERGE_ALLOW_FILE_URIS", "false")
+    job = run_one(settings, {"adapters": [{"uri": f"file://{peft_adapters[0]}"}],
+                             "output": {"uri": f"file://{tmp_path}/out"}})  # fmt: skip
+    assert job["status"] == "failed" and job["error"]["code"] == "access_denied"
+    assert "disabled in the worker (coremerge worker)" in job["error"]["message"]
+    assert "COREMERGE_ALLOW_FILE_URIS=true" in job["error"]["message"]
+
+
+@pytest.mark.parametrize(
+    ("env", "changes", "said"),
+    [
+        ({"COREMERGE_MAX_ADAPTERS": "2"}, {}, "COREMERGE_MAX_ADAPTERS"),
+        ({"COREMERGE_MAX_OUTPUT_RANK": "4"}, {"rank": 8}, "COREMERGE_MAX_OUTPUT_RANK"),
+    ],
+)
+def test_the_worker_holds_a_record_to_its_own_limits(
+    settings, monkeypatch, tmp_path, peft_adapters, env, changes, said
+) -> None:
+    """A record the API would have refused (written by an older or another API) ends
+    limit_exceeded before any input is read."""
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    job = run_one(settings, {"adapters": [{"uri": f"file://{d}"} for d in peft_adapters],
+                             "output": {"uri": f"file://{tmp_path}/out", **changes}})  # fmt: skip
+    assert job["status"] == "failed" and job["error"]["code"] == "limit_exceeded", job
+    assert said in job["error"]["message"]
+    assert job["progress"]["modules_total"] == 0 and not (tmp_path / "out").exists()
+
+
+def test_a_worker_whose_tenants_file_breaks_refuses_with_a_fixed_message(
+    settings, monkeypatch, tmp_path, peft_adapters
+) -> None:
+    tenants = tmp_path / "tenants.json"
+    tenants.write_bytes(b'{"tenants": {"x\xff": {}}}')
+    monkeypatch.setenv("COREMERGE_TENANTS_FILE", str(tenants))
+    job = run_one(settings, {"adapters": [{"uri": f"file://{peft_adapters[0]}"}],
+                             "output": {"uri": f"file://{tmp_path}/out"}})  # fmt: skip
+    assert job["status"] == "failed" and job["error"]["code"] == "access_denied"
+    assert "cannot read its tenants file" in job["error"]["message"]
+    assert str(tmp_path) not in job["error"]["message"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from jobs.listing import list_jobs
 from jobs.records import JobStore, fingerprint, job_id_for
 
 REQUEST = {"adapters": [{"uri": "s3://a/x/"}], "output": {"uri": "s3://a/out/"}}
@@ -95,17 +96,17 @@ def test_discard_undoes_create(store) -> None:
     store.create(job_id, "t", REQUEST)
     store.discard(job_id, "t")
     assert store.get(job_id) is None
-    assert store.list("t") == []
+    assert list_jobs(store, "t").jobs == []
     assert store.stats().get("active:queued", 0) == 0
 
 
 def test_list_drops_expired_records(store, redis) -> None:
     ids = [new_job(store, "lister") for _ in range(4)]
     redis.delete(store.job_key(ids[1]))  # as if it expired
-    assert [r.id for r in store.list("lister")] == [ids[3], ids[2], ids[0]]
+    assert [r.id for r in list_jobs(store, "lister").jobs] == [ids[3], ids[2], ids[0]]
     assert redis.zcard(store.tenant_key("lister")) == 3
-    assert [r.id for r in store.list("lister", limit=2)] == [ids[3], ids[2]]
-    assert store.list("lister", status="running") == []
+    assert [r.id for r in list_jobs(store, "lister", limit=2).jobs] == [ids[3], ids[2]]
+    assert list_jobs(store, "lister", status="running").jobs == []
 
 
 def test_a_cancel_is_honoured_until_the_report_and_refused_after(store: JobStore) -> None:

@@ -13,7 +13,6 @@ from redis import Redis
 
 from jobs.settings import Settings
 from service.app import create_app
-from tests.redis_db import HOST, PORT, claimed_redis_db
 from tests.tenants import two_tenants
 
 KEY_A, KEY_B = "key-team-a", "key-team-b"
@@ -35,12 +34,6 @@ def spec(n: int = 2, **changes: object) -> dict:
 
 
 @pytest.fixture(scope="session")
-def redis_db() -> Iterator[int]:
-    with claimed_redis_db() as db:
-        yield db
-
-
-@pytest.fixture(scope="session")
 def tenants_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("tenants") / "tenants.json"
     path.write_text(json.dumps(TENANTS))
@@ -48,13 +41,14 @@ def tenants_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture
-def make_settings(redis_db: int, tenants_file: Path) -> Callable[..., Settings]:
-    """Settings of an isolated deployment: its own key prefix and queue in the claimed db."""
+def make_settings(redis_url: str, tenants_file: Path) -> Callable[..., Settings]:
+    """Settings of an isolated deployment: its own key prefix and queue in the session's
+    Redis."""
 
     def make(**overrides: object) -> Settings:
         name = f"t{uuid.uuid4().hex[:10]}"
         values = {
-            "redis_url": f"redis://{HOST}:{PORT}/{redis_db}",
+            "redis_url": redis_url,
             "key_prefix": name,
             "queue": name,
             "tenants_file": tenants_file,

@@ -181,7 +181,7 @@ def test_a_tenant_sees_and_cancels_only_its_own_jobs(client) -> None:
     for method in ("GET", "DELETE"):
         r = client.request(method, f"/merges/{job_id}", headers=AUTH_B)
         assert r.status_code == 404 and r.headers["content-type"] == PROBLEM
-    assert client.get("/merges", headers=AUTH_B).json() == {"jobs": []}
+    assert client.get("/merges", headers=AUTH_B).json() == {"jobs": [], "next_cursor": None}
     assert [j["id"] for j in client.get("/merges", headers=AUTH_A).json()["jobs"]] == [job_id]
     assert client.get(f"/merges/{job_id}", headers=AUTH_A).json()["status"] == "queued"
 
@@ -196,7 +196,9 @@ def test_open_mode_accepts_any_s3_location(make_settings) -> None:
         r = client.post("/merges", json=spec(output={"uri": "s3://anything/else/"}))
         assert r.status_code == 202
         r = client.post("/merges", json=spec(output={"uri": "file:///tmp/out/"}))
-        assert r.status_code == 403  # file:// stays off unless enabled
+        assert r.status_code == 403  # file:// stays off unless enabled, and says who refused
+        assert "disabled in the API (coremerge serve)" in r.json()["detail"]
+        assert "COREMERGE_ALLOW_FILE_URIS=true" in r.json()["detail"]
     settings = make_settings(tenants_file=None, allow_file_uris=True)
     with TestClient(create_app(settings)) as client:
         r = client.post("/merges", json=spec(output={"uri": "file:///tmp/out/"}))
@@ -319,7 +321,7 @@ def test_cancel_while_the_report_is_written_is_409(client, settings, redis) -> N
 def test_healthz_readyz_and_redis_outage(make_settings) -> None:
     with TestClient(create_app(make_settings())) as client:
         assert client.get("/healthz").json() == {"status": "ok"}
-        assert client.get("/readyz").json() == {"status": "ready"}
+        assert client.get("/readyz").json() == {"status": "ready", "workers": 0, "queued": 0}
     dead = make_settings(redis_url="redis://127.0.0.1:1/0")  # nothing listens on port 1
     with TestClient(create_app(dead)) as client:
         assert client.get("/healthz").status_code == 200  # never touches Redis

@@ -16,14 +16,16 @@ from fastapi.testclient import TestClient
 from redis import Redis
 from rq.serializers import JSONSerializer
 
+from jobs import listing
+from jobs.listing import list_jobs
 from jobs.queue import make_queue
-from jobs.records import ACCEPT_STALE_S, JobRecord, JobStore, job_id_for
+from jobs.records import ACCEPT_STALE_S, JobStore, job_id_for
 from jobs.settings import Settings
 from jobs.spec import MergeSpec
+from jobs.submission import repair_stranded
 from jobs.tenants import Tenant, Tenants, TenantsFileError, hash_key, refusal
 from jobs.uris import output_overlap, overlaps, parse_uri
 from service.app import create_app
-from service.stranded import repair_stranded
 from tests.service.conftest import AUTH_A, AUTH_B, KEY_A, KEY_B, TENANTS, spec
 
 PROBLEM = "application/problem+json"
@@ -299,14 +301,14 @@ def test_listing_by_status_reads_only_that_status(client, settings, redis, monke
     assert store.redis.zcard(store.status_key("team-a", "failed")) == 1
 
     decoded: list[str] = []
-    original = JobRecord.from_hash.__func__
+    original = listing._summary
 
-    def counting(cls, raw):
-        record = original(cls, raw)
-        decoded.append(record.id)
-        return record
+    def counting(store, key, values):
+        summary = original(store, key, values)
+        decoded.append(summary.id)
+        return summary
 
-    monkeypatch.setattr(JobRecord, "from_hash", classmethod(counting))
+    monkeypatch.setattr(listing, "_summary", counting)
     jobs = client.get("/merges?status=failed", headers=AUTH_A).json()["jobs"]
     assert [j["id"] for j in jobs] == [failed]
     assert decoded == [failed]  # not the 30 queued records
@@ -337,9 +339,9 @@ def test_status_indexes_follow_every_move_and_drop_expired_records(settings, red
     assert members("queued") == [d]
     assert members("running") == [b]
     assert members("succeeded") == [a] and members("canceled") == [c]
-    assert [r.id for r in store.list("ix", status="running")] == [b]
+    assert [r.id for r in list_jobs(store, "ix", status="running").jobs] == [b]
     redis.delete(store.job_key(a))  # as if it expired
-    assert store.list("ix", status="succeeded") == []
+    assert list_jobs(store, "ix", status="succeeded").jobs == []
     assert members("succeeded") == []
     store.discard(d, "ix")
     assert members("queued") == []
@@ -390,7 +392,7 @@ def test_the_sweep_repairs_once_and_leaves_ended_jobs_alone(make_settings, redis
     again = _stranded(store, "s3")
     from jobs.queue import enqueue_merge
 
-    enqueue_merge(queue, again, settings)
+    enqueue_merge(queue, again, settings, tenant="team-a")
     assert repair_stranded(store, queue, settings) == 1
     assert queue.job_ids == [stranded, again]
     from rq.job import Job
@@ -512,6 +514,39 @@ def test_a_revoked_key_stops_working_without_a_restart(make_settings, tmp_path, 
         assert client.get("/merges", headers=new_b).status_code == 200
 
 
+@pytest.mark.parametrize(
+    ("content", "said"),
+    [
+        (b'{"tenants": {"team-a\xff": {}}}', "not UTF-8 at byte 20"),
+        (b"[" * 200_000 + b"]" * 200_000, "nested too deeply to parse"),
+        (b'{"tenants": ' + b'{"a": ' * 5000 + b"1" + b"}" * 5001, "nested too deeply to parse"),
+    ],
+)
+def test_a_tenants_file_that_turns_unparsable_keeps_the_last_good_one(
+    make_settings, tmp_path, caplog, content: bytes, said: str
+) -> None:
+    """Invalid UTF-8 or nesting deeper than the parser's recursion limit: no 500, the last
+    good tenants stay, one clear line in the log."""
+    path = tmp_path / "tenants.json"
+    path.write_text(json.dumps(TENANTS))
+    with TestClient(create_app(make_settings(tenants_file=path))) as client:
+        assert client.get("/merges", headers=AUTH_A).status_code == 200
+        with caplog.at_level(logging.ERROR, logger="coremerge.auth"):
+            tmp = path.with_suffix(".new")
+            tmp.write_bytes(content)
+            tmp.replace(path)
+            time.sleep(1.2)
+            for _ in range(3):
+                assert client.get("/merges", headers=AUTH_A).status_code == 200
+                assert (
+                    client.get("/merges", headers={"Authorization": "Bearer x"}).status_code == 401
+                )
+    lines = [r.getMessage() for r in caplog.records if r.name == "coremerge.auth"]
+    assert len(lines) == 1, lines
+    assert said in lines[0] and "keeping the last good tenants" in lines[0]
+    assert "\n" not in lines[0] and len(lines[0]) < 300
+
+
 def _replace(path: Path, content: dict) -> None:
     """Write a new version of ``path`` the way an editor or a Secret volume does: rename."""
     tmp = path.with_suffix(".new")
@@ -526,3 +561,30 @@ def _within(seconds: float, check: Callable[[], bool]) -> bool:
             return True
         time.sleep(0.1)
     return False
+
+
+def test_an_admin_reads_and_lists_every_tenants_jobs_but_cancels_none(
+    make_settings, tmp_path
+) -> None:
+    """The tenants file's ``"role": "admin"``: read any job, list any tenant's jobs with
+    ?tenant=; no cancel of another's job; a plain tenant may not list another's."""
+    path = tmp_path / "tenants.json"
+    tenants = json.loads(json.dumps(TENANTS))
+    tenants["tenants"]["ops"] = {"keys_sha256": [hash_key("ops-key")], "role": "admin"}
+    path.write_text(json.dumps(tenants))
+    admin = {"Authorization": "Bearer ops-key"}
+    with TestClient(create_app(make_settings(tenants_file=path))) as client:
+        job = client.post("/merges", json=spec(), headers=AUTH_A).json()
+        assert client.get(f"/merges/{job['id']}", headers=admin).json()["id"] == job["id"]
+        listed = client.get("/merges?tenant=team-a", headers=admin).json()["jobs"]
+        assert [j["id"] for j in listed] == [job["id"]]
+        assert client.get("/merges", headers=admin).json()["jobs"] == []  # its own: none
+        assert client.delete(f"/merges/{job['id']}", headers=admin).status_code == 404
+        refused = client.get("/merges?tenant=team-a", headers=AUTH_B)
+        assert refused.status_code == 403
+        assert refused.json()["type"] == "urn:coremerge:problem:forbidden"
+        assert client.get(f"/merges/{job['id']}", headers=AUTH_B).status_code == 404
+    bad = json.loads(json.dumps(tenants))
+    bad["tenants"]["ops"]["role"] = "root"
+    with pytest.raises(TenantsFileError, match="role must be"):
+        Tenants.from_dict(bad)

@@ -16,15 +16,15 @@ from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, settings
 from schemathesis.checks import positive_data_acceptance
 
+from jobs.listing import list_jobs
 from jobs.settings import Settings
 from service.app import create_app
-from tests.redis_db import HOST, PORT
 from tests.service.conftest import AUTH_A, spec
 
 
 class _AppUnderTest:
     """The ASGI app the cases are sent to: the schema is loaded at import (schemathesis needs
-    it to make the tests), the app on the claimed Redis database is set by a fixture."""
+    it to make the tests), the app on the session's Redis is set by a fixture."""
 
     def __init__(self) -> None:
         # Building an app connects to nothing; this one only serves the schema.
@@ -40,12 +40,12 @@ schema.config.seed = 0  # with derandomize below: the same cases on every run
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _real_app(redis_db: int, tenants_file: Path) -> Iterator[None]:
+def _real_app(redis_url: str, tenants_file: Path) -> Iterator[None]:
     name = f"fuzz{uuid.uuid4().hex[:8]}"
     schema_app = APP.app
     APP.app = create_app(
         Settings(
-            redis_url=f"redis://{HOST}:{PORT}/{redis_db}",
+            redis_url=redis_url,
             key_prefix=name,
             queue=name,
             tenants_file=tenants_file,
@@ -105,7 +105,7 @@ def test_success_paths_conform_to_the_schema() -> None:
     key = {"Idempotency-Key": f"fuzz-{uuid.uuid4().hex}"}
     assert call("/merges", "POST", body=body, headers=key) == 202
     assert call("/merges", "POST", body=body, headers=key) == 200
-    job_id = APP.app.state.store.list("team-a", limit=1)[0].id
+    job_id = list_jobs(APP.app.state.store, "team-a", limit=1).jobs[0].id
     assert call("/merges/{job_id}", "GET", path_parameters={"job_id": job_id}) == 200
     assert call("/merges", "GET", query={"status": "queued", "limit": 5}) == 200
     assert call("/merges/{job_id}", "DELETE", path_parameters={"job_id": job_id}) == 200

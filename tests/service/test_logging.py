@@ -16,17 +16,16 @@ import httpx
 import jobs.logs
 from jobs.logs import JsonFormatter, bind_log_context, log_context
 from tests.processes import CLI, free_port, start, stop, wait_until
-from tests.redis_db import HOST, PORT
 from tests.service.conftest import KEY_A, KEY_B, spec
 
 
 def test_serve_logs_json_lines_and_never_an_api_key(
-    redis_db: int, tenants_file: Path, tmp_path: Path
+    redis_url: str, tenants_file: Path, tmp_path: Path
 ) -> None:
     name = f"logs{uuid.uuid4().hex[:8]}"
     env = {
         **{k: v for k, v in os.environ.items() if not k.startswith("COREMERGE_")},
-        "COREMERGE_REDIS_URL": f"redis://{HOST}:{PORT}/{redis_db}",
+        "COREMERGE_REDIS_URL": redis_url,
         "COREMERGE_TENANTS_FILE": str(tenants_file),
         "COREMERGE_KEY_PREFIX": name,
         "COREMERGE_QUEUE": name,

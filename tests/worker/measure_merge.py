@@ -53,4 +53,3 @@ def measure(job: dict) -> dict:
     measured = status_bytes("VmHWM") - before
     estimate = outcome.report["memory"]["estimated_peak_bytes"]
     return {"estimate": estimate, "measured": measured, "reset": reset}
-

@@ -183,7 +183,9 @@ def _check(results: list[tuple[Cell, float, float]]) -> None:
     """Hold every cell to 1 ≤ estimate / measured ≤ MAX_RATIO (the rows are printed as they
     are measured: cell, estimate and measured peak in MiB, their ratio)."""
     ratios = [e / m for _, e, m in results]
-    print(f"estimate / measured over {len(results)} cells: min {min(ratios):.2f}, max {max(ratios):.2f}")
+    print(
+        f"estimate / measured over {len(results)} cells: min {min(ratios):.2f}, max {max(ratios):.2f}"
+    )
     small = [c.id for c, _, m in results if m < 48 * MiB]
     assert not small, f"cells too small for their work to dominate the noise: {small}"
     wrong = [(c.id, round(e / m, 2)) for c, e, m in results if not 1.0 <= e / m <= MAX_RATIO]

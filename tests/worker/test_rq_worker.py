@@ -4,6 +4,7 @@ worker died between taking it off the queue and starting it) does not leave the 
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 
@@ -16,7 +17,7 @@ from jobs.records import JobStore, job_id_for
 from jobs.settings import Settings
 from jobs.spec import MergeSpec
 from tests.service.conftest import spec
-from worker.rq_worker import MergeWorker
+from worker.rq_worker import ESCAPED, GAVE_UP, MergeWorker, on_job_failure
 
 
 def _stuck_in_the_intermediate_queue(settings: Settings) -> tuple[JobStore, str]:
@@ -40,10 +41,11 @@ def _stuck_in_the_intermediate_queue(settings: Settings) -> tuple[JobStore, str]
 
 @pytest.mark.parametrize("retries", [0, 1])
 def test_a_job_stuck_in_the_intermediate_queue_is_retried_or_ends_failed(
-    make_settings: Callable[..., Settings], retries: int
+    make_settings: Callable[..., Settings], retries: int, caplog: pytest.LogCaptureFixture
 ) -> None:
     settings = make_settings(job_retries=retries)
-    store, job_id = _stuck_in_the_intermediate_queue(settings)
+    with caplog.at_level(logging.ERROR, logger="coremerge.queue"):
+        store, job_id = _stuck_in_the_intermediate_queue(settings)
     record = store.get(job_id)
     assert record is not None
     queue = make_queue(store.redis, settings)
@@ -53,8 +55,8 @@ def test_a_job_stuck_in_the_intermediate_queue_is_retried_or_ends_failed(
     else:
         assert record.status == "failed", record
         assert record.error is not None and record.error["code"] == "internal"
-        assert "intermediate queue" in record.error["message"]
-        assert "no retries left" in record.error["message"]
+        assert record.error["message"] == GAVE_UP  # RQ's own text stays in the log
+        assert "intermediate queue" in caplog.text
         assert job_id not in queue.job_ids
     assert queue.intermediate_queue.get_job_ids() == []
 
@@ -76,3 +78,21 @@ def test_a_record_already_ended_is_left_alone(make_settings: Callable[..., Setti
     )
     record = store.get(job_id)
     assert record is not None and record.status == "canceled"
+
+
+def test_an_exception_escaping_the_job_function_is_a_fixed_message(
+    make_settings: Callable[..., Settings], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Its text can name hosts and paths: it goes to the worker's log, not to the client."""
+    settings = make_settings()
+    redis = Redis.from_url(settings.redis_url)
+    store = JobStore(redis, key_prefix=settings.key_prefix, result_ttl=settings.result_ttl)
+    job_id = job_id_for("team-a", None)
+    store.create(job_id, "team-a", MergeSpec.model_validate(spec()).model_dump(mode="json"))
+    job = enqueue_merge(make_queue(redis, settings), job_id, settings)
+    leak = RuntimeError("cannot open /srv/secret on 10.0.0.7:6379")
+    with caplog.at_level(logging.ERROR, logger="coremerge.queue"):
+        on_job_failure(job, redis, RuntimeError, leak, None)
+    record = store.get(job_id)
+    assert record.error == {"code": "internal", "message": ESCAPED}
+    assert "10.0.0.7:6379" in caplog.text

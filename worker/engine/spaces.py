@@ -119,9 +119,7 @@ def knots_components(factors: Sequence[LoraFactors]) -> tuple[Tensor, Tensor, Te
     return Qb @ Us, S, blocks
 
 
-def _knots_components_cost(
-    L: Ledger, m: int, n: int, ranks: Sequence[int]
-) -> tuple[int, int, int]:
+def _knots_components_cost(L: Ledger, m: int, n: int, ranks: Sequence[int]) -> tuple[int, int, int]:
     """:func:`knots_components`: (the bytes of the blocks, of U, both kept; k, the kept rank)."""
     T, R = len(ranks), sum(ranks)
     c = min(m, R)
