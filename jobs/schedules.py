@@ -39,6 +39,7 @@ __all__ = [
     "MAX_GRADIENT_POINTS",
     "MAX_PATTERNS",
     "MAX_PATTERN_CHARS",
+    "NUMBER_SHAPE",
     "PATTERN_BUDGET_S",
     "PATTERN_TIMEOUT_S",
     "ModuleFilter",
@@ -107,18 +108,23 @@ class ModuleRule(_Strict):
 Rules = Annotated[list[ModuleRule], Field(min_length=1, max_length=MAX_PATTERNS)]
 
 
+#: The tag of a schedule written as one number (error locations end in it; the API names the
+#: field itself).
+NUMBER_SHAPE = "number"
+
+
 def _shape(value: Any) -> str:
     """Which of the three shapes ``value`` is written in (so that an error names the one
     meant: ``weight.rules.0.modules``, not every shape it failed to be)."""
     if isinstance(value, list):
         items = [v.model_dump() if isinstance(v, ModuleRule) else v for v in value]
         return "rules" if any(isinstance(v, dict) for v in items) else "gradient"
-    return "number"
+    return NUMBER_SHAPE
 
 
 #: A value that may vary by layer and by module (the module docstring).
 Schedule = Annotated[
-    Annotated[_FINITE, Tag("number")]
+    Annotated[_FINITE, Tag(NUMBER_SHAPE)]
     | Annotated[Gradient, Tag("gradient")]
     | Annotated[Rules, Tag("rules")],
     Discriminator(_shape),

@@ -22,6 +22,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from jobs.schedules import NUMBER_SHAPE
 from jobs.submission import IdempotencyKeyReused, QuotaExceeded, RecordContended, StillAccepting
 
 __all__ = [
@@ -149,10 +150,13 @@ class Problem(Exception):
 
 def field_name(loc: tuple[Any, ...] | list[Any]) -> str:
     """``("body", "adapters", 0, "uri")`` → ``adapters.0.uri``; other sources keep their
-    prefix (``query.limit``, ``header.idempotency-key``)."""
+    prefix (``query.limit``, ``header.idempotency-key``). A schedule written as a plain
+    number (``weight: "0.5"``) is named by its field, not by the shape's tag."""
     parts = [str(x) for x in loc]
     if parts and parts[0] == "body":
         parts = parts[1:]
+    if len(parts) > 1 and parts[-1] == NUMBER_SHAPE:
+        parts = parts[:-1]
     return ".".join(parts) or "body"
 
 

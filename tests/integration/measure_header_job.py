@@ -29,7 +29,7 @@ import boto3
 import httpx
 
 from tests.processes import AWS_ENV, ROOT, children, free_port, moto_server, stop, wait_until
-from tests.redis_db import HOST, PORT, claimed_redis_db
+from tests.redis_db import session_redis
 
 
 def write_adapter(folder: Path, header_bytes: int = 99_900_000) -> int:
@@ -74,7 +74,7 @@ def peak_rss_mib(worker: subprocess.Popen, done) -> float:
 
 
 def run(copies: int, code: Path, work: Path, header_bytes: int) -> dict:
-    with moto_server(work / "moto.log") as endpoint, claimed_redis_db() as db:
+    with moto_server(work / "moto.log") as endpoint, session_redis(work) as redis_url:
         s3 = boto3.client(
             "s3", endpoint_url=endpoint, region_name="us-east-1",
             aws_access_key_id="testing", aws_secret_access_key="testing",
@@ -88,7 +88,7 @@ def run(copies: int, code: Path, work: Path, header_bytes: int) -> dict:
         env = {
             **{k: v for k, v in os.environ.items() if not k.startswith("COREMERGE_")},
             **AWS_ENV, "PYTHONPATH": str(code),
-            "COREMERGE_REDIS_URL": f"redis://{HOST}:{PORT}/{db}",
+            "COREMERGE_REDIS_URL": redis_url,
             "COREMERGE_S3_ENDPOINT_URL": endpoint, "COREMERGE_DEVICE": "cpu",
             "COREMERGE_WORK_DIR": str(work), "COREMERGE_JOB_TIMEOUT": "3600",
         }  # fmt: skip

@@ -22,7 +22,6 @@ from jobs.tenants import hash_key
 from service.client import ApiError, CoremergeClient
 from tests.hub_cache import put_in_cache
 from tests.integration.conftest import AWS_ENV, free_port, start, stop, upload, wait_until
-from tests.redis_db import HOST, PORT, claimed_redis_db
 
 KEY_A, KEY_B = "hub-key-a", "hub-key-b"
 TENANTS = {
@@ -53,7 +52,11 @@ class HubStack:
 
 @pytest.fixture(scope="module")
 def hub_stack(
-    s3, moto_endpoint: str, peft_adapters: list[Path], tmp_path_factory: pytest.TempPathFactory
+    s3,
+    moto_endpoint: str,
+    redis_url: str,
+    peft_adapters: list[Path],
+    tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[HubStack]:
     work = tmp_path_factory.mktemp("hub-stack")
     cache = work / "hf-cache"
@@ -69,37 +72,39 @@ def hub_stack(
     (pickled / "adapter_model.bin").write_bytes(b"\x80\x04never read")
     put_in_cache(cache, "org/pickled", pickled, files=("adapter_config.json", "adapter_model.bin"))
     (work / "tenants.json").write_text(json.dumps(TENANTS))
-    with claimed_redis_db() as db:
-        port = free_port()
-        env = {
-            **{k: v for k, v in os.environ.items() if not k.startswith(("COREMERGE_", "HF_"))},
-            **AWS_ENV,
-            "HF_HUB_OFFLINE": "1",
-            "HF_HUB_CACHE": str(cache),
-            "COREMERGE_REDIS_URL": f"redis://{HOST}:{PORT}/{db}",
-            "COREMERGE_S3_ENDPOINT_URL": moto_endpoint,
-            "COREMERGE_TENANTS_FILE": str(work / "tenants.json"),
-            "COREMERGE_DEVICE": "cpu",
-            "COREMERGE_WORK_DIR": str(work),
-            "COREMERGE_API_URL": f"http://127.0.0.1:{port}",
-        }
-        cli = [sys.executable, "-m", "worker.cli"]
-        logs = work / "worker.log"
-        procs = [
-            start([*cli, "serve", "--port", str(port)], env, work / "api.log"),
-            start([*cli, "worker", "--name", f"hub-{port}"], env, logs),
-        ]
-        try:
-            wait_until(
-                lambda: httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200,
-                "API",
-                proc=procs[0],
-            )
-            wait_until(lambda: "Listening on" in logs.read_text(), "worker", 60, proc=procs[1])
-            yield HubStack(f"http://127.0.0.1:{port}", env, commits, logs)
-        finally:
-            for proc in procs:
-                stop(proc)
+    # The session's Redis, with a queue and key prefix of this stack's own.
+    port = free_port()
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith(("COREMERGE_", "HF_"))},
+        **AWS_ENV,
+        "HF_HUB_OFFLINE": "1",
+        "HF_HUB_CACHE": str(cache),
+        "COREMERGE_REDIS_URL": redis_url,
+        "COREMERGE_QUEUE": f"coremerge-hub-{port}",
+        "COREMERGE_KEY_PREFIX": f"coremerge-hub-{port}",
+        "COREMERGE_S3_ENDPOINT_URL": moto_endpoint,
+        "COREMERGE_TENANTS_FILE": str(work / "tenants.json"),
+        "COREMERGE_DEVICE": "cpu",
+        "COREMERGE_WORK_DIR": str(work),
+        "COREMERGE_API_URL": f"http://127.0.0.1:{port}",
+    }
+    cli = [sys.executable, "-m", "worker.cli"]
+    logs = work / "worker.log"
+    procs = [
+        start([*cli, "serve", "--port", str(port)], env, work / "api.log"),
+        start([*cli, "worker", "--name", f"hub-{port}"], env, logs),
+    ]
+    try:
+        wait_until(
+            lambda: httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200,
+            "API",
+            proc=procs[0],
+        )
+        wait_until(lambda: "Listening on" in logs.read_text(), "worker", 60, proc=procs[1])
+        yield HubStack(f"http://127.0.0.1:{port}", env, commits, logs)
+    finally:
+        for proc in procs:
+            stop(proc)
 
 
 def _report(s3, uri: str) -> dict:
