@@ -18,6 +18,7 @@ from worker.engine.linalg import isotropize
 from worker.engine.shared_bases import (
     captured_energy,
     hosvd_bases,
+    isotropic_truncation,
     lift,
     project,
     rank_aware_isotropize,
@@ -193,6 +194,27 @@ def test_rank_aware_isotropize() -> None:
     got = torch.linalg.svdvals(rank_aware_isotropize(low))
     want = torch.tensor([S[:2].mean(), S[:2].mean(), 0, 0, 0], dtype=F64)
     assert rel_err(got, want) < 1e-10
+
+
+def test_isotropic_truncation_is_isotropize_after_the_cut() -> None:
+    """Rank k, every kept singular value the mean of the top k, the top-k singular subspaces
+    of M kept; batched as one by one; k ≥ rank equals the plain (rank-aware) isotropize."""
+    M = _cores(T=3, a=12, b=10, seed=4)
+    U, S, Vh = torch.linalg.svd(M, full_matrices=False)
+    left, right = isotropic_truncation(M, 4)
+    got = left @ right
+    want = (U[..., :4] * S[..., :4].mean(-1, keepdim=True)[..., None, :]) @ Vh[..., :4, :]
+    assert rel_err(got, want) < 1e-12
+    cut = (U[..., :4] * S[..., None, :4]) @ Vh[..., :4, :]
+    assert rel_err(rank_aware_isotropize(cut), want) < 1e-12
+    for t in range(3):
+        one_left, one_right = isotropic_truncation(M[t], 4)
+        assert rel_err(one_left @ one_right, got[t]) < 1e-12
+        assert int(torch.linalg.matrix_rank(got[t])) == 4
+    full_left, full_right = isotropic_truncation(M[0], 50)
+    assert rel_err(full_left @ full_right, rank_aware_isotropize(M[0])) < 1e-12
+    with pytest.raises(ValueError, match="at least 1"):
+        isotropic_truncation(M, 0)
 
 
 def test_docstring_example() -> None:

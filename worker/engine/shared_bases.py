@@ -48,6 +48,7 @@ __all__ = [
     "SharedBases",
     "captured_energy",
     "hosvd_bases",
+    "isotropic_truncation",
     "lift",
     "project",
     "rank_aware_isotropize",
@@ -196,3 +197,25 @@ def rank_aware_isotropize(x: Tensor) -> Tensor:
     count = nonzero.sum(-1, keepdim=True).clamp(min=1)
     mean = (S * nonzero).sum(-1, keepdim=True) / count
     return ((U * (mean * nonzero)[..., None, :]) @ Vh).to(x.dtype)
+
+
+def isotropic_truncation(merged: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """Iso-C at rank k without losing its point: cut the merged task arithmetic M (..., a, b)
+    to its top k singular directions, THEN give them one singular value, the mean of the
+    nonzero ones among the k (:func:`rank_aware_isotropize` of the truncation).
+
+    Truncating Iso-C's result instead keeps k/R of a flat spectrum; isotropizing after the cut
+    spends the whole budget on the k directions the output can carry (the Compress-then-Merge
+    reference isotropizes after its low-rank step, over the rank the matrix has). Returned as
+    thin factors (P_k s̄, Q_kᵀ), (..., a, k) and (..., k, b): the module's pair is
+    B = U_ref (P_k s̄), A = Q_kᵀ V_refᵀ. Float64 inside; one SVD of M.
+    """
+    if k < 1:
+        raise ValueError(f"the rank k must be at least 1, not {k}")
+    U, S, Vh = torch.linalg.svd(merged.double(), full_matrices=False)
+    U, S, Vh = U[..., :k], S[..., :k], Vh[..., :k, :]
+    tol = S.amax(-1, keepdim=True) * max(merged.shape[-2:]) * torch.finfo(torch.float32).eps
+    nonzero = tol < S
+    mean = (S * nonzero).sum(-1, keepdim=True) / nonzero.sum(-1, keepdim=True).clamp(min=1)
+    left = U * (mean * nonzero)[..., None, :]
+    return left.to(merged.dtype), Vh.to(merged.dtype)
