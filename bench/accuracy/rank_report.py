@@ -19,15 +19,24 @@ from pathlib import Path
 
 __all__ = ["aggregate", "markdown", "write"]
 
-MODE_TITLES = {"truncate": "truncate", "shared-b0": "shared β=0", "shared": "shared β=1"}
+#: ranked.py's methods isotropized after the cut to rank k.
+ISOTROPIZED_AFTER_CUT = ("iso_c_k", "tsv_iso_k")
+MODE_TITLES = {
+    "truncate": "truncate",
+    "truncate-rescaled": "truncate, α after",
+    "shared-b0": "shared β=0",
+    "shared": "shared β=1",
+}
 
 
-def _seed_files(results: Path, stem: str) -> dict[int, dict]:
-    out = {}
+def _seed_files(results: Path, stem: str) -> list[tuple[int, dict]]:
+    """(seed, data) of every ``<stem>-seed<N>[-tag].json``: runs side by side (``--tag``)
+    add their rows to the same seed."""
+    out = []
     for path in sorted(results.glob(f"{stem}-seed*.json")):
         data = json.loads(path.read_text())
         seed = data.get("seed", data.get("settings", {}).get("seed"))
-        out[int(seed)] = data
+        out.append((int(seed), data))
     return out
 
 
@@ -35,28 +44,32 @@ def aggregate(results: Path) -> dict:
     """{(variant, method, mode, rank): {seed: score}}, the alpha-1 scores, and the main
     benchmark's searched (core) and PEFT svd scores of the same seeds."""
     study = _seed_files(results, "accuracy-rank")
-    main = {s: d for s, d in _seed_files(results, "accuracy").items() if s in study}
+    seeds = {seed for seed, _ in study}
+    main = [(s, d) for s, d in _seed_files(results, "accuracy") if s in seeds]
     scores: dict[tuple, dict[int, float]] = {}
     alpha_one: dict[tuple, dict[int, float]] = {}
-    for seed, data in study.items():
+    for seed, data in study:
         for variant, v in data["variants"].items():
             for row in v["rows"]:
-                key = (variant, row["method"], row["mode"], row["rank"])
+                mode = row["mode"]
+                if row["method"] in ISOTROPIZED_AFTER_CUT and mode == "truncate-rescaled":
+                    mode = "truncate"  # their alpha is always taken after the cut
+                key = (variant, row["method"], mode, row["rank"])
                 scores.setdefault(key, {})[seed] = row["avg_norm"]
                 if "alpha_one_avg_norm" in row:
                     alpha_one.setdefault(key, {})[seed] = row["alpha_one_avg_norm"]
     searched: dict[tuple, dict[int, float]] = {}
-    for seed, data in main.items():
+    for seed, data in main:
         for variant, v in data["variants"].items():
             for row in v["rows"]:
                 if row["source"] == "coremerge" and row["space"] == "core":
                     key = (variant, row["method"], "searched", row.get("rank_limit"))
-                elif row["source"] == "peft" and row["method"] == "svd":
-                    key = (variant, "peft_svd", "searched", row.get("rank_limit"))
+                elif row["source"] == "peft" and row["method"] == "svd":  # default: max rank
+                    key = (variant, "peft_svd", "searched", row.get("rank_limit") or row["rank"])
                 else:
                     continue
                 searched.setdefault(key, {})[seed] = row["avg_norm"]
-    return {"seeds": sorted(study), "scores": scores, "alpha_one": alpha_one,
+    return {"seeds": sorted(seeds), "scores": scores, "alpha_one": alpha_one,
             "searched": searched}  # fmt: skip
 
 
@@ -64,9 +77,10 @@ def _pm(by_seed: dict[int, float] | None, n: int) -> str:
     if not by_seed:
         return "–"
     xs = [100 * x for x in by_seed.values()]
-    sd = statistics.stdev(xs) if len(xs) > 1 else 0.0
+    if len(xs) == 1:
+        return f"{xs[0]:.1f}" + (" (n=1)" if n > 1 else "")
     short = f" (n={len(xs)})" if len(xs) < n else ""
-    return f"{statistics.fmean(xs):.1f} ± {sd:.1f}{short}"
+    return f"{statistics.fmean(xs):.1f} ± {statistics.stdev(xs):.1f}{short}"
 
 
 def _mean(by_seed: dict[int, float]) -> float:
@@ -94,8 +108,12 @@ def _rank_table(agg: dict, variant: str) -> list[str]:
             cells.append(f"**{cell}**" if best[r] == (variant, method, m, r) else cell)
         cells.append(_pm(s.get((variant, method, "full", None)), n))
         lines.append(f"| `{method}` | " + " | ".join(cells) + " |")
-    svd = [_pm(agg["searched"].get((variant, "peft_svd", "searched", r)), n) for r, _ in cols]
-    if any(c != "–" for c in svd):
+    firsts = {r: m for r, m in reversed(cols)}  # the first column of each rank
+    svd = [
+        _pm(agg["searched"].get((variant, "peft_svd", "searched", r)), n) if firsts[r] == m else ""
+        for r, m in cols
+    ]
+    if any(c not in ("–", "") for c in svd):
         lines.append("| PEFT `svd` (searched α) | " + " | ".join(svd) + " | – |")
     rec = "; ".join(f"rank {r}: `{best[r][1]}` {MODE_TITLES[best[r][2]]}" for r in ranks)
     return [*lines, "", f"Recommended per rank (best mean at auto alpha): {rec}."]
@@ -137,8 +155,13 @@ def markdown(agg: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+#: The methods the plot draws (the table has every one).
+PLOTTED = ("tsv", "iso_c", "ta", "ties", "iso_c_k", "tsv_iso_k")
+
+
 def plot(agg: dict, path: Path) -> None:
-    """Per variant, per method: score against rank, one line per mode, full rank dashed."""
+    """Per variant: score against rank for the headline methods, truncation dotted, shared
+    bases (β = 0) solid, the best full-rank merge of the study as a grey line."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -146,17 +169,19 @@ def plot(agg: dict, path: Path) -> None:
 
     variants = list(dict.fromkeys(k[0] for k in agg["scores"]))
     fig, axes = plt.subplots(1, len(variants), figsize=(7 * len(variants), 4.5), squeeze=False)
-    styles = {"truncate": ":", "shared-b0": "-", "shared": "--"}
     for ax, variant in zip(axes[0], variants, strict=True):
         keys = [k for k in agg["scores"] if k[0] == variant]
-        for i, method in enumerate(dict.fromkeys(k[1] for k in keys)):
-            colour = f"C{i}"
-            for mode, style in styles.items():
+        for i, method in enumerate(m for m in PLOTTED if any(k[1] == m for k in keys)):
+            for mode, style in (("truncate", ":"), ("shared-b0", "-")):
                 pts = sorted((k[3], 100 * _mean(agg["scores"][k])) for k in keys
-                             if k[1] == method and k[2] == mode)  # fmt: skip
+                             if k[1] == method and k[2] == mode and k[3] is not None)  # fmt: skip
                 if pts:
-                    ax.plot(*zip(*pts, strict=True), style, marker="o", color=colour,
+                    ax.plot(*zip(*pts, strict=True), style, marker="o", color=f"C{i}",
                             label=f"{method} {MODE_TITLES[mode]}")  # fmt: skip
+        full = [100 * _mean(agg["scores"][k]) for k in keys if k[2] == "full"]
+        if full:
+            ax.axhline(max(full), color="grey", lw=1, label="best full rank (study)")
+        ax.set_xticks(sorted({k[3] for k in keys if k[3] is not None}))
         ax.set_xlabel("output rank k")
         ax.set_ylabel("avg normalised test acc. (%), auto alpha")
         ax.set_title(f"{variant} ranks, seeds {agg['seeds']}")

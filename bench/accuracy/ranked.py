@@ -8,7 +8,13 @@ evaluated by adding it to the base encoder, as ``variant.py`` does:
 - ``truncate``: the same merge cut to its best rank-k approximation (today's ``output.rank``);
 - ``shared``: Tucker-2 bases P, Q fitted to all M_t (``worker.engine.shared_bases``), the
   method on the k × k coordinates C_t = Pᵀ M_t Q, lifted back as P C Qᵀ;
-- ``shared-b0``: the same with every task rescaled to the mean norm before the fit (β = 0).
+- ``shared-b0``: the same with every task rescaled to the mean norm before the fit (β = 0);
+- ``truncate-rescaled``: truncation with the auto alpha taken after the cut, so the rank-k
+  update, not the full one, has the tasks' mean energy.
+
+``iso_c_k`` is Iso-C made rank-aware the other way round: task arithmetic, cut to rank k,
+then isotropized over those k singular values (the Compress-then-Merge reference's order for
+a low-rank Iso-C), its alpha taken from the result; ``tsv_iso_k`` the same from TSV's merge.
 
 Iso-C on the coordinates is rank-aware (the mean runs over the k singular values the output
 has). Every merge is scaled per module by the energy rule of ``alpha: "auto"`` (the tasks'
@@ -47,7 +53,9 @@ from bench.accuracy.train import TrainConfig, load_head, lora_deltas, train_adap
 __all__ = ["ENERGY_SHARE", "merge_module_at_rank", "scaled_density"]
 
 VARIANTS = {"equal": [EQUAL_RANK] * 6, "mixed": list(MIXED_RANKS), "large": [32] * 6}
-MODES = ("full", "truncate", "shared", "shared-b0")
+MODES = ("full", "truncate", "truncate-rescaled", "shared", "shared-b0")
+#: Methods isotropized after the cut to rank k: the merge they start from.
+ISO_AFTER_CUT = {"iso_c_k": "ta", "tsv_iso_k": "tsv"}
 #: ``ties_energy`` keeps, per task, the largest entries that together hold this share of the
 #: task's energy (full-space TIES at density 0.1 keeps about this much of a LoRA update).
 ENERGY_SHARE = 0.8
@@ -140,7 +148,7 @@ def merge_module_at_rank(
     update can carry), and a truncated merge keeps the alpha of the merge before the cut.
     """
     from worker.engine import LoraFactors, core_matrices, reference_bases
-    from worker.engine.shared_bases import lift, shared_bases
+    from worker.engine.shared_bases import lift, rank_aware_isotropize, shared_bases
 
     factors = [LoraFactors(A=a, B=b) for a, b in zip(A, B, strict=True)]
     bases = reference_bases(factors)
@@ -149,17 +157,23 @@ def merge_module_at_rank(
     task_energy = sum(float(c.double().square().sum()) for c in cores) / len(cores)
     if mode.startswith("shared"):
         sb = shared_bases(torch.stack(cores), k, beta=0.0 if mode == "shared-b0" else 1.0)
-        C = merge_method(method, list(sb.coordinates), shape)
+        C = merge_method(
+            "iso_c" if method in ISO_AFTER_CUT else method, list(sb.coordinates), shape
+        )
         task_energy = float(sb.coordinates.double().square().sum()) / len(cores)
         left, right = lift(C, sb.P, sb.Q)
         M, norm, kept = left @ right, float(C.double().norm()), float(sb.captured)
     else:
-        M = merge_method(method, cores, shape)
+        M = merge_method(ISO_AFTER_CUT.get(method, method), cores, shape)
         norm, kept = float(M.double().norm()), 1.0
-        if mode == "truncate":
+        if mode.startswith("truncate"):
             U, S, Vh = torch.linalg.svd(M, full_matrices=False)
             M = (U[:, :k] * S[:k]) @ Vh[:k]
             kept = float(S[:k].double().square().sum() / S.double().square().sum())
+        if method in ISO_AFTER_CUT:  # isotropize over the rank the output has, after the cut
+            M = rank_aware_isotropize(M)
+        if mode == "truncate-rescaled" or method in ISO_AFTER_CUT:
+            norm = float(M.double().norm())
     alpha = math.sqrt(task_energy) / norm if norm > 1e-5 * math.sqrt(task_energy) else 1.0
     return bases.U @ M @ bases.V.mT, alpha, kept
 
@@ -175,6 +189,33 @@ def merged_deltas(
         deltas[module], alphas[module], share = merge_module_at_rank(method, mode, A, B, k)
         kept.append(share)
     return deltas, alphas, sum(kept) / len(kept)
+
+
+def fit_curve(factors: list[dict], ks: list[int], sweeps: int = 8) -> dict:
+    """Share of the tasks' energy the shared bases hold (mean over modules), per k, β and
+    number of HOOI sweeps (0: the HOSVD), and truncation's share of the merged TA update at
+    the same k: the data behind ``HOOI_ITERATIONS`` and behind the choice of β."""
+    from worker.engine import LoraFactors, core_matrices, reference_bases
+    from worker.engine.shared_bases import captured_energy, project, tucker2_bases
+
+    stacks = []
+    for module in factors[0]:
+        fs = [LoraFactors(A=f[module][0], B=f[module][1]) for f in factors]
+        stacks.append(torch.stack(core_matrices(fs, reference_bases(fs))))
+    out: dict = {}
+    for k in ks:
+        for beta in (0.0, 1.0):
+            curve = []
+            for it in range(sweeps + 1):
+                shares = [float(captured_energy(c, project(c, *tucker2_bases(c, k, beta, it))))
+                          for c in stacks]  # fmt: skip
+                curve.append(round(sum(shares) / len(shares), 5))
+            out[f"k={k} beta={beta:g}"] = curve
+        S = [torch.linalg.svdvals(c.sum(0).double()) for c in stacks]
+        out[f"k={k} truncate ta"] = round(
+            sum(float(s[:k].square().sum() / s.square().sum()) for s in S) / len(S), 5
+        )
+    return out
 
 
 def _row(ev: Evaluator, method: str, mode: str, k: int | None, factors, alpha_one: bool) -> dict:
@@ -254,7 +295,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="methods run at full rank only (the core-TIES variants)",
     )
     p.add_argument("--alpha-one", action="store_true", help="also evaluate full rows at alpha 1")
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1, help="1 is fastest on a busy machine")
+    p.add_argument("--tag", default="", help="results file suffix, for runs side by side")
     p.add_argument("--out", type=Path, default=ROOT / "bench/out/accuracy")
     p.add_argument("--results", type=Path, default=ROOT / "bench/results")
     return p.parse_args(argv)
@@ -270,7 +312,8 @@ def main(argv: list[str] | None = None) -> int:
         args.seed = seed
         tasks = load_tasks(FULL["sizes"], seed=seed)
         splits = {"test": [tokenize(tokenizer, t.splits["test"], 64) for t in tasks]}
-        path = args.results / f"accuracy-rank-seed{seed}.json"
+        tag = f"-{args.tag}" if args.tag else ""
+        path = args.results / f"accuracy-rank-seed{seed}{tag}.json"
         result = json.loads(path.read_text()) if path.is_file() else {"variants": {}}
         result.update(seed=seed, settings={k: str(v) for k, v in vars(args).items()})
 
