@@ -315,7 +315,8 @@ def main(argv: list[str] | None = None) -> int:
         tag = f"-{args.tag}" if args.tag else ""
         path = args.results / f"accuracy-rank-seed{seed}{tag}.json"
         result = json.loads(path.read_text()) if path.is_file() else {"variants": {}}
-        result.update(seed=seed, settings={k: str(v) for k, v in vars(args).items()})
+        settings = {k: str(v) for k, v in vars(args).items() if k not in ("out", "results")}
+        result.update(seed=seed, settings=settings)
 
         def save(result=result, path=path) -> None:
             path.write_text(json.dumps(result, indent=1) + "\n")
