@@ -87,6 +87,13 @@ def _mean(by_seed: dict[int, float]) -> float:
     return statistics.fmean(by_seed.values())
 
 
+def _best(scores: dict, keys: list[tuple]) -> tuple:
+    """The best mean among the rows measured on the most seeds (a one-seed row does not win
+    over a two-seed mean by luck of its seed)."""
+    most = max(len(scores[k]) for k in keys)
+    return max((k for k in keys if len(scores[k]) == most), key=lambda k: _mean(scores[k]))
+
+
 def _rank_table(agg: dict, variant: str) -> list[str]:
     """Methods × (rank, mode) at auto alpha, full rank last; the best cell per rank in bold."""
     s, n = agg["scores"], len(agg["seeds"])
@@ -95,7 +102,7 @@ def _rank_table(agg: dict, variant: str) -> list[str]:
     modes = [m for m in MODE_TITLES if any(k[2] == m for k in keys)]
     cols = [(r, m) for r in ranks for m in modes if any(k[3] == r and k[2] == m for k in keys)]
     methods = list(dict.fromkeys(k[1] for k in keys))
-    best = {r: max((k for k in keys if k[3] == r), key=lambda k: _mean(s[k])) for r in ranks}
+    best = {r: _best(s, [k for k in keys if k[3] == r]) for r in ranks}
     head = [f"rank {r}: {MODE_TITLES[m]}" for r, m in cols]
     lines = [
         "| method | " + " | ".join(head) + " | full rank |",
@@ -116,7 +123,7 @@ def _rank_table(agg: dict, variant: str) -> list[str]:
     if any(c not in ("–", "") for c in svd):
         lines.append("| PEFT `svd` (searched α) | " + " | ".join(svd) + " | – |")
     rec = "; ".join(f"rank {r}: `{best[r][1]}` {MODE_TITLES[best[r][2]]}" for r in ranks)
-    return [*lines, "", f"Recommended per rank (best mean at auto alpha): {rec}."]
+    return [*lines, "", f"Recommended per rank (best mean at auto alpha, most seeds): {rec}."]
 
 
 def _alpha_table(agg: dict, variant: str) -> list[str]:
