@@ -59,8 +59,11 @@ def aggregate(results: Path) -> dict:
                 if "alpha_one_avg_norm" in row:
                     alpha_one.setdefault(key, {})[seed] = row["alpha_one_avg_norm"]
     searched: dict[tuple, dict[int, float]] = {}
+    measured = {(variant, seed) for seed, data in study for variant in data["variants"]}
     for seed, data in main:
         for variant, v in data["variants"].items():
+            if (variant, seed) not in measured:  # compare on the study's own seeds only
+                continue
             for row in v["rows"]:
                 if row["source"] == "coremerge" and row["space"] == "core":
                     key = (variant, row["method"], "searched", row.get("rank_limit"))
