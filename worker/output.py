@@ -41,6 +41,7 @@ from worker.adapters.writer import (
 )
 from worker.engine import MergedModule
 from worker.plan import MergePlan, ModulePlan
+from worker.serving import serving_section
 
 __all__ = [
     "MAX_PROJECTION_RESIDUAL",
@@ -206,6 +207,7 @@ def write_model_card(staging: Path, report: dict[str, Any]) -> None:
         f"- rank: {out['rank']} for every module ({out['modules']} modules), "
         f"dtype: {out['dtype']}, `lora_alpha` = r (every scaling is in the factors)",
         f"- `{REPORT_NAME}` beside this card has the per-module details and the self-check.",
+        *_serving_lines(report.get("serving")),
     ]
     (staging / MODEL_CARD_NAME).write_text("\n".join([*front, "", *body]) + "\n")
 
@@ -251,6 +253,22 @@ def _alpha_line(alpha: dict[str, Any]) -> list[str]:
         f"- alpha `auto` resolved per module to {alpha['median']:.4g} (median; "
         f"{alpha['min']:.4g} to {alpha['max']:.4g}): the merged update has the inputs' "
         "mean energy"
+    ]
+
+
+def _serving_lines(serving: dict[str, Any] | None) -> list[str]:
+    """The card's ``Serving`` section: each server's verdict (docs/serving.md)."""
+    if not serving:
+        return []
+    return [
+        "",
+        "## Serving",
+        "",
+        f"Which servers load this adapter (rank {serving['rank']}, module kinds "
+        f"{', '.join(serving['module_kinds'])}, {serving['dtype']}), by their documented limits "
+        f"as checked on {serving['checked']}:",
+        "",
+        *(f"- {v['detail']}" for v in serving["servers"]),
     ]
 
 
@@ -352,6 +370,9 @@ def build_report(
             "limit_bytes": plan.work_limit,
         },
         "alpha": alpha_summary(spec, records),
+        "serving": serving_section(
+            weights.rank, (mp.module for mp in plan.modules), spec.output.dtype, weights.nbytes
+        ),
         "notes": plan.notes,
         "modules": records,
         "timings": {k: round(v, 4) for k, v in timings.items()},
