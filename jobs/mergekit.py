@@ -347,7 +347,9 @@ def _params(
         own = {k: v for k, v in glob.items() if k not in ("normalize", "weight", "density")}
         return own, normalize
     _check_rescale(glob, method, name)
-    params: dict[str, Any] = {}
+    # mergekit scales the merged task vector by lambda, 1.0 unless given (never coremerge's
+    # data-free "auto", which is this spec's default)
+    params: dict[str, Any] = {"alpha": 1.0}
     if "lambda" in glob:
         params["alpha"] = number(glob["lambda"], "parameters.lambda")
     if method.ours in ("ties", "dare_ties"):

@@ -9,7 +9,7 @@ from that declaration.
 ...     {"adapters": [{"uri": "/tmp/a"}], "method": "ties", "params": {"density": 0.2},
 ...      "output": {"uri": "/tmp/out"}})
 >>> spec.params
-{'alpha': 1.0, 'density': 0.2, 'isotropize': False, 'axes': 'reference'}
+{'alpha': 'auto', 'density': 0.2, 'isotropize': False, 'axes': 'reference'}
 """
 
 from __future__ import annotations
@@ -53,13 +53,13 @@ __all__ = [
     "MergeSpec",
     "OutputSpec",
     "Param",
+    "RankMode",
     "params_table_markdown",
 ]
 
-Method = Literal["ta", "ties", "dare", "dare_ties", "tsv", "cart", "iso_c"]
 Space = Literal["core", "full", "knots"]
 DType = Literal["float32", "bfloat16", "float16"]
-METHODS: tuple[str, ...] = Method.__args__
+RankMode = Literal["auto", "truncate", "isotropic", "shared"]
 SPACES: tuple[str, ...] = Space.__args__
 DTYPES: tuple[str, ...] = DType.__args__
 
@@ -129,9 +129,9 @@ class Param:
 _ALPHA = Param(
     "alpha",
     float,
-    1.0,
-    'global scaling coefficient: the merged update is alpha·X; "auto" sets it from the inputs '
-    "alone (docs/methods.md)",
+    "auto",
+    'global scaling coefficient: the merged update is alpha·X; "auto" (the default) sets it '
+    "from the inputs alone (docs/methods.md); 1 is the paper's",
     words=("auto",),
 )
 _ISOTROPIZE = Param(
@@ -196,6 +196,10 @@ def _params_model(method: str) -> type[BaseModel]:
         **fields,
     )
 
+
+#: The methods, in the order they are declared (``METHOD_PARAMS`` is the one list of them).
+METHODS: tuple[str, ...] = tuple(METHOD_PARAMS)
+Method = Literal[METHODS]  # type: ignore[valid-type]
 
 _PARAMS_MODELS: dict[str, type[BaseModel]] = {m: _params_model(m) for m in METHODS}
 
@@ -286,10 +290,27 @@ class OutputSpec(_Strict):
     rank: int | None = Field(
         None,
         ge=1,
-        description="null keeps the exact merged rank; an integer truncates every module to its "
-        "best rank-k approximation",
+        description="null keeps the exact merged rank; an integer brings every module to at most "
+        "that rank, as rank_mode says",
+    )
+    rank_mode: RankMode = Field(
+        "auto",
+        description='how a merge is brought to output.rank: "truncate" (its best rank-k '
+        'approximation), "isotropic" (cut to rank k, then the k singular values made their '
+        'mean), "shared" (the tasks compressed onto shared rank-k bases, then merged; core '
+        'space); "auto" is "isotropic" for iso_c and isotropize, else "truncate" '
+        "(docs/methods.md)",
     )
     dtype: DType = "float32"
+
+    @model_validator(mode="after")
+    def _rank_mode_needs_a_rank(self) -> OutputSpec:
+        if self.rank_mode != "auto" and self.rank is None:
+            raise ValueError(
+                f"output.rank_mode {self.rank_mode!r} says how a merge is brought to "
+                "output.rank, and output.rank is not set"
+            )
+        return self
 
     @field_validator("uri")
     @classmethod
@@ -348,6 +369,26 @@ class MergeSpec(_Strict):
                 f"'core' (this job's space is {space!r})"
             )
         return params
+
+    @model_validator(mode="after")
+    def _shared_rank_mode(self) -> MergeSpec:
+        """``output.rank_mode: "shared"`` fits bases to core matrices: core space only, and
+        not with ``axes: "aligned"``, which chooses the axes another way."""
+        if self.output.rank_mode != "shared":
+            return self
+        problem = None
+        if self.space != "core":
+            problem = (
+                "fits shared bases to the core matrices and needs space 'core' (this job's "
+                f"space is {self.space!r})"
+            )
+        elif self.params.get("axes") == "aligned":
+            problem = 'and parameter axes "aligned" both choose the axes the method works on'
+        if problem:
+            raise ValidationError.from_exception_data(type(self).__name__, [_error(
+                ("output", "rank_mode"), "shared", f'output.rank_mode "shared" {problem}'
+            )])  # fmt: skip
+        return self
 
     @model_validator(mode="after")
     def _check_adapter_params(self) -> MergeSpec:
@@ -414,7 +455,7 @@ def params_table_markdown() -> str:
                 str(p.default).lower()
                 if p.type is bool
                 else f'`"{p.default}"`'
-                if p.type is str
+                if isinstance(p.default, str)
                 else repr(p.default)
             )
             rows.append(f"| `{method}` | `{p.name}` | {default} | {p.range_text()} | {p.help} |")

@@ -19,10 +19,10 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, NoReturn, get_args
 
 from jobs.hub import reference_uri
-from jobs.spec import DTYPES, METHOD_PARAMS, METHODS, SPACES, MergeSpec
+from jobs.spec import DTYPES, METHOD_PARAMS, METHODS, SPACES, MergeSpec, RankMode
 
 __all__ = ["main"]
 
@@ -156,6 +156,8 @@ def build_spec(args: argparse.Namespace) -> MergeSpec:
         raise UsageError("no output directory: give -o OUT_DIR")
     if args.rank is not None:
         output["rank"] = args.rank
+    if args.rank_mode is not None:
+        output["rank_mode"] = args.rank_mode
     if args.dtype is not None:
         output["dtype"] = args.dtype
     try:
@@ -410,7 +412,14 @@ def _add_merge_parser(sub: Any) -> None:
         "--param", action="append", metavar="NAME=VALUE", help="method parameter; repeatable"
     )
     _add_module_flags(merge)
-    merge.add_argument("--rank", type=int, help="truncate every module to this rank")
+    merge.add_argument("--rank", type=int, help="bring every module to at most this rank")
+    merge.add_argument(
+        "--rank-mode",
+        choices=get_args(RankMode),
+        help="how --rank is reached: truncate, isotropic (cut, then one singular value), shared "
+        "(compress onto shared bases, then merge; core space); default auto: isotropic for "
+        "iso_c and isotropize, else truncate",
+    )
     merge.add_argument(
         "--dtype", choices=DTYPES, help="storage dtype of the output (default float32)"
     )

@@ -103,6 +103,7 @@ def module_work(
     rank: int | None,
     output_rank: int | None,
     dtype_bytes: int,
+    output_rank_mode: str = "auto",
 ) -> tuple[int, int]:
     """(peak bytes while ``shape`` is read, merged and written; bytes of its merged factors,
     held until written). ``rank`` is ``output.rank``; ``output_rank`` the written rank (None:
@@ -111,7 +112,9 @@ def module_work(
     L = Ledger()
     stack = L.alloc(F32 * (m + n) * sum(ranks))  # worker.runner._ModuleMerger._read
     L.spike(shape.read_bytes)
-    extra = SPACES[space].cost(L, m, n, ranks, method, params, rank)
+    extra = SPACES[space].cost(
+        L, m, n, ranks, method, params, rank, output_rank_mode=output_rank_mode
+    )
     # The merged pair is held until written; it may be (part of) the stacks themselves.
     bound = merged_rank_bound(space, params, m, n, sum(ranks), rank) or min(m, n)
     held = max(extra, F32 * (m + n) * bound)
@@ -150,6 +153,7 @@ def estimate_work(
     dtype_bytes: int,
     threads: int,
     held_bytes: int,
+    output_rank_mode: str = "auto",
 ) -> WorkEstimate:
     """The job's peak: the ``threads`` costliest modules at their peaks at once, the
     :data:`WAITING_MODULES` largest merged results besides them, ``held_bytes`` and
@@ -163,6 +167,7 @@ def estimate_work(
             cache[key] = module_work(
                 shape, space=space, method=method, params=params, rank=rank,
                 output_rank=output_rank, dtype_bytes=dtype_bytes,
+                output_rank_mode=output_rank_mode,
             )  # fmt: skip
         costs.append((cache[key], shape.module))
     if not costs:

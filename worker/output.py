@@ -40,6 +40,7 @@ from worker.adapters.writer import (
     lora_config_json,
 )
 from worker.engine import MergedModule
+from worker.engine.methods import rank_mode
 from worker.plan import MergePlan, ModulePlan
 from worker.serving import serving_section
 
@@ -204,8 +205,9 @@ def write_model_card(staging: Path, report: dict[str, Any]) -> None:
         f"- method: `{report['method']}`, space: `{report['space']}`, parameters: {params}, "
         f"seed: {report['seed']}",
         *_alpha_line(report.get("alpha", {})),
-        f"- rank: {out['rank']} for every module ({out['modules']} modules), "
-        f"dtype: {out['dtype']}, `lora_alpha` = r (every scaling is in the factors)",
+        f"- rank: {out['rank']} for every module ({out['modules']} modules)"
+        + (f", brought to it by `{out['rank_mode']}`" if out.get("rank_mode") else "")
+        + f", dtype: {out['dtype']}, `lora_alpha` = r (every scaling is in the factors)",
         f"- `{REPORT_NAME}` beside this card has the per-module details and the self-check.",
         *_serving_lines(report.get("serving")),
     ]
@@ -354,6 +356,11 @@ def build_report(
             "rank": weights.rank,
             "dtype": spec.output.dtype,
             "requested_rank": spec.output.rank,
+            "rank_mode": (
+                None
+                if spec.output.rank is None
+                else rank_mode(spec.method, spec.params, spec.output.rank_mode)
+            ),
             "modules": len(plan.modules),
             "bytes": weights.nbytes,
             "sha256": weights.sha256,

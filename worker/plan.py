@@ -143,6 +143,7 @@ def _estimate_work(
         method=spec.method,
         params=spec.params,
         rank=spec.output.rank,
+        output_rank_mode=spec.output.rank_mode,
         output_rank=output_rank,
         dtype_bytes=DTYPE_BYTES[spec.output.dtype],
         threads=threads,

@@ -179,6 +179,7 @@ class _ModuleMerger:
                 self.params(mp),
                 space=self.spec.space,
                 rank=self.spec.output.rank,
+                output_rank_mode=self.spec.output.rank_mode,
                 generator=module_generator(self.spec.seed, mp.module),
                 consume=True,  # the stacks were read for this merge alone
             )
@@ -204,6 +205,7 @@ class _ModuleMerger:
         try:
             merged = merge_stacks_in_core_space(
                 stacks, self.spec.method, params[0], rank=self.spec.output.rank,
+                output_rank_mode=self.spec.output.rank_mode,
                 generators=[module_generator(self.spec.seed, mp.module) for mp in mps],
                 consume=True,
             )  # fmt: skip

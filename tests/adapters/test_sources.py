@@ -89,7 +89,7 @@ def test_an_input_named_twice_is_opened_and_read_once(tmp_path: Path, monkeypatc
         "read",
         lambda self, m, *a, **k: reads.append(self.name) or real_read(self, m, *a, **k),
     )
-    job = spec([a, b, a], tmp_path / "twice", method="ta", space="full")
+    job = spec([a, b, a], tmp_path / "twice", method="ta", space="full", params={"alpha": 1.0})
     job["adapters"][2]["weight"] = 0.5
     twice = run_merge(MergeSpec.model_validate(job), [a, b, a], tmp_path / "twice", device="cpu")
     assert sorted(reads) == ["a"] * 4 + ["b"] * 4  # once per module and input, not per entry
@@ -98,7 +98,7 @@ def test_an_input_named_twice_is_opened_and_read_once(tmp_path: Path, monkeypatc
     ] * 2
 
     # The same update as the one adapter given the sum of the two weights.
-    once_spec = spec([a, b], tmp_path / "once", method="ta", space="full")
+    once_spec = spec([a, b], tmp_path / "once", method="ta", space="full", params={"alpha": 1.0})
     once_spec["adapters"][0]["weight"] = 1.5
     once = run_merge(MergeSpec.model_validate(once_spec), [a, b], tmp_path / "once", device="cpu")
     expected = _delta(once.out_dir)

@@ -37,9 +37,11 @@ def _merge(*args: str) -> int:
 
 
 def test_ta_round_trip_through_peft(peft_adapters: list[Path], tmp_path: Path) -> None:
-    """PEFT adapters → CLI core merge → PEFT load: each layer computes (W + Σ w_t ΔW_t) x."""
+    """PEFT adapters → CLI core merge → PEFT load: each layer computes (W + Σ w_t ΔW_t) x
+    (alpha 1: the unscaled sum)."""
     out = tmp_path / "merged"
-    assert _merge(*peft_adapters, "-o", out, "--method", "ta", "--weights", "1,0.5,-1") == 0
+    args = ("--method", "ta", "--weights", "1,0.5,-1", "--param", "alpha=1")
+    assert _merge(*peft_adapters, "-o", out, *args) == 0
     expected: dict[str, torch.Tensor] = {}
     for w, adapter in zip((1.0, 0.5, -1.0), peft_adapters, strict=True):
         for name, delta in _delta_weights(adapter).items():

@@ -124,7 +124,7 @@ def test_ties_with_equal_weights_is_coremerges_ties(
     """, a=a, b=b, c=c)  # fmt: skip
     assert main(["merge", "-q", "--config", str(config), str(tmp_path / "cfg")]) == 0
     plain = ["merge", "-q", *map(str, peft_adapters), "-o", str(tmp_path / "plain")]
-    assert main([*plain, "--method", "ties", "--param", "density=0.5"]) == 0
+    assert main([*plain, "--method", "ties", "--param", "density=0.5", "--param", "alpha=1"]) == 0
     got = load_file(tmp_path / "cfg" / "adapter_model.safetensors")
     want = load_file(tmp_path / "plain" / "adapter_model.safetensors")
     assert got.keys() == want.keys()

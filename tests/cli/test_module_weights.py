@@ -36,6 +36,7 @@ def test_per_layer_and_per_module_weights_through_peft(
             {"uri": str(peft_adapters[2]), "weight": -1},
         ],
         "method": "ta",
+        "params": {"alpha": 1.0},  # the unscaled sum the reference adds up
         "modules": {"exclude": ["k_proj"]},
         "output": {"uri": str(tmp_path / "merged")},
     }  # fmt: skip
@@ -75,7 +76,8 @@ def test_per_layer_and_per_module_weights_through_peft(
 
 def test_cli_flags_normalize_include_exclude(peft_adapters: list[Path], tmp_path: Path) -> None:
     out = tmp_path / "merged"
-    args = ["merge", "-q", *map(str, peft_adapters), "-o", str(out), "--method", "ta"]
+    args = ["merge", "-q", *map(str, peft_adapters), "-o", str(out), "--method", "ta",
+            "--param", "alpha=1"]  # fmt: skip
     args += ["--weights", "1,1,2", "--normalize", "--include", "q_proj", "--include", "v_proj"]
     assert main([*args, "--exclude", "layers\\.1\\."]) == 0
     report = json.loads((out / "merge_report.json").read_text())
@@ -120,6 +122,7 @@ def test_per_adapter_density_trims_each_task_to_its_own(
         ],
         "method": "ties",
         "space": "full",
+        "params": {"alpha": 1.0},
         "output": {"uri": str(tmp_path / "merged")},
     }
     (tmp_path / "job.json").write_text(json.dumps(job))

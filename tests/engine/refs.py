@@ -83,11 +83,12 @@ def run(
     rank: int | None = None,
     seed: int = 0,
 ) -> MergedModule:
-    """The engine under test, with validated params and a fresh seeded generator."""
+    """The engine under test, with validated params and a fresh seeded generator; alpha 1
+    (the paper's) unless ``params`` says otherwise, as the references assume."""
     return merge_module(
         factors,
         method,
-        validate_params(method, dict(params or {})),
+        validate_params(method, {"alpha": 1.0, **(params or {})}),
         space=space,
         rank=rank,
         generator=torch.Generator().manual_seed(seed),
@@ -205,8 +206,8 @@ def ref_isotropize(x: Tensor) -> Tensor:
 def ref_method(
     method: str, xs: Sequence[Tensor], params: Mapping[str, Any], seed: int = 0
 ) -> Tensor:
-    """alpha · [isotropize] · method({X_t}), docs/methods.md."""
-    p = validate_params(method, dict(params))
+    """alpha · [isotropize] · method({X_t}), docs/methods.md (alpha 1 unless given)."""
+    p = validate_params(method, {"alpha": 1.0, **params})
     xs = [x.to(F64) for x in xs]
     if method == "ta":
         X = ref_ta(xs)

@@ -70,25 +70,25 @@ CPU = torch.device("cpu")
 #: The methods' parameters with their defaults filled in, as jobs.spec.validate_params would
 #: (written out so this module does not need pydantic; a test checks them against jobs.spec).
 DEFAULTS: dict[str, dict[str, Any]] = {
-    "ta": {"alpha": 1.0, "isotropize": False},
-    "ties": {"alpha": 1.0, "density": 0.1, "isotropize": False, "axes": "reference"},
-    "dare": {"alpha": 1.0, "drop": 0.3, "isotropize": False, "axes": "reference"},
+    "ta": {"alpha": "auto", "isotropize": False},
+    "ties": {"alpha": "auto", "density": 0.1, "isotropize": False, "axes": "reference"},
+    "dare": {"alpha": "auto", "drop": 0.3, "isotropize": False, "axes": "reference"},
     "dare_ties": {
-        "alpha": 1.0,
+        "alpha": "auto",
         "drop": 0.3,
         "density": 0.1,
         "isotropize": False,
         "axes": "reference",
     },
-    "tsv": {"alpha": 1.0, "isotropize": False, "rank_of": "space"},
+    "tsv": {"alpha": "auto", "isotropize": False, "rank_of": "space"},
     "cart": {
-        "alpha": 1.0,
+        "alpha": "auto",
         "rank_fraction": 0.04,
         "lam": 0.1,
         "isotropize": False,
         "rank_of": "space",
     },
-    "iso_c": {"alpha": 1.0, "isotropize": False},
+    "iso_c": {"alpha": "auto", "isotropize": False},
 }
 
 

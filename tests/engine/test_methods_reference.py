@@ -154,27 +154,27 @@ def test_ties_hand_made_zero_sign_takes_positive_majority():
     # d = 4, density 0.5: keep |x| ≥ the 2nd smallest magnitude (3 entries).
     # kept: [4, -2, 0, -3] and [0, 2, 5, 3]; sums [4, 0, 5, 0] → signs [+, 0, +, 0];
     # majority sign(+1 + 1) = + fills the zeros; disjoint means [4, 2, 5, 3].
-    got = apply_method("ties", [x1, x2], validate_params("ties", {"density": 0.5}))
+    got = apply_method("ties", [x1, x2], validate_params("ties", {"alpha": 1.0, "density": 0.5}))
     assert torch.equal(got, torch.tensor([[4.0, 2.0], [5.0, 3.0]], dtype=F64))
 
 
 def test_ties_hand_made_zero_sign_takes_negative_majority():
     x1 = torch.tensor([[-4.0, -2.0], [1.0, 3.0]], dtype=F64)
     x2 = torch.tensor([[-1.0, 2.0], [-5.0, -3.0]], dtype=F64)
-    got = apply_method("ties", [x1, x2], validate_params("ties", {"density": 0.5}))
+    got = apply_method("ties", [x1, x2], validate_params("ties", {"alpha": 1.0, "density": 0.5}))
     assert torch.equal(got, torch.tensor([[-4.0, -2.0], [-5.0, -3.0]], dtype=F64))
 
 
 def test_ties_keeps_floor_plus_one_entries_plus_ties():
     # d = 4, density 0.25 → threshold is the 3rd smallest magnitude (1.0), shared by 3 entries.
     x = torch.tensor([[1.0, -1.0], [1.0, 0.5]], dtype=F64)
-    got = apply_method("ties", [x], validate_params("ties", {"density": 0.25}))
+    got = apply_method("ties", [x], validate_params("ties", {"alpha": 1.0, "density": 0.25}))
     assert torch.equal(got, torch.tensor([[1.0, -1.0], [1.0, 0.0]], dtype=F64))
     # Distinct magnitudes: d = 20, density 0.25 → ⌊5⌋ + 1 = 6 entries survive, the largest.
     y = torch.arange(1.0, 21.0, dtype=F64).reshape(4, 5) * torch.tensor([1.0, -1.0] * 10).reshape(
         4, 5
     )
-    got = apply_method("ties", [y], validate_params("ties", {"density": 0.25}))
+    got = apply_method("ties", [y], validate_params("ties", {"alpha": 1.0, "density": 0.25}))
     kept = got.abs().reshape(-1)
     assert int((kept != 0).sum()) == 6
     assert set(kept[kept != 0].tolist()) == {15.0, 16.0, 17.0, 18.0, 19.0, 20.0}
@@ -184,11 +184,11 @@ def test_ties_keeps_floor_plus_one_entries_plus_ties():
 def test_ties_density_one_keeps_everything():
     g = torch.Generator().manual_seed(0)
     xs = [torch.randn(6, 5, generator=g, dtype=F64) for _ in range(3)]
-    got = apply_method("ties", xs, validate_params("ties", {"density": 1.0}))
+    got = apply_method("ties", xs, validate_params("ties", {"alpha": 1.0, "density": 1.0}))
     assert torch.allclose(got, ref_ties(xs, 1.0), rtol=0, atol=1e-15)
     # Same-sign tasks: nothing is trimmed, everything agrees, so TIES is the mean.
     pos = [x.abs() + 0.1 for x in xs]
-    got = apply_method("ties", pos, validate_params("ties", {"density": 1.0}))
+    got = apply_method("ties", pos, validate_params("ties", {"alpha": 1.0, "density": 1.0}))
     assert torch.allclose(got, sum(pos) / 3, rtol=1e-15, atol=0)
 
 
@@ -202,7 +202,7 @@ def test_ties_density_one_of_identical_adapters_is_that_adapter(hetero64, space)
 def test_ties_count_uses_the_exact_floor():
     """⌊d·density⌋ of the decimal written: in floats 100 · 0.29 = 28.999…, whose int is 28."""
     x = torch.arange(1.0, 101.0, dtype=F64).reshape(10, 10)
-    got = apply_method("ties", [x], validate_params("ties", {"density": 0.29}))
+    got = apply_method("ties", [x], validate_params("ties", {"alpha": 1.0, "density": 0.29}))
     assert int((got != 0).sum()) == 30
 
 
@@ -223,7 +223,7 @@ def test_dare_is_reproducible_per_seed(hetero64, space, method):
 def test_dare_drops_the_right_fraction_and_rescales_survivors():
     g = torch.Generator().manual_seed(0)
     x = torch.randn(200, 100, generator=g, dtype=F64)
-    params = validate_params("dare", {"drop": 0.3})
+    params = validate_params("dare", {"alpha": 1.0, "drop": 0.3})
     got = apply_method("dare", [x], params, torch.Generator().manual_seed(11))
     dropped = got == 0
     assert abs(float(dropped.double().mean()) - 0.3) < 0.02
@@ -235,7 +235,7 @@ def test_dare_drops_the_right_fraction_and_rescales_survivors():
 
 def test_dare_without_drop_is_task_arithmetic(hetero64):
     xs = delta_ws(hetero64)
-    got = apply_method("dare", xs, validate_params("dare", {"drop": 0.0}))
+    got = apply_method("dare", xs, validate_params("dare", {"alpha": 1.0, "drop": 0.0}))
     assert torch.allclose(got, ref_ta(xs), rtol=0, atol=1e-13)
 
 
@@ -276,7 +276,7 @@ def test_tsv_keeps_at_most_the_numerical_rank():
 
 def test_cart_with_full_rank_fraction_is_the_mean(hetero64):
     xs = delta_ws(hetero64)
-    params = validate_params("cart", {"rank_fraction": 1.0, "lam": 0.9})
+    params = validate_params("cart", {"alpha": 1.0, "rank_fraction": 1.0, "lam": 0.9})
     got = apply_method("cart", xs, params)
     assert torch.allclose(got, sum(xs) / len(xs), rtol=0, atol=1e-12)
 
@@ -285,7 +285,7 @@ def test_cart_rank_from_rank_fraction():
     g = torch.Generator().manual_seed(2)
     xs = [torch.randn(20, 20, generator=g, dtype=F64) for _ in range(3)]
     # k = ⌈0.12 · 20⌉ = 3: differs from k = 2 and k = 4.
-    params = validate_params("cart", {"rank_fraction": 0.12, "lam": 1.0})
+    params = validate_params("cart", {"alpha": 1.0, "rank_fraction": 0.12, "lam": 1.0})
     got = apply_method("cart", xs, params)
     assert torch.allclose(got, ref_cart(xs, 0.12, 1.0), rtol=0, atol=1e-12)
     assert not torch.allclose(got, ref_cart(xs, 0.1, 1.0), rtol=0, atol=1e-6)  # k = 2
@@ -297,5 +297,7 @@ def test_cart_rank_uses_the_exact_ceiling():
     assert math.ceil(0.28 * 25) == 8  # the float product is just above 7
     g = torch.Generator().manual_seed(3)
     xs = [torch.randn(25, 25, generator=g, dtype=F64) for _ in range(3)]
-    got = apply_method("cart", xs, validate_params("cart", {"rank_fraction": 0.28, "lam": 1.0}))
+    got = apply_method(
+        "cart", xs, validate_params("cart", {"alpha": 1.0, "rank_fraction": 0.28, "lam": 1.0})
+    )
     assert torch.allclose(got, ref_cart(xs, 0.28, 1.0), rtol=0, atol=1e-10)

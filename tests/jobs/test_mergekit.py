@@ -178,7 +178,10 @@ def test_ties_with_equal_weights_is_coremerges_ties() -> None:
     assert spec["method"] == "ties" and spec["normalize"] is False
     assert [a["weight"] for a in spec["adapters"]] == [1.0, 1.0]
     assert [a["density"] for a in spec["adapters"]] == [0.5, [1.0, 0.7, 0.1]]
-    assert spec["params"] == {"density": 1.0}  # mergekit's default density keeps every entry
+    assert spec["params"] == {
+        "alpha": 1.0,
+        "density": 1.0,
+    }  # mergekit's default density keeps every entry
     _valid(spec)
     # Equal gradients cancel as well; a weight of 0 stays 0 (the model is left out there).
     same = TIES_EQUAL.replace("weight: 0.5", "weight: [0.2, 1]")
@@ -205,7 +208,7 @@ def test_dare_density_is_the_kept_fraction() -> None:
     text = TIES_EQUAL.replace("merge_method: ties", "merge_method: dare_ties")
     spec = _spec(text)
     assert spec["method"] == "dare_ties"
-    assert spec["params"] == {"density": 1.0, "drop": 0.0}
+    assert spec["params"] == {"alpha": 1.0, "density": 1.0, "drop": 0.0}
     assert spec["adapters"][0]["drop"] == 0.5
     assert spec["adapters"][1]["drop"] == pytest.approx([0.0, 0.3, 0.9])
     assert "density" not in spec["adapters"][0]

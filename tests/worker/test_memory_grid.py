@@ -25,10 +25,11 @@ import multiprocessing
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import get_args
 
 import pytest
 
-from jobs.spec import METHOD_PARAMS, SPACES
+from jobs.spec import METHOD_PARAMS, SPACES, OutputSpec
 from tests.worker.synthetic import lora_adapter, spec, vera_adapter
 
 MiB = 1 << 20
@@ -103,13 +104,24 @@ def _param_changes(method: str, space: str) -> Iterator[tuple[str, dict]]:
             yield f"{p.name}={value}", {p.name: value}
 
 
+def _rank_modes(space: str) -> list[str]:
+    """Every way to a rank limit the spec offers (``output.rank_mode``), "shared" in core
+    space only."""
+    modes = get_args(OutputSpec.model_fields["rank_mode"].annotation)
+    return [m for m in modes if m != "auto" and (m != "shared" or space == "core")]
+
+
 def _cells() -> list[Cell]:
     cells = []
     for space in SPACES:
         for method in METHOD_PARAMS:
             for change, params in _param_changes(method, space):
                 cells.append(Cell(space, method, change, SPACE_INPUTS[space], params))
-            cells.append(Cell(space, method, "rank=8", SPACE_INPUTS[space], output={"rank": 8}))
+            for mode in _rank_modes(space):
+                output = {"rank": 8, "rank_mode": mode}
+                cells.append(
+                    Cell(space, method, f"rank=8-{mode}", SPACE_INPUTS[space], output=output)
+                )
             cells.append(Cell(space, method, "defaults", MIXED_INPUTS[space]))
             cells.append(Cell(space, method, "defaults", MANY_INPUTS[space]))
     cells.append(Cell("core", "ta", "alpha=auto", VERA_INPUTS, {"alpha": "auto"}))

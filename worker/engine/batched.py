@@ -53,13 +53,14 @@ def merge_stacks_in_core_space(
     max_group: int | None = None,
     eigh_device: torch.device | str | None = None,
     consume: bool = False,
+    output_rank_mode: str = "auto",
 ) -> list[MergedModule]:
     """Merge modules of any shapes: grouped by :func:`shape_groups`, each group batched.
 
     The results come back in the order of ``modules``, each exactly what
     ``merge_in_core_space`` gives for it (``generators``: one per module, as there).
     ``max_group`` caps a group's size: device memory holds a group's stacks, bases and results
-    at once. ``consume``: the caller gives the stacks up (``merge_group_in_core_space``).
+    at once. ``consume``, ``output_rank_mode``: as ``merge_group_in_core_space``.
     """
     stacks = [FactorStack.of(m) for m in modules]
     gens = generators_for(generators, len(stacks))
@@ -73,6 +74,7 @@ def merge_stacks_in_core_space(
             [gens[i] for i in members],
             eigh_device=eigh_device,
             consume=consume,
+            output_rank_mode=output_rank_mode,
         )
         for i, result in zip(members, merged, strict=True):
             out[i] = result

@@ -44,7 +44,8 @@ from .linalg import (
     times_in_place_cost,
     truncate,
 )
-from .methods import AUTO, Tasks, TaskShape, merge_tasks, merge_tasks_cost
+from .methods import AUTO, Tasks, TaskShape, merge_tasks, merge_tasks_cost, rank_mode
+from .shared_bases import lift, shared_bases
 
 __all__ = [
     "ReferenceBases",
@@ -281,11 +282,12 @@ def through_the_stacks(left: Basis, right: Basis, X: Tensor) -> tuple[Tensor, Te
 
 
 def _lora_pairs(
-    left: Basis, right: Basis, M: Tensor, rank: int | None
+    left: Basis, right: Basis, M: Tensor, rank: int | None, *, flatten: bool = False
 ) -> tuple[Tensor, Tensor, list[float] | None]:
     """Step 5 (and 6): U M Vᵀ as (B, A), exactly when M is square, else (or with ``rank``)
-    through the SVD of the small M, truncated to ``rank`` with each module's kept energy.
-    The bases are spent: a base that may be overwritten holds the factor it gives."""
+    through the SVD of the small M, truncated to ``rank`` with each module's kept energy
+    (``flatten``: the kept singular values made their mean, an isotropic cut). The bases
+    are spent: a base that may be overwritten holds the factor it gives."""
     a, b = M.shape[-2:]
     if rank is None and a == b:
         pair = through_the_stacks(left, right, M)
@@ -295,7 +297,7 @@ def _lora_pairs(
     P, S, Qh = svd(M)
     if rank is None:
         return left.apply(P * S[:, None, :]), right.apply_t(Qh), None
-    B_small, A_small, kept = truncate(P, S, Qh, rank)
+    B_small, A_small, kept = truncate(P, S, Qh, rank, flatten=flatten)
     return left.apply(B_small), right.apply_t(A_small), kept
 
 
@@ -333,12 +335,14 @@ def merge_group_in_core_space(
     *,
     eigh_device: torch.device | str | None = None,
     consume: bool = False,
+    output_rank_mode: str = "auto",
 ) -> list[MergedModule]:
     """Algorithm 1 for every module of a group that shares m, n, ranks, dtype and device.
 
     Bases → self-check → core matrices → merge the R × R matrices → map back. With
     ``rank``, each merged core matrix M ≈ P_k S_k Q_kᵀ is truncated (an SVD of R × R only):
-    B = U P_k S_k, A = Q_kᵀ Vᵀ. With ``axes: "aligned"``, the core matrices are rotated onto
+    B = U P_k S_k, A = Q_kᵀ Vᵀ, in the way ``output_rank_mode`` says
+    (``methods.rank_mode``: truncated, cut then flattened, or merged on shared bases). With ``axes: "aligned"``, the core matrices are rotated onto
     :func:`aligned_axes` before the method and the result rotated back. Plain task
     arithmetic skips all of it (:func:`stacked_sum`): the same update, exactly.
 
@@ -368,10 +372,15 @@ def merge_group_in_core_space(
     right = left_singular_basis(A_stacks.mT, device, overwrite=overwrite)
     del B_stacks, A_stacks
     residuals = _residuals(samples, left, right, ranks)
-    M, alphas = _merge_cores(method, params, Tasks(
-        factors=(left.coords, right.coords.mT, ranks), layer_k=layer_k, generators=gens
-    ))  # fmt: skip
-    B, A, kept = _lora_pairs(left, right, M, rank)
+    tasks = Tasks(factors=(left.coords, right.coords.mT, ranks), layer_k=layer_k, generators=gens)
+    mode = None if rank is None else rank_mode(method, params, output_rank_mode)
+    if mode == "shared" and params.get("axes") == "aligned":
+        raise ValueError('output.rank_mode "shared" and axes "aligned" both choose the axes')
+    if mode == "shared":
+        B, A, alphas, kept = _merge_on_shared_bases(method, params, tasks, left, right, rank)
+    else:
+        M, alphas = _merge_cores(method, params, tasks, isotropize_later=mode == "isotropic")
+        B, A, kept = _lora_pairs(left, right, M, rank, flatten=mode == "isotropic")
     return [
         MergedModule(
             B=B[g],
@@ -385,12 +394,12 @@ def merge_group_in_core_space(
 
 
 def _merge_cores(
-    method: str, params: Mapping[str, Any], tasks: Tasks
+    method: str, params: Mapping[str, Any], tasks: Tasks, *, isotropize_later: bool = False
 ) -> tuple[Tensor, list[float]]:
     """Step 4: [rotate onto the aligned axes] → method → [isotropize] → alpha → [rotate
     back]; the merged core matrices (G × a × b) and each module's alpha."""
     if params.get("axes") != "aligned":
-        return merge_tasks(method, tasks, params)
+        return merge_tasks(method, tasks, params, isotropize_later=isotropize_later)
     P, Q = aligned_axes(tasks)
     rotated = Tasks(
         factors=(P.mT @ tasks.left, tasks.right @ Q, tasks.ranks),
@@ -398,9 +407,33 @@ def _merge_cores(
         generators=tasks.generators,
     )
     del tasks
-    M, alphas = merge_tasks(method, rotated, params)
+    M, alphas = merge_tasks(method, rotated, params, isotropize_later=isotropize_later)
     del rotated
     return P @ M @ Q.mT, alphas
+
+
+def _merge_on_shared_bases(
+    method: str,
+    params: Mapping[str, Any],
+    tasks: Tasks,
+    left: Basis,
+    right: Basis,
+    k: int,
+) -> tuple[Tensor, Tensor, list[float], list[float]]:
+    """``output.rank_mode: "shared"`` (Compress-then-Merge): shared rank-k bases P, Q fitted
+    to all the core matrices (Tucker-2, ``worker.engine.shared_bases``), the method on the
+    tasks' k × k coordinates Pᵀ M_t Q, and the result lifted back, B = U (P C), A = Qᵀ Vᵀ:
+    rank ≤ k by construction. Returns B, A, each module's alpha and the share of the
+    tasks' energy the bases hold (reported as the kept energy)."""
+    fit = shared_bases(tasks.matrices, k)
+    coordinates = Tasks(
+        matrices=fit.coordinates, layer_k=tasks.layer_k, generators=tasks.generators
+    )
+    del tasks
+    C, alphas = merge_tasks(method, coordinates, params)
+    del coordinates
+    thin_left, thin_right = lift(C, fit.P, fit.Q)
+    return left.apply(thin_left), right.apply_t(thin_right), alphas, fit.captured.tolist()
 
 
 def core_space_cost(
@@ -414,6 +447,7 @@ def core_space_cost(
     rank: int | None,
     *,
     consume: bool = True,
+    output_rank_mode: str = "auto",
 ) -> int:
     """:func:`merge_group_in_core_space`'s allocations above the stacks (which the caller
     holds, and gives up with ``consume``); returns the bytes of the merged factors beyond
@@ -430,16 +464,42 @@ def core_space_cost(
     _residuals_cost(L, G, m, n, R)
     L.free(samples)
     shape = TaskShape(G, T, a, b, tuple(ranks), min(m, n))
+    mode = None if rank is None else rank_mode(method, params, output_rank_mode)
+    if mode == "shared":
+        out = _shared_bases_cost(L, shape, method, params, m, n, rank)
+        L.free(bases)
+        return out
     rotation = rotated = 0
     if params.get("axes") == "aligned":
         rotation = _aligned_axes_cost(L, shape)  # P and Q, kept to rotate back
         rotated = L.alloc(F32 * G * (a + b) * R)  # the rotated thin factors
-    M, formed = merge_tasks_cost(L, shape, method, params)
+    M, formed = merge_tasks_cost(L, shape, method, params, isotropize_later=mode == "isotropic")
     L.free(formed, rotated)
     if rotation:
         L.spike(F32 * G * a * b * 2)  # P M, then (P M) Qᵀ replaces M
     out = _lora_pairs_cost(L, G, m, n, a, b, rank, consume=consume)
     L.free(M, bases, rotation)
+    return out
+
+
+def _shared_bases_cost(
+    L: Ledger, s: TaskShape, method: str, params: Mapping[str, Any], m: int, n: int, k: int
+) -> int:
+    """:func:`_merge_on_shared_bases`: the formed cores, the Tucker-2 fit (a float64 copy of
+    the cores, M Q and its transposed copy, the two Gram matrices: the module docstring of
+    ``shared_bases``), the coordinates, the method on them, the lift and the two factors."""
+    G, T, a, b = s.G, s.T, s.a, s.b
+    k = min(k, a, b)
+    cores = s.matrices(L)
+    L.spike(F64 * G * (T * a * b + 2 * T * max(a, b) * k + a * a + b * b))
+    fit = L.alloc(F32 * G * (T * k * k + (a + b) * k))  # the coordinates, P and Q
+    L.free(cores)
+    C, formed = merge_tasks_cost(L, TaskShape(G, T, k, k, None, s.layer_k), method, params)
+    thin = L.alloc(F32 * G * (a * k + k * b))  # P C and Qᵀ
+    L.free(fit, C, formed)
+    L.spike(F32 * G * max(a, b) * k)  # K (P C) before the product with the tall base
+    out = L.alloc(F32 * G * (m * k + k * n))
+    L.free(thin)
     return out
 
 
@@ -451,9 +511,12 @@ def merge_in_core_space(
     generator: torch.Generator | None = None,
     *,
     consume: bool = False,
+    output_rank_mode: str = "auto",
 ) -> MergedModule:
     """Algorithm 1 for one module: :func:`merge_group_in_core_space` of the group of one
-    (``consume``: the caller gives a ``FactorStack``'s buffers up, see there)."""
-    return merge_group_in_core_space([factors], method, params, rank, [generator], consume=consume)[
-        0
-    ]
+    (``consume``, ``output_rank_mode``: see there)."""
+    merged = merge_group_in_core_space(
+        [factors], method, params, rank, [generator],
+        consume=consume, output_rank_mode=output_rank_mode,
+    )  # fmt: skip
+    return merged[0]

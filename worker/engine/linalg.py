@@ -27,6 +27,7 @@ __all__ = [
     "Basis",
     "NonFiniteError",
     "factored_svd",
+    "flat_spectrum",
     "isotropize",
     "left_singular_basis",
     "numerical_ranks",
@@ -435,16 +436,32 @@ def numerical_ranks(S: Tensor, shape: tuple[int, int]) -> Tensor:
     return (tol < S).sum(-1)
 
 
-def truncate(U: Tensor, S: Tensor, Vh: Tensor, k: int) -> tuple[Tensor, Tensor, list[float]]:
+def truncate(
+    U: Tensor, S: Tensor, Vh: Tensor, k: int, *, flatten: bool = False
+) -> tuple[Tensor, Tensor, list[float]]:
     """Best rank-k approximation of each ``U diag(S) Vh`` as a LoRA pair (B, A) and its kept
-    energy Σ_{i<k} S_i² / Σ S_i² per matrix (1.0 for an all-zero matrix)."""
+    energy Σ_{i<k} S_i² / Σ S_i² per matrix (1.0 for an all-zero matrix). ``flatten``: the k
+    kept singular values are then made their mean, over those that are not zero (an
+    isotropic cut: ``methods.rank_mode``)."""
     k = min(k, S.shape[-1])
     energy = S.double() ** 2
     totals, kept = energy.sum(-1).flatten().tolist(), energy[..., :k].sum(-1).flatten().tolist()
     fractions = [
         part / whole if whole > 0 else 1.0 for part, whole in zip(kept, totals, strict=True)
     ]
-    return U[..., :k] * S[..., None, :k], Vh[..., :k, :], fractions
+    S_k = S[..., :k]
+    if flatten:
+        S_k = flat_spectrum(S_k, (U.shape[-2], Vh.shape[-1]))
+    return U[..., :k] * S_k[..., None, :], Vh[..., :k, :], fractions
+
+
+def flat_spectrum(S: Tensor, shape: tuple[int, int]) -> Tensor:
+    """Singular values S (…, k) made their mean over the nonzero ones (above the numerical
+    rank's tolerance); zero ones stay zero, so a merge of rank below k keeps its rank."""
+    tol = S.amax(-1, keepdim=True) * max(shape) * torch.finfo(S.dtype).eps
+    nonzero = tol < S
+    mean = (S * nonzero).sum(-1, keepdim=True) / nonzero.sum(-1, keepdim=True).clamp(min=1)
+    return mean * nonzero
 
 
 def polar(x: Tensor) -> Tensor:

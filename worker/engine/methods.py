@@ -51,9 +51,10 @@ __all__ = [
     "cart",
     "dare",
     "dare_ties",
-    "iso_c",
+    "isotropic",
     "merge_tasks",
     "merge_tasks_cost",
+    "rank_mode",
     "resolve_alphas",
     "task_arithmetic",
     "task_energies",
@@ -458,18 +459,6 @@ def cart_cost(L: Ledger, s: TaskShape, *, rank_fraction: float, lam: float, rank
     return out
 
 
-def iso_c(tasks: Tasks) -> Tensor:
-    """Iso-C: task arithmetic, then every singular value replaced by their mean."""
-    return isotropize(task_arithmetic(tasks))
-
-
-def iso_c_cost(L: Ledger, s: TaskShape) -> int:
-    summed = task_arithmetic_cost(L, s)
-    out = isotropize_cost(L, s.G, s.a, s.b)
-    L.free(summed)
-    return out
-
-
 # ----------------------------------------------------------------------------- the table
 
 
@@ -478,10 +467,13 @@ class Method:
     """One merge method: ``merge(tasks, **params)`` → X (G, a, b), and ``cost(ledger, shape,
     **params)`` → the bytes of X, which it leaves allocated on the ledger. Both take the
     method's own parameters (``jobs.spec.METHOD_PARAMS`` without :data:`COMMON_PARAMS`) as
-    keywords."""
+    keywords. ``isotropic``: the method's result is isotropized, as ``isotropize: true``
+    asks of any method (the space's common step, which can defer it past a rank cut:
+    :func:`rank_mode`)."""
 
     merge: Callable[..., Tensor]
     cost: Callable[..., int]
+    isotropic: bool = False
 
 
 #: Every method by its API name.
@@ -492,7 +484,8 @@ METHODS: dict[str, Method] = {
     "dare_ties": Method(dare_ties, dare_ties_cost),
     "tsv": Method(tsv, tsv_cost),
     "cart": Method(cart, cart_cost),
-    "iso_c": Method(iso_c, iso_c_cost),
+    # Iso-C (Marczak et al., 2025): task arithmetic, every singular value then their mean
+    "iso_c": Method(task_arithmetic, task_arithmetic_cost, isotropic=True),
 }
 
 
@@ -504,11 +497,34 @@ def _own(params: Mapping[str, Any]) -> dict[str, Any]:
 # ----------------------------------------------------------------------------- the merge step
 
 
+def isotropic(method: str, params: Mapping[str, Any]) -> bool:
+    """Whether the merge's result is isotropized: Iso-C, or any method with ``isotropize``."""
+    return METHODS[method].isotropic or bool(params.get("isotropize", False))
+
+
+def rank_mode(method: str, params: Mapping[str, Any], mode: str) -> str:
+    """How a merge is brought to ``output.rank`` (docs/methods.md, "Merging at a rank limit"):
+    ``"truncate"`` (the best rank-k approximation of the merge), ``"isotropic"`` (cut to rank
+    k, then the k singular values made their mean: the isotropy moved past the cut, so it
+    flattens the directions the output keeps instead of being cut down to k/R of a flat
+    spectrum) or ``"shared"`` (the tasks compressed onto shared rank-k bases first, then
+    merged). ``"auto"`` is ``"isotropic"`` for an isotropic merge, else ``"truncate"``."""
+    if mode == "auto":
+        return "isotropic" if isotropic(method, params) else "truncate"
+    return mode
+
+
 def merge_tasks(
-    method: str, tasks: Tasks, params: Mapping[str, Any], *, row_scale: Tensor | None = None
+    method: str,
+    tasks: Tasks,
+    params: Mapping[str, Any],
+    *,
+    row_scale: Tensor | None = None,
+    isotropize_later: bool = False,
 ) -> tuple[Tensor, list[float]]:
-    """The merge step of every space: ``method`` on the tasks, then the optional
-    ``isotropize``, then the scale alpha. Returns X (G, a, b), scaled, and each module's alpha.
+    """The merge step of every space: ``method`` on the tasks, then the isotropy an isotropic
+    merge asks for (unless ``isotropize_later``: the space flattens the spectrum after its
+    rank cut), then the scale alpha. Returns X (G, a, b), scaled, and each module's alpha.
 
     ``row_scale`` (G, a) weights the rows of every matrix before norms are taken, for a space
     whose X_t are not the updates (knots: ΔW_t = U diag(S) V_t, so ‖ΔW_t‖ = ‖diag(S) V_t‖).
@@ -517,7 +533,7 @@ def merge_tasks(
     """
     energies = task_energies(tasks, row_scale) if params.get("alpha", 1.0) == AUTO else None
     X = METHODS[method].merge(tasks, **_own(params))
-    if params.get("isotropize", False):
+    if isotropic(method, params) and not isotropize_later:
         X = isotropize(X)
     alphas = resolve_alphas(params, energies, X, row_scale)
     if any(alpha != 1.0 for alpha in alphas):
@@ -526,7 +542,12 @@ def merge_tasks(
 
 
 def merge_tasks_cost(
-    L: Ledger, s: TaskShape, method: str, params: Mapping[str, Any]
+    L: Ledger,
+    s: TaskShape,
+    method: str,
+    params: Mapping[str, Any],
+    *,
+    isotropize_later: bool = False,
 ) -> tuple[int, int]:
     """:func:`merge_tasks`'s allocations: (the bytes of X, the bytes of the matrices the
     method formed from thin factors), both left allocated (the second until the Tasks dies)."""
@@ -537,7 +558,7 @@ def merge_tasks_cost(
     formed = L.now - before - X
     if params.get("alpha", 1.0) == AUTO:
         L.spike(s.X)  # the merged X's squares
-    if params.get("isotropize", False):
+    if isotropic(method, params) and not isotropize_later:
         iso = isotropize_cost(L, s.G, s.a, s.b)
         L.free(X)
         X = iso

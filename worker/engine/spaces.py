@@ -29,7 +29,15 @@ from .linalg import (
     svd_cost,
     truncate,
 )
-from .methods import Tasks, TaskShape, merge_tasks, merge_tasks_cost, resolve_alphas, task_energies
+from .methods import (
+    Tasks,
+    TaskShape,
+    merge_tasks,
+    merge_tasks_cost,
+    rank_mode,
+    resolve_alphas,
+    task_energies,
+)
 
 __all__ = [
     "SPACES",
@@ -41,12 +49,14 @@ __all__ = [
 ]
 
 
-def _dense_to_lora(dW: Tensor, rank: int | None) -> tuple[Tensor, Tensor, float | None]:
+def _dense_to_lora(
+    dW: Tensor, rank: int | None, *, flatten: bool = False
+) -> tuple[Tensor, Tensor, float | None]:
     """Factor a dense update (m × n) exactly (numerical rank) or truncated to ``rank`` by its
-    SVD; the kept energy when truncated."""
+    SVD (``flatten``: an isotropic cut); the kept energy when truncated."""
     U, S, Vh = svd(dW)
     k = int(numerical_ranks(S, tuple(dW.shape))) if rank is None else rank
-    B, A, kept = truncate(U, S, Vh, k)
+    B, A, kept = truncate(U, S, Vh, k, flatten=flatten and rank is not None)
     return B, A, (kept[0] if rank is not None else None)
 
 
@@ -66,28 +76,33 @@ def merge_in_full_space(
     params: Mapping[str, Any],
     rank: int | None = None,
     generator: torch.Generator | None = None,
+    *,
+    output_rank_mode: str = "auto",
 ) -> MergedModule:
-    """The baseline: the method on the dense ΔW_t = B_t A_t (m × n each)."""
+    """The baseline: the method on the dense ΔW_t = B_t A_t (m × n each); with ``rank``,
+    the dense result truncated (or cut and flattened: ``methods.rank_mode``)."""
     m, n = factors[0].B.shape[0], factors[0].A.shape[1]
     dWs = torch.empty(1, len(factors), m, n, dtype=factors[0].B.dtype, device=factors[0].B.device)
     for t, f in enumerate(factors):
         torch.matmul(f.B, f.A, out=dWs[0, t])
     tasks = Tasks(matrices=dWs, layer_k=min(m, n), generators=[_generator(generator)])
     del dWs
-    dW, alphas = merge_tasks(method, tasks, params)
+    flat = rank is not None and rank_mode(method, params, output_rank_mode) == "isotropic"
+    dW, alphas = merge_tasks(method, tasks, params, isotropize_later=flat)
     del tasks
-    B, A, kept = _dense_to_lora(dW[0], rank)
+    B, A, kept = _dense_to_lora(dW[0], rank, flatten=flat)
     return MergedModule(B=B, A=A, kept_energy=kept, alpha=alphas[0])
 
 
 def full_space_cost(
     L: Ledger, m: int, n: int, ranks: Sequence[int], method: str, params: Mapping[str, Any],
-    rank: int | None,
+    rank: int | None, *, output_rank_mode: str = "auto",
 ) -> int:  # fmt: skip
     """:func:`merge_in_full_space`: T dense updates, the method, the SVD of the result."""
     shape = TaskShape(1, len(ranks), m, n, None, min(m, n))
     dense = L.alloc(shape.X * shape.T)
-    dW, _ = merge_tasks_cost(L, shape, method, params)
+    flat = rank is not None and rank_mode(method, params, output_rank_mode) == "isotropic"
+    dW, _ = merge_tasks_cost(L, shape, method, params, isotropize_later=flat)
     L.free(dense)
     out = _dense_to_lora_cost(L, m, n, rank)
     L.free(dW)
@@ -141,6 +156,8 @@ def merge_in_knots_space(
     params: Mapping[str, Any],
     rank: int | None = None,
     generator: torch.Generator | None = None,
+    *,
+    output_rank_mode: str = "auto",
 ) -> MergedModule:
     """KnOTS: merge the per-task right blocks V_t, then ΔW = U diag(S) X.
 
@@ -151,20 +168,23 @@ def merge_in_knots_space(
     m, n = U.shape[0], blocks.shape[-1]
     tasks = Tasks(matrices=blocks[None], layer_k=min(m, n), generators=[_generator(generator)])
     del blocks
+    flat = rank is not None and rank_mode(method, params, output_rank_mode) == "isotropic"
     if params.get("isotropize", False):  # the m × n ΔW's singular values; alpha from the same
         energies = task_energies(tasks, S[None]) if params.get("alpha") == "auto" else None
         X, _ = merge_tasks(method, tasks, {**params, "isotropize": False, "alpha": 1.0})
         del tasks
-        dW = isotropize((U * S) @ X[0])
+        dW = (U * S) @ X[0]
         del X
+        if not flat:  # else flattened after the cut, over the k directions kept
+            dW = isotropize(dW)
         alpha = resolve_alphas(params, energies, dW[None])[0]
-        B, A, kept = _dense_to_lora(dW.mul_(alpha) if alpha != 1.0 else dW, rank)
+        B, A, kept = _dense_to_lora(dW.mul_(alpha) if alpha != 1.0 else dW, rank, flatten=flat)
         return MergedModule(B=B, A=A, kept_energy=kept, alpha=alpha)
     X, alphas = merge_tasks(method, tasks, params, row_scale=S[None])  # ‖U S V‖ = ‖S V‖
     del tasks
     Uf, Sf, Vhf = factored_svd(U * S, X[0])
     k = int(numerical_ranks(Sf, (m, n))) if rank is None else rank
-    B, A, kept = truncate(Uf, Sf, Vhf, k)
+    B, A, kept = truncate(Uf, Sf, Vhf, k, flatten=flat)
     return MergedModule(
         B=B, A=A, kept_energy=kept[0] if rank is not None else None, alpha=alphas[0]
     )
@@ -172,7 +192,7 @@ def merge_in_knots_space(
 
 def knots_space_cost(
     L: Ledger, m: int, n: int, ranks: Sequence[int], method: str, params: Mapping[str, Any],
-    rank: int | None,
+    rank: int | None, *, output_rank_mode: str = "auto",
 ) -> int:  # fmt: skip
     """:func:`merge_in_knots_space`: the factored SVD of [ΔW_1 … ΔW_T], the method on the T
     blocks V_t (k × n), then ΔW = U S X, dense only with ``isotropize``."""
@@ -204,17 +224,22 @@ def _generator(generator: torch.Generator | None) -> torch.Generator:
 
 @dataclass(frozen=True)
 class Space:
-    """One space: ``merge(factors, method, params, rank, generator)`` → ``MergedModule``, and
-    ``cost(ledger, m, n, ranks, method, params, rank)`` → the bytes of the merged factors,
-    which it leaves allocated, above the stacked inputs that the caller holds."""
+    """One space: ``merge(factors, method, params, rank, generator, *, output_rank_mode)`` →
+    ``MergedModule``, and ``cost(ledger, m, n, ranks, method, params, rank, *,
+    output_rank_mode)`` → the bytes of the merged factors, which it leaves allocated, above
+    the stacked inputs that the caller holds."""
 
     merge: Callable[..., MergedModule]
     cost: Callable[..., int]
 
 
-def _core_cost(L: Ledger, m: int, n: int, ranks, method, params, rank) -> int:
+def _core_cost(
+    L: Ledger, m: int, n: int, ranks, method, params, rank, *, output_rank_mode: str = "auto"
+) -> int:
     """One module's core merge, its stacks given up (as the runner gives them)."""
-    return core_space_cost(L, 1, m, n, ranks, method, params, rank, consume=True)
+    return core_space_cost(
+        L, 1, m, n, ranks, method, params, rank, consume=True, output_rank_mode=output_rank_mode
+    )
 
 
 #: Every space by its API name.
@@ -234,12 +259,21 @@ def merge_module(
     generator: torch.Generator | None = None,
     *,
     consume: bool = False,
+    output_rank_mode: str = "auto",
 ) -> MergedModule:
     """Merge one module's updates with ``method`` in ``space``; see the per-space functions.
     ``consume``: the caller gives a ``FactorStack``'s buffers up, and core space writes the
-    merged factors over them (``merge_group_in_core_space``)."""
+    merged factors over them (``merge_group_in_core_space``). ``output_rank_mode``: how the
+    merge is brought to ``rank`` (``methods.rank_mode``; ``"shared"`` is core space's)."""
     if not factors:
         raise ValueError("merge_module needs at least one adapter's factors")
     if space == "core":
-        return merge_in_core_space(factors, method, params, rank, generator, consume=consume)
-    return SPACES[space].merge(factors, method, params, rank, generator)
+        return merge_in_core_space(
+            factors, method, params, rank, generator,
+            consume=consume, output_rank_mode=output_rank_mode,
+        )  # fmt: skip
+    if output_rank_mode == "shared":
+        raise ValueError(f'output.rank_mode "shared" needs space "core", not {space!r}')
+    return SPACES[space].merge(
+        factors, method, params, rank, generator, output_rank_mode=output_rank_mode
+    )
