@@ -27,7 +27,7 @@ from typing import Any
 from bench.speed import report
 from bench.speed.harness import CLI_IMPORTS, Harness, measured_row, names, scaled
 from bench.speed.measure import MiB, contention, fresh, log
-from bench.speed.workloads import InputSet, Workload, module_shapes
+from bench.speed.workloads import DTYPES, InputSet, Workload, tensor_bytes
 
 #: coremerge method → the reference's name for it
 REFERENCE_NAMES = {"ta": "tv", "tsv": "tsv"}
@@ -154,9 +154,8 @@ class EngineProfile(Harness):
 
     def check_disk(self, workload: Workload) -> None:
         """The inputs (unless cached) plus one merged adapter (as large as all inputs)."""
-        itemsize = 2 if workload.dtype == "bfloat16" else 4
-        size = sum(n + m for _, n, m in module_shapes(workload)) * workload.rank
-        size *= workload.adapters * itemsize
+        itemsize = DTYPES[workload.dtype][1]
+        size = tensor_bytes(workload, itemsize, workload.rank) * workload.adapters
         self.require_disk(size * (1 if (self.out / "inputs" / workload.key).exists() else 2))
 
     def run_reference(self, dirs: list[Path], methods: list[str]) -> dict | None:

@@ -38,7 +38,6 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import struct
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -54,15 +53,21 @@ from bench.speed.harness import (
     scaled,
 )
 from bench.speed.measure import GiB, MiB, fresh, log, run_measured
-from bench.speed.workloads import InputSet, Workload, module_shapes
+from bench.speed.workloads import (
+    DTYPES,
+    InputSet,
+    Workload,
+    lora_header,
+    module_shapes,
+    tensor_bytes,
+)
 
 __all__ = ["WORKLOADS", "ScaleProfile", "ScaleWorkload", "evaluate_targets"]
 
 #: issue 16's targets, on the sample
 RSS_LIMIT_MIB = 2 * 1024
 FLOOR_FACTOR = 1.5
-ITEMSIZE = {"float32": 4, "bfloat16": 2}
-ST_DTYPE = {"float32": "F32", "bfloat16": "BF16"}
+ITEMSIZE = {k: size for k, (_, size) in DTYPES.items()}
 #: what the CLI writes: float32 (its default ``--dtype``)
 OUTPUT_ITEMSIZE = 4
 #: "the job's estimated peak is 1.6 GiB" in the CLI's refusal (worker.memory.check_work)
@@ -125,11 +130,6 @@ WORKLOADS = {
 }
 
 
-def tensor_bytes(w: Workload, itemsize: int, rank: int) -> int:
-    """Bytes of one adapter's (or one merged output's) factors: (in + out) × rank per module."""
-    return sum(n + m for _, n, m in module_shapes(w)) * rank * itemsize
-
-
 def parse_estimate(text: str) -> int | None:
     """The estimated peak in bytes from the CLI's refusal message (None when absent)."""
     found = _ESTIMATE.search(text or "")
@@ -142,17 +142,7 @@ def write_header_only(w: Workload, configs: list[Path], root: Path) -> list[Path
     The header (and ``adapter_config.json``, copied from ``configs``) is all the CLI's plan
     reads; the data area is never read before the plan's memory check. Raises OSError when
     the file system does not keep the hole sparse."""
-    dtype, itemsize = ST_DTYPE[w.dtype], ITEMSIZE[w.dtype]
-    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
-    offset = 0
-    for module, n, m in module_shapes(w):
-        for which, shape in (("A", [w.rank, n]), ("B", [m, w.rank])):
-            size = shape[0] * shape[1] * itemsize
-            key = f"base_model.model.{module}.lora_{which}.weight"
-            header[key] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + size]}
-            offset += size
-    blob = json.dumps(header, separators=(",", ":")).encode()
-    blob += b" " * (-len(blob) % 8)
+    head, data = lora_header(((mod, n, m, w.rank) for mod, n, m in module_shapes(w)), w.dtype)
     dirs = []
     for t, config in enumerate(configs):
         d = fresh(root / f"adapter-{t}")
@@ -160,11 +150,10 @@ def write_header_only(w: Workload, configs: list[Path], root: Path) -> list[Path
         shutil.copyfile(config, d / "adapter_config.json")
         path = d / "adapter_model.safetensors"
         with open(path, "wb") as f:
-            f.write(struct.pack("<Q", len(blob)))
-            f.write(blob)
-            f.truncate(8 + len(blob) + offset)
+            f.write(head)
+            f.truncate(len(head) + data)
         allocated = path.stat().st_blocks * 512
-        if allocated > len(blob) + (4 << 20):
+        if allocated > len(head) + (4 << 20):
             raise OSError(f"{path}: {allocated} bytes allocated, the file system is not sparse")
         dirs.append(d)
     return dirs
