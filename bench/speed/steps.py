@@ -28,6 +28,7 @@ import hashlib
 import json
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 T_START = time.perf_counter()
@@ -78,7 +79,7 @@ def reconstruct_full(dW: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return U[:, :k] * S[:k], Vh[:k]
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("adapters", nargs="+", type=Path)
     ap.add_argument("--space", choices=("core", "full"), default="core")
@@ -88,9 +89,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", type=Path, required=True)
     ap.add_argument("--out-dir", type=Path, help="where the per-module outputs go (default: none)")
     ap.add_argument("--engine-check", action="store_true")
-    args = ap.parse_args(argv)
+    return ap.parse_args(argv)
 
-    device = torch.device(args.device)
+
+def read_factors(readers: list, module: str, device: torch.device) -> list[LoraFactors]:
+    """Every adapter's factors of ``module`` on ``device``, scaling folded into B (as
+    ``run_merge`` reads them)."""
+    factors = []
+    for reader in readers:
+        A, B = reader.read(module, device)
+        factors.append(LoraFactors(A=A, B=B * reader.modules[module].scaling))
+    return factors
+
+
+def device_clock(device: torch.device) -> Callable[[], float]:
+    """``time.perf_counter`` once the device's queued work is done (CUDA runs asynchronously);
+    on CUDA the device is initialised and its peak-memory count reset first."""
     cuda = device.type == "cuda"
     if cuda:
         torch.cuda.init()
@@ -101,6 +115,73 @@ def main(argv: list[str] | None = None) -> int:
             torch.cuda.synchronize(device)
         return time.perf_counter()
 
+    return clock
+
+
+def core_steps(
+    factors: list[LoraFactors],
+    method: str,
+    params: dict,
+    gen: torch.Generator,
+    clock: Callable[[], float],
+    t1: float,
+    seconds: dict[str, float],
+) -> tuple[torch.Tensor, torch.Tensor, float, float]:
+    """One module in core space from ``t1``, each step's time added to ``seconds``: the merged
+    B and A, the projection residual and the clock at the end."""
+    bases = reference_bases(factors)
+    t2 = clock()
+    tasks = Tasks(
+        factors=(bases.left.coords, bases.right.coords.mT, [f.A.shape[0] for f in factors]),
+        layer_k=min(factors[0].B.shape[0], factors[0].A.shape[1]),
+        generators=[gen],
+    )
+    tasks.matrices  # noqa: B018  (formed here: the projection step)
+    t3 = clock()
+    M = merge_tasks(method, tasks, params)[0][0]
+    t4 = clock()
+    B, A = reconstruct_core(bases, M)
+    t5 = clock()
+    residual = float(projection_residual(factors, bases))
+    t6 = clock()
+    seconds["bases"] += t2 - t1
+    seconds["project"] += t3 - t2
+    seconds["merge"] += t4 - t3
+    seconds["reconstruct"] += t5 - t4
+    seconds["self_check"] += t6 - t5
+    return B, A, residual, t6
+
+
+def full_steps(
+    factors: list[LoraFactors],
+    method: str,
+    params: dict,
+    gen: torch.Generator,
+    clock: Callable[[], float],
+    t1: float,
+    seconds: dict[str, float],
+) -> tuple[torch.Tensor, torch.Tensor, float, float]:
+    """One module in full space from ``t1`` (dense ΔW_t, the method, the SVD back to factors),
+    each step's time added to ``seconds``: the merged B and A, a residual of 0 (nothing is
+    projected) and the clock at the end."""
+    dWs = [f.B @ f.A for f in factors]
+    t3 = clock()
+    M = apply_method(method, dWs, params, gen)
+    del dWs
+    t4 = clock()
+    B, A = reconstruct_full(M)
+    t5 = clock()
+    seconds["project"] += t3 - t1
+    seconds["merge"] += t4 - t3
+    seconds["reconstruct"] += t5 - t4
+    return B, A, 0.0, t5
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    clock = device_clock(device)
     params = default_params(args.method)
     t_open = clock()
     readers = [open_adapter(d, d.name) for d in args.adapters]
@@ -108,66 +189,32 @@ def main(argv: list[str] | None = None) -> int:
     open_s = clock() - t_open
     if args.out_dir is not None:
         args.out_dir.mkdir(parents=True, exist_ok=True)
-
+    steps = core_steps if args.space == "core" else full_steps
     seconds = dict.fromkeys(STEPS, 0.0)
-    engine_s = 0.0
+    engine_s = residual = 0.0
     ranks: list[int] = []
-    residual = 0.0
     for i, module in enumerate(modules):
         t0 = clock()
-        factors = []
-        for reader in readers:
-            A, B = reader.read(module, device)
-            factors.append(LoraFactors(A=A, B=B * reader.modules[module].scaling))
+        factors = read_factors(readers, module, device)
         t1 = clock()
         seconds["read"] += t1 - t0
         gen = module_generator(args.seed, module)
-        if args.space == "core":
-            bases = reference_bases(factors)
-            t2 = clock()
-            tasks = Tasks(
-                factors=(bases.left.coords, bases.right.coords.mT, [f.A.shape[0] for f in factors]),
-                layer_k=min(factors[0].B.shape[0], factors[0].A.shape[1]),
-                generators=[gen],
-            )
-            tasks.matrices  # noqa: B018  (formed here: the projection step)
-            t3 = clock()
-            M = merge_tasks(args.method, tasks, params)[0][0]
-            t4 = clock()
-            B, A = reconstruct_core(bases, M)
-            t5 = clock()
-            residual = max(residual, float(projection_residual(factors, bases)))
-            t6 = clock()
-            seconds["bases"] += t2 - t1
-            seconds["project"] += t3 - t2
-        else:
-            t2 = t1
-            dWs = [f.B @ f.A for f in factors]
-            t3 = clock()
-            M = apply_method(args.method, dWs, params, gen)
-            del dWs
-            t4 = clock()
-            B, A = reconstruct_full(M)
-            t5 = t6 = clock()
-            seconds["project"] += t3 - t2
-        seconds["merge"] += t4 - t3
-        seconds["reconstruct"] += t5 - t4
-        seconds["self_check"] += t6 - t5
+        B, A, res, t_end = steps(factors, args.method, params, gen, clock, t1, seconds)
+        residual = max(residual, res)
         ranks.append(A.shape[0])
         if args.out_dir is not None:
             save_file(
                 {"lora_A": A.cpu().contiguous(), "lora_B": B.cpu().contiguous()},
                 args.out_dir / f"{i:05d}.safetensors",
             )
-        seconds["write"] += clock() - t6
+        seconds["write"] += clock() - t_end
         if args.engine_check:
             t7 = clock()
             merge_module(factors, args.method, params, space=args.space, generator=gen)
             engine_s += clock() - t7
-        del factors, M, B, A
+        del factors, B, A
     for reader in readers:
         reader.close()
-
     result = {
         "space": args.space,
         "method": args.method,
