@@ -53,7 +53,7 @@ from bench.speed.harness import (  # noqa: E402
 )
 from bench.speed.machine import machine_info, project_state, write_json  # noqa: E402
 from bench.speed.measure import Measured, MiB, fresh, log, run_measured  # noqa: E402
-from bench.speed.workloads import Workload, input_set  # noqa: E402
+from bench.speed.workloads import Workload, input_set, llama_shapes  # noqa: E402
 
 #: seconds a child may run past ``--budget`` (bench/gpu.sh's timeout leaves more than this)
 GRACE = 30.0
@@ -345,9 +345,7 @@ class GpuRun:
             layers=a.layers,
             adapters=a.adapters,
             rank=a.rank,
-            hidden=a.width,
-            kv=a.width // 4,
-            mlp=a.width * 7 // 2,
+            **llama_shapes(a.width),
         )
         log(f"inputs: {workload.key} ({a.layers} layers, width {a.width})")
         inputs = input_set(self.python, workload, self.out / "inputs")

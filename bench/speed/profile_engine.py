@@ -27,7 +27,7 @@ from typing import Any
 from bench.speed import report
 from bench.speed.harness import CLI_IMPORTS, Harness, measured_row, names, scaled
 from bench.speed.measure import MiB, contention, fresh, log
-from bench.speed.workloads import DTYPES, InputSet, Workload, tensor_bytes
+from bench.speed.workloads import DTYPES, InputSet, Workload, llama_shapes, tensor_bytes
 
 #: coremerge method → the reference's name for it
 REFERENCE_NAMES = {"ta": "tv", "tsv": "tsv"}
@@ -145,9 +145,7 @@ class EngineProfile(Harness):
             layers=a.layers,
             adapters=a.adapters,
             rank=a.rank,
-            hidden=a.width,
-            kv=a.width // 4,
-            mlp=a.width * 7 // 2,
+            **llama_shapes(a.width),
             dtype=a.input_dtype,
             seed=a.seed,
         )

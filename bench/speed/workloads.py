@@ -43,6 +43,7 @@ __all__ = [
     "curve_points",
     "ensure_inputs",
     "input_set",
+    "llama_shapes",
     "llama_workload",
     "lora_header",
     "module_shapes",
@@ -81,6 +82,11 @@ class Workload:
         return Workload(**{**asdict(self), "layers": layers})
 
 
+def llama_shapes(width: int) -> dict[str, int]:
+    """Llama-3's layer sizes at hidden size ``width``: k/v ``width``/4, the MLP 3.5 ``width``."""
+    return {"hidden": width, "kv": width // 4, "mlp": width * 7 // 2}
+
+
 def llama_workload(
     *, width: int, layers: int, adapters: int, rank: int, seed: int = 0, dtype: str = "float32"
 ) -> Workload:
@@ -90,9 +96,7 @@ def llama_workload(
         adapters=adapters,
         rank=rank,
         lora_alpha=rank,
-        hidden=width,
-        kv=width // 4,
-        mlp=width * 7 // 2,
+        **llama_shapes(width),
         dtype=dtype,
         seed=seed,
         base_model=f"bench/llama3-shapes-w{width}",
