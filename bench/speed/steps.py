@@ -28,7 +28,6 @@ import hashlib
 import json
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 T_START = time.perf_counter()
@@ -102,104 +101,94 @@ def read_factors(readers: list, module: str, device: torch.device) -> list[LoraF
     return factors
 
 
-def device_clock(device: torch.device) -> Callable[[], float]:
-    """``time.perf_counter`` once the device's queued work is done (CUDA runs asynchronously);
-    on CUDA the device is initialised and its peak-memory count reset first."""
-    cuda = device.type == "cuda"
-    if cuda:
-        torch.cuda.init()
-        torch.cuda.reset_peak_memory_stats(device)
+class Stopwatch:
+    """Each step's seconds summed over modules: ``lap(step)`` charges the time since the last
+    lap (or ``restart``) to ``step``. CUDA runs asynchronously, so the clock synchronises the
+    device first; on CUDA the device is initialised and its peak-memory count reset."""
 
-    def clock() -> float:
-        if cuda:
-            torch.cuda.synchronize(device)
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.cuda = device.type == "cuda"
+        if self.cuda:
+            torch.cuda.init()
+            torch.cuda.reset_peak_memory_stats(device)
+        self.seconds = dict.fromkeys(STEPS, 0.0)
+        self.last = 0.0
+
+    def now(self) -> float:
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
         return time.perf_counter()
 
-    return clock
+    def restart(self) -> None:
+        self.last = self.now()
+
+    def elapsed(self) -> float:
+        return self.now() - self.last
+
+    def lap(self, step: str) -> None:
+        t = self.now()
+        self.seconds[step] += t - self.last
+        self.last = t
 
 
 def core_steps(
-    factors: list[LoraFactors],
-    method: str,
-    params: dict,
-    gen: torch.Generator,
-    clock: Callable[[], float],
-    t1: float,
-    seconds: dict[str, float],
-) -> tuple[torch.Tensor, torch.Tensor, float, float]:
-    """One module in core space from ``t1``, each step's time added to ``seconds``: the merged
-    B and A, the projection residual and the clock at the end."""
+    factors: list[LoraFactors], method: str, params: dict, gen: torch.Generator, watch: Stopwatch
+) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """One module in core space, step by step: the merged B and A and the projection residual."""
     bases = reference_bases(factors)
-    t2 = clock()
+    watch.lap("bases")
     tasks = Tasks(
         factors=(bases.left.coords, bases.right.coords.mT, [f.A.shape[0] for f in factors]),
         layer_k=min(factors[0].B.shape[0], factors[0].A.shape[1]),
         generators=[gen],
     )
     tasks.matrices  # noqa: B018  (formed here: the projection step)
-    t3 = clock()
+    watch.lap("project")
     M = merge_tasks(method, tasks, params)[0][0]
-    t4 = clock()
+    watch.lap("merge")
     B, A = reconstruct_core(bases, M)
-    t5 = clock()
+    watch.lap("reconstruct")
     residual = float(projection_residual(factors, bases))
-    t6 = clock()
-    seconds["bases"] += t2 - t1
-    seconds["project"] += t3 - t2
-    seconds["merge"] += t4 - t3
-    seconds["reconstruct"] += t5 - t4
-    seconds["self_check"] += t6 - t5
-    return B, A, residual, t6
+    watch.lap("self_check")
+    return B, A, residual
 
 
 def full_steps(
-    factors: list[LoraFactors],
-    method: str,
-    params: dict,
-    gen: torch.Generator,
-    clock: Callable[[], float],
-    t1: float,
-    seconds: dict[str, float],
-) -> tuple[torch.Tensor, torch.Tensor, float, float]:
-    """One module in full space from ``t1`` (dense ΔW_t, the method, the SVD back to factors),
-    each step's time added to ``seconds``: the merged B and A, a residual of 0 (nothing is
-    projected) and the clock at the end."""
+    factors: list[LoraFactors], method: str, params: dict, gen: torch.Generator, watch: Stopwatch
+) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """One module in full space (dense ΔW_t, the method, the SVD back to factors): the merged
+    B and A, and a residual of 0 (nothing is projected)."""
     dWs = [f.B @ f.A for f in factors]
-    t3 = clock()
+    watch.lap("project")
     M = apply_method(method, dWs, params, gen)
     del dWs
-    t4 = clock()
+    watch.lap("merge")
     B, A = reconstruct_full(M)
-    t5 = clock()
-    seconds["project"] += t3 - t1
-    seconds["merge"] += t4 - t3
-    seconds["reconstruct"] += t5 - t4
-    return B, A, 0.0, t5
+    watch.lap("reconstruct")
+    return B, A, 0.0
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     device = torch.device(args.device)
-    cuda = device.type == "cuda"
-    clock = device_clock(device)
+    watch = Stopwatch(device)
     params = default_params(args.method)
-    t_open = clock()
+    watch.restart()
     readers = [open_adapter(d, d.name) for d in args.adapters]
     modules = list(readers[0].modules)
-    open_s = clock() - t_open
+    open_s = watch.elapsed()
     if args.out_dir is not None:
         args.out_dir.mkdir(parents=True, exist_ok=True)
     steps = core_steps if args.space == "core" else full_steps
-    seconds = dict.fromkeys(STEPS, 0.0)
     engine_s = residual = 0.0
     ranks: list[int] = []
     for i, module in enumerate(modules):
-        t0 = clock()
+        watch.restart()
         factors = read_factors(readers, module, device)
-        t1 = clock()
-        seconds["read"] += t1 - t0
+        watch.lap("read")
         gen = module_generator(args.seed, module)
-        B, A, res, t_end = steps(factors, args.method, params, gen, clock, t1, seconds)
+        B, A, res = steps(factors, args.method, params, gen, watch)
         residual = max(residual, res)
         ranks.append(A.shape[0])
         if args.out_dir is not None:
@@ -207,14 +196,15 @@ def main(argv: list[str] | None = None) -> int:
                 {"lora_A": A.cpu().contiguous(), "lora_B": B.cpu().contiguous()},
                 args.out_dir / f"{i:05d}.safetensors",
             )
-        seconds["write"] += clock() - t_end
+        watch.lap("write")
         if args.engine_check:
-            t7 = clock()
+            watch.restart()
             merge_module(factors, args.method, params, space=args.space, generator=gen)
-            engine_s += clock() - t7
+            engine_s += watch.elapsed()
         del factors, B, A
     for reader in readers:
         reader.close()
+    seconds = watch.seconds
     result = {
         "space": args.space,
         "method": args.method,
@@ -231,7 +221,9 @@ def main(argv: list[str] | None = None) -> int:
         "output_rank_max": max(ranks, default=0),
         "max_projection_residual": residual if args.space == "core" else None,
         "engine_merge_module_s": engine_s if args.engine_check else None,
-        "cuda_max_memory_allocated": torch.cuda.max_memory_allocated(device) if cuda else None,
+        "cuda_max_memory_allocated": torch.cuda.max_memory_allocated(device)
+        if watch.cuda
+        else None,
     }
     args.json.write_text(json.dumps(result, indent=2) + "\n")
     return 0
