@@ -1,5 +1,8 @@
 """What every profile shares: the child commands, start-up probes, input sets and the record.
 
+Written once here, and used by the GPU check (``gpu.py``) and ``bench/service.py`` as well:
+the command lines of the CLI and the floor, warming the page cache, scaling a sample's wall
+time to the whole model, a measured row, writing the record to ``out/`` and ``results/``.
 Every timed step is a fresh subprocess started from the repository root (this process never
 imports torch or the product):
 
