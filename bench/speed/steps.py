@@ -190,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
         gen = module_generator(args.seed, module)
         B, A, res = steps(factors, args.method, params, gen, watch)
         residual = max(residual, res)
-        ranks.append(A.shape[0])
+        ranks.append(A.shape[-2])  # A is (…, rank, in): the core path keeps a group dimension
         if args.out_dir is not None:
             save_file(
                 {"lora_A": A.cpu().contiguous(), "lora_B": B.cpu().contiguous()},
