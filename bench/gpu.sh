@@ -54,6 +54,13 @@ status=0
 
 note() { echo "gpu.sh: $*"; }
 timed_out() { [[ $1 == 124 || $1 == 137 ]]; }
+# part_ended RC LIMIT SUBJECT NAME: how a part ended; a failure (or a timeout) fails the script.
+part_ended() {
+    (($1 == 0)) && return 0
+    timed_out "$1" && note "$3 ran past $2 s"
+    note "$4 FAILED (exit $1)"
+    status=1
+}
 
 echo "== 0. preflight ($mode, $PY)"
 "$PY" -m bench.speed.gpu preflight --device "$mode"
@@ -81,23 +88,14 @@ else
     COREMERGE_TEST_DEVICE=$mode timeout "$tests_timeout" "$PY" -m tests.engine.test_device
     rc=$?
 fi
-if ((rc != 0)); then
-    timed_out $rc && note "the tests ran past ${tests_timeout} s"
-    note "engine tests FAILED (exit $rc)"
-    status=1
-fi
+part_ended $rc "$tests_timeout" "the tests" "engine tests"
 
 echo "== b. speed on $mode"
 if ((pre != 0)); then
     note "speed run skipped: the preflight found a module it needs missing (above)"
 else
     timeout "$bench_timeout" "$PY" -m bench.speed.gpu run --python "$PY" "${bench_args[@]}"
-    rc=$?
-    if ((rc != 0)); then
-        timed_out $rc && note "the speed run ran past ${bench_timeout} s"
-        note "speed run FAILED (exit $rc)"
-        status=1
-    fi
+    part_ended $? "$bench_timeout" "the speed run" "speed run"
 fi
 
 note "done in $((SECONDS - started)) s, exit status $status"

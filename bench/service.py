@@ -58,8 +58,9 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.speed.harness import merge_command  # noqa: E402
 from bench.speed.machine import machine_info, write_json  # noqa: E402
-from bench.speed.measure import run_measured, wait_for_quiet  # noqa: E402
+from bench.speed.measure import proc_status, run_measured, wait_for_quiet  # noqa: E402
 
 API_KEY = "bench-key"
 TARGET_JOBS_PER_S = 300
@@ -243,11 +244,8 @@ def cli_merge(dirs: list[Path], runs: int, tmp: Path) -> dict[str, Any]:
     walls, inproc = [], []
     for i in range(runs):
         out = tmp / f"cli-{i}"
-        measured = run_measured(
-            [sys.executable, "-m", "worker.cli", "merge", *map(str, dirs), "-o", str(out),
-             "--method", "tsv", "--device", "cpu", "--quiet"],
-            cwd=ROOT,
-        ).check("coremerge merge")  # fmt: skip
+        argv = merge_command([sys.executable, "-m", "worker.cli"], dirs, out, "tsv", "core", "cpu")
+        measured = run_measured(argv, cwd=ROOT).check("coremerge merge")
         walls.append(measured.wall_s)
         report = json.loads((out / "merge_report.json").read_text())
         inproc.append(report["timings"]["total_s"])
@@ -326,12 +324,8 @@ class JobWatch:
         except psutil.Error:
             return 0
         for child in children:
-            try:
-                for line in Path(f"/proc/{child.pid}/status").read_text().splitlines():
-                    if line.startswith("VmHWM:"):
-                        peak = max(peak, int(line.split()[1]) * 1024)
-            except OSError:
-                pass
+            status = proc_status(child.pid) or {}
+            peak = max(peak, status.get("VmHWM", 0))
         return peak
 
     def _run(self) -> None:
@@ -367,8 +361,6 @@ def streamed_job(url: str, spec: dict, worker: subprocess.Popen, work_dir: Path)
 
 def run_stream(opts: argparse.Namespace, env: dict[str, str], tmp: Path, procs: list) -> dict:
     """(c): inputs in moto, the floor, the job, the floor again."""
-    import boto3
-
     from bench.speed.workloads import Workload, input_set
     from jobs.settings import Settings
 
@@ -378,15 +370,9 @@ def run_stream(opts: argparse.Namespace, env: dict[str, str], tmp: Path, procs: 
     os.environ.update({k: v for k, v in env.items() if k.startswith("AWS_")})  # for the floor
     print(f"(c) streamed inputs: {len(inputs.dirs)} adapters, {inputs.bytes / 2**30:.2f} GiB",
           flush=True)  # fmt: skip
-    s3 = boto3.client("s3", endpoint_url=env["COREMERGE_S3_ENDPOINT_URL"],
-                      aws_access_key_id="bench", aws_secret_access_key="bench",
-                      region_name="us-east-1")  # fmt: skip
-    uris, keys = [], []
-    for i, d in enumerate(inputs.dirs):
-        for f in ("adapter_config.json", "adapter_model.safetensors"):
-            s3.upload_file(str(d / f), "bench-adapters", f"big-{i}/{f}")
-        keys.append(f"big-{i}/adapter_model.safetensors")
-        uris.append(f"s3://bench-adapters/big-{i}/")
+    s3 = s3_client(env["COREMERGE_S3_ENDPOINT_URL"])
+    uris = upload_adapters(s3, inputs.dirs, "big")
+    keys = [f"big-{i}/adapter_model.safetensors" for i in range(len(uris))]
     total = sum(s3.head_object(Bucket="bench-adapters", Key=f"big-{i}/{f}")["ContentLength"]
                 for i in range(len(uris)) for f in ("adapter_config.json",
                                                     "adapter_model.safetensors"))  # fmt: skip
@@ -470,7 +456,7 @@ def cleanup_redis(redis_url: str, prefix: str, queue: str) -> None:
     r.srem("rq:queues", f"rq:queue:{queue}")
 
 
-def main() -> int:
+def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
     p.add_argument("--duration", type=float, default=10.0, help="seconds of measured load")
@@ -499,17 +485,20 @@ def main() -> int:
                    help="wait up to this long for other processes to leave the CPUs")  # fmt: skip
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "out")
     opts = p.parse_args()
+    if opts.profile == "stream":
+        opts.storage, opts.skip_api, opts.skip_e2e = "s3", True, True
+    return opts
 
+
+def service_env(opts: argparse.Namespace, name: str, tmp: Path, port: int) -> dict[str, str]:
+    """The API's and the worker's environment: this run's Redis prefix and queue, a tenants
+    file with the bench key, quotas lifted, a work folder of its own."""
     from jobs.tenants import hash_key
 
-    name = f"bench{uuid.uuid4().hex[:8]}"
-    tmp = Path(tempfile.mkdtemp(prefix="coremerge-bench-"))
     tenants = tmp / "tenants.json"
     tenants.write_text(json.dumps({"tenants": {"bench": {
         "keys_sha256": [hash_key(API_KEY)], "allow": ["s3://bench-adapters/", "s3://bench-merged/",
                                                       f"file://{tmp}/"]}}}))  # fmt: skip
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
     env = {
         **{k: v for k, v in os.environ.items() if not k.startswith("COREMERGE_")},
         "COREMERGE_REDIS_URL": opts.redis_url,
@@ -531,75 +520,77 @@ def main() -> int:
     env.update(dict(item.split("=", 1) for item in opts.worker_env))
     (tmp / "work").mkdir()
     if opts.profile == "stream":
-        opts.storage, opts.skip_api, opts.skip_e2e = "s3", True, True
         # Objects stay in moto's memory (its default spools those over 5 MiB to temporary
         # files), for the floor and the job alike.
         env["MOTO_S3_DEFAULT_KEY_BUFFER_SIZE"] = str(1 << 30)
+    return env
+
+
+def s3_client(endpoint: str) -> Any:
+    import boto3
+
+    return boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="bench",
+                        aws_secret_access_key="bench", region_name="us-east-1")  # fmt: skip
+
+
+def upload_adapters(s3: Any, dirs: list[Path], prefix: str) -> list[str]:
+    """Each adapter folder to ``s3://bench-adapters/<prefix>-<i>/``; their URIs."""
+    uris = []
+    for i, d in enumerate(dirs):
+        for f in ("adapter_config.json", "adapter_model.safetensors"):
+            s3.upload_file(str(d / f), "bench-adapters", f"{prefix}-{i}/{f}")
+        uris.append(f"s3://bench-adapters/{prefix}-{i}/")
+    return uris
+
+
+def start_moto(env: dict[str, str], tmp: Path, procs: list[subprocess.Popen]) -> Any:
+    """moto's S3 server on a free loopback port (its URL into ``env``), the two buckets made;
+    an S3 client for it."""
+    import httpx
+
+    mport = free_port()
+    env["COREMERGE_S3_ENDPOINT_URL"] = f"http://127.0.0.1:{mport}"
+    moto = start([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(mport)],
+                 env, tmp / "moto.log")  # fmt: skip
+    procs.append(moto)
+    wait_until(lambda: httpx.get(env["COREMERGE_S3_ENDPOINT_URL"]).status_code < 500,
+               "moto", proc=moto)  # fmt: skip
+    s3 = s3_client(env["COREMERGE_S3_ENDPOINT_URL"])
+    s3.create_bucket(Bucket="bench-adapters")
+    s3.create_bucket(Bucket="bench-merged")
+    return s3
+
+
+def main() -> int:
+    opts = parse_args()
+    name = f"bench{uuid.uuid4().hex[:8]}"
+    tmp = Path(tempfile.mkdtemp(prefix="coremerge-bench-"))
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = service_env(opts, name, tmp, port)
     procs: list[subprocess.Popen] = []
     results: dict[str, Any] = {"created_at": datetime.now(UTC).isoformat(timespec="seconds"),
                                "machine": machine_info(), "options": {
                                    k: str(v) for k, v in vars(opts).items()}}  # fmt: skip
-    cli = [sys.executable, "-m", "worker.cli"]
     try:
         from worker.demo import DEMO_ADAPTERS, make_tiny_adapters
 
         dirs = make_tiny_adapters(tmp / "adapters", DEMO_ADAPTERS)
         if opts.storage == "s3":
-            mport = free_port()
-            env["COREMERGE_S3_ENDPOINT_URL"] = f"http://127.0.0.1:{mport}"
-            moto = start([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p",
-                          str(mport)], env, tmp / "moto.log")  # fmt: skip
-            procs.append(moto)
-            import boto3
-            import httpx
-
-            wait_until(lambda: httpx.get(env["COREMERGE_S3_ENDPOINT_URL"]).status_code < 500,
-                       "moto", proc=moto)  # fmt: skip
-            s3 = boto3.client("s3", endpoint_url=env["COREMERGE_S3_ENDPOINT_URL"],
-                              aws_access_key_id="bench", aws_secret_access_key="bench",
-                              region_name="us-east-1")  # fmt: skip
-            s3.create_bucket(Bucket="bench-adapters")
-            s3.create_bucket(Bucket="bench-merged")
-            uris = []
-            for i, d in enumerate(dirs):
-                for f in ("adapter_config.json", "adapter_model.safetensors"):
-                    s3.upload_file(str(d / f), "bench-adapters", f"task-{i}/{f}")
-                uris.append(f"s3://bench-adapters/task-{i}/")
+            uris = upload_adapters(start_moto(env, tmp, procs), dirs, "task")
             out_uri = "s3://bench-merged/run/"
         else:
             uris = [f"file://{d}" for d in dirs]
             out_uri = f"file://{tmp}/merged/"
         spec = {"adapters": [{"uri": u} for u in uris], "method": "tsv",
                 "output": {"uri": out_uri}}  # fmt: skip
-
-        api = start([*cli, "serve", "--port", str(port)], env, tmp / "api.log")
+        api = start([sys.executable, "-m", "worker.cli", "serve", "--port", str(port)], env,
+                    tmp / "api.log")  # fmt: skip
         procs.append(api)
         import httpx
 
         wait_until(lambda: httpx.get(f"{url}/readyz").status_code == 200, "API", proc=api)
-
-        if not opts.skip_api:
-            _, busy = wait_for_quiet(opts.quiet_wait)
-            print(f"(a) API load: {opts.duration:.0f} s, {opts.concurrency} connections, "
-                  f"no worker (CPU busy before: {busy or 0:.0%})", flush=True)  # fmt: skip
-            results["api"] = api_throughput(url, spec, opts)
-            results["api"]["cpu_busy_before"] = busy
-            cleanup_redis(opts.redis_url, name, name)
-
-        if not opts.skip_e2e:
-            worker = start([*cli, "worker"], env, tmp / "worker.log")
-            procs.append(worker)
-            wait_until(lambda: worker_count(opts.redis_url, name) > 0, "worker", proc=worker)
-            _, busy = wait_for_quiet(opts.quiet_wait)
-            print(f"(b) end to end: {opts.e2e_runs} small merges, {opts.storage} storage "
-                  f"(CPU busy before: {busy or 0:.0%})", flush=True)  # fmt: skip
-            results["e2e"] = e2e(url, spec, opts.e2e_runs)
-            results["cli"] = cli_merge(dirs, opts.e2e_runs, tmp)
-            results["e2e"]["overhead_s"] = results["e2e"]["median_s"] - results["cli"]["median_s"]
-            results["e2e"]["ratio"] = results["e2e"]["median_s"] / results["cli"]["median_s"]
-        if opts.profile == "stream":
-            results["load_average_start"] = os.getloadavg()
-            results["stream"] = run_stream(opts, env, tmp, procs)
+        run_parts(opts, env, spec, dirs, tmp, procs, results)
     finally:
         for proc in reversed(procs):
             stop(proc)
@@ -607,6 +598,40 @@ def main() -> int:
         shutil.rmtree(tmp, ignore_errors=True)
 
     return report(results, opts.out)
+
+
+def run_parts(
+    opts: argparse.Namespace,
+    env: dict[str, str],
+    spec: dict,
+    dirs: list[Path],
+    tmp: Path,
+    procs: list[subprocess.Popen],
+    results: dict[str, Any],
+) -> None:
+    """(a), (b) or (c) against the running API, each part's figures into ``results``."""
+    url, name = f"http://127.0.0.1:{env['BENCH_PORT']}", env["COREMERGE_QUEUE"]
+    if not opts.skip_api:
+        _, busy = wait_for_quiet(opts.quiet_wait)
+        print(f"(a) API load: {opts.duration:.0f} s, {opts.concurrency} connections, "
+              f"no worker (CPU busy before: {busy or 0:.0%})", flush=True)  # fmt: skip
+        results["api"] = api_throughput(url, spec, opts)
+        results["api"]["cpu_busy_before"] = busy
+        cleanup_redis(opts.redis_url, name, name)
+    if not opts.skip_e2e:
+        worker = start([sys.executable, "-m", "worker.cli", "worker"], env, tmp / "worker.log")
+        procs.append(worker)
+        wait_until(lambda: worker_count(opts.redis_url, name) > 0, "worker", proc=worker)
+        _, busy = wait_for_quiet(opts.quiet_wait)
+        print(f"(b) end to end: {opts.e2e_runs} small merges, {opts.storage} storage "
+              f"(CPU busy before: {busy or 0:.0%})", flush=True)  # fmt: skip
+        results["e2e"] = e2e(url, spec, opts.e2e_runs)
+        results["cli"] = cli_merge(dirs, opts.e2e_runs, tmp)
+        results["e2e"]["overhead_s"] = results["e2e"]["median_s"] - results["cli"]["median_s"]
+        results["e2e"]["ratio"] = results["e2e"]["median_s"] / results["cli"]["median_s"]
+    if opts.profile == "stream":
+        results["load_average_start"] = os.getloadavg()
+        results["stream"] = run_stream(opts, env, tmp, procs)
 
 
 def report(results: dict[str, Any], out: Path) -> int:

@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import struct
 import sys
 import time
 from pathlib import Path
@@ -35,8 +34,13 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+ROOT = Path(__file__).resolve().parents[2]
+if str(ROOT) not in sys.path:  # run as a script (the benchmarks' child): make `bench` importable
+    sys.path.insert(0, str(ROOT))
+
+from bench.speed.workloads import DTYPES, lora_header  # noqa: E402
+
 _KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<which>[AB])\.weight$")
-_DTYPES = {"float32": ("F32", 4), "bfloat16": ("BF16", 2), "float16": ("F16", 2)}
 
 
 def _modules(paths: list[Path]) -> tuple[dict[str, dict], int]:
@@ -86,11 +90,44 @@ def gemm_floor(adapters: list[Path]) -> dict:
             "modules": len(modules), "shapes": len(shapes)}  # fmt: skip
 
 
+def read_all(paths: list[Path], largest_input: int) -> int:
+    """Copy every tensor's bytes of every file; the bytes read.
+
+    get_tensor maps the file without copying (safetensors ≥ 0.6), so each tensor's bytes are
+    copied into a reused buffer, as read(2) would, to be sure every byte is loaded. One file
+    at a time, closed after, so the mapped pages of at most one input stay resident."""
+    scratch = torch.empty(largest_input, dtype=torch.uint8)
+    read_bytes = 0
+    for path in paths:
+        with safe_open(path, framework="pt", device="cpu") as f:
+            for key in f.keys():  # noqa: SIM118
+                t = f.get_tensor(key).reshape(-1).view(torch.uint8)
+                scratch[: t.numel()].copy_(t)
+                read_bytes += t.numel()
+    return read_bytes
+
+
+def write_core_layout(modules: dict[str, dict], output: Path, dtype: str) -> int:
+    """The core merge's output layout (Σ r_t per module) as zeros, streamed; bytes written."""
+    head, _ = lora_header(
+        ((name, e["in"], e["out"], e["rank"]) for name, e in modules.items()), dtype
+    )
+    itemsize = DTYPES[dtype][1]
+    largest = max(max(e["rank"] * e["in"], e["out"] * e["rank"]) for e in modules.values())
+    zeros = memoryview(bytearray(largest * itemsize))
+    with open(output, "wb") as out:
+        out.write(head)
+        for e in modules.values():
+            out.write(zeros[: e["rank"] * e["in"] * itemsize])
+            out.write(zeros[: e["out"] * e["rank"] * itemsize])
+    return output.stat().st_size
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("adapters", nargs="+", type=Path)
     ap.add_argument("-o", "--output", type=Path)
-    ap.add_argument("--dtype", default="float32", choices=sorted(_DTYPES))
+    ap.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     ap.add_argument("--gemm", action="store_true", help="time the compute floor instead")
     args = ap.parse_args(argv)
     if args.gemm:
@@ -104,43 +141,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     paths = [d / "adapter_model.safetensors" for d in args.adapters]
     modules, largest_input = _modules(paths)
-    # Read: get_tensor maps the file without copying (safetensors ≥ 0.6), so each tensor's bytes
-    # are copied into a reused buffer, as read(2) would, to be sure every byte is loaded. One
-    # file at a time, closed after, so the mapped pages of at most one input stay resident.
-    scratch = torch.empty(largest_input, dtype=torch.uint8)
-    read_bytes = 0
-    for path in paths:
-        with safe_open(path, framework="pt", device="cpu") as f:
-            for key in f.keys():  # noqa: SIM118
-                t = f.get_tensor(key).reshape(-1).view(torch.uint8)
-                scratch[: t.numel()].copy_(t)
-                read_bytes += t.numel()
-    del scratch
-
-    # Write: the core merge's output layout (Σ r_t per module), streamed.
-    st_dtype, itemsize = _DTYPES[args.dtype]
-    header: dict = {"__metadata__": {"format": "pt"}}
-    offset = 0
-    for name, e in modules.items():
-        for which, shape in (("A", (e["rank"], e["in"])), ("B", (e["out"], e["rank"]))):
-            size = shape[0] * shape[1] * itemsize
-            header[f"base_model.model.{name}.lora_{which}.weight"] = {
-                "dtype": st_dtype,
-                "shape": list(shape),
-                "data_offsets": [offset, offset + size],
-            }
-            offset += size
-    blob = json.dumps(header, separators=(",", ":")).encode()
-    blob += b" " * (-len(blob) % 8)
-    largest = max(max(e["rank"] * e["in"], e["out"] * e["rank"]) for e in modules.values())
-    zeros = memoryview(bytearray(largest * itemsize))
-    with open(args.output, "wb") as out:
-        out.write(struct.pack("<Q", len(blob)))
-        out.write(blob)
-        for e in modules.values():
-            out.write(zeros[: e["rank"] * e["in"] * itemsize])
-            out.write(zeros[: e["out"] * e["rank"] * itemsize])
-    written = args.output.stat().st_size
+    read_bytes = read_all(paths, largest_input)
+    written = write_core_layout(modules, args.output, args.dtype)
     print(
         json.dumps(
             {

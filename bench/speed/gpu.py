@@ -43,11 +43,18 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:  # run as a script: make `bench` importable
     sys.path.insert(0, str(ROOT))
 
+from bench.speed.harness import (  # noqa: E402
+    floor_command,
+    merge_command,
+    names,
+    run_stamp,
+    scaled,
+    warm_page_cache,
+)
 from bench.speed.machine import machine_info, project_state, write_json  # noqa: E402
 from bench.speed.measure import Measured, MiB, fresh, log, run_measured  # noqa: E402
-from bench.speed.workloads import Workload, input_set  # noqa: E402
+from bench.speed.workloads import Workload, input_set, llama_shapes  # noqa: E402
 
-SPEED = ROOT / "bench" / "speed"
 #: seconds a child may run past ``--budget`` (bench/gpu.sh's timeout leaves more than this)
 GRACE = 30.0
 #: the layer count the "est. 32 layers" column scales to (Llama-3-8B)
@@ -172,9 +179,8 @@ def engine_child(args: argparse.Namespace) -> int:
     importlib.import_module("worker")  # first: its OpenMP settings must precede torch's import
     import torch
 
-    from jobs.spec import validate_params
-    from worker.engine import merge_in_core_space, merge_stacks_in_core_space, shape_groups
-    from worker.pipeline import merge_threads, ordered_map
+    from worker.engine import shape_groups
+    from worker.pipeline import merge_threads
 
     device = torch.device(args.device)
     cuda = device.type == "cuda"
@@ -187,11 +193,42 @@ def engine_child(args: argparse.Namespace) -> int:
     names, stacks = _load_stacks(args.adapters, device)
     sync()
     load_s = time.perf_counter() - t0
+    threads = merge_threads(device, "core")
+    variants = _engine_variants(stacks, threads, cuda)
+    _warm_up(stacks, args.methods)
+    sync()
+    out: dict[str, Any] = {
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if cuda else None,
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "threads": torch.get_num_threads(),
+        "unbatched_merge_threads": threads,
+        "modules": len(stacks),
+        "groups": [len(g) for g in shape_groups(stacks)],
+        "load_s": round(load_s, 3),
+        "methods": {},
+    }
+    for method in args.methods:
+        timing = _time_method(variants, method, args.repeat, sync, names)
+        out["methods"][method] = timing
+        print(f"engine {device} {method}: {timing}", file=sys.stderr, flush=True)
+    if cuda:
+        out["max_memory_allocated_mib"] = round(torch.cuda.max_memory_allocated(device) / MiB, 1)
+    args.json.write_text(json.dumps(out, indent=2) + "\n")
+    return 0
+
+
+def _engine_variants(stacks: list[Any], threads: int, cuda: bool) -> dict[str, Any]:
+    """The timed merges by name: module by module as the runner merges, batched, and (CUDA)
+    batched with the small eigendecompositions on the host. Each takes (method, params)."""
+    import torch
+
+    from worker.engine import merge_in_core_space, merge_stacks_in_core_space
+    from worker.pipeline import ordered_map
 
     def gens() -> list[torch.Generator]:
         return [torch.Generator().manual_seed(i) for i in range(len(stacks))]
-
-    threads = merge_threads(device, "core")
 
     def unbatched(method: str, params: dict[str, Any]) -> list[Any]:
         def one(item: tuple[Any, torch.Generator]) -> Any:
@@ -207,54 +244,48 @@ def engine_child(args: argparse.Namespace) -> int:
         variants["batched, eigh on host"] = lambda m, p: merge_stacks_in_core_space(
             stacks, m, p, None, gens(), eigh_device="cpu"
         )
-    # Warm-up on the first module of each shape: cuBLAS/cuSOLVER handles, lazy kernel loading.
+    return variants
+
+
+def _warm_up(stacks: list[Any], methods: list[str]) -> None:
+    """Merge the first module of each shape once: cuBLAS/cuSOLVER handles, lazy kernel loading."""
+    from jobs.spec import validate_params
+    from worker.engine import merge_in_core_space, merge_stacks_in_core_space, shape_groups
+
     firsts = [stacks[g[0]] for g in shape_groups(stacks)]
-    for method in args.methods:
+    for method in methods:
         p = validate_params(method, {})
         for s in firsts:
             merge_in_core_space(s, method, p)
         merge_stacks_in_core_space(firsts, method, p)
-    sync()
 
-    out: dict[str, Any] = {
-        "device": str(device),
-        "device_name": torch.cuda.get_device_name(device) if cuda else None,
-        "torch": torch.__version__,
-        "cuda": torch.version.cuda,
-        "threads": torch.get_num_threads(),
-        "unbatched_merge_threads": threads,
-        "modules": len(stacks),
-        "groups": [len(g) for g in shape_groups(stacks)],
-        "load_s": round(load_s, 3),
-        "methods": {},
-    }
-    for method in args.methods:
-        p = validate_params(method, {})
-        timing: dict[str, Any] = {}
-        results: dict[str, list[Any]] = {}
-        for name, fn in variants.items():
-            best = float("inf")
-            for _ in range(max(1, args.repeat)):
-                t0 = time.perf_counter()
-                results[name] = fn(method, p)
-                sync()
-                best = min(best, time.perf_counter() - t0)
-            timing[name] = round(best, 4)
-        diffs = [
-            _delta_rel_diff(b, u)
-            for b, u in zip(results["batched"], results["unbatched"], strict=True)
-        ]
-        timing["batched_vs_unbatched_max_rel_diff"] = max(diffs)
-        timing["worst_module"] = names[diffs.index(max(diffs))]
-        # None for plain TA: written as the stacked factors, nothing is projected.
-        residuals = [m.residual for m in results["batched"] if m.residual is not None]
-        timing["max_residual"] = max(residuals) if residuals else None
-        out["methods"][method] = timing
-        print(f"engine {device} {method}: {timing}", file=sys.stderr, flush=True)
-    if cuda:
-        out["max_memory_allocated_mib"] = round(torch.cuda.max_memory_allocated(device) / MiB, 1)
-    args.json.write_text(json.dumps(out, indent=2) + "\n")
-    return 0
+
+def _time_method(
+    variants: dict[str, Any], method: str, repeat: int, sync: Any, names: list[str]
+) -> dict[str, Any]:
+    """Each variant's fastest of ``repeat`` runs, and how far batched and unbatched differ."""
+    from jobs.spec import validate_params
+
+    p = validate_params(method, {})
+    timing: dict[str, Any] = {}
+    results: dict[str, list[Any]] = {}
+    for name, fn in variants.items():
+        best = float("inf")
+        for _ in range(max(1, repeat)):
+            t0 = time.perf_counter()
+            results[name] = fn(method, p)
+            sync()
+            best = min(best, time.perf_counter() - t0)
+        timing[name] = round(best, 4)
+    diffs = [
+        _delta_rel_diff(b, u) for b, u in zip(results["batched"], results["unbatched"], strict=True)
+    ]
+    timing["batched_vs_unbatched_max_rel_diff"] = max(diffs)
+    timing["worst_module"] = names[diffs.index(max(diffs))]
+    # None for plain TA: written as the stacked factors, nothing is projected.
+    residuals = [m.residual for m in results["batched"] if m.residual is not None]
+    timing["max_residual"] = max(residuals) if residuals else None
+    return timing
 
 
 # ----------------------------------------------------------------------------- the run
@@ -266,7 +297,7 @@ class GpuRun:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
         self.python = args.python
-        self.stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+        self.stamp = run_stamp()
         self.out = args.out_dir.resolve()
         self.work = self.out / "runs" / f"gpu-{self.stamp}"
         self.work.mkdir(parents=True)
@@ -305,93 +336,28 @@ class GpuRun:
         return m
 
     def cli(self, dirs: list[Path], method: str, device: str, out: Path) -> list[str]:
-        argv = [self.python, "-m", "worker.cli", "merge", *map(str, dirs), "-o", str(fresh(out))]
-        return [*argv, "--method", method, "--space", "core", "--device", device, "--quiet"]
+        return merge_command([self.python, "-m", "worker.cli"], dirs, out, method, "core", device)
 
     def run(self) -> int:
         a = self.args
-        layers, width, repeat = a.layers, a.width, a.repeat
         devices = [a.device] + (["cpu"] if a.device != "cpu" and not a.no_cpu else [])
         workload = Workload(
-            layers=layers,
+            layers=a.layers,
             adapters=a.adapters,
             rank=a.rank,
-            hidden=width,
-            kv=width // 4,
-            mlp=width * 7 // 2,
+            **llama_shapes(a.width),
         )
-        log(f"inputs: {workload.key} ({layers} layers, width {width})")
+        log(f"inputs: {workload.key} ({a.layers} layers, width {a.width})")
         inputs = input_set(self.python, workload, self.out / "inputs")
-        for d in inputs.dirs:  # warm page cache, as the other profiles do
-            with open(d / "adapter_model.safetensors", "rb") as f:
-                while f.read(16 << 20):
-                    pass
-        scale = FULL_LAYERS / layers
+        warm_page_cache(inputs.dirs)  # as the other profiles do
+        scale = FULL_LAYERS / a.layers
         rows: list[dict[str, Any]] = []
-
-        log("floor")
-        floor_wall = None
-        floor_out = self.work / "floor.safetensors"
-        floor_argv = [self.python, str(SPEED / "floor.py"), "-o", str(fresh(floor_out))]
-        m = self.measure("floor", [*floor_argv, *map(str, inputs.dirs)])
-        if m is not None:
-            floor_wall = m.wall_s
-            seconds = json.loads(m.stdout.strip().splitlines()[-1])["seconds"]
-            rows.append(
-                self._row("floor", "—", "cpu", m.wall_s, (m.wall_s - seconds) + seconds * scale)
-                | {"peak_rss_mib": round(m.peak_rss / MiB, 1)}
-            )
-        fresh(floor_out)
-
-        # Most telling first, so that a slow machine loses the least of the table: the engine
-        # on the device, one pass of the CLI rows, the engine on the CPU, then the repeats.
-        engine: dict[str, Any] = {}
-        best: dict[tuple[str, str], tuple[Measured, dict[str, Any]]] = {}
-        self.engine(devices[0], inputs.dirs, engine, rows, scale)
-        for attempt in range(max(1, repeat)):
-            for method in a.methods:
-                for device in devices:
-                    self.cli_attempt(method, device, inputs.dirs, best)
-            if attempt == 0:
-                for device in devices[1:]:
-                    self.engine(device, inputs.dirs, engine, rows, scale)
-        for (method, device), (m, report) in best.items():
-            timings = report.get("timings", {})
-            in_process = timings.get("total_s", m.wall_s)
-            est = (m.wall_s - in_process) + in_process * scale
-            rows.append(
-                self._row("cli", method, device, m.wall_s, est)
-                | {
-                    "peak_rss_mib": round(m.peak_rss / MiB, 1),
-                    "timings": timings,
-                    "report_device": report.get("device"),
-                    "self_check": report.get("self_check"),
-                }
-            )
+        floor_wall = self.floor_row(inputs.dirs, scale, rows)
+        engine = self.timed_rows(devices, inputs.dirs, scale, rows)
         order = {"floor": 0, "cli": 1}
         rows.sort(key=lambda r: (order.get(r["what"], 2), r["method"] != "—", r["method"]))
         self._ratios(rows, floor_wall)
-        record = {
-            "benchmark": "gpu",
-            "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
-            "machine": machine_info(),
-            "project": project_state(),
-            "config": {
-                "device": a.device,
-                "devices": devices,
-                "workload": asdict(workload),
-                "inputs_bytes": inputs.bytes,
-                "methods": a.methods,
-                "repeat": repeat,
-                "python": self.python,
-                "scaled_to_layers": FULL_LAYERS,
-            },
-            "rows": rows,
-            "engine": engine,
-            "failures": self.failures,
-            "skipped": self.skipped,
-            "run_wall_s": round(time.monotonic() - self.t0, 1),
-        }
+        record = self.record(devices, workload, inputs.bytes, rows, engine)
         print()
         print(self.table(record))
         path = self.out / f"gpu-{'' if a.device != 'cpu' else 'cpu-'}{self.stamp}.json"
@@ -405,6 +371,84 @@ class GpuRun:
         if not a.keep_outputs:
             shutil.rmtree(self.work, ignore_errors=True)
         return 1 if self.failures or self.skipped else 0
+
+    def floor_row(self, dirs: list[Path], scale: float, rows: list[dict[str, Any]]) -> float | None:
+        """The I/O floor, once, into ``rows``; its wall time (None when it failed)."""
+        log("floor")
+        floor_out = self.work / "floor.safetensors"
+        m = self.measure("floor", floor_command(self.python, dirs, floor_out))
+        fresh(floor_out)
+        if m is None:
+            return None
+        seconds = json.loads(m.stdout.strip().splitlines()[-1])["seconds"]
+        rows.append(
+            self._row("floor", "—", "cpu", m.wall_s, scaled(m.wall_s, seconds, scale))
+            | {"peak_rss_mib": round(m.peak_rss / MiB, 1)}
+        )
+        return m.wall_s
+
+    def timed_rows(
+        self, devices: list[str], dirs: list[Path], scale: float, rows: list[dict[str, Any]]
+    ) -> dict[str, Any]:
+        """The engine and CLI rows into ``rows``, most telling first, so that a slow machine
+        loses the least of the table: the engine on the device, one pass of the CLI rows, the
+        engine on the CPU, then the CLI's repeats. Returns the engine children's JSON."""
+        a = self.args
+        engine: dict[str, Any] = {}
+        best: dict[tuple[str, str], tuple[Measured, dict[str, Any]]] = {}
+        self.engine(devices[0], dirs, engine, rows, scale)
+        for attempt in range(max(1, a.repeat)):
+            for method in a.methods:
+                for device in devices:
+                    self.cli_attempt(method, device, dirs, best)
+            if attempt == 0:
+                for device in devices[1:]:
+                    self.engine(device, dirs, engine, rows, scale)
+        for (method, device), (m, report) in best.items():
+            timings = report.get("timings", {})
+            in_process = timings.get("total_s", m.wall_s)
+            rows.append(
+                self._row("cli", method, device, m.wall_s, scaled(m.wall_s, in_process, scale))
+                | {
+                    "peak_rss_mib": round(m.peak_rss / MiB, 1),
+                    "timings": timings,
+                    "report_device": report.get("device"),
+                    "self_check": report.get("self_check"),
+                }
+            )
+        return engine
+
+    def record(
+        self,
+        devices: list[str],
+        workload: Workload,
+        inputs_bytes: int,
+        rows: list[dict[str, Any]],
+        engine: dict[str, Any],
+    ) -> dict[str, Any]:
+        """The run's JSON record: machine, code, configuration, rows, the engine's details."""
+        a = self.args
+        return {
+            "benchmark": "gpu",
+            "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+            "machine": machine_info(),
+            "project": project_state(),
+            "config": {
+                "device": a.device,
+                "devices": devices,
+                "workload": asdict(workload),
+                "inputs_bytes": inputs_bytes,
+                "methods": a.methods,
+                "repeat": a.repeat,
+                "python": self.python,
+                "scaled_to_layers": FULL_LAYERS,
+            },
+            "rows": rows,
+            "engine": engine,
+            "failures": self.failures,
+            "skipped": self.skipped,
+            "run_wall_s": round(time.monotonic() - self.t0, 1),
+        }
 
     def cli_attempt(
         self,
@@ -578,7 +622,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
     args = ap.parse_args(argv)
     if hasattr(args, "methods"):
-        args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+        args.methods = names(args.methods)
     if args.command == "run":
         kind = "cpu" if args.device == "cpu" else "cuda"
         layers, width, repeat = DEFAULTS[kind]

@@ -1,5 +1,8 @@
 """What every profile shares: the child commands, start-up probes, input sets and the record.
 
+Written once here, and used by the GPU check (``gpu.py``) and ``bench/service.py`` as well:
+the command lines of the CLI and the floor, warming the page cache, scaling a sample's wall
+time to the whole model, a measured row, writing the record to ``out/`` and ``results/``.
 Every timed step is a fresh subprocess started from the repository root (this process never
 imports torch or the product):
 
@@ -15,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import time
 from datetime import UTC, datetime
@@ -22,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.speed.machine import ROOT, load_average, machine_info, project_state, write_json
-from bench.speed.measure import Measured, MiB, Runner, fresh, log, run_measured
+from bench.speed.measure import GiB, Measured, MiB, Runner, contention, fresh, log, run_measured
 from bench.speed.workloads import InputSet, Workload, input_set
 
 BENCH = ROOT / "bench"
@@ -48,6 +52,86 @@ def mib(x: int | None) -> float | None:
     return None if x is None else round(x / MiB, 1)
 
 
+def names(text: str) -> list[str]:
+    """The items of a comma-separated option (``--methods ta,ties``), blanks dropped."""
+    return [x.strip() for x in text.split(",") if x.strip()]
+
+
+def run_stamp() -> str:
+    """The UTC time a run's files are named after (``20250101T120000Z``)."""
+    return datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+
+
+def scaled(wall: float, in_process: float | None, factor: float) -> float:
+    """A whole process's wall time scaled to ``factor`` times the work: start-up is paid once,
+    the in-process time grows (without an in-process time, all of it grows)."""
+    if in_process is None:
+        return wall * factor
+    return (wall - in_process) + in_process * factor
+
+
+def warm_page_cache(dirs: list[Path]) -> None:
+    """Read every input's weights once, so that no timed step pays for a cold disk."""
+    for d in dirs:
+        with open(d / "adapter_model.safetensors", "rb") as f:
+            while f.read(16 << 20):
+                pass
+
+
+def merge_command(
+    prefix: list[str],
+    dirs: list[Path],
+    out: Path,
+    method: str,
+    space: str,
+    device: str,
+    *extra: str,
+) -> list[str]:
+    """``coremerge merge`` as a user runs it: ``prefix`` is the console script, or an
+    interpreter and ``-m worker.cli``; ``out`` is cleared first."""
+    argv = [*prefix, "merge", *map(str, dirs), "-o", str(fresh(out))]
+    argv += ["--method", method, "--space", space, "--device", device]
+    return [*argv, *extra, "--quiet"]
+
+
+def floor_command(python: str, dirs: list[Path], out: Path) -> list[str]:
+    """The I/O floor (``floor.py``) writing to ``out``, cleared first."""
+    return [python, str(SPEED / "floor.py"), "-o", str(fresh(out)), *map(str, dirs)]
+
+
+def measured_row(
+    name: str,
+    m: Measured | None,
+    *,
+    wall: float,
+    floor_wall: float | None,
+    startup: Measured | None,
+    inputs: int | None,
+    **extra: Any,
+) -> dict[str, Any]:
+    """A table row of the engine and scale profiles: wall time, its ratio to the floor, and
+    ``m``'s memory, CPU time and contention (``m`` None: a peer timed in-process)."""
+    r: dict[str, Any] = {"name": name, "wall_s": round(wall, 3)}
+    r["ratio_to_floor"] = round(wall / floor_wall, 2) if floor_wall else None
+    if m is not None:
+        r["peak_rss_mib"] = round(m.peak_rss / MiB, 1)
+        r["peak_anon_mib"] = round(m.peak_anon / MiB, 1)
+        r["peak_file_mib"] = round(m.peak_file / MiB, 1)
+        r["rss_samples"] = m.samples
+        r["ru_maxrss_mib"] = round(m.ru_maxrss / MiB, 1)
+        r["child_cpu_s"] = round(m.child_cpu_s, 2)
+        if m.other_cpu_s is not None:
+            r["other_cpu_s"] = round(m.other_cpu_s, 2)
+            # share of the machine's CPU time taken by other processes while this step ran
+            r["other_cpu_share"] = round(contention(m), 3)
+    if m is not None and startup is not None:
+        r["startup_rss_mib"] = round(startup.peak_rss / MiB, 1)
+        r["peak_minus_startup_mib"] = round((m.peak_rss - startup.peak_rss) / MiB, 1)
+    r["inputs_gib"] = round(inputs / GiB, 3) if inputs else None
+    r.update(extra)
+    return r
+
+
 class Harness:
     """One benchmark run: its measured children, start-up probes, inputs and JSON record."""
 
@@ -57,7 +141,7 @@ class Harness:
         self.args = args
         self.coremerge = args.coremerge
         self.python = cli_python(self.coremerge)
-        self.stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+        self.stamp = run_stamp()
         self.out = args.out_dir.resolve()
         self.work = self.out / "runs" / f"{self.benchmark}-{self.stamp}"
         self.work.mkdir(parents=True)
@@ -74,6 +158,8 @@ class Harness:
             extra_attempts=args.extra_attempts,
         )
         self.startup: dict[str, dict[str, Any]] = {}
+        #: the probes' measurements, by name, where a profile keeps them for its rows
+        self.startup_m: dict[str, Measured] = {}
         self.record: dict[str, Any] = {}
         self.failures: list[dict[str, str]] = []
         self.t_start = time.monotonic()
@@ -90,12 +176,10 @@ class Harness:
     # ------------------------------------------------------------------ child commands
 
     def cli(self, dirs: list[Path], method: str, space: str, out: Path) -> list[str]:
-        argv = [str(self.coremerge), "merge", *map(str, dirs), "-o", str(fresh(out))]
-        argv += ["--method", method, "--space", space, "--device", self.args.device]
-        return [*argv, "--quiet"]
+        return merge_command([str(self.coremerge)], dirs, out, method, space, self.args.device)
 
     def floor(self, dirs: list[Path], out: Path) -> list[str]:
-        return [self.python, str(SPEED / "floor.py"), "-o", str(fresh(out)), *map(str, dirs)]
+        return floor_command(self.python, dirs, out)
 
     def gemm_floor(self, dirs: list[Path]) -> list[str]:
         return [self.python, str(SPEED / "floor.py"), "--gemm", *map(str, dirs)]
@@ -161,10 +245,7 @@ class Harness:
     def inputs(self, workload: Workload) -> InputSet:
         """The cached set for ``workload`` (generated if absent), read once: warm page cache."""
         s = input_set(self.python, workload, self.out / "inputs")
-        for d in s.dirs:
-            with open(d / "adapter_model.safetensors", "rb") as f:
-                while f.read(16 << 20):
-                    pass
+        warm_page_cache(s.dirs)
         return s
 
     def header(self, machine: dict[str, Any], **extra: Any) -> dict[str, Any]:
@@ -200,3 +281,22 @@ class Harness:
 
     def checkpoint(self) -> None:
         write_json(self.out / f"{self.benchmark}-{self.stamp}.json", self.record)
+
+    def require_disk(self, need: int, what: str = "") -> None:
+        """Stop before the first step when the output folder has not ``need`` bytes (+20 %)."""
+        free = shutil.disk_usage(self.out).free
+        log(f"disk: {free / GiB:.1f} GiB free at {self.out}, about {need / GiB:.1f} GiB needed")
+        if free < need * 1.2:
+            raise SystemExit(f"{self.benchmark} bench: not enough disk at {self.out}{what}")
+
+    def publish(self, markdown: str | None = None) -> list[Path]:
+        """The record (and its Markdown) as ``out/<benchmark>-<UTC>`` and, unless
+        ``--no-results``, ``results/<benchmark>-latest``: the paths without their suffix."""
+        bases = [self.out / f"{self.benchmark}-{self.stamp}"]
+        if not self.args.no_results:
+            bases.append(self.args.results_dir / f"{self.benchmark}-latest")
+        for base in bases:
+            write_json(base.with_suffix(".json"), self.record)
+            if markdown is not None:
+                base.with_suffix(".md").write_text(markdown)
+        return bases

@@ -123,12 +123,12 @@ def wait_for_quiet(
             return waited, busy
 
 
-def _proc_status(pid: int) -> dict[str, int] | None:
+def proc_status(pid: int) -> dict[str, int] | None:
     """VmRSS, VmHWM, RssAnon, RssFile in bytes from /proc (Linux); None once the child is gone."""
     try:
         with open(f"/proc/{pid}/status", "rb") as f:
             text = f.read()
-    except (FileNotFoundError, ProcessLookupError, PermissionError):
+    except OSError:  # gone (or going) already, or not ours to read
         return None
     out = {}
     for line in text.splitlines():
@@ -158,7 +158,7 @@ class _Poller(threading.Thread):
                 return
         while not self.done.is_set():
             if proc is None:
-                status = _proc_status(self.pid)
+                status = proc_status(self.pid)
             else:
                 try:
                     status = {"VmRSS": proc.memory_info().rss}

@@ -25,10 +25,9 @@ from pathlib import Path
 from typing import Any
 
 from bench.speed import report
-from bench.speed.harness import CLI_IMPORTS, Harness
-from bench.speed.machine import write_json
-from bench.speed.measure import GiB, Measured, MiB, contention, fresh, log
-from bench.speed.workloads import Workload, module_shapes
+from bench.speed.harness import CLI_IMPORTS, Harness, measured_row, names, scaled
+from bench.speed.measure import MiB, contention, fresh, log
+from bench.speed.workloads import DTYPES, InputSet, Workload, llama_shapes, tensor_bytes
 
 #: coremerge method → the reference's name for it
 REFERENCE_NAMES = {"ta": "tv", "tsv": "tsv"}
@@ -42,37 +41,6 @@ ISSUE_REFERENCE_S_PER_LAYER = 2.3
 
 def _mean(xs: list[float] | None) -> float | None:
     return sum(xs) / len(xs) if xs else None
-
-
-def row(
-    name: str,
-    m: Measured | None,
-    *,
-    wall: float,
-    floor_wall: float | None,
-    startup: Measured | None,
-    inputs: int | None,
-    **extra: Any,
-) -> dict[str, Any]:
-    r: dict[str, Any] = {"name": name, "wall_s": round(wall, 3)}
-    r["ratio_to_floor"] = round(wall / floor_wall, 2) if floor_wall else None
-    if m is not None:
-        r["peak_rss_mib"] = round(m.peak_rss / MiB, 1)
-        r["peak_anon_mib"] = round(m.peak_anon / MiB, 1)
-        r["peak_file_mib"] = round(m.peak_file / MiB, 1)
-        r["rss_samples"] = m.samples
-        r["ru_maxrss_mib"] = round(m.ru_maxrss / MiB, 1)
-        r["child_cpu_s"] = round(m.child_cpu_s, 2)
-        if m.other_cpu_s is not None:
-            r["other_cpu_s"] = round(m.other_cpu_s, 2)
-            # share of the machine's CPU time taken by other processes while this step ran
-            r["other_cpu_share"] = round(contention(m), 3)
-    if m is not None and startup is not None:
-        r["startup_rss_mib"] = round(startup.peak_rss / MiB, 1)
-        r["peak_minus_startup_mib"] = round((m.peak_rss - startup.peak_rss) / MiB, 1)
-    r["inputs_gib"] = round(inputs / GiB, 3) if inputs else None
-    r.update(extra)
-    return r
 
 
 def cross_check(out: Path, reference: dict | None, method: str) -> float | None:
@@ -100,6 +68,8 @@ def cross_check(out: Path, reference: dict | None, method: str) -> float | None:
 def evaluate_targets(
     methods: list[str], layers: int, rows: dict[str, dict], inputs: int, reference: dict | None
 ) -> list[dict[str, Any]]:
+    """Issue 3's targets per core method: × floor, peak RSS − start-up, and the speed-up over
+    the reference (where it has the method)."""
     targets = []
     for method in methods:
         r = rows.get(f"core {method}")
@@ -127,39 +97,42 @@ def evaluate_targets(
                 "passed": r["peak_minus_startup_mib"] < limit,
             }
         )
-        name = REFERENCE_NAMES.get(method)
-        if name is None:
-            continue
-        target = f"core {method} ≥ {REFERENCE_SPEEDUP:g}× faster than the reference"
-        if reference is None or name not in reference["methods"]:
-            targets.append({"target": target, "passed": None, "note": "reference not run"})
-            continue
-        measured = reference["methods"][name]
-        core_s = measured["mean_layer_s"]
-        dense_s = _mean(measured.get("dense_delta_w_per_layer_s")) or 0.0
-        # The reference's core-space merge() goes per module from the factors to its output,
-        # the dense ΔW = U M Vh: that whole path is the peer (the issue's 2.3 s/layer matches
-        # it, not the core matrices alone); the compute-only ratio is printed beside it.
-        ref_total = (core_s + dense_s) * layers
-        speedup = ref_total / r["wall_s"]
-        targets.append(
-            {
-                "target": target,
-                "value": round(speedup, 2),
-                "limit": REFERENCE_SPEEDUP,
-                "passed": speedup >= REFERENCE_SPEEDUP,
-                "note": (
-                    f"reference {name}: {core_s:.2f} s/layer to the merged core matrix + "
-                    f"{dense_s:.2f} s/layer to its output ΔW, × {layers} layers = "
-                    f"{ref_total:.1f} s (in-process, no I/O) vs coremerge {r['wall_s']:.1f} s wall "
-                    f"(whole process, with I/O); to the core matrix only: "
-                    f"{core_s * layers / r['wall_s']:.1f}×; at the issue's "
-                    f"{ISSUE_REFERENCE_S_PER_LAYER} s/layer: "
-                    f"{ISSUE_REFERENCE_S_PER_LAYER * layers / r['wall_s']:.1f}×"
-                ),
-            }
-        )
+        if method in REFERENCE_NAMES:
+            targets.append(_reference_target(method, layers, r, reference))
     return targets
+
+
+def _reference_target(
+    method: str, layers: int, r: dict[str, Any], reference: dict | None
+) -> dict[str, Any]:
+    """Core ``method`` at least REFERENCE_SPEEDUP× faster than the reference's whole path."""
+    name = REFERENCE_NAMES[method]
+    target = f"core {method} ≥ {REFERENCE_SPEEDUP:g}× faster than the reference"
+    if reference is None or name not in reference["methods"]:
+        return {"target": target, "passed": None, "note": "reference not run"}
+    measured = reference["methods"][name]
+    core_s = measured["mean_layer_s"]
+    dense_s = _mean(measured.get("dense_delta_w_per_layer_s")) or 0.0
+    # The reference's core-space merge() goes per module from the factors to its output,
+    # the dense ΔW = U M Vh: that whole path is the peer (the issue's 2.3 s/layer matches
+    # it, not the core matrices alone); the compute-only ratio is printed beside it.
+    ref_total = (core_s + dense_s) * layers
+    speedup = ref_total / r["wall_s"]
+    return {
+        "target": target,
+        "value": round(speedup, 2),
+        "limit": REFERENCE_SPEEDUP,
+        "passed": speedup >= REFERENCE_SPEEDUP,
+        "note": (
+            f"reference {name}: {core_s:.2f} s/layer to the merged core matrix + "
+            f"{dense_s:.2f} s/layer to its output ΔW, × {layers} layers = "
+            f"{ref_total:.1f} s (in-process, no I/O) vs coremerge {r['wall_s']:.1f} s wall "
+            f"(whole process, with I/O); to the core matrix only: "
+            f"{core_s * layers / r['wall_s']:.1f}×; at the issue's "
+            f"{ISSUE_REFERENCE_S_PER_LAYER} s/layer: "
+            f"{ISSUE_REFERENCE_S_PER_LAYER * layers / r['wall_s']:.1f}×"
+        ),
+    }
 
 
 class EngineProfile(Harness):
@@ -172,23 +145,16 @@ class EngineProfile(Harness):
             layers=a.layers,
             adapters=a.adapters,
             rank=a.rank,
-            hidden=a.width,
-            kv=a.width // 4,
-            mlp=a.width * 7 // 2,
+            **llama_shapes(a.width),
             dtype=a.input_dtype,
             seed=a.seed,
         )
 
     def check_disk(self, workload: Workload) -> None:
         """The inputs (unless cached) plus one merged adapter (as large as all inputs)."""
-        itemsize = 2 if workload.dtype == "bfloat16" else 4
-        size = sum(n + m for _, n, m in module_shapes(workload)) * workload.rank
-        size *= workload.adapters * itemsize
-        need = size * (1 if (self.out / "inputs" / workload.key).exists() else 2)
-        free = shutil.disk_usage(self.out).free
-        log(f"disk: {free / GiB:.1f} GiB free at {self.out}, about {need / GiB:.1f} GiB needed")
-        if free < need * 1.2:
-            raise SystemExit(f"engine bench: not enough disk at {self.out}")
+        itemsize = DTYPES[workload.dtype][1]
+        size = tensor_bytes(workload, itemsize, workload.rank) * workload.adapters
+        self.require_disk(size * (1 if (self.out / "inputs" / workload.key).exists() else 2))
 
     def run_reference(self, dirs: list[Path], methods: list[str]) -> dict | None:
         """The reference peer, best of ``--repeat`` clean runs per method (None: not run)."""
@@ -225,8 +191,41 @@ class EngineProfile(Harness):
         return reference
 
     def run(self) -> int:
-        a, work = self.args, self.work
-        methods = [m.strip() for m in a.methods.split(",") if m.strip()]
+        a = self.args
+        methods = names(a.methods)
+        main, sample = self.prepare()
+        rows: dict[str, dict[str, Any]] = {}
+        floor_out = self.work / "floor.safetensors"
+        floor_wall = self.floor_row(main, floor_out, rows)
+        reference = self.run_reference(main.dirs, methods)
+        cross = {m: self.core_row(main, m, floor_wall, reference, rows) for m in methods}
+        if sample is not None:
+            self.full_row(sample, floor_wall, rows)
+        if reference is not None:
+            rows |= self.reference_rows(reference, floor_wall)
+        if not a.keep_outputs:
+            fresh(floor_out)
+        targets = evaluate_targets(methods, a.layers, rows, main.bytes, reference)
+        self.finish()
+        self.record |= {
+            "rows": list(rows.values()),
+            "targets": targets,
+            "cross_check_rel_error": {k: v for k, v in cross.items() if v is not None},
+        }
+        out, *results = self.publish()
+        print()
+        print(report.engine_text(self.record))
+        print(f"\nwrote {out}.json")
+        for base in results:
+            print(f"wrote {base}.json")
+        if not a.keep_outputs:
+            shutil.rmtree(self.work, ignore_errors=True)
+        return 0 if all(t["passed"] is not False for t in targets) else 1
+
+    def prepare(self) -> tuple[InputSet, InputSet | None]:
+        """The machine, the disk, the CLI, the inputs (main and sample), the start-up probes
+        and the record's opening."""
+        a = self.args
         workload = self.workload()
         machine = self.machine()
         self.check_disk(workload)
@@ -235,125 +234,113 @@ class EngineProfile(Harness):
         main = self.inputs(workload)
         sample = self.inputs(workload.with_layers(a.sample_layers)) if a.sample_layers else None
         log("start-up probes")
-        startup_cli = self.probe("cli", CLI_IMPORTS)
-        startup_floor = self.probe("floor", "import torch, safetensors.torch")
+        self.startup_m = {
+            "cli": self.probe("cli", CLI_IMPORTS),
+            "floor": self.probe("floor", "import torch, safetensors.torch"),
+        }
         self.record = self.header(machine, inputs_bytes=main.bytes, startup=self.startup)
         self.record["config"] |= {
             "workload": asdict(workload),
             "inputs_dir": str(main.root),
             "page_cache": "warm (inputs read once before timing)",
         }
-        rows: dict[str, dict[str, Any]] = {}
+        return main, sample
 
+    def floor_row(self, main: InputSet, out: Path, rows: dict[str, dict]) -> float | None:
+        """The I/O floor, best of ``--repeat`` clean runs, into ``rows``; its wall time."""
         log("floor")
-        floor_out = work / "floor.safetensors"
         att = self.runner.until_clean(
-            lambda: self.attempt("floor", self.floor(main.dirs, floor_out)), a.repeat
+            lambda: self.attempt("floor", self.floor(main.dirs, out)), self.args.repeat
         )
-        floor_wall = None
-        if att.runs:
-            (floor_m, floor_info), floor_wall = att.best, att.best[0].wall_s
-            rows["floor"] = row(
-                "floor (read all + write rank-Σr output)",
-                floor_m,
-                wall=floor_wall,
-                floor_wall=floor_wall,
-                startup=startup_floor,
-                inputs=main.bytes,
-                attempts=att.summary(),
-                contended=att.contended,
-                written_bytes=floor_info.get("written_bytes"),
-                read_bytes=floor_info.get("read_bytes"),
-            )
+        if not att.runs:
+            return None
+        m, info = att.best
+        rows["floor"] = measured_row(
+            "floor (read all + write rank-Σr output)",
+            m,
+            wall=m.wall_s,
+            floor_wall=m.wall_s,
+            startup=self.startup_m["floor"],
+            inputs=main.bytes,
+            attempts=att.summary(),
+            contended=att.contended,
+            written_bytes=info.get("written_bytes"),
+            read_bytes=info.get("read_bytes"),
+        )
+        return m.wall_s
 
-        reference = self.run_reference(main.dirs, methods)
+    def core_row(
+        self,
+        main: InputSet,
+        method: str,
+        floor_wall: float | None,
+        reference: dict | None,
+        rows: dict[str, dict],
+    ) -> float | None:
+        """``coremerge merge --space core`` on all layers, into ``rows``; the relative error
+        of its ΔW against the reference's (None: not compared)."""
+        a = self.args
+        log(f"core {method}")
+        out = self.work / f"core-{method}"
 
-        cross: dict[str, float | None] = {}
-        for method in methods:
-            log(f"core {method}")
-            out = work / f"core-{method}"
+        def once():
+            got = self.attempt(f"core {method}", self.cli(main.dirs, method, "core", out))
+            return got and (got[0], self.cli_report(out))
 
-            def once(method=method, out=out):
-                got = self.attempt(f"core {method}", self.cli(main.dirs, method, "core", out))
-                return got and (got[0], self.cli_report(out))
+        att = self.runner.until_clean(once, a.repeat)
+        if not att.runs:
+            return None
+        m, rep = att.best
+        cross = cross_check(out, reference, method)
+        result = out / "adapter_model.safetensors"
+        rows[f"core {method}"] = measured_row(
+            f"core {method}",
+            m,
+            wall=m.wall_s,
+            floor_wall=floor_wall,
+            startup=self.startup_m["cli"],
+            inputs=main.bytes,
+            attempts=att.summary(),
+            contended=att.contended,
+            timings=rep.get("timings"),
+            output_bytes=result.stat().st_size if result.exists() else None,
+            output_rank=rep.get("output", {}).get("rank"),
+            device=rep.get("device"),
+            self_check=rep.get("self_check", {}).get("max_projection_residual"),
+        )
+        if rep.get("timings"):
+            log("  timings: " + report.timings_line(rep["timings"]))
+        if not a.keep_outputs:
+            fresh(out)
+        return cross
 
-            att = self.runner.until_clean(once, a.repeat)
-            if not att.runs:
-                continue
-            m, rep = att.best
-            cross[method] = cross_check(out, reference, method)
-            result = out / "adapter_model.safetensors"
-            rows[f"core {method}"] = row(
-                f"core {method}",
+    def full_row(self, sample: InputSet, floor_wall: float | None, rows: dict[str, dict]) -> None:
+        """``--space full`` ta once on the sample, scaled to all layers, into ``rows``."""
+        a = self.args
+        log(f"full ta ({a.sample_layers} layer(s))")
+        out = self.work / "full-ta"
+        got = self.attempt("full ta", self.cli(sample.dirs, "ta", "full", out))
+        if got is not None:
+            m, rep = got[0], self.cli_report(out)
+            in_process = rep.get("timings", {}).get("total_s", m.wall_s)
+            scale = a.layers / a.sample_layers
+            rows["full ta"] = measured_row(
+                f"full ta ({a.sample_layers} layer → {a.layers}, scaled ×{scale:g})",
                 m,
-                wall=m.wall_s,
+                wall=scaled(m.wall_s, in_process, scale),
                 floor_wall=floor_wall,
-                startup=startup_cli,
-                inputs=main.bytes,
-                attempts=att.summary(),
-                contended=att.contended,
+                startup=self.startup_m["cli"],
+                inputs=sample.bytes,
+                measured_wall_s=round(m.wall_s, 3),
+                contended=contention(m) > a.max_contention,
+                in_process_s=in_process,
+                sample_layers=a.sample_layers,
                 timings=rep.get("timings"),
-                output_bytes=result.stat().st_size if result.exists() else None,
-                output_rank=rep.get("output", {}).get("rank"),
-                device=rep.get("device"),
-                self_check=rep.get("self_check", {}).get("max_projection_residual"),
+                note="wall = start-up + in-process time × layers/sample; RSS and inputs "
+                "as measured on the sample",
             )
-            if rep.get("timings"):
-                log("  timings: " + report.timings_line(rep["timings"]))
-            if not a.keep_outputs:
-                fresh(out)
-
-        if sample is not None:
-            log(f"full ta ({a.sample_layers} layer(s))")
-            out = work / "full-ta"
-            got = self.attempt("full ta", self.cli(sample.dirs, "ta", "full", out))
-            if got is not None:
-                m, rep = got[0], self.cli_report(out)
-                in_process = rep.get("timings", {}).get("total_s", m.wall_s)
-                scale = a.layers / a.sample_layers
-                # start-up is paid once; the in-process time grows with the layers
-                scaled = (m.wall_s - in_process) + in_process * scale
-                rows["full ta"] = row(
-                    f"full ta ({a.sample_layers} layer → {a.layers}, scaled ×{scale:g})",
-                    m,
-                    wall=scaled,
-                    floor_wall=floor_wall,
-                    startup=startup_cli,
-                    inputs=sample.bytes,
-                    measured_wall_s=round(m.wall_s, 3),
-                    contended=contention(m) > a.max_contention,
-                    in_process_s=in_process,
-                    sample_layers=a.sample_layers,
-                    timings=rep.get("timings"),
-                    note="wall = start-up + in-process time × layers/sample; RSS and inputs "
-                    "as measured on the sample",
-                )
-            if not a.keep_outputs:
-                fresh(out)
-
-        if reference is not None:
-            rows |= self.reference_rows(reference, floor_wall)
         if not a.keep_outputs:
-            fresh(floor_out)
-
-        targets = evaluate_targets(methods, a.layers, rows, main.bytes, reference)
-        self.finish()
-        self.record |= {
-            "rows": list(rows.values()),
-            "targets": targets,
-            "cross_check_rel_error": {k: v for k, v in cross.items() if v is not None},
-        }
-        self.checkpoint()
-        print()
-        print(report.engine_text(self.record))
-        print(f"\nwrote {self.out / f'engine-{self.stamp}.json'}")
-        if not a.no_results:
-            path = a.results_dir / "engine-latest.json"
-            write_json(path, self.record)
-            print(f"wrote {path}")
-        if not a.keep_outputs:
-            shutil.rmtree(work, ignore_errors=True)
-        return 0 if all(t["passed"] is not False for t in targets) else 1
+            fresh(out)
 
     def reference_rows(
         self, reference: dict[str, Any], floor_wall: float | None
@@ -376,7 +363,7 @@ class EngineProfile(Harness):
                 "contended": reference.get("contended"),
                 "compares_with": f"core {method}",
             }
-            rows[f"reference {name}"] = row(
+            rows[f"reference {name}"] = measured_row(
                 f"reference {name} ({a.ref_layers} layer → {a.layers}, ×{scale:g})",
                 None,
                 wall=per_layer * a.layers,
@@ -386,7 +373,7 @@ class EngineProfile(Harness):
                 **common,
             )
             if dense is not None:
-                rows[f"reference {name} to ΔW"] = row(
+                rows[f"reference {name} to ΔW"] = measured_row(
                     f"reference {name} to its output ΔW (×{scale:g})",
                     None,
                     wall=(per_layer + dense) * a.layers,

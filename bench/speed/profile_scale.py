@@ -38,25 +38,36 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import struct
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from bench.speed import report
-from bench.speed.harness import CLI_IMPORTS, Harness
-from bench.speed.machine import write_json
+from bench.speed.harness import (
+    CLI_IMPORTS,
+    Harness,
+    measured_row,
+    merge_command,
+    mib,
+    names,
+    scaled,
+)
 from bench.speed.measure import GiB, MiB, fresh, log, run_measured
-from bench.speed.profile_engine import row
-from bench.speed.workloads import Workload, module_shapes
+from bench.speed.workloads import (
+    DTYPES,
+    InputSet,
+    Workload,
+    lora_header,
+    module_shapes,
+    tensor_bytes,
+)
 
-__all__ = ["WORKLOADS", "ScaleProfile", "ScaleWorkload", "evaluate_targets", "scaled"]
+__all__ = ["WORKLOADS", "ScaleProfile", "ScaleWorkload", "evaluate_targets"]
 
 #: issue 16's targets, on the sample
 RSS_LIMIT_MIB = 2 * 1024
 FLOOR_FACTOR = 1.5
-ITEMSIZE = {"float32": 4, "bfloat16": 2}
-ST_DTYPE = {"float32": "F32", "bfloat16": "BF16"}
+ITEMSIZE = {k: size for k, (_, size) in DTYPES.items()}
 #: what the CLI writes: float32 (its default ``--dtype``)
 OUTPUT_ITEMSIZE = 4
 #: "the job's estimated peak is 1.6 GiB" in the CLI's refusal (worker.memory.check_work)
@@ -119,18 +130,6 @@ WORKLOADS = {
 }
 
 
-def tensor_bytes(w: Workload, itemsize: int, rank: int) -> int:
-    """Bytes of one adapter's (or one merged output's) factors: (in + out) × rank per module."""
-    return sum(n + m for _, n, m in module_shapes(w)) * rank * itemsize
-
-
-def scaled(wall: float, in_process: float | None, factor: float) -> float:
-    """Start-up once, the in-process time × ``factor`` (the layers' ratio)."""
-    if in_process is None:
-        return wall * factor
-    return (wall - in_process) + in_process * factor
-
-
 def parse_estimate(text: str) -> int | None:
     """The estimated peak in bytes from the CLI's refusal message (None when absent)."""
     found = _ESTIMATE.search(text or "")
@@ -143,17 +142,7 @@ def write_header_only(w: Workload, configs: list[Path], root: Path) -> list[Path
     The header (and ``adapter_config.json``, copied from ``configs``) is all the CLI's plan
     reads; the data area is never read before the plan's memory check. Raises OSError when
     the file system does not keep the hole sparse."""
-    dtype, itemsize = ST_DTYPE[w.dtype], ITEMSIZE[w.dtype]
-    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
-    offset = 0
-    for module, n, m in module_shapes(w):
-        for which, shape in (("A", [w.rank, n]), ("B", [m, w.rank])):
-            size = shape[0] * shape[1] * itemsize
-            key = f"base_model.model.{module}.lora_{which}.weight"
-            header[key] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + size]}
-            offset += size
-    blob = json.dumps(header, separators=(",", ":")).encode()
-    blob += b" " * (-len(blob) % 8)
+    head, data = lora_header(((mod, n, m, w.rank) for mod, n, m in module_shapes(w)), w.dtype)
     dirs = []
     for t, config in enumerate(configs):
         d = fresh(root / f"adapter-{t}")
@@ -161,14 +150,23 @@ def write_header_only(w: Workload, configs: list[Path], root: Path) -> list[Path
         shutil.copyfile(config, d / "adapter_config.json")
         path = d / "adapter_model.safetensors"
         with open(path, "wb") as f:
-            f.write(struct.pack("<Q", len(blob)))
-            f.write(blob)
-            f.truncate(8 + len(blob) + offset)
+            f.write(head)
+            f.truncate(len(head) + data)
         allocated = path.stat().st_blocks * 512
-        if allocated > len(blob) + (4 << 20):
+        if allocated > len(head) + (4 << 20):
             raise OSError(f"{path}: {allocated} bytes allocated, the file system is not sparse")
         dirs.append(d)
     return dirs
+
+
+@dataclass
+class _Floors:
+    """A sample's yardsticks: the I/O floor (as measured, and scaled to all layers) and the
+    GEMM floor's in-process seconds (None where a floor did not run)."""
+
+    wall: float | None = None
+    scaled: float | None = None
+    gemm_s: float | None = None
 
 
 class ScaleProfile(Harness):
@@ -176,9 +174,8 @@ class ScaleProfile(Harness):
 
     def merge_argv(self, dirs: list[Path], method: str, out: Path, *extra: str) -> list[str]:
         """The real CLI as a module: ``python -m worker.cli merge … --space core``."""
-        argv = [self.python, "-m", "worker.cli", "merge", *map(str, dirs), "-o", str(fresh(out))]
-        argv += ["--method", method, "--space", "core", "--device", self.args.device]
-        return [*argv, *extra, "--quiet"]
+        prefix = [self.python, "-m", "worker.cli"]
+        return merge_command(prefix, dirs, out, method, "core", self.args.device, *extra)
 
     def check_cli(self) -> None:
         m = run_measured(
@@ -198,10 +195,7 @@ class ScaleProfile(Harness):
         inputs = tensor_bytes(sample, ITEMSIZE[sample.dtype], sample.rank) * sample.adapters
         output = tensor_bytes(sample, OUTPUT_ITEMSIZE, sample.rank * sample.adapters)
         need = output + (0 if (self.out / "inputs" / sample.key).exists() else inputs)
-        free = shutil.disk_usage(self.out).free
-        log(f"disk: {free / GiB:.1f} GiB free at {self.out}, about {need / GiB:.1f} GiB needed")
-        if free < need * 1.2:
-            raise SystemExit(f"scale bench: not enough disk at {self.out} for {sample.key}")
+        self.require_disk(need, f" for {sample.key}")
 
     def plan_estimates(self, full: Workload, configs: list[Path], methods: list[str]) -> dict:
         """Per method, the CLI's estimated peak working memory for the whole model, from its
@@ -231,7 +225,8 @@ class ScaleProfile(Harness):
         return out
 
     def one_workload(self, sw: ScaleWorkload, methods: list[str]) -> dict[str, Any]:
-        a, work = self.args, self.work
+        """Every row of one workload on its sample, scaled to the model; the CLI's plan."""
+        a = self.args
         full = sw.workload(a.input_dtype, a.seed)
         sample_layers = min(a.sample_layers, sw.layers)
         sample = full.with_layers(sample_layers)
@@ -239,101 +234,14 @@ class ScaleProfile(Harness):
         log(f"{sw.key}: {sw.title}, {sample_layers} of {sw.layers} layers ({sample.key})")
         self.check_disk(sample)
         inputs = self.inputs(sample)
-        startup_cli, startup_floor = self.startup_m["cli"], self.startup_m["floor"]
-        rows: list[dict[str, Any]] = []
-
-        floor_out = work / f"floor-{sw.key}.safetensors"
-        att = self.runner.until_clean(
-            lambda: self.attempt(f"{sw.key} floor", self.floor(inputs.dirs, floor_out)), a.repeat
-        )
-        fresh(floor_out)
-        floor_wall = floor_scaled = None
-        if att.runs:
-            m, info = att.best
-            floor_wall, in_process = m.wall_s, info.get("seconds")
-            floor_scaled = scaled(m.wall_s, in_process, factor)
-            rows.append(
-                _timed_row("floor", "floor", att, in_process, floor_wall, floor_scaled, factor,
-                           startup_floor, inputs.bytes, read_bytes=info.get("read_bytes"),
-                           written_bytes=info.get("written_bytes"))
-            )  # fmt: skip
-
-        gemm = self.runner.until_clean(
-            lambda: self.attempt(f"{sw.key} GEMM floor", self.gemm_floor(inputs.dirs)), a.repeat
-        )
-        gemm_s = None
-        if gemm.runs:
-            info = gemm.best[1]
-            gemm_s = info["seconds"]
-            rows.append(
-                _timed_row("GEMM floor", "gemm", gemm, round(gemm_s, 3), floor_wall, floor_scaled,
-                           factor, startup_floor, inputs.bytes, flops=info["flops"],
-                           gflops_per_s=round(info["gflops_per_s"], 1))
-            )  # fmt: skip
-
-        for method in methods:
-            out = work / f"{sw.key}-core-{method}"
-            step = f"{sw.key} core {method}"
-
-            def once(method=method, out=out, step=step):
-                got = self.attempt(step, self.merge_argv(inputs.dirs, method, out))
-                path = out / "merge_report.json"
-                return got and (got[0], json.loads(path.read_text()) if path.exists() else {})
-
-            att = self.runner.until_clean(once, a.repeat)
-            if not att.runs:
-                error = next((f["error"] for f in self.failures if f["step"] == step), "")
-                estimate = parse_estimate(error)
-                rows.append(
-                    {
-                        "name": f"core {method}",
-                        "kind": "core",
-                        "method": method,
-                        "failed": True,
-                        "refused": estimate is not None,
-                        "estimated_peak_mib": None if estimate is None else round(estimate / MiB),
-                        "error": error.strip().splitlines()[-1][-600:] if error else None,
-                    }
-                )
-                continue
-            rep = att.best[1]
-            timings = rep.get("timings") or {}
-            in_process = timings.get("total_s")
-            memory = rep.get("memory") or {}
-            result = out / "adapter_model.safetensors"
-            rows.append(
-                _timed_row(
-                    f"core {method}",
-                    "core",
-                    att,
-                    in_process,
-                    floor_wall,
-                    floor_scaled,
-                    factor,
-                    startup_cli,
-                    inputs.bytes,
-                    method=method,
-                    timings=timings,
-                    estimated_peak_mib=_mib(memory.get("estimated_peak_bytes")),
-                    memory_limit_mib=_mib(memory.get("limit_bytes")),
-                    output_bytes=result.stat().st_size if result.exists() else None,
-                    output_rank=(rep.get("output") or {}).get("rank"),
-                    self_check=(rep.get("self_check") or {}).get("max_projection_residual"),
-                    in_process_to_gemm=(
-                        round(in_process / gemm_s, 2) if in_process and gemm_s else None
-                    ),
-                )
-            )
-            if timings:
-                log("  timings: " + report.timings_line(timings))
-            if not a.keep_outputs:
-                fresh(out)
-
+        floors = _Floors()
+        rows = self.floor_rows(sw, inputs, factor, floors)
+        rows += [self.core_row(sw, inputs, m, factor, floors) for m in methods]
         plans = self.plan_estimates(full, [d / "adapter_config.json" for d in inputs.dirs], methods)
         for r in rows:
             plan = plans.get(r.get("method") or "", {})
             if plan.get("estimated_peak_bytes") is not None:
-                r["estimated_peak_all_layers_mib"] = _mib(plan["estimated_peak_bytes"])
+                r["estimated_peak_all_layers_mib"] = mib(plan["estimated_peak_bytes"])
         return {
             "key": sw.key,
             "title": sw.title,
@@ -348,10 +256,101 @@ class ScaleProfile(Harness):
             "plan_all_layers": plans,
         }
 
+    def floor_rows(
+        self, sw: ScaleWorkload, inputs: InputSet, factor: float, floors: _Floors
+    ) -> list[dict[str, Any]]:
+        """The I/O floor and the GEMM floor on the sample (their figures into ``floors``)."""
+        a, startup = self.args, self.startup_m["floor"]
+        rows: list[dict[str, Any]] = []
+        floor_out = self.work / f"floor-{sw.key}.safetensors"
+        att = self.runner.until_clean(
+            lambda: self.attempt(f"{sw.key} floor", self.floor(inputs.dirs, floor_out)), a.repeat
+        )
+        fresh(floor_out)
+        if att.runs:
+            m, info = att.best
+            in_process = info.get("seconds")
+            floors.wall, floors.scaled = m.wall_s, scaled(m.wall_s, in_process, factor)
+            rows.append(
+                _timed_row("floor", "floor", att, in_process, floors, factor, startup,
+                           inputs.bytes, read_bytes=info.get("read_bytes"),
+                           written_bytes=info.get("written_bytes"))
+            )  # fmt: skip
+        gemm = self.runner.until_clean(
+            lambda: self.attempt(f"{sw.key} GEMM floor", self.gemm_floor(inputs.dirs)), a.repeat
+        )
+        if gemm.runs:
+            info = gemm.best[1]
+            floors.gemm_s = info["seconds"]
+            rows.append(
+                _timed_row("GEMM floor", "gemm", gemm, round(floors.gemm_s, 3), floors, factor,
+                           startup, inputs.bytes, flops=info["flops"],
+                           gflops_per_s=round(info["gflops_per_s"], 1))
+            )  # fmt: skip
+        return rows
+
+    def core_row(
+        self, sw: ScaleWorkload, inputs: InputSet, method: str, factor: float, floors: _Floors
+    ) -> dict[str, Any]:
+        """``python -m worker.cli merge --space core`` on the sample, best of ``--repeat``."""
+        out = self.work / f"{sw.key}-core-{method}"
+        step = f"{sw.key} core {method}"
+
+        def once():
+            got = self.attempt(step, self.merge_argv(inputs.dirs, method, out))
+            path = out / "merge_report.json"
+            return got and (got[0], json.loads(path.read_text()) if path.exists() else {})
+
+        att = self.runner.until_clean(once, self.args.repeat)
+        if not att.runs:
+            return self.failed_row(step, method)
+        rep = att.best[1]
+        timings = rep.get("timings") or {}
+        in_process = timings.get("total_s")
+        memory = rep.get("memory") or {}
+        result = out / "adapter_model.safetensors"
+        gemm_s = floors.gemm_s
+        r = _timed_row(
+            f"core {method}",
+            "core",
+            att,
+            in_process,
+            floors,
+            factor,
+            self.startup_m["cli"],
+            inputs.bytes,
+            method=method,
+            timings=timings,
+            estimated_peak_mib=mib(memory.get("estimated_peak_bytes")),
+            memory_limit_mib=mib(memory.get("limit_bytes")),
+            output_bytes=result.stat().st_size if result.exists() else None,
+            output_rank=(rep.get("output") or {}).get("rank"),
+            self_check=(rep.get("self_check") or {}).get("max_projection_residual"),
+            in_process_to_gemm=round(in_process / gemm_s, 2) if in_process and gemm_s else None,
+        )
+        if timings:
+            log("  timings: " + report.timings_line(timings))
+        if not self.args.keep_outputs:
+            fresh(out)
+        return r
+
+    def failed_row(self, step: str, method: str) -> dict[str, Any]:
+        """A merge that failed, and whether the CLI refused it for its estimated memory."""
+        error = next((f["error"] for f in self.failures if f["step"] == step), "")
+        estimate = parse_estimate(error)
+        return {
+            "name": f"core {method}",
+            "kind": "core",
+            "method": method,
+            "failed": True,
+            "refused": estimate is not None,
+            "estimated_peak_mib": None if estimate is None else round(estimate / MiB),
+            "error": error.strip().splitlines()[-1][-600:] if error else None,
+        }
+
     def run(self) -> int:
         a = self.args
-        methods = [m.strip() for m in a.methods.split(",") if m.strip()]
-        keys = [k.strip() for k in a.workloads.split(",") if k.strip()]
+        methods, keys = names(a.methods), names(a.workloads)
         unknown = [k for k in keys if k not in WORKLOADS]
         if unknown:
             raise SystemExit(
@@ -359,6 +358,25 @@ class ScaleProfile(Harness):
             )
         if a.sample_layers < 1:
             raise SystemExit("scale bench: --sample-layers must be at least 1")
+        self.prepare()
+        self.record["workloads"] = []
+        for key in keys:
+            self.record["workloads"].append(self.one_workload(WORKLOADS[key], methods))
+            self.checkpoint()
+        self.record["targets"] = evaluate_targets(self.record["workloads"], methods)
+        self.finish()
+        self.checkpoint()
+        md = report.scale_markdown(self.record)
+        bases = self.publish(md)
+        print(md)
+        for base in bases:
+            print(f"wrote {base}.{{json,md}}")
+        if not a.keep_outputs:
+            shutil.rmtree(self.work, ignore_errors=True)
+        return 0 if all(t["passed"] is not False for t in self.record["targets"]) else 1
+
+    def prepare(self) -> None:
+        """The machine, the CLI, the start-up probes and the record's opening."""
         machine = self.machine()
         self.check_cli()
         log("start-up probes")
@@ -376,26 +394,6 @@ class ScaleProfile(Harness):
                 "floor_factor": FLOOR_FACTOR,
             },
         }
-        self.record["workloads"] = []
-        for key in keys:
-            self.record["workloads"].append(self.one_workload(WORKLOADS[key], methods))
-            self.checkpoint()
-        self.record["targets"] = evaluate_targets(self.record["workloads"], methods)
-        self.finish()
-        self.checkpoint()
-        md = report.scale_markdown(self.record)
-        bases = [self.out / f"scale-{self.stamp}"]
-        if not a.no_results:
-            bases.append(a.results_dir / "scale-latest")
-        for base in bases:
-            write_json(base.with_suffix(".json"), self.record)
-            base.with_suffix(".md").write_text(md)
-        print(md)
-        for base in bases:
-            print(f"wrote {base}.{{json,md}}")
-        if not a.keep_outputs:
-            shutil.rmtree(self.work, ignore_errors=True)
-        return 0 if all(t["passed"] is not False for t in self.record["targets"]) else 1
 
 
 def _timed_row(
@@ -403,8 +401,7 @@ def _timed_row(
     kind: str,
     att: Any,
     in_process: float | None,
-    floor_wall: float | None,
-    floor_scaled: float | None,
+    floors: _Floors,
     factor: float,
     startup: Any,
     inputs: int,
@@ -413,25 +410,21 @@ def _timed_row(
     """A row from the best of ``att``'s runs, its wall time scaled to all layers."""
     m = att.best[0]
     wall_n = scaled(m.wall_s, in_process, factor)
-    return row(
+    return measured_row(
         name,
         m,
         wall=m.wall_s,
-        floor_wall=floor_wall,
+        floor_wall=floors.wall,
         startup=startup,
         inputs=inputs,
         kind=kind,
         in_process_s=in_process,
         scaled_wall_s=round(wall_n, 2),
-        scaled_ratio_to_floor=round(wall_n / floor_scaled, 2) if floor_scaled else None,
+        scaled_ratio_to_floor=round(wall_n / floors.scaled, 2) if floors.scaled else None,
         attempts=att.summary(),
         contended=att.contended,
         **extra,
     )
-
-
-def _mib(x: int | None) -> float | None:
-    return None if x is None else round(x / MiB, 1)
 
 
 def evaluate_targets(workloads: list[dict[str, Any]], methods: list[str]) -> list[dict[str, Any]]:

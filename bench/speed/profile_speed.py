@@ -12,8 +12,7 @@ import shutil
 from typing import Any
 
 from bench.speed import report
-from bench.speed.harness import CLI_IMPORTS, Harness, mib
-from bench.speed.machine import write_json
+from bench.speed.harness import CLI_IMPORTS, Harness, mib, names, scaled
 from bench.speed.measure import Attempts, MiB, contention, fresh, log
 from bench.speed.workloads import CurvePoint, InputSet, curve_points, llama_workload
 
@@ -32,10 +31,6 @@ STEPS_IMPORTS = (
 
 def ints(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x.strip()]
-
-
-def names(text: str) -> list[str]:
-    return [x.strip() for x in text.split(",") if x.strip()]
 
 
 class SpeedProfile(Harness):
@@ -135,7 +130,7 @@ class SpeedProfile(Harness):
         else:
             work_s = info.get("timings", {}).get("total_s")
             startup, rank = self.startup.get("cli"), info.get("output", {}).get("rank")
-        wall = m.wall_s if work_s is None else (m.wall_s - work_s) + work_s * scale
+        wall = m.wall_s if work_s is None else scaled(m.wall_s, work_s, scale)
         r: dict[str, Any] = {
             "name": name,
             "kind": kind,
@@ -324,12 +319,7 @@ class SpeedProfile(Harness):
         self.checkpoint()
 
         md = report.markdown(self.record)
-        targets = [self.out / f"speed-{self.stamp}"]
-        if not a.no_results:
-            targets.append(a.results_dir / "speed-latest")
-        for base in targets:
-            write_json(base.with_suffix(".json"), self.record)
-            base.with_suffix(".md").write_text(md)
+        for base in self.publish(md):
             kinds = "json,md"
             try:
                 report.plot(self.record, base.with_suffix(".png"))

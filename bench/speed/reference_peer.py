@@ -35,6 +35,7 @@ import tempfile
 import time
 import types
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -141,7 +142,7 @@ def load_factors(adapters: list[Path], layers: int) -> dict[str, list[tuple]]:
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("adapters", nargs="+", type=Path)
     ap.add_argument("--repo", type=Path, required=True, help="git directory of the reference")
@@ -152,92 +153,123 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dump-deltas", type=Path, help="ΔW of one module per method, after timing")
     ap.add_argument("--dump-module", default="model.layers.0.self_attn.k_proj")
     args = ap.parse_args(argv)
+    if args.rounds < 1 or args.layers < 1:
+        ap.error("--rounds and --layers must be at least 1")
+    return args
 
+
+def import_reference(workdir: Path) -> tuple[types.ModuleType, list[str], float]:
+    """The reference's ``task_merger`` from ``workdir``, its missing imports stubbed: the
+    module, the stubs used and the import's seconds."""
+    stubs = _StubMissing(missing_imports(workdir))
+    sys.path.insert(0, str(workdir))
+    sys.meta_path.append(stubs)
+    t_import = time.perf_counter()
+    try:
+        import task_merger  # the reference's module, from workdir
+    finally:
+        sys.meta_path.remove(stubs)
+    return task_merger, sorted(set(stubs.stubbed)), time.perf_counter() - t_import
+
+
+def build_merger(task_merger: types.ModuleType, tasks: int) -> Any:
+    """A ``MatrixPerLayerMerger`` without its ``__init__`` (which wants fine-tuned models):
+    only the attributes the timed path reads are set."""
+    merger = task_merger.MatrixPerLayerMerger.__new__(task_merger.MatrixPerLayerMerger)
+    torch.nn.Module.__init__(merger)
+    merger.cache = {}
+    merger.lmc = False
+    merger.scaling_coeffs = torch.ones(tasks)
+    return merger
+
+
+def time_layer(
+    merger: Any, ftms_params_ab: list[dict], config: dict, layer: int, rounds: int
+) -> tuple[dict[str, float], float]:
+    """One layer's modules through the reference, the fastest of ``rounds`` (other processes
+    come and go): seconds per module, and the seconds of the dense ΔW (not compared)."""
+    best: dict[str, float] | None = None
+    best_dense: float | None = None
+    for _ in range(rounds):
+        merger.cache.clear()
+        times, dense = {}, 0.0
+        for proj in PROJECTIONS:
+            key = f"model.layers.{layer}.{proj}"
+            t0 = time.perf_counter()
+            M_list, U, Vh = merger.get_core_matrices(ftms_params_ab, key, config)
+            merged = merger._merge_tensors(M_list, config)
+            times[key] = time.perf_counter() - t0
+            # Not in the comparison: its merge() goes on to the dense ΔW (m × n).
+            t0 = time.perf_counter()
+            U @ merged.to(U.dtype) @ Vh
+            dense += time.perf_counter() - t0
+        if best is None or sum(times.values()) < sum(best.values()):
+            best = times
+        best_dense = dense if best_dense is None else min(best_dense, dense)
+    return best or {}, best_dense or 0.0
+
+
+def time_method(merger: Any, ftms_params_ab: list[dict], method: str, layers: int, rounds: int):
+    """The reference's core-space path for ``method`` over the first ``layers`` layers."""
+    config = {"merge_space": "core", "merge_method": method}
+    per_layer, per_module, dense_per_layer = [], {}, []
+    for i in range(layers):
+        best, best_dense = time_layer(merger, ftms_params_ab, config, i, rounds)
+        per_layer.append(sum(best.values()))
+        per_module.update(best)
+        dense_per_layer.append(best_dense)
+    return {
+        "per_layer_s": per_layer,
+        "mean_layer_s": sum(per_layer) / len(per_layer),
+        "per_module_s": per_module,
+        "dense_delta_w_per_layer_s": dense_per_layer,
+    }
+
+
+def dense_delta(merger: Any, ftms_params_ab: list[dict], method: str, module: str) -> Any:
+    """The reference's merged ΔW = U M Vh of ``module`` (float32), for the cross-check."""
+    config = {"merge_space": "core", "merge_method": method}
+    merger.cache.clear()
+    M_list, U, Vh = merger.get_core_matrices(ftms_params_ab, module, config)
+    merged = merger._merge_tensors(M_list, config)
+    return (U @ merged.to(U.dtype) @ Vh).float().contiguous()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     workdir = Path(tempfile.mkdtemp(prefix="coremerge-bench-reference-"))
     try:
         commit = extract_reference(args.repo, workdir)
-        stubs = _StubMissing(missing_imports(workdir))
-        sys.path.insert(0, str(workdir))
-        sys.meta_path.append(stubs)
-        t_import = time.perf_counter()
-        try:
-            import task_merger  # the reference's module, from workdir
-        finally:
-            sys.meta_path.remove(stubs)
-        import_s = time.perf_counter() - t_import
-
+        task_merger, stubbed, import_s = import_reference(workdir)
         factors = load_factors(args.adapters, args.layers)
         # What get_ft_ab_parameters() returns, one dict per task: module -> (A, B).
         ftms_params_ab = [
             {m: pairs[t] for m, pairs in factors.items()} for t in range(len(args.adapters))
         ]
-        merger = task_merger.MatrixPerLayerMerger.__new__(task_merger.MatrixPerLayerMerger)
-        torch.nn.Module.__init__(merger)
-        merger.cache = {}
-        merger.lmc = False
-        merger.scaling_coeffs = torch.ones(len(args.adapters))
-
+        merger = build_merger(task_merger, len(args.adapters))
         # Warm-up: LAPACK/BLAS initialisation is not the method's cost.
         torch.linalg.svd(torch.randn(256, 64, dtype=torch.float64), full_matrices=False)
-
-        results = {}
-        deltas = {}
+        results, deltas = {}, {}
         for method in args.methods.split(","):
-            config = {"merge_space": "core", "merge_method": method}
-            per_layer, per_module, dense_per_layer = [], {}, []
-            for i in range(args.layers):
-                best = None
-                best_dense = None
-                for _ in range(args.rounds):  # the fastest round: other processes come and go
-                    merger.cache.clear()
-                    times, dense = {}, 0.0
-                    for proj in PROJECTIONS:
-                        key = f"model.layers.{i}.{proj}"
-                        t0 = time.perf_counter()
-                        M_list, U, Vh = merger.get_core_matrices(ftms_params_ab, key, config)
-                        merged = merger._merge_tensors(M_list, config)
-                        times[key] = time.perf_counter() - t0
-                        # Not in the comparison: its merge() goes on to the dense ΔW (m × n).
-                        t0 = time.perf_counter()
-                        U @ merged.to(U.dtype) @ Vh
-                        dense += time.perf_counter() - t0
-                    if best is None or sum(times.values()) < sum(best.values()):
-                        best = times
-                    best_dense = dense if best_dense is None else min(best_dense, dense)
-                per_layer.append(sum(best.values()))
-                per_module.update(best)
-                dense_per_layer.append(best_dense)
-            results[method] = {
-                "per_layer_s": per_layer,
-                "mean_layer_s": sum(per_layer) / len(per_layer),
-                "per_module_s": per_module,
-                "dense_delta_w_per_layer_s": dense_per_layer,
-            }
+            results[method] = time_method(merger, ftms_params_ab, method, args.layers, args.rounds)
             if args.dump_deltas:
-                merger.cache.clear()
-                M_list, U, Vh = merger.get_core_matrices(ftms_params_ab, args.dump_module, config)
-                merged = merger._merge_tensors(M_list, config)
-                deltas[method] = (U @ merged.to(U.dtype) @ Vh).float().contiguous()
+                deltas[method] = dense_delta(merger, ftms_params_ab, method, args.dump_module)
         if deltas:
             save_file(deltas, args.dump_deltas, metadata={"module": args.dump_module})
-        args.json.write_text(
-            json.dumps(
-                {
-                    "repo": str(args.repo),
-                    "commit": commit,
-                    "files": list(REFERENCE_FILES),
-                    "stubbed_modules": sorted(set(stubs.stubbed)),
-                    "import_s": import_s,
-                    "layers": args.layers,
-                    "rounds": args.rounds,
-                    "dtype": "float64",
-                    "torch_threads": torch.get_num_threads(),
-                    "methods": results,
-                    "dump_module": args.dump_module if deltas else None,
-                },
-                indent=2,
-            )
-        )
+        record = {
+            "repo": str(args.repo),
+            "commit": commit,
+            "files": list(REFERENCE_FILES),
+            "stubbed_modules": stubbed,
+            "import_s": import_s,
+            "layers": args.layers,
+            "rounds": args.rounds,
+            "dtype": "float64",
+            "torch_threads": torch.get_num_threads(),
+            "methods": results,
+            "dump_module": args.dump_module if deltas else None,
+        }
+        args.json.write_text(json.dumps(record, indent=2))
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     return 0

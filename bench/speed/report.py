@@ -31,6 +31,22 @@ def _table(head: list[str], rows: list[list[str]]) -> list[str]:
     return out + ["| " + " | ".join(r) + " |" for r in rows]
 
 
+def _commit(rec: dict[str, Any]) -> str:
+    """The commit measured, and whether the product's code had uncommitted changes."""
+    project = rec["project"]
+    dirty = " (uncommitted changes in worker/service/jobs)" if project["uncommitted"] else ""
+    return f"commit {str(project['commit'])[:10]}{dirty}"
+
+
+def _verdict(t: dict[str, Any]) -> tuple[str, str]:
+    """A target's PASS/FAIL/SKIP and its value against the limit (empty without a value)."""
+    verdict = {True: "PASS", False: "FAIL", None: "SKIP"}[t["passed"]]
+    if t.get("value") is None:
+        return verdict, ""
+    unit = " " + t["unit"] if t.get("unit") else ""
+    return verdict, f": {t['value']} (limit {t['limit']}{unit})"
+
+
 def machine_lines(rec: dict[str, Any]) -> list[str]:
     m, c = rec["machine"], rec.get("contention", {})
     threads = next((b.get("threads") for b in rec.get("breakdown", []) if b.get("threads")), None)
@@ -41,8 +57,7 @@ def machine_lines(rec: dict[str, Any]) -> list[str]:
         f"safetensors {m['safetensors']}; GPUs: {', '.join(m['gpus']) or 'none'}; "
         f"child processes' OMP/MKL threads: {m.get('child_threads', 'torch default')}"
         f"{f' (torch reports {threads})' if threads else ''}.",
-        f"- **Run**: {rec['created_at']}, commit {str(rec['project']['commit'])[:10]}"
-        + (" (uncommitted changes in worker/service/jobs)" if rec["project"]["uncommitted"] else "")
+        f"- **Run**: {rec['created_at']}, {_commit(rec)}"
         + f", device `{rec['config']['device']}`, {_f(rec.get('run_wall_s'), '.0f')} s in all; "
         f"load average {m.get('load_average_start')} at start, {m.get('load_average_end')} at end; "
         f"CPU busy elsewhere during the main rows: mean {_pct(c.get('main_rows_other_cpu_share_mean'))}, "
@@ -63,6 +78,24 @@ def machine_lines(rec: dict[str, Any]) -> list[str]:
 
 
 def main_tables(rec: dict[str, Any]) -> list[str]:
+    """The main comparison (method × space), the PEFT peers, every row, the start-up."""
+    out = _space_table(rec)
+    peers = [r for r in rec["main"] if r["kind"] == "peft"]
+    if peers:
+        out += _peft_table(peers)
+    out += ["", "### Every row", "", *_every_row_table(rec["main"])]
+    st = rec.get("startup", {})
+    out += [
+        "",
+        "Start-up (a process that only imports): "
+        + ", ".join(f"{k} {v['wall_s']:.2f} s / {v['rss_mib']:.0f} MiB" for k, v in st.items())
+        + ".",
+    ]
+    return out
+
+
+def _space_table(rec: dict[str, Any]) -> list[str]:
+    """Each method's wall time in core, knots and full space, and the spaces' ratios."""
     rows = {r["name"]: r for r in rec["main"]}
     methods = [r["method"] for r in rec["main"] if r["kind"] == "core"]
     floor = rows.get("floor", {})
@@ -74,13 +107,13 @@ def main_tables(rec: dict[str, Any]) -> list[str]:
         "is how many times slower than core space the same method is.",
         "",
     ]
+
+    def cell(r: dict[str, Any] | None) -> str:
+        return "—" if r is None else f"{r['wall_s']:.2f} ({r['x_floor']:.1f}×)"
+
     body = []
     for meth in methods:
         c, k, f = (rows.get(f"{s} {meth}") for s in ("core", "knots", "full"))
-
-        def cell(r):
-            return "—" if r is None else f"{r['wall_s']:.2f} ({r['x_floor']:.1f}×)"
-
         body.append(
             [
                 f"`{meth}`",
@@ -92,65 +125,48 @@ def main_tables(rec: dict[str, Any]) -> list[str]:
                 _f(f and f.get("x_core_work"), ".0f"),
             ]
         )
-    out += _table(
-        [
-            "method",
-            "core",
-            "knots",
-            "full (scaled)",
-            "knots ÷ core",
-            "full ÷ core",
-            "full ÷ core, in-process work",
-        ],
-        body,
-    )
-    peers = [r for r in rec["main"] if r["kind"] == "peft"]
-    if peers:
-        out += [
-            "",
-            "## Against PEFT `add_weighted_adapter` (Llama skeleton of the same shapes)",
-            "",
-            "Whole process = import transformers+peft, build the skeleton, load the T adapters, "
-            "merge, save. *work* = that without the imports. ÷ core compares with the coremerge "
-            "core-space method that computes the same kind of result (`cat`, `svd`, `linear` ↔ "
-            "`ta`; `ties`, `ties_svd` ↔ `ties`).",
-            "",
-        ]
-        body = []
-        for r in peers:
-            ph = r.get("phases_s", {})
-            body.append(
-                [
-                    f"peft `{r['method']}`" + (f" (×{r['scale']:g})" if r["scaled"] else ""),
-                    _f(r["wall_s"]),
-                    _f(r["x_floor"], ".1f"),
-                    f"{r['compared_with']}",
-                    _f(r.get("x_core")),
-                    _f(r.get("work_s")),
-                    _f(r.get("x_core_work")),
-                    _f(ph.get("merge_s"), ".3f"),
-                    str(r.get("output_rank")),
-                    _f(r.get("peak_minus_startup_mib"), ".0f"),
-                ]
-            )
-        out += _table(
-            [
-                "peer",
-                "wall s",
-                "× floor",
-                "vs",
-                "÷ core (wall)",
-                "work s",
-                "÷ core (work)",
-                "add_weighted_adapter s (measured)",
-                "out rank",
-                "peak − start-up MiB",
-            ],
-            body,
-        )
-    out += ["", "### Every row", ""]
+    head = ["method", "core", "knots", "full (scaled)", "knots ÷ core", "full ÷ core"]
+    return out + _table([*head, "full ÷ core, in-process work"], body)
+
+
+def _peft_table(peers: list[dict[str, Any]]) -> list[str]:
+    """PEFT's combinations against the core method computing the same kind of result."""
+    out = [
+        "",
+        "## Against PEFT `add_weighted_adapter` (Llama skeleton of the same shapes)",
+        "",
+        "Whole process = import transformers+peft, build the skeleton, load the T adapters, "
+        "merge, save. *work* = that without the imports. ÷ core compares with the coremerge "
+        "core-space method that computes the same kind of result (`cat`, `svd`, `linear` ↔ "
+        "`ta`; `ties`, `ties_svd` ↔ `ties`).",
+        "",
+    ]
     body = []
-    for r in rec["main"]:
+    for r in peers:
+        ph = r.get("phases_s", {})
+        body.append(
+            [
+                f"peft `{r['method']}`" + (f" (×{r['scale']:g})" if r["scaled"] else ""),
+                _f(r["wall_s"]),
+                _f(r["x_floor"], ".1f"),
+                f"{r['compared_with']}",
+                _f(r.get("x_core")),
+                _f(r.get("work_s")),
+                _f(r.get("x_core_work")),
+                _f(ph.get("merge_s"), ".3f"),
+                str(r.get("output_rank")),
+                _f(r.get("peak_minus_startup_mib"), ".0f"),
+            ]
+        )
+    head = ["peer", "wall s", "× floor", "vs", "÷ core (wall)", "work s", "÷ core (work)"]
+    head += ["add_weighted_adapter s (measured)", "out rank", "peak − start-up MiB"]
+    return out + _table(head, body)
+
+
+def _every_row_table(rows: list[dict[str, Any]]) -> list[str]:
+    """Every row of the main comparison with its memory, contention and attempts."""
+    body = []
+    for r in rows:
         body.append(
             [
                 r["name"] + (f" (×{r['scale']:g})" if r["scaled"] else ""),
@@ -165,29 +181,9 @@ def main_tables(rec: dict[str, Any]) -> list[str]:
                 " / ".join(f"{a['wall_s']:.2f}" for a in r["attempts"]),
             ]
         )
-    out += _table(
-        [
-            "row",
-            "wall s",
-            "measured s",
-            "× floor",
-            "in-process work s",
-            "peak RSS MiB",
-            "peak − start-up MiB",
-            "out rank",
-            "CPU busy elsewhere",
-            "attempts s",
-        ],
-        body,
-    )
-    st = rec.get("startup", {})
-    out += [
-        "",
-        "Start-up (a process that only imports): "
-        + ", ".join(f"{k} {v['wall_s']:.2f} s / {v['rss_mib']:.0f} MiB" for k, v in st.items())
-        + ".",
-    ]
-    return out
+    head = ["row", "wall s", "measured s", "× floor", "in-process work s", "peak RSS MiB"]
+    head += ["peak − start-up MiB", "out rank", "CPU busy elsewhere", "attempts s"]
+    return _table(head, body)
 
 
 def breakdown_table(rec: dict[str, Any]) -> list[str]:
@@ -550,12 +546,7 @@ def engine_text(rec: dict[str, Any]) -> str:
         lines.append(f"FAILED {f['step']}: {f['error'].strip().splitlines()[-1]}")
     lines.append("")
     for t in rec["targets"]:
-        verdict = {True: "PASS", False: "FAIL", None: "SKIP"}[t["passed"]]
-        value = (
-            ""
-            if t.get("value") is None
-            else f": {t['value']} (limit {t['limit']}{' ' + t['unit'] if t.get('unit') else ''})"
-        )
+        verdict, value = _verdict(t)
         lines.append(f"[{verdict}] {t['target']}{value}")
         if t.get("note"):
             lines.append(f"       {t['note']}")
@@ -571,17 +562,38 @@ def _gib(n: int | None) -> str:
 
 def scale_markdown(rec: dict[str, Any]) -> str:
     """The scale profile's tables (one per workload), how they were scaled, and the targets."""
+    lines = _scale_intro(rec)
+    for wl in rec["workloads"]:
+        lines += _scale_workload(wl)
+    if any(r.get("contended") for wl in rec["workloads"] for r in wl["rows"]):
+        lines += [
+            "\\* no run of this row was free of contention (other processes used more than "
+            f"{100 * rec['config']['max_contention']:.0f}% of the CPUs): its wall time is inflated.",
+            "",
+        ]
+    for f in rec.get("failures", []):
+        lines.append(f"- FAILED {f['step']}: {f['error'].strip().splitlines()[-1][-400:]}")
+    lines += ["## Targets", ""]
+    for t in rec["targets"]:
+        verdict, value = _verdict(t)
+        lines.append(
+            f"- **{verdict}** {t['target']}{value}" + (f"; {t['note']}" if t.get("note") else "")
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _scale_intro(rec: dict[str, Any]) -> list[str]:
+    """The machine, the run, what each row is, how it is scaled, the targets."""
     m, cfg = rec["machine"], rec["config"]
     st = rec["startup"]
-    lines = [
+    return [
         "# Scale benchmark (issue 16, item 4)",
         "",
         f"- **Machine**: {m['cpu_model']}, {m['nproc']} CPUs, {m['ram_total_gib']} GiB RAM; "
         f"Python {m['python']}, torch {m['torch']}; child threads: "
         f"{m.get('child_threads', 'torch default')}; load average {m.get('load_average_start')} "
         f"at start, {m.get('load_average_end')} at end.",
-        f"- **Run**: {rec['created_at']}, commit {str(rec['project']['commit'])[:10]}"
-        + (" (uncommitted changes in worker/service/jobs)" if rec["project"]["uncommitted"] else "")
+        f"- **Run**: {rec['created_at']}, {_commit(rec)}"
         + f", device `{cfg['device']}`, inputs {cfg['input_dtype']}, output float32 (the CLI's "
         f"default), {_f(rec.get('run_wall_s'), '.0f')} s in all. Start-up (imports only): "
         + ", ".join(f"{k} {v['wall_s']:.1f} s / {v['rss_mib']:.0f} MiB" for k, v in st.items())
@@ -600,103 +612,77 @@ def scale_markdown(rec: dict[str, Any]) -> str:
         f"{cfg['targets']['floor_factor']:g}× the floor's.",
         "",
     ]
-    for wl in rec["workloads"]:
-        full, si = wl["full"], wl["sample_inputs"]
-        n, s = full["layers"], wl["sample_layers"]
-        lines += [
-            f"## {wl['title']}: R = {full['adapters'] * full['rank']}, {n} layers, "
-            f"sample {s} (×{wl['scale_factor']:.3g})",
-            "",
-            f"Sample inputs {_gib(si['inputs_bytes'])} {full['dtype']} ({si['modules']} modules); "
-            f"all {n} layers would be {_gib(wl['full_inputs_bytes'])} of inputs and "
-            f"{_gib(wl['full_output_bytes'])} of float32 output.",
-            "",
-        ]
-        head = [
-            "row",
-            "sample wall s",
-            "× floor",
-            "in-process s",
-            f"scaled to {n} layers s",
-            "× floor (scaled)",
-            "peak RSS MiB",
-            "peak − start-up MiB",
-            "est. sample / all MiB",
-            "CPU busy elsewhere",
-        ]
-        body = []
-        for r in wl["rows"]:
-            if r.get("failed"):
-                body.append(
-                    [f"{r['name']} (FAILED{', refused' if r.get('refused') else ''})"]
-                    + ["—"] * 7
-                    + [f"{_f(r.get('estimated_peak_mib'), '.0f')} / —", "—"]
-                )
-                continue
-            est = "—"
-            if r.get("estimated_peak_mib") is not None:
-                est = (
-                    f"{r['estimated_peak_mib']:.0f} / "
-                    f"{_f(r.get('estimated_peak_all_layers_mib'), '.0f')}"
-                )
-            body.append(
-                [
-                    r["name"] + (" *" if r.get("contended") else ""),
-                    _f(r["wall_s"]),
-                    _f(r.get("ratio_to_floor")),
-                    _f(r.get("in_process_s")),
-                    _f(r.get("scaled_wall_s"), ".0f"),
-                    _f(r.get("scaled_ratio_to_floor")),
-                    _f(r.get("peak_rss_mib"), ".0f"),
-                    _f(r.get("peak_minus_startup_mib"), ".0f"),
-                    est,
-                    _pct(r.get("other_cpu_share")),
-                ]
-            )
-        lines += _table(head, body)
-        limit = next((r["memory_limit_mib"] for r in wl["rows"] if r.get("memory_limit_mib")), None)
-        if limit:
-            lines += ["", f"The CLI's default working-memory limit here: {limit / 1024:.1f} GiB."]
-        gemm = next((r for r in wl["rows"] if r.get("kind") == "gemm"), None)
-        if gemm is not None:
-            versus = ", ".join(
-                f"{r['name']} {r['in_process_to_gemm']}×"
-                for r in wl["rows"]
-                if r.get("in_process_to_gemm") is not None
-            )
-            lines += [
-                "",
-                f"*GEMM floor*: no I/O, the three products per module that a core merge "
-                f"through the reference bases cannot avoid (two Gram matrices and the map back "
-                f"on the narrower side: "
-                f"{gemm['flops'] / 1e12:.2f} Tflop on the sample) at {gemm['gflops_per_s']} "
-                f"GFLOP/s: {gemm['in_process_s']:.2f} s in-process. A merge's in-process time "
-                f"against it: {versus or '—'}. Plain `ta` does none of them (stacked factors).",
-            ]
-        timed = [r for r in wl["rows"] if r.get("timings")]
-        if timed:
-            lines += [""] + [f"- {r['name']}: {timings_line(r['timings'])}" for r in timed]
-        lines.append("")
-    if any(r.get("contended") for wl in rec["workloads"] for r in wl["rows"]):
-        lines += [
-            "\\* no run of this row was free of contention (other processes used more than "
-            f"{100 * cfg['max_contention']:.0f}% of the CPUs): its wall time is inflated.",
-            "",
-        ]
-    for f in rec.get("failures", []):
-        lines.append(f"- FAILED {f['step']}: {f['error'].strip().splitlines()[-1][-400:]}")
-    lines += ["## Targets", ""]
-    for t in rec["targets"]:
-        verdict = {True: "PASS", False: "FAIL", None: "SKIP"}[t["passed"]]
-        value = (
-            ""
-            if t.get("value") is None
-            else f": {t['value']} (limit {t['limit']}{' ' + t['unit'] if t.get('unit') else ''})"
+
+
+def _scale_workload(wl: dict[str, Any]) -> list[str]:
+    """One workload: its sizes, its table, the CLI's limit, the GEMM floor, the timings."""
+    full, si = wl["full"], wl["sample_inputs"]
+    n, s = full["layers"], wl["sample_layers"]
+    lines = [
+        f"## {wl['title']}: R = {full['adapters'] * full['rank']}, {n} layers, "
+        f"sample {s} (×{wl['scale_factor']:.3g})",
+        "",
+        f"Sample inputs {_gib(si['inputs_bytes'])} {full['dtype']} ({si['modules']} modules); "
+        f"all {n} layers would be {_gib(wl['full_inputs_bytes'])} of inputs and "
+        f"{_gib(wl['full_output_bytes'])} of float32 output.",
+        "",
+    ]
+    head = ["row", "sample wall s", "× floor", "in-process s", f"scaled to {n} layers s"]
+    head += ["× floor (scaled)", "peak RSS MiB", "peak − start-up MiB", "est. sample / all MiB"]
+    lines += _table([*head, "CPU busy elsewhere"], [_scale_cells(r) for r in wl["rows"]])
+    limit = next((r["memory_limit_mib"] for r in wl["rows"] if r.get("memory_limit_mib")), None)
+    if limit:
+        lines += ["", f"The CLI's default working-memory limit here: {limit / 1024:.1f} GiB."]
+    gemm = next((r for r in wl["rows"] if r.get("kind") == "gemm"), None)
+    if gemm is not None:
+        lines += ["", _gemm_note(gemm, wl["rows"])]
+    timed = [r for r in wl["rows"] if r.get("timings")]
+    if timed:
+        lines += [""] + [f"- {r['name']}: {timings_line(r['timings'])}" for r in timed]
+    lines.append("")
+    return lines
+
+
+def _scale_cells(r: dict[str, Any]) -> list[str]:
+    """One row of a workload's table (a failed merge: its name and the CLI's estimate)."""
+    if r.get("failed"):
+        return (
+            [f"{r['name']} (FAILED{', refused' if r.get('refused') else ''})"]
+            + ["—"] * 7
+            + [f"{_f(r.get('estimated_peak_mib'), '.0f')} / —", "—"]
         )
-        lines.append(
-            f"- **{verdict}** {t['target']}{value}" + (f"; {t['note']}" if t.get("note") else "")
-        )
-    return "\n".join(lines) + "\n"
+    est = "—"
+    if r.get("estimated_peak_mib") is not None:
+        est = f"{r['estimated_peak_mib']:.0f} / {_f(r.get('estimated_peak_all_layers_mib'), '.0f')}"
+    return [
+        r["name"] + (" *" if r.get("contended") else ""),
+        _f(r["wall_s"]),
+        _f(r.get("ratio_to_floor")),
+        _f(r.get("in_process_s")),
+        _f(r.get("scaled_wall_s"), ".0f"),
+        _f(r.get("scaled_ratio_to_floor")),
+        _f(r.get("peak_rss_mib"), ".0f"),
+        _f(r.get("peak_minus_startup_mib"), ".0f"),
+        est,
+        _pct(r.get("other_cpu_share")),
+    ]
+
+
+def _gemm_note(gemm: dict[str, Any], rows: list[dict[str, Any]]) -> str:
+    """The GEMM floor's line under a workload's table, each merge's time against it."""
+    versus = ", ".join(
+        f"{r['name']} {r['in_process_to_gemm']}×"
+        for r in rows
+        if r.get("in_process_to_gemm") is not None
+    )
+    return (
+        f"*GEMM floor*: no I/O, the three products per module that a core merge "
+        f"through the reference bases cannot avoid (two Gram matrices and the map back "
+        f"on the narrower side: "
+        f"{gemm['flops'] / 1e12:.2f} Tflop on the sample) at {gemm['gflops_per_s']} "
+        f"GFLOP/s: {gemm['in_process_s']:.2f} s in-process. A merge's in-process time "
+        f"against it: {versus or '—'}. Plain `ta` does none of them (stacked factors)."
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

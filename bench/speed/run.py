@@ -115,6 +115,35 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "machine use 1: torch's threads spin-wait for busy cores and a 2-thread merge can run "
         "8x slower than a 1-thread one",
     )
+    _workload_options(ap)
+    _repeat_options(ap)
+    _peer_options(ap)
+    _curve_options(ap)
+    _file_options(ap)
+    args = ap.parse_args(argv)
+    for key, value in DEFAULTS[args.profile].items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
+    if args.quick:
+        _quick(args)
+    return args
+
+
+def _quick(args: argparse.Namespace) -> None:
+    """``--quick``: the profile's small sizes, one repeat, results/ left alone."""
+    if args.profile == "speed":
+        args.width, args.layers, args.adapters, args.rank = 512, 2, 4, 8
+        args.curve_adapters, args.curve_ranks, args.curve_widths = "2,4,8", "4,8", "512,1024"
+        args.curve_base = "4,8,512"
+    elif args.profile == "engine":
+        args.layers, args.sample_layers, args.quiet_wait = 1, 0, 3.0
+    else:  # scale: one sampled layer
+        args.sample_layers, args.quiet_wait = 1, 3.0
+    args.repeat = args.curve_repeat = 1
+    args.no_results = True
+
+
+def _workload_options(ap: argparse.ArgumentParser) -> None:
     w = ap.add_argument_group(
         "workload (Llama-3 ratios; width 4096 is Llama-3-8B; the scale profile's are fixed, "
         "see --workloads)"
@@ -144,6 +173,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         + "; ".join(f"{k}: {v.title}, {v.layers} layers" for k, v in WORKLOADS.items())
         + ")",
     )
+
+
+def _repeat_options(ap: argparse.ArgumentParser) -> None:
     r = ap.add_argument_group("repeats on a shared machine")
     r.add_argument(
         "--repeat", type=int, help="clean runs per step, fastest kept" + _by_profile("repeat")
@@ -168,6 +200,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "the CPUs" + _by_profile("quiet_wait"),
     )
     r.add_argument("--timeout", type=float, help="per subprocess, seconds" + _by_profile("timeout"))
+
+
+def _peer_options(ap: argparse.ArgumentParser) -> None:
     peers = ap.add_argument_group("peers")
     peers.add_argument(
         "--peft", help="PEFT combinations ('' to skip; speed profile)" + _by_profile("peft")
@@ -184,6 +219,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=DEFAULT_REFERENCE,
         help="git directory of github.com/apanariello4/core-space-merging (rows skipped without)",
     )
+
+
+def _curve_options(ap: argparse.ArgumentParser) -> None:
     curves = ap.add_argument_group("scaling curves (speed profile; one layer)")
     curves.add_argument("--curve-method", default="ties")
     curves.add_argument("--curve-adapters", default="2,4,8,16,32,64")
@@ -201,6 +239,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="full space only when T × m × n × 4 bytes of the largest module is below this",
     )
     curves.add_argument("--no-curves", action="store_true")
+
+
+def _file_options(ap: argparse.ArgumentParser) -> None:
     o = ap.add_argument_group("files")
     o.add_argument("--coremerge", type=Path, default=ROOT / ".venv" / "bin" / "coremerge")
     o.add_argument(
@@ -214,22 +255,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="leave bench/results/ alone ({speed,engine,scale}-latest.*)",
     )
     o.add_argument("--keep-outputs", action="store_true", help="keep the merged adapters")
-    args = ap.parse_args(argv)
-    for key, value in DEFAULTS[args.profile].items():
-        if getattr(args, key, None) is None:
-            setattr(args, key, value)
-    if args.quick:
-        if args.profile == "speed":
-            args.width, args.layers, args.adapters, args.rank = 512, 2, 4, 8
-            args.curve_adapters, args.curve_ranks, args.curve_widths = "2,4,8", "4,8", "512,1024"
-            args.curve_base = "4,8,512"
-        elif args.profile == "engine":
-            args.layers, args.sample_layers, args.quiet_wait = 1, 0, 3.0
-        else:  # scale: one sampled layer
-            args.sample_layers, args.quiet_wait = 1, 3.0
-        args.repeat = args.curve_repeat = 1
-        args.no_results = True
-    return args
 
 
 def main(argv: list[str] | None = None) -> int:

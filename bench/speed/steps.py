@@ -78,7 +78,7 @@ def reconstruct_full(dW: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return U[:, :k] * S[:k], Vh[:k]
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("adapters", nargs="+", type=Path)
     ap.add_argument("--space", choices=("core", "full"), default="core")
@@ -88,86 +88,123 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", type=Path, required=True)
     ap.add_argument("--out-dir", type=Path, help="where the per-module outputs go (default: none)")
     ap.add_argument("--engine-check", action="store_true")
-    args = ap.parse_args(argv)
+    return ap.parse_args(argv)
 
-    device = torch.device(args.device)
-    cuda = device.type == "cuda"
-    if cuda:
-        torch.cuda.init()
-        torch.cuda.reset_peak_memory_stats(device)
 
-    def clock() -> float:
-        if cuda:
-            torch.cuda.synchronize(device)
+def read_factors(readers: list, module: str, device: torch.device) -> list[LoraFactors]:
+    """Every adapter's factors of ``module`` on ``device``, scaling folded into B (as
+    ``run_merge`` reads them)."""
+    factors = []
+    for reader in readers:
+        A, B = reader.read(module, device)
+        factors.append(LoraFactors(A=A, B=B * reader.modules[module].scaling))
+    return factors
+
+
+class Stopwatch:
+    """Each step's seconds summed over modules: ``lap(step)`` charges the time since the last
+    lap (or ``restart``) to ``step``. CUDA runs asynchronously, so the clock synchronises the
+    device first; on CUDA the device is initialised and its peak-memory count reset."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.cuda = device.type == "cuda"
+        if self.cuda:
+            torch.cuda.init()
+            torch.cuda.reset_peak_memory_stats(device)
+        self.seconds = dict.fromkeys(STEPS, 0.0)
+        self.last = 0.0
+
+    def now(self) -> float:
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
         return time.perf_counter()
 
+    def restart(self) -> None:
+        self.last = self.now()
+
+    def elapsed(self) -> float:
+        return self.now() - self.last
+
+    def lap(self, step: str) -> None:
+        t = self.now()
+        self.seconds[step] += t - self.last
+        self.last = t
+
+
+def core_steps(
+    factors: list[LoraFactors], method: str, params: dict, gen: torch.Generator, watch: Stopwatch
+) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """One module in core space, step by step: the merged B and A and the projection residual."""
+    bases = reference_bases(factors)
+    watch.lap("bases")
+    tasks = Tasks(
+        factors=(bases.left.coords, bases.right.coords.mT, [f.A.shape[0] for f in factors]),
+        layer_k=min(factors[0].B.shape[0], factors[0].A.shape[1]),
+        generators=[gen],
+    )
+    tasks.matrices  # noqa: B018  (formed here: the projection step)
+    watch.lap("project")
+    M = merge_tasks(method, tasks, params)[0][0]
+    watch.lap("merge")
+    B, A = reconstruct_core(bases, M)
+    watch.lap("reconstruct")
+    residual = float(projection_residual(factors, bases))
+    watch.lap("self_check")
+    return B, A, residual
+
+
+def full_steps(
+    factors: list[LoraFactors], method: str, params: dict, gen: torch.Generator, watch: Stopwatch
+) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """One module in full space (dense ΔW_t, the method, the SVD back to factors): the merged
+    B and A, and a residual of 0 (nothing is projected)."""
+    dWs = [f.B @ f.A for f in factors]
+    watch.lap("project")
+    M = apply_method(method, dWs, params, gen)
+    del dWs
+    watch.lap("merge")
+    B, A = reconstruct_full(M)
+    watch.lap("reconstruct")
+    return B, A, 0.0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    watch = Stopwatch(device)
     params = default_params(args.method)
-    t_open = clock()
+    watch.restart()
     readers = [open_adapter(d, d.name) for d in args.adapters]
     modules = list(readers[0].modules)
-    open_s = clock() - t_open
+    open_s = watch.elapsed()
     if args.out_dir is not None:
         args.out_dir.mkdir(parents=True, exist_ok=True)
-
-    seconds = dict.fromkeys(STEPS, 0.0)
-    engine_s = 0.0
+    steps = core_steps if args.space == "core" else full_steps
+    engine_s = residual = 0.0
     ranks: list[int] = []
-    residual = 0.0
     for i, module in enumerate(modules):
-        t0 = clock()
-        factors = []
-        for reader in readers:
-            A, B = reader.read(module, device)
-            factors.append(LoraFactors(A=A, B=B * reader.modules[module].scaling))
-        t1 = clock()
-        seconds["read"] += t1 - t0
+        watch.restart()
+        factors = read_factors(readers, module, device)
+        watch.lap("read")
         gen = module_generator(args.seed, module)
-        if args.space == "core":
-            bases = reference_bases(factors)
-            t2 = clock()
-            tasks = Tasks(
-                factors=(bases.left.coords, bases.right.coords.mT, [f.A.shape[0] for f in factors]),
-                layer_k=min(factors[0].B.shape[0], factors[0].A.shape[1]),
-                generators=[gen],
-            )
-            tasks.matrices  # noqa: B018  (formed here: the projection step)
-            t3 = clock()
-            M = merge_tasks(args.method, tasks, params)[0][0]
-            t4 = clock()
-            B, A = reconstruct_core(bases, M)
-            t5 = clock()
-            residual = max(residual, float(projection_residual(factors, bases)))
-            t6 = clock()
-            seconds["bases"] += t2 - t1
-            seconds["project"] += t3 - t2
-        else:
-            t2 = t1
-            dWs = [f.B @ f.A for f in factors]
-            t3 = clock()
-            M = apply_method(args.method, dWs, params, gen)
-            del dWs
-            t4 = clock()
-            B, A = reconstruct_full(M)
-            t5 = t6 = clock()
-            seconds["project"] += t3 - t2
-        seconds["merge"] += t4 - t3
-        seconds["reconstruct"] += t5 - t4
-        seconds["self_check"] += t6 - t5
-        ranks.append(A.shape[0])
+        B, A, res = steps(factors, args.method, params, gen, watch)
+        residual = max(residual, res)
+        ranks.append(A.shape[-2])  # A is (…, rank, in): the core path keeps a group dimension
         if args.out_dir is not None:
             save_file(
                 {"lora_A": A.cpu().contiguous(), "lora_B": B.cpu().contiguous()},
                 args.out_dir / f"{i:05d}.safetensors",
             )
-        seconds["write"] += clock() - t6
+        watch.lap("write")
         if args.engine_check:
-            t7 = clock()
+            watch.restart()
             merge_module(factors, args.method, params, space=args.space, generator=gen)
-            engine_s += clock() - t7
-        del factors, M, B, A
+            engine_s += watch.elapsed()
+        del factors, B, A
     for reader in readers:
         reader.close()
-
+    seconds = watch.seconds
     result = {
         "space": args.space,
         "method": args.method,
@@ -184,7 +221,9 @@ def main(argv: list[str] | None = None) -> int:
         "output_rank_max": max(ranks, default=0),
         "max_projection_residual": residual if args.space == "core" else None,
         "engine_merge_module_s": engine_s if args.engine_check else None,
-        "cuda_max_memory_allocated": torch.cuda.max_memory_allocated(device) if cuda else None,
+        "cuda_max_memory_allocated": torch.cuda.max_memory_allocated(device)
+        if watch.cuda
+        else None,
     }
     args.json.write_text(json.dumps(result, indent=2) + "\n")
     return 0

@@ -27,10 +27,13 @@ import hashlib
 import json
 import os
 import shutil
+import struct
 import subprocess
 import sys
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 __all__ = [
     "CurvePoint",
@@ -40,10 +43,15 @@ __all__ = [
     "curve_points",
     "ensure_inputs",
     "input_set",
+    "llama_shapes",
     "llama_workload",
+    "lora_header",
     "module_shapes",
+    "tensor_bytes",
 ]
 
+#: safetensors' name and the bytes per element of each dtype the sets and outputs use
+DTYPES = {"float32": ("F32", 4), "bfloat16": ("BF16", 2), "float16": ("F16", 2)}
 #: Bump when the generated tensors or config change, so stale caches are not reused.
 GENERATOR_VERSION = 1
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -74,6 +82,11 @@ class Workload:
         return Workload(**{**asdict(self), "layers": layers})
 
 
+def llama_shapes(width: int) -> dict[str, int]:
+    """Llama-3's layer sizes at hidden size ``width``: k/v ``width``/4, the MLP 3.5 ``width``."""
+    return {"hidden": width, "kv": width // 4, "mlp": width * 7 // 2}
+
+
 def llama_workload(
     *, width: int, layers: int, adapters: int, rank: int, seed: int = 0, dtype: str = "float32"
 ) -> Workload:
@@ -83,9 +96,7 @@ def llama_workload(
         adapters=adapters,
         rank=rank,
         lora_alpha=rank,
-        hidden=width,
-        kv=width // 4,
-        mlp=width * 7 // 2,
+        **llama_shapes(width),
         dtype=dtype,
         seed=seed,
         base_model=f"bench/llama3-shapes-w{width}",
@@ -109,6 +120,32 @@ def module_shapes(w: Workload) -> list[tuple[str, int, int]]:
         for i in range(w.layers)
         for name, (n, m) in per_layer.items()
     ]
+
+
+def tensor_bytes(w: Workload, itemsize: int, rank: int) -> int:
+    """Bytes of one adapter's (or one merged output's) factors: (in + out) × rank per module."""
+    return sum(n + m for _, n, m in module_shapes(w)) * rank * itemsize
+
+
+def lora_header(modules: Iterable[tuple[str, int, int, int]], dtype: str) -> tuple[bytes, int]:
+    """The opening of a safetensors file holding, for each (module, in, out, r), lora_A
+    (r × in) and lora_B (out × r) back to back in ``dtype``: the 8-byte length and the JSON
+    header (padded to 8 bytes, as the format asks); and the size of the data that follows.
+
+    Written by hand where the tensors are never in memory: the floor's streamed output, and
+    header-only inputs whose data is a hole in a sparse file."""
+    code, itemsize = DTYPES[dtype]
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for module, n, m, r in modules:
+        for which, shape in (("A", [r, n]), ("B", [m, r])):
+            size = shape[0] * shape[1] * itemsize
+            key = f"base_model.model.{module}.lora_{which}.weight"
+            header[key] = {"dtype": code, "shape": shape, "data_offsets": [offset, offset + size]}
+            offset += size
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    return struct.pack("<Q", len(blob)) + blob, offset
 
 
 def adapter_dirs(root: Path) -> list[Path]:
