@@ -228,7 +228,8 @@ def _conditioned(eigenvalues: Tensor, condition: float) -> list[bool]:
 
 
 def _gram_routes(x: Tensor, device: torch.device | None) -> tuple[list[str], dict]:
-    """Each module's route and, for the Gram routes, its Gram matrix's eigenpairs.
+    """Each module's route and, for the Gram routes, its Gram matrix's eigenpairs (by module,
+    or under ``"all"`` as the batched tensors when every module took the float32 route).
 
     The Gram matrix costs accuracy in proportion to cond(x)² and U = x V S⁻¹ about
     cond(x)·eps, so it is formed in float32 when cond(x) ≤ ``MAX_F32_GRAM_CONDITION``, again
@@ -248,6 +249,8 @@ def _gram_routes(x: Tensor, device: torch.device | None) -> tuple[list[str], dic
     if first:
         values, vectors = _descending_eigh(_take(gram, first), device)
         good = _conditioned(values, MAX_F32_GRAM_CONDITION)
+        if len(first) == G and all(good):  # the common case: every module, one batch
+            return ["gram32"] * G, {"all": (values, vectors)}
         near = _conditioned(values, 1.01 * MAX_GRAM_CONDITION)  # 1%: the estimate's margin
         for i, g in enumerate(first):
             if good[i]:
@@ -292,8 +295,12 @@ def left_singular_basis(
     by_gram = [g for g, route in enumerate(routes) if route != "qr"]
     by_qr = [g for g, route in enumerate(routes) if route == "qr"]
     if by_gram:
-        S = torch.stack([eig[g][0] for g in by_gram]).sqrt()
-        V = torch.stack([eig[g][1] for g in by_gram])
+        if "all" in eig:  # every module's eigenpairs from one batched call, in order
+            S, V = eig["all"]
+            S = S.sqrt()
+        else:
+            S = torch.stack([eig[g][0] for g in by_gram]).sqrt()
+            V = torch.stack([eig[g][1] for g in by_gram])
         K_gram = (V / S[:, None, :]).to(device=x.device, dtype=x.dtype)
         gram_coords = (S[:, :, None] * V.mT).to(device=x.device, dtype=x.dtype)
         del S, V

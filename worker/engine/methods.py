@@ -377,9 +377,11 @@ def tsv(tasks: Tasks, *, rank_of: str) -> Tensor:
     for t in range(T):
         U, S, Vh = tasks.svd(t)
         counts.append(numerical_ranks(S, (a, b)).clamp(max=cap))
-        us.append(U[..., :cap].clone())  # the full U and Vh of a dense X_t are freed now
+        # Only what may be kept: a dense X_t's full U and Vh are freed now (thin ones are
+        # small, kept whole)
+        us.append(U[..., :cap].clone() if cap < U.shape[-1] else U)
         ss.append(S[..., :cap])
-        vhs.append(Vh[..., :cap, :].clone())
+        vhs.append(Vh[..., :cap, :].clone() if cap < Vh.shape[-2] else Vh)
         del U, S, Vh
     kept = torch.stack(counts, dim=1).tolist()  # (G, T)
     by_pattern: dict[tuple[int, ...], list[int]] = {}
