@@ -48,6 +48,12 @@ def _delta_weights(adapter_dir: Path) -> dict[str, torch.Tensor]:
     }
 
 
+def _merge_ta(adapters: list[Path], out: Path) -> None:
+    """The unscaled sum (alpha 1) of the adapters, by the CLI, into ``out``."""
+    argv = ["merge", "-q", *map(str, adapters), "-o", str(out), "--method", "ta"]
+    assert main([*argv, "--param", "alpha=1"]) == 0
+
+
 def _merged_deltas(out: Path) -> dict[str, torch.Tensor]:
     tensors = load_file(out / "adapter_model.safetensors")
     return {
@@ -81,22 +87,7 @@ def test_vera_alone_equals_peft_delta_weights(
 ) -> None:
     adapters = [_make_vera(tmp_path, base_dir, save_projection, r=8, seed=s) for s in (1, 2)]
     out = tmp_path / "merged"
-    assert (
-        main(
-            [
-                "merge",
-                "-q",
-                *map(str, adapters),
-                "-o",
-                str(out),
-                "--method",
-                "ta",
-                "--param",
-                "alpha=1",
-            ]
-        )
-        == 0
-    )
+    _merge_ta(adapters, out)
     _assert_close(_merged_deltas(out), _expected(adapters))
     config = json.loads((out / "adapter_config.json").read_text())
     assert config["peft_type"] == "LORA"
@@ -113,23 +104,7 @@ def test_mixed_lora_and_vera_with_heterogeneous_ranks(tmp_path: Path, base_dir: 
     vera = _make_vera(tmp_path, base_dir, save_projection=False, r=16, seed=3)
     # The VeRA adapter's down_proj input size comes from the base config; q_proj's from LoRA.
     out = tmp_path / "merged"
-    assert (
-        main(
-            [
-                "merge",
-                "-q",
-                str(lora),
-                str(vera),
-                "-o",
-                str(out),
-                "--method",
-                "ta",
-                "--param",
-                "alpha=1",
-            ]
-        )
-        == 0
-    )
+    _merge_ta([lora, vera], out)
     _assert_close(_merged_deltas(out), _expected([lora, vera]))
 
 
