@@ -43,7 +43,7 @@ def test_submit_queues_a_job_with_location(client, settings, redis) -> None:
     assert job["started_at"] is job["finished_at"] is job["result"] is job["error"] is None
     # the request is echoed validated, with defaults filled in
     assert job["request"]["params"] == {
-        "alpha": 1.0,
+        "alpha": "auto",
         "density": 0.2,
         "isotropize": False,
         "axes": "reference",
