@@ -56,7 +56,7 @@ FIXED_OVERHEAD = 8 << 20
 #: The tensors' bytes are counted with this much more: glibc keeps freed blocks below its
 #: mmap threshold in its heaps (fragmented), pages round allocations up, and the same merge
 #: measures a few percent apart from run to run (tests/worker/test_memory_grid.py).
-ALLOCATOR_SLACK = 0.15
+ALLOCATOR_SLACK = 0.10
 #: Merged modules held besides those being merged: the one being written and those whose
 #: bytes are still in the writer's queue (``worker.adapters.writer.MAX_IN_FLIGHT`` tensors).
 WAITING_MODULES = 2
