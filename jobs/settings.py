@@ -41,7 +41,7 @@ Checksums = Literal["when_supported", "when_required"]
 
 
 class Settings(BaseSettings):
-    """Every knob of the service, the worker and the client (README "Configuration")."""
+    """Every knob of the service, the worker and the client (docs/configuration.md)."""
 
     model_config = SettingsConfigDict(env_prefix="COREMERGE_", extra="ignore", frozen=True)
 

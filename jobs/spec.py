@@ -2,8 +2,8 @@
 
 This module imports neither torch nor peft, so the API process stays small. Every merge
 method's parameters are declared exactly once, in :data:`METHOD_PARAMS`; the pydantic
-validation of ``params``, the CLI's ``--param`` help and the README table are generated
-from that declaration.
+validation of ``params``, the CLI's ``--param`` help and the parameter table of docs/cli.md
+are generated from that declaration.
 
 >>> spec = MergeSpec.model_validate(
 ...     {"adapters": [{"uri": "/tmp/a"}], "method": "ties", "params": {"density": 0.2},
@@ -447,7 +447,7 @@ def _out_of_range(param: Param, schedule: Any) -> str | None:
 
 
 def params_table_markdown() -> str:
-    """The methods table of README.md, generated from :data:`METHOD_PARAMS`."""
+    """The methods table of docs/cli.md, generated from :data:`METHOD_PARAMS`."""
     rows = ["| method | param | default | range | meaning |", "|---|---|---|---|---|"]
     for method, params in METHOD_PARAMS.items():
         for p in params:
