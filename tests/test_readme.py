@@ -68,7 +68,10 @@ def test_the_local_merge_and_the_mergekit_config_run_as_written(tmp_path: Path) 
     assert report["method"] == "ties"
     assert "layers" in done.stdout or "modules" in done.stdout  # inspect's table
 
-    [yaml], [command] = blocks("Coming from mergekit", "yaml"), blocks("Coming from mergekit", "bash")
+    [yaml], [command] = (
+        blocks("Coming from mergekit", "yaml"),
+        blocks("Coming from mergekit", "bash"),
+    )
     (tmp_path / "merge.yml").write_text(yaml)
     done = _run(command, tmp_path)
     assert done.returncode == 0, done.stderr[-4000:]
