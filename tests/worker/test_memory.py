@@ -20,7 +20,13 @@ from worker.adapters import open_adapters
 from worker.adapters.lora import LoraReader
 from worker.adapters.vera import VeraReader
 from worker.limits import default_max_work_bytes, memory_limit
-from worker.memory import ALLOCATOR_SLACK, ModuleShape, estimate_work, format_bytes
+from worker.memory import (
+    ALLOCATOR_SLACK,
+    FIXED_OVERHEAD,
+    ModuleShape,
+    estimate_work,
+    format_bytes,
+)
 from worker.plan import make_plan
 from worker.runner import run_merge
 
@@ -92,7 +98,8 @@ def test_no_limit_refuses_nothing_and_the_report_records_the_estimate(
     report = run_merge(job, peft_adapters, out, device="cpu").report
     memory = report["memory"]
     assert memory["limit_bytes"] is None
-    assert 16 << 20 <= memory["estimated_peak_bytes"] < 32 << 20  # tiny modules: the overhead
+    # tiny modules: the fixed overhead dominates
+    assert FIXED_OVERHEAD <= memory["estimated_peak_bytes"] < 2 * FIXED_OVERHEAD
     assert memory["largest_module"].startswith("model.layers.")
     with pytest.raises(LimitExceeded):  # and the same job under a limit below its estimate
         run_merge(job, peft_adapters, tmp_path / "o2", device="cpu", max_work_bytes=1 << 20)
