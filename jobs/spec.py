@@ -54,6 +54,7 @@ __all__ = [
     "OutputSpec",
     "Param",
     "RankMode",
+    "params_json_schemas",
     "params_table_markdown",
 ]
 
@@ -328,7 +329,9 @@ class MergeSpec(_Strict):
     params: dict[str, float | int | bool | str] = Field(
         default_factory=dict,
         validate_default=True,
-        description="the method's hyperparameters; see the methods table in README.md",
+        description="the method's hyperparameters: the schema named for the method by "
+        "x-schema-by-method (generated from the one declaration, METHOD_PARAMS), and the table "
+        "in docs/cli.md",
     )
     seed: int = Field(0, ge=0, lt=2**63, description="makes random methods (DARE) reproducible")
     normalize: bool = Field(
@@ -444,6 +447,12 @@ def _out_of_range(param: Param, schedule: Any) -> str | None:
         except ValidationError:
             return f"{number!r} is outside the range of {param.name!r} ({param.range_text()})"
     return None
+
+
+def params_json_schemas() -> dict[str, dict[str, Any]]:
+    """Each method's parameters as a JSON schema (``TiesParams``, …), from :data:`METHOD_PARAMS`
+    through the same models that validate them: the OpenAPI schema of ``params`` is these."""
+    return {m: model.model_json_schema() for m, model in _PARAMS_MODELS.items()}
 
 
 def params_table_markdown() -> str:

@@ -8,7 +8,13 @@ FastAPI's generated schema is close; :func:`openapi_schema` finishes it in one p
   nowhere else (reading or cancelling a job never answers 422: a malformed id is a 404);
 - the shape of locations (``uri`` fields) and of job ids as patterns, so a client and a fuzzer
   know what the API would refuse anyway;
-- in open mode (no tenants file) no operation requires ``Authorization``.
+- in open mode (no tenants file) no operation requires ``Authorization``;
+- ``params`` by method: one component per method (``TiesParams``, …) generated from the
+  declaration that validates them (``jobs.spec.METHOD_PARAMS``), named per method by the
+  ``x-schema-by-method`` extension of ``MergeSpec.params``. ``params`` itself stays an open
+  map: tying it to ``method`` with ``if``/``then`` is exact JSON Schema, but schemathesis
+  cannot generate from it, and a union of the components would let a generated client's
+  model drop a key it matched to the wrong method.
 
 ``/docs`` (Swagger UI) and ``/redoc`` load their scripts and styles from this server
 (:func:`install_docs`; the files ship in the ``fastapi-offline`` package), never from a CDN:
@@ -26,6 +32,7 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.responses import HTMLResponse
 from fastapi.staticfiles import StaticFiles
 
+from jobs.spec import params_json_schemas
 from service.api.models import JOB_ID_PATTERN
 from service.problems import PROBLEM_JSON, PROBLEM_SCHEMA_REF, ProblemDetails
 
@@ -97,8 +104,19 @@ def openapi_schema(app: FastAPI, *, open_mode: bool) -> dict[str, Any]:
     for name in ("AdapterRef", "OutputSpec"):
         if name in components:
             components[name]["properties"]["uri"]["pattern"] = URI_PATTERN
+    if "MergeSpec" in components:
+        _params_by_method(components)
     app.openapi_schema = schema
     return schema
+
+
+def _params_by_method(components: dict[str, Any]) -> None:
+    """Each method's params component, named by ``x-schema-by-method`` on MergeSpec.params."""
+    by_method = {}
+    for method, params in params_json_schemas().items():
+        components[params["title"]] = params
+        by_method[method] = f"#/components/schemas/{params['title']}"
+    components["MergeSpec"]["properties"]["params"]["x-schema-by-method"] = by_method
 
 
 def _finish_operation(

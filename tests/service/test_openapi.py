@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
+from jobs.spec import METHOD_PARAMS
 from jobs.uris import InvalidUri, parse_uri
 from service.app import create_app
 from service.openapi import URI_PATTERN
@@ -190,3 +191,37 @@ def test_the_docs_pages_load_nothing_from_elsewhere(client) -> None:
         for source in sources:
             r = client.get(source)
             assert r.status_code == 200 and len(r.content) > 100, source
+
+
+@pytest.mark.parametrize(
+    ("method", "params", "valid"),
+    [
+        ("ties", {"density": 0.2, "axes": "aligned"}, True),
+        ("ties", {"rank_fraction": 0.1}, False),  # CART's, not TIES's
+        ("ties", {"density": 0}, False),  # out of its range
+        ("cart", {"rank_fraction": 0.1, "lam": 0.5}, True),
+        ("ta", {"alpha": "auto"}, True),
+        ("ta", {"alpha": "big"}, False),
+        (None, {"rank_of": "layer"}, True),  # no method: the default, tsv
+        (None, {"density": 0.2}, False),
+    ],
+)
+def test_params_follow_the_method_in_the_schema(client, schema, method, params, valid) -> None:
+    """The schema of ``params`` is the method's own, generated from the declaration that
+    validates it, so the schema and the API agree on every case (issue 21 §1)."""
+    import jsonschema
+
+    body = spec(params=params)
+    if method is None:
+        body.pop("method", None)
+    else:
+        body["method"] = method
+    merge_spec = schema["components"]["schemas"]["MergeSpec"]
+    by_method = merge_spec["properties"]["params"]["x-schema-by-method"]
+    assert set(by_method) == set(METHOD_PARAMS)
+    name = by_method[method or merge_spec["properties"]["method"]["default"]].split("/")[-1]
+    method_schema = schema["components"]["schemas"][name]
+    assert list(method_schema["properties"]) == [p.name for p in METHOD_PARAMS[method or "tsv"]]
+    errors = list(jsonschema.Draft202012Validator(method_schema).iter_errors(params))
+    assert (not errors) == valid, [e.message for e in errors]
+    assert client.post("/merges", json=body, headers=AUTH_A).status_code == (202 if valid else 422)
