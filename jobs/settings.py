@@ -87,8 +87,9 @@ class Settings(BaseSettings):
     max_output_rank: int = Field(
         512,
         ge=1,
-        description="largest output rank: an explicit output.rank (422 above), and the merged "
-        "rank a job can reach without one (limit_exceeded before any tensor is read)",
+        description="largest output rank: an explicit output.rank (422 above), the merged "
+        "rank a job can reach without one (limit_exceeded before any tensor is read), and "
+        'the cap of the rank output.rank "auto" chooses',
     )
     max_output_bytes: int = Field(
         40 * GiB,

@@ -15,6 +15,7 @@ are generated from that declaration.
 from __future__ import annotations
 
 import functools
+import json
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
@@ -39,9 +40,12 @@ from jobs.schedules import (
     schedule_numbers,
     schedule_patterns,
 )
+from jobs.servers import SERVER_NAMES
 from jobs.uris import canonical_scheme
 
 __all__ = [
+    "DEFAULT_ENERGY",
+    "DEFAULT_TARGET",
     "DTYPES",
     "MAX_ADAPTERS",
     "MAX_LAYERS",
@@ -60,10 +64,15 @@ __all__ = [
 
 Space = Literal["core", "full", "knots"]
 DType = Literal["float32", "bfloat16", "float16"]
+Server = Literal[SERVER_NAMES]  # type: ignore[valid-type]
 RankMode = Literal["auto", "truncate", "isotropic", "shared"]
 SPACES: tuple[str, ...] = Space.__args__
 DTYPES: tuple[str, ...] = DType.__args__
 
+#: ``output.rank: "auto"``'s server and share of energy when the spec names none
+#: (docs/serving.md says why these).
+DEFAULT_TARGET = "vllm"
+DEFAULT_ENERGY = 0.9
 #: Default cap on the number of adapters in one job (docs/job-spec.md; the service makes it configurable).
 MAX_ADAPTERS = 64
 #: The largest ``layers`` a spec may give (no model is near it).
@@ -288,11 +297,11 @@ class OutputSpec(_Strict):
     """Where and how the merged adapter is written."""
 
     uri: str = Field(min_length=1, max_length=2048)
-    rank: int | None = Field(
+    rank: Annotated[int, Field(ge=1)] | Literal["auto"] | None = Field(
         None,
-        ge=1,
         description="null keeps the exact merged rank; an integer brings every module to at most "
-        "that rank, as rank_mode says",
+        'that rank, as rank_mode says; "auto" picks the smallest rank output.target takes at '
+        "which every module keeps output.energy of its energy (docs/serving.md)",
     )
     rank_mode: RankMode = Field(
         "auto",
@@ -302,7 +311,31 @@ class OutputSpec(_Strict):
         'space); "auto" is "isotropic" for iso_c and isotropize, else "truncate" '
         "(docs/methods.md)",
     )
+    target: Server | None = Field(
+        None,
+        description='with rank "auto": the server the rank is chosen for (its allowed ranks and '
+        f'cap, docs/serving.md); default "{DEFAULT_TARGET}"; only with rank "auto"',
+    )
+    energy: Annotated[float, Field(gt=0.0, le=1.0, allow_inf_nan=False)] | None = Field(
+        None,
+        description='with rank "auto": the share of each module\'s energy (squared singular '
+        f"values) the chosen rank keeps at least, 0 < energy <= 1; default {DEFAULT_ENERGY}; "
+        'only with rank "auto"',
+    )
     dtype: DType = "float32"
+
+    @field_validator("rank", mode="wrap")
+    @classmethod
+    def _one_rank_error(cls, value: Any, handler: Any) -> Any:
+        """One error for a bad rank, not one per member of the union."""
+        try:
+            return handler(value)
+        except ValidationError:
+            raise PydanticCustomError(
+                "rank", 'must be an integer >= 1, "auto" or null, not {value}',
+                {"value": json.dumps(value) if isinstance(value, str | int | float) else
+                 type(value).__name__},
+            ) from None  # fmt: skip
 
     @model_validator(mode="after")
     def _rank_mode_needs_a_rank(self) -> OutputSpec:
@@ -311,6 +344,18 @@ class OutputSpec(_Strict):
                 f"output.rank_mode {self.rank_mode!r} says how a merge is brought to "
                 "output.rank, and output.rank is not set"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _auto_rank_defaults(self) -> OutputSpec:
+        """``rank: "auto"`` names its server and its share of energy, the defaults filled in
+        (so the job's record says what was asked); without it, neither may be given (checked
+        by :meth:`MergeSpec._auto_rank_fields`, which names the field)."""
+        if self.rank == "auto":
+            if self.target is None:
+                self.target = DEFAULT_TARGET
+            if self.energy is None:
+                self.energy = DEFAULT_ENERGY
         return self
 
     @field_validator("uri")
@@ -391,6 +436,27 @@ class MergeSpec(_Strict):
             raise ValidationError.from_exception_data(type(self).__name__, [_error(
                 ("output", "rank_mode"), "shared", f'output.rank_mode "shared" {problem}'
             )])  # fmt: skip
+        return self
+
+    @model_validator(mode="after")
+    def _auto_rank_fields(self) -> MergeSpec:
+        """``output.target`` and ``output.energy`` choose a rank: only with ``rank: "auto"``.
+        ``rank_mode: "shared"`` fits its bases at the rank before merging, which "auto"
+        knows only after."""
+        out, errors = self.output, []
+        if out.rank != "auto":
+            for name in ("target", "energy"):
+                if getattr(out, name) is not None:
+                    errors.append(_error(("output", name), getattr(out, name),
+                        f'output.{name} is for output.rank "auto" (this job\'s output.rank is '
+                        f"{json.dumps(out.rank)})"))  # fmt: skip
+        elif out.rank_mode == "shared":
+            errors.append(_error(("output", "rank_mode"), "shared",
+                'output.rank_mode "shared" fits shared bases at the output rank before the '
+                'merge; output.rank "auto" knows the rank only after it: use "truncate" or '
+                '"isotropic", or an integer output.rank'))  # fmt: skip
+        if errors:
+            raise ValidationError.from_exception_data(type(self).__name__, errors)
         return self
 
     @model_validator(mode="after")

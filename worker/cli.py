@@ -1,7 +1,8 @@
 """The ``coremerge`` command line: merge and inspect adapters on local files, no server needed.
 
     coremerge merge ADAPTER_DIR... -o OUT_DIR [--method tsv] [--space core] [--weights 1,0.5]
-                    [--param NAME=VALUE]... [--rank K] [--dtype bfloat16] [--device auto]
+                    [--param NAME=VALUE]... [--rank K|auto [--target vllm] [--energy 0.9]]
+                    [--dtype bfloat16] [--device auto]
                     [--seed 0] [--normalize] [--include RE]... [--exclude RE]...
                     [--spec job.json]
     coremerge merge --config merge.yml OUT_DIR      (mergekit's configuration, docs/mergekit.md)
@@ -22,7 +23,17 @@ from pathlib import Path
 from typing import Any, NoReturn, get_args
 
 from jobs.hub import reference_uri
-from jobs.spec import DTYPES, METHOD_PARAMS, METHODS, SPACES, MergeSpec, RankMode
+from jobs.servers import SERVER_NAMES
+from jobs.spec import (
+    DEFAULT_ENERGY,
+    DEFAULT_TARGET,
+    DTYPES,
+    METHOD_PARAMS,
+    METHODS,
+    SPACES,
+    MergeSpec,
+    RankMode,
+)
 
 __all__ = ["main"]
 
@@ -129,6 +140,16 @@ def config_spec(path: str) -> dict[str, Any]:
         raise UsageError(f"--config {path}: {exc}") from None
 
 
+def _rank_arg(text: str) -> int | str:
+    """``--rank``: a positive integer or ``auto``."""
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is neither an integer nor auto") from None
+
+
 def build_spec(args: argparse.Namespace) -> MergeSpec:
     """The job spec from ``--spec`` or ``--config`` (if given) overridden by the explicit
     flags."""
@@ -156,8 +177,9 @@ def build_spec(args: argparse.Namespace) -> MergeSpec:
         raise UsageError("no output directory: give -o OUT_DIR")
     if args.rank is not None:
         output["rank"] = args.rank
-    if args.rank_mode is not None:
-        output["rank_mode"] = args.rank_mode
+    for key in ("rank_mode", "target", "energy"):
+        if getattr(args, key) is not None:
+            output[key] = getattr(args, key)
     if args.dtype is not None:
         output["dtype"] = args.dtype
     try:
@@ -228,6 +250,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
         f"{spec.output.dtype}, {outcome.seconds:.2f} s on {report['device']}; "
         + (f"self-check residual {residual:.1e}" if residual is not None else "nothing projected")
         + _lowest_kept_energy(report)
+        + _rank_auto_text(report)
     )
     return 0
 
@@ -241,6 +264,19 @@ def _lowest_kept_energy(report: dict[str, Any]) -> str:
         return ""
     energy, module = min(kept)
     return f"; lowest kept energy {energy:.3f} ({module})"
+
+
+def _rank_auto_text(report: dict[str, Any]) -> str:
+    """With ``--rank auto``: the rank chosen, for which server, and the warning when its cap
+    kept a module under the energy asked."""
+    auto = report["output"].get("rank_auto")
+    if not auto:
+        return ""
+    text = (
+        f"\n  rank {auto['rank']} chosen for {auto['target']} to keep {auto['energy']:g} of "
+        f"every module's energy (the energy alone needed {auto['energy_rank']})"
+    )
+    return text + (f"\n  warning: {auto['warning']}" if auto["warning"] else "")
 
 
 class _FullSpaceEstimate:
@@ -412,7 +448,23 @@ def _add_merge_parser(sub: Any) -> None:
         "--param", action="append", metavar="NAME=VALUE", help="method parameter; repeatable"
     )
     _add_module_flags(merge)
-    merge.add_argument("--rank", type=int, help="bring every module to at most this rank")
+    merge.add_argument(
+        "--rank",
+        type=_rank_arg,
+        help='bring every module to at most this rank; "auto": the smallest rank --target '
+        "takes at which every module keeps --energy of its energy",
+    )
+    merge.add_argument(
+        "--target",
+        choices=SERVER_NAMES,
+        help=f"with --rank auto: the server the rank is chosen for (default {DEFAULT_TARGET})",
+    )
+    merge.add_argument(
+        "--energy",
+        type=float,
+        help="with --rank auto: the share of each module's energy (squared singular values) "
+        f"to keep, 0 < energy <= 1 (default {DEFAULT_ENERGY})",
+    )
     merge.add_argument(
         "--rank-mode",
         choices=get_args(RankMode),

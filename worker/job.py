@@ -285,7 +285,7 @@ def _check_request_limits(spec: MergeSpec, settings: Settings) -> None:
             f"{len(spec.adapters)} adapters; this worker takes at most {settings.max_adapters} "
             "(COREMERGE_MAX_ADAPTERS)"
         )
-    if spec.output.rank is not None and spec.output.rank > settings.max_output_rank:
+    if isinstance(spec.output.rank, int) and spec.output.rank > settings.max_output_rank:
         raise LimitExceeded(
             f"output.rank {spec.output.rank}; this worker writes at most rank "
             f"{settings.max_output_rank} (COREMERGE_MAX_OUTPUT_RANK)"

@@ -208,6 +208,7 @@ def write_model_card(staging: Path, report: dict[str, Any]) -> None:
         f"- rank: {out['rank']} for every module ({out['modules']} modules)"
         + (f", brought to it by `{out['rank_mode']}`" if out.get("rank_mode") else "")
         + f", dtype: {out['dtype']}, `lora_alpha` = r (every scaling is in the factors)",
+        *_rank_auto_lines(out.get("rank_auto")),
         f"- `{REPORT_NAME}` beside this card has the per-module details and the self-check.",
         *_serving_lines(report.get("serving")),
     ]
@@ -256,6 +257,19 @@ def _alpha_line(alpha: dict[str, Any]) -> list[str]:
         f"{alpha['min']:.4g} to {alpha['max']:.4g}): the merged update has the inputs' "
         "mean energy"
     ]
+
+
+def _rank_auto_lines(auto: dict[str, Any] | None) -> list[str]:
+    """The card's line on the rank ``output.rank: "auto"`` chose, and its warning."""
+    if not auto:
+        return []
+    line = (
+        f'- rank chosen by `output.rank: "auto"` for `{auto["target"]}` to keep '
+        f"{auto['energy']:g} of every module's energy: {auto['rank']} (the energy alone "
+        f"needed {auto['energy_rank']}); lowest kept {auto['lowest_kept_energy']:.4f} "
+        f"({code_span(auto['lowest_kept_module'])})"
+    )
+    return [line] + ([f"- **warning**: {auto['warning']}"] if auto["warning"] else [])
 
 
 def _serving_lines(serving: dict[str, Any] | None) -> list[str]:
@@ -336,11 +350,13 @@ def build_report(
     device: torch.device,
     timings: dict[str, float],
     record_local_paths: bool = True,
+    rank_auto: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """``merge_report.json``: inputs with their sha256, the job, per-module records, the
     self-check, timings and software versions (docs/guarantees.md). Without
     ``record_local_paths`` a local input's location is left out (``uri`` null): its name
-    stands for it, and no machine's layout is published with the adapter."""
+    stands for it, and no machine's layout is published with the adapter. ``rank_auto``:
+    what ``output.rank: "auto"`` chose (``worker.rank_auto.section``)."""
     residuals = [r["residual"] for r in records if r["residual"] is not None]
     return {
         "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -356,6 +372,7 @@ def build_report(
             "rank": weights.rank,
             "dtype": spec.output.dtype,
             "requested_rank": spec.output.rank,
+            **({} if rank_auto is None else {"rank_auto": rank_auto}),
             "rank_mode": (
                 None
                 if spec.output.rank is None

@@ -15,9 +15,10 @@ gigabytes.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from jobs.errors import AdapterIncompatible, LimitExceeded
+from jobs.servers import server_rank, server_rule
 from jobs.spec import MergeSpec
 from worker.adapters.format import module_order
 from worker.adapters.source import AdapterSource
@@ -32,7 +33,7 @@ from worker.memory import (
 )
 from worker.module_values import ModuleValues, model_layers
 
-__all__ = ["MergePlan", "ModulePlan", "make_plan"]
+__all__ = ["MergePlan", "ModulePlan", "at_rank", "make_plan"]
 
 
 @dataclass(frozen=True)
@@ -61,6 +62,11 @@ class MergePlan:
     work: WorkEstimate | None = None  # the estimated peak working memory (worker.memory)
     work_limit: int | None = None  # the limit it was checked against (None: none)
     output_bytes: int = 0  # the weights file's size at most (exact when output_rank is known)
+    # output.rank "auto": the rank its first pass merges at to read every module's spectrum
+    # (the largest min(m, n), so that no module is cut), and the largest rank it can choose
+    # (the server's cap, within COREMERGE_MAX_OUTPUT_RANK). None for any other job.
+    spectrum_rank: int | None = None
+    auto_cap: int | None = None
 
 
 def _single(readers: Sequence[AdapterSource], field: str) -> object:
@@ -142,13 +148,37 @@ def _estimate_work(
         space=spec.space,
         method=spec.method,
         params=spec.params,
-        rank=spec.output.rank,
+        rank=_engine_rank(spec, *_widest(modules)),
         output_rank_mode=spec.output.rank_mode,
         output_rank=output_rank,
         dtype_bytes=DTYPE_BYTES[spec.output.dtype],
         threads=threads,
         held_bytes=sum(r.held_bytes for r in {id(r): r for r in readers}.values()),
     )
+
+
+def _engine_rank(spec: MergeSpec, m: int, n: int) -> int | None:
+    """The rank the engine is asked for on an m × n module: ``output.rank``, or for "auto"
+    min(m, n), which cuts nothing and has the engine report the spectrum (the first pass)."""
+    return min(m, n) if spec.output.rank == "auto" else spec.output.rank
+
+
+def _widest(modules: Sequence[ModulePlan]) -> tuple[int, int]:
+    """The (m, n) of the module with the largest min(m, n)."""
+    widest = max(modules, key=lambda mp: min(mp.out_features, mp.in_features))
+    return widest.out_features, widest.in_features
+
+
+def _auto_cap(spec: MergeSpec, max_output_rank: int | None) -> int | None:
+    """With ``output.rank: "auto"``: the largest rank it may choose, the target server's
+    largest within the service's limit; refused when the server takes none within it."""
+    if spec.output.rank != "auto":
+        return None
+    try:
+        cap, _ = server_rank(server_rule(spec.output.target), 2**62, max_output_rank)
+    except ValueError as exc:
+        raise LimitExceeded(f"output.target {spec.output.target!r}: {exc}") from None
+    return cap
 
 
 def _module_plan(
@@ -187,7 +217,7 @@ def _module_plan(
         m,
         taking.sources,
         total,
-        merged_rank_bound(spec.space, spec.params, m, n, total, spec.output.rank),
+        merged_rank_bound(spec.space, spec.params, m, n, total, _engine_rank(spec, m, n)),
         taking.weights,
         taking.task_params,
     )
@@ -241,7 +271,7 @@ def _check_output(
     """The output's rank and size, bounded from the plan before any tensor is read: a merge
     whose rank is set by the layers, not by the inputs (full space, or knots with isotropize,
     without ``output.rank``), turns a few KB of adapters into hundreds of MB."""
-    if max_output_rank is not None:
+    if max_output_rank is not None and spec.output.rank != "auto":  # "auto" stays within it
         if spec.output.rank is not None and spec.output.rank > max_output_rank:
             raise LimitExceeded(
                 f"output.rank {spec.output.rank} is over this service's limit of "
@@ -298,9 +328,11 @@ def make_plan(
     every = len(modules) == len({m for r in readers for m in r.modules})
     bounds = [mp.max_rank for mp in modules]
     output_rank = None if None in bounds else max(bounds)  # type: ignore[type-var]
-    output_bytes = _output_bytes(spec, modules, output_rank)
+    auto_cap = _auto_cap(spec, max_output_rank)
+    written = output_rank if auto_cap is None else min(auto_cap, output_rank)  # type: ignore
+    output_bytes = _output_bytes(spec, modules, written)
     _check_output(spec, modules, output_bytes, max_output_rank, max_output_bytes)
-    work = _estimate_work(readers, spec, modules, output_rank, threads)
+    work = _estimate_work(readers, spec, modules, written, threads)
     check_work(work, max_work_bytes, space=spec.space, method=spec.method)
     return MergePlan(
         modules=modules,
@@ -313,4 +345,21 @@ def make_plan(
         work=work,
         work_limit=max_work_bytes,
         output_bytes=output_bytes,
+        spectrum_rank=None if auto_cap is None else min(_widest(modules)),
+        auto_cap=auto_cap,
     )
+
+
+def at_rank(plan: MergePlan, spec: MergeSpec, k: int) -> MergePlan:
+    """The plan of ``output.rank: "auto"``'s second pass, once it has chosen ``k``: every
+    module brought to at most k, as an integer ``output.rank`` would."""
+    modules = [
+        replace(mp, max_rank=merged_rank_bound(
+            spec.space, spec.params, mp.out_features, mp.in_features, mp.total_rank, k))
+        for mp in plan.modules
+    ]  # fmt: skip
+    output_rank = max(mp.max_rank or k for mp in modules)
+    return replace(
+        plan, modules=modules, output_rank=output_rank,
+        output_bytes=_output_bytes(spec, modules, output_rank),
+    )  # fmt: skip

@@ -32,6 +32,7 @@ import torch
 
 from jobs.errors import AdapterInvalid, Canceled, InternalError, OutputNotFinite
 from jobs.spec import MergeSpec
+from worker import rank_auto
 from worker.adapters.format import REPORT_NAME
 from worker.adapters.opening import Input, open_adapters
 from worker.adapters.source import AdapterSource
@@ -53,7 +54,7 @@ from worker.output import (
     write_weights,
 )
 from worker.pipeline import merge_threads, ordered_map
-from worker.plan import MergePlan, ModulePlan, make_plan
+from worker.plan import MergePlan, ModulePlan, at_rank, make_plan
 
 __all__ = ["REPORT_NAME", "MergeOutcome", "Progress", "resolve_device", "run_merge"]
 
@@ -114,6 +115,9 @@ class _ModuleMerger:
         window: int | None = None,
     ) -> None:
         self.spec, self.readers, self.device = spec, readers, device
+        # The rank the engine is asked for: output.rank, or for "auto" the first pass's
+        # (which cuts nothing), then the rank it chose (worker.rank_auto).
+        self.rank: int | None = None if spec.output.rank == "auto" else spec.output.rank
         self.threads = merge_threads(device, spec.space)  # modules merged side by side
         if window is None:  # a GPU merges core-space modules a window at a time, batched
             window = GPU_WINDOW_MODULES if device.type == "cuda" and spec.space == "core" else 1
@@ -178,7 +182,7 @@ class _ModuleMerger:
                 self.spec.method,
                 self.params(mp),
                 space=self.spec.space,
-                rank=self.spec.output.rank,
+                rank=self.rank,
                 output_rank_mode=self.spec.output.rank_mode,
                 generator=module_generator(self.spec.seed, mp.module),
                 consume=True,  # the stacks were read for this merge alone
@@ -204,7 +208,7 @@ class _ModuleMerger:
         t1 = time.perf_counter()
         try:
             merged = merge_stacks_in_core_space(
-                stacks, self.spec.method, params[0], rank=self.spec.output.rank,
+                stacks, self.spec.method, params[0], rank=self.rank,
                 output_rank_mode=self.spec.output.rank_mode,
                 generators=[module_generator(self.spec.seed, mp.module) for mp in mps],
                 consume=True,
@@ -255,10 +259,12 @@ class _Control:
         should_cancel: Callable[[], bool] | None,
     ) -> None:
         self._on_progress, self._should_cancel = on_progress, should_cancel
+        # output.rank "auto" goes over the modules twice: its progress counts both passes.
+        self.passes, self.before = 1, 0
 
     def progress(self, stage: str, done: int, total: int) -> None:
         if self._on_progress is not None:
-            self._on_progress(Progress(stage, done, total))
+            self._on_progress(Progress(stage, self.before + done, self.passes * total))
 
     def check_cancel(self, done: int, total: int) -> None:
         """Raise ``Canceled`` at a module boundary when the caller asks to stop."""
@@ -328,7 +334,12 @@ def run_merge(
             max_output_rank=max_output_rank, max_output_bytes=max_output_bytes,
             threads=max(merger.threads, merger.window),
         )  # fmt: skip
+        control.passes = 1 if plan.spectrum_rank is None else 2  # "auto" goes over them twice
         control.progress("plan", 0, len(plan.modules))
+        choice = None
+        if plan.spectrum_rank is not None:  # output.rank "auto": the first pass chooses
+            choice = _choose_rank(plan, merger, spec, control, max_output_rank)
+            plan = at_rank(plan, spec, choice.rank)
         plan_s = time.perf_counter() - started
         with _staging_beside(out_dir) as staging, _hashing(readers) as input_hashes:
             weights, stats = _merge_into_staging(staging, plan, merger, spec, control, weights_sink)
@@ -339,12 +350,49 @@ def run_merge(
             report = build_report(
                 spec, readers, [h.result() for h in input_hashes], plan, stats.records,
                 weights, torch_device, timings, record_local_paths,
+                rank_auto=None if choice is None else rank_auto.section(choice, stats.records),
             )  # fmt: skip
             _finish(staging, plan, weights, report, out_dir)
     finally:
         for reader in readers:
             reader.close()
     return MergeOutcome(out_dir, weights.rank, len(plan.modules), weights.nbytes, seconds, report)
+
+
+def _results(merger: _ModuleMerger, modules: Sequence[ModulePlan]) -> Iterator[_ModuleResult]:
+    """The modules' results in plan order: a window at a time in one batched call per shape
+    (core space on a GPU), else a few modules side by side."""
+    if merger.window > 1 and merger.spec.space == "core":
+        return _windowed(merger, modules)
+    return ordered_map(merger, modules, merger.threads)
+
+
+def _choose_rank(
+    plan: MergePlan,
+    merger: _ModuleMerger,
+    spec: MergeSpec,
+    control: _Control,
+    limit: int | None,
+) -> rank_auto.RankChoice:
+    """``output.rank: "auto"``'s first pass: every module merged at its full rank, and of it
+    kept only the rank its share of energy needs (no factors: memory stays that of one
+    module's merge); then the rank for the target server (``worker.rank_auto``). The
+    progress counts it as the first of two passes; the merger is left at the rank chosen."""
+    merger.rank = plan.spectrum_rank
+    needed: list[tuple[int, str]] = []
+    total = len(plan.modules)
+    with contextlib.closing(_results(merger, plan.modules)) as results:
+        for done, result in enumerate(results, start=1):
+            spectrum = result.merged.spectrum
+            if spectrum is None:  # every space reports it when given a rank
+                raise InternalError(f"module {result.plan.module!r}: the merge gave no spectrum")
+            needed.append((rank_auto.needed_rank(spectrum.tolist(), spec.output.energy),
+                           result.plan.module))  # fmt: skip
+            control.progress("merge", done, total)
+            control.check_cancel(done, total)
+    choice = rank_auto.choose(needed, spec.output.target, spec.output.energy, limit)
+    merger.rank, control.before = choice.rank, total
+    return choice
 
 
 def _checked_call(spec: MergeSpec, adapter_dirs: Sequence[Input], out_dir: Path) -> Path:
@@ -425,12 +473,7 @@ def _merge_into_staging(
     t0 = time.perf_counter()
     # Closed on the way out, whatever happens: modules still queued are dropped and running
     # ones finish here, not in the background while the staging dir is removed.
-    windowed = merger.window > 1 and spec.space == "core"
-    results = (
-        _windowed(merger, plan.modules)
-        if windowed
-        else ordered_map(merger, plan.modules, merger.threads)
-    )
+    results = _results(merger, plan.modules)
     with contextlib.closing(results):
         weights = write_weights(
             staging, plan, merged_modules(results), spec.output.dtype, sink=weights_sink

@@ -1,6 +1,6 @@
 """Which inference servers load a merged adapter, and with which setting (docs/serving.md).
 
-The rules of every server are ONE table, :data:`SERVERS`, as data: the ranks a server
+The rules of every server are ONE table, ``jobs.servers.SERVERS``, as data: the ranks a server
 accepts, the setting that admits a rank, the ranks it runs fastest at, the module kinds and
 the file size it takes. :func:`serving_section` applies them to what was written (its rank,
 its modules, its dtype and size) for the report's and the model card's ``serving`` section;
@@ -15,87 +15,17 @@ server changes its limits by release, so each verdict names the rule it applied.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
+from jobs.servers import MB, SERVERS, ServerRule, server_rank
+
 __all__ = [
-    "SERVERS",
-    "ServerRule",
     "module_kinds",
     "rank_for_energy",
     "rank_for_server",
     "serving_section",
     "verdict",
 ]
-
-MB = 1_000_000
-
-
-@dataclass(frozen=True)
-class ServerRule:
-    """What one server needs of a LoRA adapter (None: no such limit).
-
-    ``settings``: the values its rank setting takes (vLLM's ``max_lora_rank`` is a choice
-    among these); ``setting``: the flag that sets it; ``default``: its value when not set;
-    ``min_rank``/``max_rank``: hard bounds; ``fast_ranks``: ranks with its fast path (LoRAX's
-    CUDA graphs); ``modules``: the module kinds it accepts; ``max_bytes``: the largest
-    ``adapter_model.safetensors``.
-    """
-
-    name: str
-    title: str
-    source: str
-    setting: str | None = None
-    settings: tuple[int, ...] | None = None
-    default: int | None = None
-    min_rank: int | None = None
-    max_rank: int | None = None
-    fast_ranks: tuple[int, ...] | None = None
-    modules: frozenset[str] | None = None
-    max_bytes: int | None = None
-    note: str = ""
-
-
-#: The rules, one row per server (docs/serving.md shows the same table with its sources).
-SERVERS: tuple[ServerRule, ...] = (
-    ServerRule(
-        "vllm", "vLLM", "https://docs.vllm.ai/en/v0.14.0/api/vllm/config/lora/",
-        setting="--max-lora-rank", settings=(1, 8, 16, 32, 64, 128, 256, 320, 512), default=16,
-        note="refuses an adapter above --max-lora-rank at load; casts it to the base "
-        "model's dtype (--lora-dtype auto)",
-    ),
-    ServerRule(
-        "sglang", "SGLang", "https://docs.sglang.io/docs/advanced_features/lora",
-        setting="--max-lora-rank",
-        note="the largest rank is fixed at start-up (inferred from the adapters given at "
-        "start-up when not set): an adapter loaded later must fit it",
-    ),
-    ServerRule(
-        "lorax", "LoRAX", "https://github.com/predibase/lorax/pull/154",
-        fast_ranks=(8, 16, 32, 64),
-        note="captures CUDA graphs for ranks 8, 16, 32 and 64 only; other ranks load and run "
-        "without them (slower); ignores rank_pattern (coremerge writes none)",
-    ),
-    ServerRule(
-        "tensorrt_llm", "TensorRT-LLM",
-        "https://nvidia.github.io/TensorRT-LLM/llm-api/reference/LoraConfig.html",
-        setting="max_lora_rank", default=64,
-        note="max_lora_rank is fixed when the engine is built (LoraConfig; 64 by default)",
-    ),
-    ServerRule(
-        "fireworks", "Fireworks", "https://fireworks.ai/docs/fine-tuning/fine-tuned-import",
-        min_rank=4, max_rank=64,
-        modules=frozenset({"q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj",
-                           "gate_proj", "w1", "w2", "w3", "gate"}),
-        note="only some base models take LoRA add-ons",
-    ),
-    ServerRule(
-        "cloudflare", "Cloudflare Workers AI",
-        "https://developers.cloudflare.com/workers-ai/fine-tunes/loras/",
-        max_rank=8, max_bytes=100 * MB,
-        note="only a few base models (Llama-2-7B chat, Mistral-7B v0.2, Gemma 2B/7B)",
-    ),
-)  # fmt: skip
 
 
 def module_kinds(modules: Iterable[str]) -> list[str]:
@@ -193,11 +123,5 @@ def rank_for_server(
     needed, so the report can say what was kept and what bound the choice.
     """
     needed = rank_for_energy(spectra, keep)
-    allowed = rule.settings or rule.fast_ranks
-    low, high = rule.min_rank or 1, rule.max_rank
-    if allowed is not None:
-        candidates = [r for r in allowed if r >= low and (high is None or r <= high)]
-        rank = next((r for r in candidates if r >= needed), candidates[-1])
-    else:
-        rank = max(needed, low) if high is None else min(max(needed, low), high)
+    rank, _ = server_rank(rule, needed)
     return {"server": rule.name, "rank": rank, "energy_rank": needed, "met": rank >= needed}

@@ -15,6 +15,7 @@ from fastapi.responses import JSONResponse
 from jobs.listing import MAX_PAGE, InvalidCursor, list_jobs
 from jobs.queue import cancel_queued
 from jobs.records import JobRecord, JobStore, job_id_for
+from jobs.servers import server_rank, server_rule
 from jobs.settings import Settings
 from jobs.spec import MergeSpec
 from jobs.status import STATUSES
@@ -67,8 +68,13 @@ def _check_limits_and_access(spec: MergeSpec, tenant: Tenant, settings: Settings
     its ``allow`` or ``read_only`` prefixes, the output under ``allow`` only (403)."""
     if len(spec.adapters) > settings.max_adapters:
         raise Problem.invalid("adapters", f"at most {settings.max_adapters} adapters per job")
-    if spec.output.rank is not None and spec.output.rank > settings.max_output_rank:
+    if isinstance(spec.output.rank, int) and spec.output.rank > settings.max_output_rank:
         raise Problem.invalid("output.rank", f"at most {settings.max_output_rank}")
+    if spec.output.rank == "auto":  # the chosen rank is capped by the limit: is there one?
+        try:
+            server_rank(server_rule(spec.output.target), 1, settings.max_output_rank)
+        except ValueError as exc:
+            raise Problem.invalid("output.target", str(exc)) from None
     inputs = [(f"adapters.{i}.uri", a.uri, False) for i, a in enumerate(spec.adapters)]
     refusals = []
     for field, uri, for_output in [*inputs, ("output.uri", spec.output.uri, True)]:

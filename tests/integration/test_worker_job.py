@@ -77,6 +77,22 @@ def test_file_uris_in_and_out(
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
 
 
+def test_rank_auto_through_the_queue(
+    settings, peft_adapters: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``output.rank: "auto"`` through the record and the worker: the job's rank is the one
+    the report says was chosen for the target."""
+    monkeypatch.setenv("COREMERGE_JOB_TIMEOUT", "300")
+    out = tmp_path / "auto"
+    job = run_one(Settings(), {"adapters": [{"uri": f"file://{d}"} for d in peft_adapters],
+                               "output": {"uri": f"file://{out}", "rank": "auto",
+                                          "target": "lorax", "energy": 0.5}})  # fmt: skip
+    assert job["status"] == "succeeded", job
+    auto = json.loads((out / "merge_report.json").read_text())["output"]["rank_auto"]
+    assert auto["target"] == "lorax" and auto["rank"] in (8, 16, 32, 64)
+    assert job["result"]["rank"] == min(auto["rank"], job["result"]["rank"])
+
+
 def test_worker_rechecks_access(settings, monkeypatch, tmp_path, peft_adapters) -> None:
     """A job whose location the (worker's) tenants file no longer allows is refused."""
     tenants = tmp_path / "tenants.json"

@@ -81,6 +81,14 @@ def test_enqueue_sets_json_serializer_timeouts_and_retry(client, settings, redis
         (spec(params={"axes": "diagonal"}), "params"),
         (spec(space="full", params={"axes": "aligned"}), "params"),
         (spec(output={"uri": "s3://merged/team-a/x/", "rank": 0}), "output.rank"),
+        (
+            spec(output={"uri": "s3://merged/team-a/x/", "rank": 8, "target": "vllm"}),
+            "output.target",
+        ),
+        (
+            spec(output={"uri": "s3://merged/team-a/x/", "rank": "auto", "energy": 0}),
+            "output.energy",
+        ),
         (spec(output={"uri": "s3://merged/team-a/x/", "dtype": "int8"}), "output.dtype"),
         (spec(seed=-1), "seed"),
         ({"adapters": [{"uri": "s3://adapters-a/x/"}]}, "output"),
@@ -155,6 +163,8 @@ def test_configured_limits_are_422_naming_the_field(make_settings) -> None:
         assert r.status_code == 422 and r.json()["errors"][0]["field"] == "adapters"
         r = submit(client, spec(output={"uri": "s3://merged/team-a/x/", "rank": 128}))
         assert r.status_code == 422 and r.json()["errors"][0]["field"] == "output.rank"
+        auto = {"uri": "s3://merged/team-a/x/", "rank": "auto", "target": "vllm"}
+        assert submit(client, spec(output=auto)).status_code == 202  # capped at 64, accepted
         r = submit(client, spec(2, method="ta", params={}, padding="x" * 4096))
         assert r.status_code == 413 and r.headers["content-type"] == PROBLEM
         chunks = iter([b'{"adapters": [', b" " * 4096, b"]}"])  # no Content-Length: chunked
@@ -162,6 +172,10 @@ def test_configured_limits_are_422_naming_the_field(make_settings) -> None:
             "/merges", content=chunks, headers={**AUTH_A, "Content-Type": "application/json"}
         )
         assert r.status_code == 413 and r.headers["content-type"] == PROBLEM
+    with TestClient(create_app(make_settings(max_output_rank=3))) as client:
+        auto = {"uri": "s3://merged/team-a/x/", "rank": "auto", "target": "fireworks"}
+        r = submit(client, spec(output=auto))
+        assert r.status_code == 422 and r.json()["errors"][0]["field"] == "output.target"
 
 
 # -- auth and tenancy

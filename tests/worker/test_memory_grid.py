@@ -130,6 +130,13 @@ def _cells() -> list[Cell]:
 
 
 CELLS = _cells()
+#: ``output.rank: "auto"`` in every space, truncating (tsv) and cutting isotropically (iso_c):
+#: a first pass at the full merged rank for the spectra, then the merge at the rank chosen.
+AUTO_CELLS = [
+    Cell(space, method, "rank=auto", SPACE_INPUTS[space], output={"rank": "auto"})
+    for space in SPACES
+    for method in ("tsv", "iso_c")
+]
 
 
 @pytest.fixture(scope="module")
@@ -219,3 +226,13 @@ def test_estimate_bounds_the_peak_of_every_work_changing_option(
     """The rest of the grid: every parameter value, output.rank, mixed ranks, 64 adapters,
     VeRA (minutes: run with -m grid; CI runs it)."""
     _check(_measure_all([c for c in CELLS if not _is_default(c)], adapters, forks, tmp_path))
+
+
+@pytest.mark.grid
+@pytest.mark.timeout(1200)
+def test_estimate_bounds_the_peak_of_rank_auto(
+    adapters: dict[str, list[Path]], forks, tmp_path: Path
+) -> None:
+    """``output.rank: "auto"``, whose two passes the estimate bounds by the first, a merge
+    at every module's full rank (run with ``-m grid -k rank_auto``)."""
+    _check(_measure_all(AUTO_CELLS, adapters, forks, tmp_path))

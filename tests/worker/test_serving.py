@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
+from jobs.servers import SERVERS
 from jobs.spec import MergeSpec
 from worker.runner import run_merge
 from worker.serving import (
-    SERVERS,
     module_kinds,
     rank_for_energy,
     rank_for_server,

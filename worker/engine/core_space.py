@@ -283,22 +283,23 @@ def through_the_stacks(left: Basis, right: Basis, X: Tensor) -> tuple[Tensor, Te
 
 def _lora_pairs(
     left: Basis, right: Basis, M: Tensor, rank: int | None, *, flatten: bool = False
-) -> tuple[Tensor, Tensor, list[float] | None]:
+) -> tuple[Tensor, Tensor, list[float] | None, Tensor | None]:
     """Step 5 (and 6): U M Vᵀ as (B, A), exactly when M is square, else (or with ``rank``)
     through the SVD of the small M, truncated to ``rank`` with each module's kept energy
-    (``flatten``: the kept singular values made their mean, an isotropic cut). The bases
+    and M's singular values, the update's (``flatten``: the kept singular values made their
+    mean, an isotropic cut). The bases
     are spent: a base that may be overwritten holds the factor it gives."""
     a, b = M.shape[-2:]
     if rank is None and a == b:
         pair = through_the_stacks(left, right, M)
         if pair is not None:
-            return pair[0], pair[1], None
-        return left.consume(M), right.transposed(), None
+            return pair[0], pair[1], None, None
+        return left.consume(M), right.transposed(), None, None
     P, S, Qh = svd(M)
     if rank is None:
-        return left.apply(P * S[:, None, :]), right.apply_t(Qh), None
+        return left.apply(P * S[:, None, :]), right.apply_t(Qh), None, None
     B_small, A_small, kept = truncate(P, S, Qh, rank, flatten=flatten)
-    return left.apply(B_small), right.apply_t(A_small), kept
+    return left.apply(B_small), right.apply_t(A_small), kept, S
 
 
 def _lora_pairs_cost(
@@ -376,11 +377,12 @@ def merge_group_in_core_space(
     mode = None if rank is None else rank_mode(method, params, output_rank_mode)
     if mode == "shared" and params.get("axes") == "aligned":
         raise ValueError('output.rank_mode "shared" and axes "aligned" both choose the axes')
+    spectra = None
     if mode == "shared":
         B, A, alphas, kept = _merge_on_shared_bases(method, params, tasks, left, right, rank)
     else:
         M, alphas = _merge_cores(method, params, tasks, isotropize_later=mode == "isotropic")
-        B, A, kept = _lora_pairs(left, right, M, rank, flatten=mode == "isotropic")
+        B, A, kept, spectra = _lora_pairs(left, right, M, rank, flatten=mode == "isotropic")
     return [
         MergedModule(
             B=B[g],
@@ -388,6 +390,7 @@ def merge_group_in_core_space(
             kept_energy=None if kept is None else kept[g],
             residual=residuals[g],
             alpha=alphas[g],
+            spectrum=None if spectra is None else spectra[g],
         )
         for g in range(len(residuals))
     ]

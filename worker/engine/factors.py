@@ -105,6 +105,9 @@ class MergedModule:
     kept_energy: float | None = None  # set when output.rank truncated the update
     residual: float | None = None  # core space self-check (docs/guarantees.md); None elsewhere
     alpha: float = 1.0  # the scale applied: params.alpha, or what "auto" resolved to
+    # With output.rank: the update's singular values before the cut (descending; before an
+    # isotropic cut flattens them), from which output.rank "auto" chooses its rank.
+    spectrum: Tensor | None = None
 
     @property
     def rank(self) -> int:

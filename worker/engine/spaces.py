@@ -9,7 +9,7 @@ table of the three: each space's merge and the cost beside it (``worker.engine.l
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -49,15 +49,15 @@ __all__ = [
 ]
 
 
-def _dense_to_lora(
-    dW: Tensor, rank: int | None, *, flatten: bool = False
-) -> tuple[Tensor, Tensor, float | None]:
+def _dense_to_lora(dW: Tensor, rank: int | None, *, flatten: bool = False) -> MergedModule:
     """Factor a dense update (m × n) exactly (numerical rank) or truncated to ``rank`` by its
-    SVD (``flatten``: an isotropic cut); the kept energy when truncated."""
+    SVD (``flatten``: an isotropic cut); the kept energy and the spectrum when truncated."""
     U, S, Vh = svd(dW)
     k = int(numerical_ranks(S, tuple(dW.shape))) if rank is None else rank
     B, A, kept = truncate(U, S, Vh, k, flatten=flatten and rank is not None)
-    return B, A, (kept[0] if rank is not None else None)
+    if rank is None:
+        return MergedModule(B=B, A=A)
+    return MergedModule(B=B, A=A, kept_energy=kept[0], spectrum=S)
 
 
 def _dense_to_lora_cost(L: Ledger, m: int, n: int, rank: int | None) -> int:
@@ -90,8 +90,7 @@ def merge_in_full_space(
     flat = rank is not None and rank_mode(method, params, output_rank_mode) == "isotropic"
     dW, alphas = merge_tasks(method, tasks, params, isotropize_later=flat)
     del tasks
-    B, A, kept = _dense_to_lora(dW[0], rank, flatten=flat)
-    return MergedModule(B=B, A=A, kept_energy=kept, alpha=alphas[0])
+    return replace(_dense_to_lora(dW[0], rank, flatten=flat), alpha=alphas[0])
 
 
 def full_space_cost(
@@ -178,16 +177,16 @@ def merge_in_knots_space(
         if not flat:  # else flattened after the cut, over the k directions kept
             dW = isotropize(dW)
         alpha = resolve_alphas(params, energies, dW[None])[0]
-        B, A, kept = _dense_to_lora(dW.mul_(alpha) if alpha != 1.0 else dW, rank, flatten=flat)
-        return MergedModule(B=B, A=A, kept_energy=kept, alpha=alpha)
+        merged = _dense_to_lora(dW.mul_(alpha) if alpha != 1.0 else dW, rank, flatten=flat)
+        return replace(merged, alpha=alpha)
     X, alphas = merge_tasks(method, tasks, params, row_scale=S[None])  # ‖U S V‖ = ‖S V‖
     del tasks
     Uf, Sf, Vhf = factored_svd(U * S, X[0])
     k = int(numerical_ranks(Sf, (m, n))) if rank is None else rank
     B, A, kept = truncate(Uf, Sf, Vhf, k, flatten=flat)
-    return MergedModule(
-        B=B, A=A, kept_energy=kept[0] if rank is not None else None, alpha=alphas[0]
-    )
+    if rank is None:
+        return MergedModule(B=B, A=A, alpha=alphas[0])
+    return MergedModule(B=B, A=A, kept_energy=kept[0], alpha=alphas[0], spectrum=Sf)
 
 
 def knots_space_cost(
