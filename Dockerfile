@@ -1,7 +1,7 @@
 # syntax=docker/dockerfile:1
 # Two images from one file (docs/service.md):
-#   api     docker build --target api -t coremerge-api .       FastAPI + RQ + boto3; no torch
-#   worker  docker build --target worker -t coremerge-worker . torch with CUDA; runs merges
+#   api     docker build --target api -t coremerge-api .       the base install; no torch
+#   worker  docker build --target worker -t coremerge-worker . .[worker], CUDA torch; merges
 # The CUDA wheel of torch carries its own CUDA runtime: the host needs only the NVIDIA driver
 # and the container toolkit. On a host without a GPU the same worker image runs on the CPU.
 
@@ -18,18 +18,15 @@ WORKDIR /app
 
 # ---------------------------------------------------------------------------------------------
 FROM base AS api
-# The service's dependencies (pyproject.toml's "service and queue" block); the package itself
-# goes in with --no-deps so that torch, peft and transformers stay out of this image.
-RUN pip install \
-      "pydantic>=2.7,<3" "pydantic-settings>=2.3,<3" "fastapi>=0.115" "uvicorn[standard]>=0.30" \
-      "httpx>=0.27" "redis>=5" "rq>=3,<4" "boto3>=1.36" "prometheus-client>=0.20" \
-      "regex>=2023.6" "fastapi-offline>=1.7,<2"
+# The base install (pyproject.toml's dependencies: client, API, queue, S3) and not the
+# `worker` extra, so torch, peft and transformers stay out of this image; the build checks.
 COPY pyproject.toml README.md ./
 COPY jobs ./jobs
 COPY service ./service
 COPY worker ./worker
-RUN pip install --no-deps . \
- && python -c "import sys, service.app; assert 'torch' not in sys.modules"
+RUN pip install . \
+ && python -c "import sys, service.app; assert 'torch' not in sys.modules" \
+ && if python -c "import torch" 2>/dev/null; then exit 1; fi
 USER 10001:10001
 EXPOSE 8000
 HEALTHCHECK --interval=10s --timeout=3s --start-period=5s --retries=3 \
@@ -49,7 +46,9 @@ COPY pyproject.toml README.md ./
 COPY jobs ./jobs
 COPY service ./service
 COPY worker ./worker
-RUN pip install .
+# The project itself with its `worker` extra (hadolint reads ".[worker]" as an unpinned package).
+# hadolint ignore=DL3013
+RUN pip install ".[worker]"
 USER 10001:10001
 # Inputs are downloaded and outputs staged here; mount a volume with room for one job.
 ENV COREMERGE_WORK_DIR=/tmp

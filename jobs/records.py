@@ -32,16 +32,20 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import secrets
 import time
 import uuid
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 from jobs import scripts
 from jobs.status import ACTIVE, STATUSES, TERMINAL, JobStatus
+
+log = logging.getLogger("coremerge.records")
 
 __all__ = [
     "ACTIVE",
@@ -61,7 +65,7 @@ MERGE_SECONDS_BUCKETS = (0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
 #: A record still marked "accepting" this long after creation was left by a crashed request.
 ACCEPT_STALE_S = 30.0
 
-_JSON_FIELDS = ("request", "progress", "result", "error")
+_JSON_FIELDS = ("request", "progress", "result", "error", "notification")
 #: A JSON field (request, result, error) longer than this is stored zlib-compressed, as
 #: ``<name>_z``: a spec of 64 adapters with long URIs is most of a record's bytes, and URIs
 #: compress well (a maximal record: docs/service.md, "Redis").
@@ -145,6 +149,8 @@ class JobRecord:
     # The job's secret nonce, which tags the objects it writes at its output (made by the
     # worker on the first run: worker.storage.ownership); never shown by the API.
     output_secret: str | None = None
+    # How the completion notification went (``jobs.notify``), once it was tried.
+    notification: dict[str, Any] | None = None
 
     @classmethod
     def from_hash(cls, raw: dict[bytes, bytes]) -> JobRecord:
@@ -174,6 +180,7 @@ class JobRecord:
             attempts=int(d.get("attempts", 0)),
             run=d.get("run"),
             output_secret=d.get("output_secret"),
+            notification=d["notification"],
         )
 
 
@@ -194,8 +201,12 @@ class JobStore:
         max_active_jobs: int | None = None,
         submits_per_minute: int | None = None,
         max_stored_jobs: int | None = None,
+        on_final: Callable[[JobStore, str], None] | None = None,
     ) -> None:
         self.redis = redis
+        #: Called with (store, job id) after a transition into a final status
+        #: (``jobs.notify.Notifier``); what it raises is logged, never the caller's problem.
+        self.on_final = on_final
         self.prefix = key_prefix
         self.result_ttl = result_ttl
         self.max_active_jobs = max_active_jobs
@@ -413,7 +424,19 @@ class JobStore:
         keys = [self.job_key(job_id), self.stats_key, *self._indexes(tenant.decode())]
         moved, status = self._transition(keys=keys, args=args)
         status = status.decode() if isinstance(status, bytes) else status
+        if moved and to in TERMINAL and self.on_final is not None:
+            try:
+                self.on_final(self, job_id)
+            except Exception:
+                log.exception("job %s: the final-status hook failed", job_id)
         return bool(moved), (status or None)
+
+    def record_notification(self, job_id: str, outcome: dict[str, Any]) -> None:
+        """Keep how the completion notification went on the job's record (never recreating a
+        record that expired or was deleted meanwhile); the status does not change."""
+        key = self.job_key(job_id)
+        if self.redis.exists(key):
+            self.redis.hset(key, "notification", json.dumps(outcome))
 
     def start(self, job_id: str) -> str | None:
         """queued → running, by the worker: returns this run's token (pass it to the calls

@@ -164,6 +164,29 @@ class Settings(BaseSettings):
         "together (they are read as the merge goes, never copied to disk)",
     )
 
+    # -- completion notifications (notify.url in a job spec; docs/job-spec.md)
+    notify_allow: str = Field(
+        "",
+        max_length=10_000,
+        description="open mode only: comma-separated URL prefixes notify.url may start with "
+        "(https://hooks.example.com/coremerge/); empty refuses notify.url (tenants list theirs "
+        "in the tenants file)",
+    )
+    notify_allow_http: bool = Field(
+        False, description="accept http:// notify URLs too (tests, local development)"
+    )
+    notify_secret: SecretStr | None = Field(
+        None,
+        description="open mode only: the HMAC-SHA256 key that signs notifications (tenants "
+        "have their own notify_secret)",
+    )
+    notify_attempts: int = Field(
+        3, ge=1, le=5, description="POSTs of one notification at most (backoff 0.5 s, 1 s, 2 s…)"
+    )
+    notify_timeout: float = Field(
+        5.0, gt=0, le=30, description="seconds one notification POST may take (connect and answer)"
+    )
+
     # -- the client commands (coremerge submit / status)
     api_url: str = Field("http://127.0.0.1:8000", description="the service, for the client")
     api_key: SecretStr | None = Field(None, description="bearer key sent by the client")

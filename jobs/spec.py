@@ -55,6 +55,7 @@ __all__ = [
     "SPACES",
     "AdapterRef",
     "MergeSpec",
+    "NotifySpec",
     "OutputSpec",
     "Param",
     "RankMode",
@@ -365,6 +366,27 @@ class OutputSpec(_Strict):
         return canonical_scheme(uri)
 
 
+class NotifySpec(_Strict):
+    """Where the service POSTs a signed notification when the job ends (``jobs.notify``)."""
+
+    url: str = Field(
+        min_length=10,
+        max_length=2048,
+        description="https:// URL (http:// where the operator allows it) under a notify prefix "
+        "of the tenant's; no user:password, no #fragment",
+        json_schema_extra={"format": "uri", "pattern": r"^https?://[^\s@#/?]+([/?][^\s#]*)?$"},
+    )
+
+    @field_validator("url")
+    @classmethod
+    def _well_formed(cls, url: str) -> str:
+        """The URL's form; whether this tenant may be notified there is the service's check."""
+        from jobs.notify import parse_target
+
+        parse_target(url)  # its ValueError says what is wrong
+        return url
+
+
 class MergeSpec(_Strict):
     """A merge job (docs/job-spec.md)."""
 
@@ -402,6 +424,11 @@ class MergeSpec(_Strict):
         "the largest layer index among the inputs' modules",
     )
     output: OutputSpec
+    notify: NotifySpec | None = Field(
+        None,
+        description="the service only (coremerge merge ignores it): a signed POST to notify.url "
+        "when the job ends (docs/job-spec.md)",
+    )
 
     @field_validator("params")
     @classmethod

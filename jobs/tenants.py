@@ -31,7 +31,7 @@ import re
 import threading
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from jobs.uris import InvalidUri, Location, parse_uri
@@ -52,7 +52,9 @@ log = logging.getLogger("coremerge.auth")
 
 _SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
 _TENANT_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
-_TENANT_FIELDS = frozenset({"keys_sha256", "allow", "read_only", "role"})
+_TENANT_FIELDS = frozenset({"keys_sha256", "allow", "read_only", "role", "notify", "notify_secret"})
+#: A tenant's notification signing key is at least this long (it is an HMAC key).
+MIN_NOTIFY_SECRET = 16
 #: ``tenant`` (the default) sees its own jobs; ``admin`` may also read and list every
 #: tenant's jobs (never cancel them, nor use their locations).
 ROLES = ("tenant", "admin")
@@ -80,6 +82,10 @@ class Tenant:
     allow: tuple[str, ...] | None
     read_only: tuple[str, ...] = ()
     admin: bool = False
+    #: URL prefixes a job's ``notify.url`` may start with (``jobs.notify``), and the key that
+    #: signs those notifications (never shown in a repr or a log).
+    notify: tuple[str, ...] = ()
+    notify_secret: str | None = field(default=None, repr=False)
 
     def may_use(self, location: Location, *, for_output: bool = False) -> bool:
         """Whether the tenant may read (``for_output=False``) or write at ``location``.
@@ -168,6 +174,28 @@ def _prefixes(raw: object, what: str, bad: Callable[[str], TenantsFileError]) ->
     return tuple(prefixes)
 
 
+def _notify_fields(
+    body: dict, what: str, bad: Callable[[str], TenantsFileError]
+) -> tuple[tuple[str, ...], str | None]:
+    """A tenant's ``notify`` URL prefixes (each checked by :func:`jobs.notify.parse_prefix`)
+    and its ``notify_secret``."""
+    from jobs.notify import parse_prefix
+
+    raw = body.get("notify", [])
+    if not isinstance(raw, list) or not all(isinstance(a, str) for a in raw):
+        raise bad(f"{what}: notify must be a list of URL prefixes")
+    try:
+        notify = tuple(parse_prefix(prefix) for prefix in raw)
+    except ValueError as exc:
+        raise bad(f"{what}: notify {exc}") from None
+    secret = body.get("notify_secret")
+    if secret is not None and (not isinstance(secret, str) or len(secret) < MIN_NOTIFY_SECRET):
+        raise bad(
+            f"{what}: notify_secret must be a string of at least {MIN_NOTIFY_SECRET} characters"
+        )
+    return notify, secret
+
+
 class Tenants:
     """The key → tenant map. ``Tenants.open()`` when no tenants file is configured."""
 
@@ -232,8 +260,8 @@ class Tenants:
                 raise bad(f"tenant name {name!r}: letters, digits, '_', '.', '-' only")
             if not isinstance(body, dict) or not set(body) <= _TENANT_FIELDS:
                 raise bad(
-                    f"tenant {name!r}: only 'keys_sha256', 'allow', 'read_only' and 'role' "
-                    "are accepted"
+                    f"tenant {name!r}: only 'keys_sha256', 'allow', 'read_only', 'role', "
+                    "'notify' and 'notify_secret' are accepted"
                 )
             role = body.get("role", "tenant")
             if role not in ROLES:
@@ -245,7 +273,9 @@ class Tenants:
                 raise bad(f"tenant {name!r}: keys_sha256 must be lower-case sha256 hex digests")
             allow = _prefixes(body.get("allow", []), f"tenant {name!r}: allow", bad)
             read_only = _prefixes(body.get("read_only", []), f"tenant {name!r}: read_only", bad)
-            entries.append((Tenant(name, allow, read_only, admin=role == "admin"), hashes))
+            notify, secret = _notify_fields(body, f"tenant {name!r}", bad)
+            tenant = Tenant(name, allow, read_only, role == "admin", notify, secret)
+            entries.append((tenant, hashes))
         seen: set[str] = set()
         for _, hashes in entries:
             if seen & set(hashes):

@@ -21,6 +21,7 @@ from fastapi import FastAPI
 from redis import Redis
 from starlette.concurrency import run_in_threadpool
 
+from jobs.notify import Notifier
 from jobs.queue import make_queue
 from jobs.records import JobStore
 from jobs.settings import Settings
@@ -104,6 +105,8 @@ def create_app(
         max_active_jobs=settings.max_active_jobs,
         submits_per_minute=settings.submits_per_minute,
         max_stored_jobs=settings.max_stored_jobs,
+        # a queued job canceled here is notified from a thread: the DELETE answers at once
+        on_final=Notifier(settings, background=True),
     )
     queue = make_queue(redis, settings)
     metrics = ServiceMetrics(store, queue)

@@ -39,6 +39,10 @@ __all__ = ["main"]
 
 EXIT_USAGE = 2
 EXIT_INTERNAL = 1
+#: What ``pip install "coremerge[worker]"`` adds to the base install (the client and service).
+WORKER_EXTRA = frozenset(
+    {"torch", "safetensors", "peft", "transformers", "tqdm", "huggingface_hub"}
+)
 
 
 class UsageError(Exception):
@@ -562,10 +566,21 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("coremerge: interrupted; nothing was written", file=sys.stderr)
         return 130
-    except Exception as exc:  # a bug: still one line, and a distinct exit status
-        print(f"coremerge: internal error: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return EXIT_INTERNAL
+    except Exception as exc:
+        return _unexpected(exc, args.command)
     return EXIT_USAGE
+
+
+def _unexpected(exc: Exception, command: str) -> int:
+    """One line for an exception no command handled: a module of the ``worker`` extra missing
+    from a base install (the client and service) says what to install (exit 2); anything
+    else is a bug, with a distinct exit status."""
+    if isinstance(exc, ModuleNotFoundError) and (exc.name or "").split(".")[0] in WORKER_EXTRA:
+        print(f"coremerge: error: `coremerge {command}` needs {exc.name}, which the base "
+              'install leaves out: pip install "coremerge[worker]"', file=sys.stderr)  # fmt: skip
+        return EXIT_USAGE
+    print(f"coremerge: internal error: {type(exc).__name__}: {exc}", file=sys.stderr)
+    return EXIT_INTERNAL
 
 
 if __name__ == "__main__":

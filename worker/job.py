@@ -37,6 +37,7 @@ from jobs.errors import (
     MergeError,
 )
 from jobs.logs import bind_log_context, log_context
+from jobs.notify import Notifier
 from jobs.records import JobRecord, JobStore
 from jobs.settings import Settings
 from jobs.spec import MergeSpec
@@ -139,7 +140,11 @@ def _hard_deadline(timeout: float | None) -> Iterator[None]:
 def _run_job(job_id: str, timeout: float | None = None) -> dict[str, Any] | None:
     settings = Settings()
     redis = Redis.from_url(settings.redis_url, **settings.redis_kwargs)
-    store = JobStore(redis, key_prefix=settings.key_prefix, result_ttl=settings.result_ttl)
+    # The final status is notified in line (jobs.notify): this work horse ends with the job.
+    store = JobStore(
+        redis, key_prefix=settings.key_prefix, result_ttl=settings.result_ttl,
+        on_final=Notifier(settings),
+    )  # fmt: skip
     record = store.get(job_id)
     if record is not None:
         bind_log_context(tenant=record.tenant)

@@ -25,6 +25,7 @@ from rq.job import Job
 from rq.utils import now
 
 from jobs.fairness import took
+from jobs.notify import Notifier
 from jobs.records import JobRecord, JobStore
 from jobs.settings import Settings
 from worker.workdir import sweep_attempts
@@ -104,6 +105,7 @@ def _store_for(job: Job, connection: Any) -> JobStore:
         connection,
         key_prefix=meta.get("key_prefix", "coremerge"),
         result_ttl=int(meta.get("result_ttl", 604_800)),
+        on_final=Notifier(Settings()),  # a timeout or a give-up is notified in line
     )
 
 

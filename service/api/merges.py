@@ -13,6 +13,7 @@ from fastapi import APIRouter, Depends, Header, Path, Query, Request
 from fastapi.responses import JSONResponse
 
 from jobs.listing import MAX_PAGE, InvalidCursor, list_jobs
+from jobs.notify import refusal as notify_refusal
 from jobs.queue import cancel_queued
 from jobs.records import JobRecord, JobStore, job_id_for
 from jobs.servers import server_rank, server_rule
@@ -99,6 +100,10 @@ def _check_limits_and_access(spec: MergeSpec, tenant: Tenant, settings: Settings
     if refusals:
         field, refused = refusals[0]
         raise Problem(403, f"{field}: {refused.message}", slug="forbidden-location")
+    if spec.notify is not None:
+        refused_notify = notify_refusal(spec.notify.url, tenant, settings)
+        if refused_notify is not None:
+            raise Problem.invalid("notify.url", refused_notify)
 
 
 def _normalized_request(spec: MergeSpec) -> dict:

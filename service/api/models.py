@@ -20,6 +20,7 @@ __all__ = [
     "Job",
     "JobError",
     "JobList",
+    "JobNotification",
     "JobProgress",
     "JobResult",
     "JobStatus",
@@ -59,6 +60,21 @@ class JobError(BaseModel):
     message: str
 
 
+class JobNotification(BaseModel):
+    """How the completion notification (``request.notify``) went; its failure never changes
+    the job's status."""
+
+    url: str
+    outcome: Literal["delivered", "failed", "refused"] = Field(
+        description="delivered: a 2xx answer; failed: no 2xx after every attempt; refused: "
+        "the URL is no longer allowed (checked again before sending)"
+    )
+    attempts: int = Field(description="POSTs made")
+    last_status: int | None = Field(description="the last answer's HTTP status; null: none")
+    last_error: str | None = Field(description="why the last attempt did not deliver")
+    delivered_at: datetime | None
+
+
 class Job(BaseModel):
     """A merge job."""
 
@@ -73,6 +89,9 @@ class Job(BaseModel):
     request: MergeSpec
     result: JobResult | None
     error: JobError | None
+    notification: JobNotification | None = Field(
+        None, description="with request.notify, once the job ended: the delivery's outcome"
+    )
 
 
 class JobSummary(BaseModel):
@@ -132,4 +151,5 @@ def job_view(record: JobRecord) -> dict[str, Any]:
         "request": record.request,
         "result": record.result,
         "error": record.error,
+        "notification": record.notification,
     }
