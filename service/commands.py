@@ -38,7 +38,18 @@ NO_WORKER_HINT_AFTER_S = 10.0
 
 
 def register(subparsers: Any) -> None:
-    """Add ``serve``, ``submit``, ``status`` and ``hash-key`` to ``subparsers``."""
+    """Add ``serve``, ``submit``, the job commands and ``hash-key`` to ``subparsers``."""
+    _add_serve(subparsers)
+    _add_submit(subparsers)
+    _add_job_commands(subparsers)
+    hash_key = subparsers.add_parser(
+        "hash-key", help="read an API key on stdin, print its sha256 for the tenants file"
+    )
+    hash_key.set_defaults(func=cmd_hash_key)
+
+
+def _add_serve(subparsers: Any) -> None:
+    """``serve``: the HTTP API, bound to loopback unless told otherwise."""
     serve = subparsers.add_parser("serve", help="run the HTTP API (uvicorn)")
     serve.add_argument(
         "--host", default="127.0.0.1", help="address to bind (default loopback: 127.0.0.1)"
@@ -57,6 +68,9 @@ def register(subparsers: Any) -> None:
     )
     serve.set_defaults(func=_configured(cmd_serve))
 
+
+def _add_submit(subparsers: Any) -> None:
+    """``submit``: a job spec (or a mergekit configuration) to the service."""
     submit = subparsers.add_parser("submit", help="submit a job spec to the service")
     submit.add_argument(
         "spec", nargs="?", metavar="SPEC.json", help="a job spec (docs/job-spec.md)"
@@ -81,6 +95,9 @@ def register(subparsers: Any) -> None:
     submit.add_argument("--url", help="the service (default COREMERGE_API_URL)")
     submit.set_defaults(func=_configured(cmd_submit))
 
+
+def _add_job_commands(subparsers: Any) -> None:
+    """``status``, ``cancel``, ``list`` and ``fetch``: one job, or your jobs, by ID."""
     status = subparsers.add_parser("status", help="show a job")
     status.add_argument("job_id", metavar="ID")
     status.add_argument("--url", help="the service (default COREMERGE_API_URL)")
@@ -104,11 +121,6 @@ def register(subparsers: Any) -> None:
     fetch.add_argument("dest", metavar="DIR", help="a folder that does not exist yet (or is empty)")
     fetch.add_argument("--url", help="the service (default COREMERGE_API_URL)")
     fetch.set_defaults(func=_configured(cmd_fetch))
-
-    hash_key = subparsers.add_parser(
-        "hash-key", help="read an API key on stdin, print its sha256 for the tenants file"
-    )
-    hash_key.set_defaults(func=cmd_hash_key)
 
 
 def _settings() -> Any:

@@ -412,6 +412,13 @@ def _add_merge_parser(sub: Any) -> None:
         "--param", action="append", metavar="NAME=VALUE", help="method parameter; repeatable"
     )
     _add_module_flags(merge)
+    _add_output_flags(merge)
+    _add_run_flags(merge)
+    merge.set_defaults(func=cmd_merge)
+
+
+def _add_output_flags(merge: argparse.ArgumentParser) -> None:
+    """``merge``'s flags for the written adapter: its rank, how it is reached, its dtype."""
     merge.add_argument("--rank", type=int, help="bring every module to at most this rank")
     merge.add_argument(
         "--rank-mode",
@@ -423,6 +430,10 @@ def _add_merge_parser(sub: Any) -> None:
     merge.add_argument(
         "--dtype", choices=DTYPES, help="storage dtype of the output (default float32)"
     )
+
+
+def _add_run_flags(merge: argparse.ArgumentParser) -> None:
+    """``merge``'s flags for the run: device, seed, spec files, output and memory limit."""
     merge.add_argument(
         "--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1…"
     )
@@ -442,7 +453,6 @@ def _add_merge_parser(sub: Any) -> None:
         help="record local inputs' paths in the report and the model card (default: their "
         "names only, so a published adapter does not show this machine's layout)",
     )
-    merge.set_defaults(func=cmd_merge)
     merge.add_argument(
         "--max-memory",
         type=_byte_size,

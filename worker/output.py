@@ -352,30 +352,13 @@ def build_report(
         "module_filter": spec.modules.model_dump(),
         "device": str(device),
         "inputs": _inputs(spec, readers, input_hashes, record_local_paths),
-        "output": {
-            "rank": weights.rank,
-            "dtype": spec.output.dtype,
-            "requested_rank": spec.output.rank,
-            "rank_mode": (
-                None
-                if spec.output.rank is None
-                else rank_mode(spec.method, spec.params, spec.output.rank_mode)
-            ),
-            "modules": len(plan.modules),
-            "bytes": weights.nbytes,
-            "sha256": weights.sha256,
-            "base_model_name_or_path": plan.base_model_name_or_path,
-        },
+        "output": _output_section(spec, plan, weights),
         "self_check": {
             "max_projection_residual": max(residuals) if residuals else None,
             "limit": MAX_PROJECTION_RESIDUAL,
             "passed": True,
         },
-        "memory": {
-            "estimated_peak_bytes": plan.work.peak_bytes if plan.work else None,
-            "largest_module": plan.work.module if plan.work else None,
-            "limit_bytes": plan.work_limit,
-        },
+        "memory": _memory_section(plan),
         "alpha": alpha_summary(spec, records),
         "serving": serving_section(
             weights.rank, (mp.module for mp in plan.modules), spec.output.dtype, weights.nbytes
@@ -383,10 +366,42 @@ def build_report(
         "notes": plan.notes,
         "modules": records,
         "timings": {k: round(v, 4) for k, v in timings.items()},
-        "software": {
-            "coremerge": VERSION,
-            "torch": torch.__version__,
-            "safetensors": safetensors.__version__,
-            "python": platform.python_version(),
-        },
+        "software": _software(),
+    }
+
+
+def _output_section(spec: MergeSpec, plan: MergePlan, weights: WrittenWeights) -> dict[str, Any]:
+    """The report's ``output``: what was written, and the rank asked for beside the one got."""
+    return {
+        "rank": weights.rank,
+        "dtype": spec.output.dtype,
+        "requested_rank": spec.output.rank,
+        "rank_mode": (
+            None
+            if spec.output.rank is None
+            else rank_mode(spec.method, spec.params, spec.output.rank_mode)
+        ),
+        "modules": len(plan.modules),
+        "bytes": weights.nbytes,
+        "sha256": weights.sha256,
+        "base_model_name_or_path": plan.base_model_name_or_path,
+    }
+
+
+def _memory_section(plan: MergePlan) -> dict[str, Any]:
+    """The report's ``memory``: the estimate the plan was admitted on, and its limit."""
+    return {
+        "estimated_peak_bytes": plan.work.peak_bytes if plan.work else None,
+        "largest_module": plan.work.module if plan.work else None,
+        "limit_bytes": plan.work_limit,
+    }
+
+
+def _software() -> dict[str, str]:
+    """The report's ``software``: the versions that produced the merge, for reproducing it."""
+    return {
+        "coremerge": VERSION,
+        "torch": torch.__version__,
+        "safetensors": safetensors.__version__,
+        "python": platform.python_version(),
     }

@@ -374,13 +374,7 @@ def merge_group_in_core_space(
     residuals = _residuals(samples, left, right, ranks)
     tasks = Tasks(factors=(left.coords, right.coords.mT, ranks), layer_k=layer_k, generators=gens)
     mode = None if rank is None else rank_mode(method, params, output_rank_mode)
-    if mode == "shared" and params.get("axes") == "aligned":
-        raise ValueError('output.rank_mode "shared" and axes "aligned" both choose the axes')
-    if mode == "shared":
-        B, A, alphas, kept = _merge_on_shared_bases(method, params, tasks, left, right, rank)
-    else:
-        M, alphas = _merge_cores(method, params, tasks, isotropize_later=mode == "isotropic")
-        B, A, kept = _lora_pairs(left, right, M, rank, flatten=mode == "isotropic")
+    B, A, alphas, kept = _merge_and_map_back(method, params, tasks, left, right, rank, mode)
     return [
         MergedModule(
             B=B[g],
@@ -391,6 +385,27 @@ def merge_group_in_core_space(
         )
         for g in range(len(residuals))
     ]
+
+
+def _merge_and_map_back(
+    method: str,
+    params: Mapping[str, Any],
+    tasks: Tasks,
+    left: Basis,
+    right: Basis,
+    rank: int | None,
+    mode: str | None,
+) -> tuple[Tensor, Tensor, list[float], list[float] | None]:
+    """Steps 4-6 in the way the rank mode asks: (B, A, alphas, kept energy). ``mode`` None is
+    the untruncated merge; "shared" merges on bases shared by the tasks, which fixes the
+    axes itself, so it cannot be combined with ``axes: "aligned"``."""
+    if mode == "shared" and params.get("axes") == "aligned":
+        raise ValueError('output.rank_mode "shared" and axes "aligned" both choose the axes')
+    if mode == "shared":
+        return _merge_on_shared_bases(method, params, tasks, left, right, rank)
+    M, alphas = _merge_cores(method, params, tasks, isotropize_later=mode == "isotropic")
+    B, A, kept = _lora_pairs(left, right, M, rank, flatten=mode == "isotropic")
+    return B, A, alphas, kept
 
 
 def _merge_cores(
