@@ -23,6 +23,7 @@ from typing import Any, NoReturn, get_args
 
 from jobs.hub import reference_uri
 from jobs.spec import DTYPES, METHOD_PARAMS, METHODS, SPACES, MergeSpec, RankMode
+from jobs.version import VERSION
 
 __all__ = ["main"]
 
@@ -462,19 +463,9 @@ def _add_run_flags(merge: argparse.ArgumentParser) -> None:
     )
 
 
-def _version() -> str:
-    """The installed distribution's version (pyproject.toml's)."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("coremerge")
-    except PackageNotFoundError:  # run from a source tree that was never installed
-        return "unknown"
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="coremerge", description="Merge LoRA adapters in Core Space.")
-    parser.add_argument("--version", action="version", version=f"coremerge {_version()}")
+    parser.add_argument("--version", action="version", version=f"coremerge {VERSION}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     _add_merge_parser(sub)

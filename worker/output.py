@@ -25,6 +25,7 @@ import torch
 
 from jobs.errors import OutputNotFinite
 from jobs.spec import MergeSpec
+from jobs.version import VERSION
 from worker.adapters.format import (
     CONFIG_NAME,
     MODEL_CARD_NAME,
@@ -46,7 +47,6 @@ from worker.serving import serving_section
 
 __all__ = [
     "MAX_PROJECTION_RESIDUAL",
-    "VERSION",
     "WrittenWeights",
     "build_report",
     "code_span",
@@ -58,7 +58,6 @@ __all__ = [
 
 #: A core-space merge whose factors lie further than this off the reference bases is wrong.
 MAX_PROJECTION_RESIDUAL = 1e-4
-VERSION = "0.1.0"
 
 
 @dataclass(frozen=True)
