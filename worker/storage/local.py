@@ -217,3 +217,8 @@ class LocalStore:
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
         self._unlink_meta(path)
+
+    def upload_sink(self, key: str, metadata: Mapping[str, str]) -> None:
+        """No streamed creates: a local output is written beside the merge and created (an
+        atomic link) once whole."""
+        return None
