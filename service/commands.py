@@ -27,6 +27,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from jobs.status import ACTIVE, STATUSES, JobStatus
+
 __all__ = ["register"]
 
 EXIT_FAILED = 1
@@ -109,9 +111,7 @@ def _add_job_commands(subparsers: Any) -> None:
     cancel.set_defaults(func=_configured(cmd_cancel))
 
     listing = subparsers.add_parser("list", help="list your jobs, newest first (summaries)")
-    listing.add_argument(
-        "--status", choices=("queued", "running", "succeeded", "failed", "canceled")
-    )
+    listing.add_argument("--status", choices=STATUSES)
     listing.add_argument("--limit", type=int, default=20, help="how many (default 20)")
     listing.add_argument("--url", help="the service (default COREMERGE_API_URL)")
     listing.set_defaults(func=_configured(cmd_list))
@@ -276,7 +276,7 @@ def _print_busy(problem: dict[str, Any], retry_after: float) -> None:
 def _outcome(job: dict[str, Any]) -> int:
     """The job on stdout; a failure's code and message on stderr too, where a person looks."""
     print(json.dumps(job, indent=2))
-    if job["status"] in ("succeeded", "queued", "running"):
+    if job["status"] in (JobStatus.SUCCEEDED, *ACTIVE):
         return 0
     error = job.get("error") or {}
     print(
@@ -361,7 +361,7 @@ def _wait(client: Any, job: dict[str, Any], timeout: float | None) -> dict[str, 
         nonlocal hinted
         _print_progress(seen)
         waited = time.monotonic() - started
-        if seen["status"] == "queued" and not hinted and waited >= NO_WORKER_HINT_AFTER_S:
+        if seen["status"] == JobStatus.QUEUED and not hinted and waited >= NO_WORKER_HINT_AFTER_S:
             hinted = True
             ready = client.ready()
             if ready.get("hint"):
@@ -453,7 +453,7 @@ def cmd_fetch(args: argparse.Namespace) -> int:
         except ApiError as exc:
             print(f"coremerge: error: {exc}", file=sys.stderr)
             return EXIT_FAILED
-    if job["status"] != "succeeded":
+    if job["status"] != JobStatus.SUCCEEDED:
         print(f"coremerge: error: job {job['id']} is {job['status']}, nothing to fetch",
               file=sys.stderr)  # fmt: skip
         return EXIT_FAILED

@@ -158,13 +158,14 @@ def _unsafe_store(settings: Any) -> str | None:
 def _sweep_dead_attempts(settings: Any, redis: Any) -> None:
     """Remove the scratch folders that attempts killed on this machine left behind."""
     from jobs.records import JobStore
+    from jobs.status import JobStatus
     from worker.workdir import sweep_dead_attempts
 
     store = JobStore(redis, key_prefix=settings.key_prefix, result_ttl=settings.result_ttl)
 
     def running(job_id: str) -> bool:
         record = store.get(job_id)
-        return record is not None and record.status == "running"
+        return record is not None and record.status == JobStatus.RUNNING
 
     sweep_dead_attempts(settings.work_dir, running)
 
