@@ -24,6 +24,7 @@ import json
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -370,57 +371,48 @@ def _wait(client: Any, job: dict[str, Any], timeout: float | None) -> dict[str, 
     return client.wait(job["id"], on_progress=progress, timeout=timeout, notify_every=5.0)
 
 
-def cmd_status(args: argparse.Namespace) -> int:
+def _one_call(
+    args: argparse.Namespace, call: Callable[[Any], Any], *, usage: tuple[int, ...] = ()
+) -> tuple[Any, int]:
+    """``call(client)`` on a client for ``args``: (its answer, 0); or, said on stderr, (None,
+    the exit status) when the API cannot be reached or answers an error, whose HTTP status
+    in ``usage`` means the command line was wrong (exit 2)."""
     from service.client import ApiError
 
     try:
         client = _client(args)
     except Unreachable as exc:
         print(f"coremerge: error: {exc}", file=sys.stderr)
-        return EXIT_FAILED
+        return None, EXIT_FAILED
     with client:
         try:
-            job = client.get(args.job_id)
+            return call(client), 0
         except ApiError as exc:
             print(f"coremerge: error: {exc}", file=sys.stderr)
-            return EXIT_FAILED
-    return _outcome(job)
+            return None, EXIT_USAGE if exc.status in usage else EXIT_FAILED
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    job, code = _one_call(args, lambda client: client.get(args.job_id))
+    return code or _outcome(job)
 
 
 def cmd_cancel(args: argparse.Namespace) -> int:
     """Cancel the job: at once when queued, at its next module boundary when running."""
-    from service.client import ApiError
-
-    try:
-        client = _client(args)
-    except Unreachable as exc:
-        print(f"coremerge: error: {exc}", file=sys.stderr)
-        return EXIT_FAILED
-    with client:
-        try:
-            job = client.cancel(args.job_id)
-        except ApiError as exc:
-            print(f"coremerge: error: {exc}", file=sys.stderr)
-            return EXIT_FAILED
+    job, code = _one_call(args, lambda client: client.cancel(args.job_id))
+    if code:
+        return code
     print(json.dumps(job, indent=2))
     return 0
 
 
 def cmd_list(args: argparse.Namespace) -> int:
     """One line per job, newest first: id, status, method/space, adapters, output, error."""
-    from service.client import ApiError
-
-    try:
-        client = _client(args)
-    except Unreachable as exc:
-        print(f"coremerge: error: {exc}", file=sys.stderr)
-        return EXIT_FAILED
-    with client:
-        try:
-            jobs = client.list(status=args.status, limit=max(1, args.limit))
-        except ApiError as exc:
-            print(f"coremerge: error: {exc}", file=sys.stderr)
-            return EXIT_USAGE if exc.status == 422 else EXIT_FAILED
+    jobs, code = _one_call(
+        args, lambda client: client.list(status=args.status, limit=max(1, args.limit)), usage=(422,)
+    )
+    if code:
+        return code
     for job in jobs:
         error = f"  {job['error_code']}" if job.get("error_code") else ""
         print(f"{job['id']}  {job['status']:<9}  {job['created_at']}  {job['method']}/"
@@ -436,23 +428,13 @@ def cmd_fetch(args: argparse.Namespace) -> int:
     """Download the merged adapter of a succeeded job into DIR: from S3 with boto3's own
     credentials chain (and COREMERGE_S3_ENDPOINT_URL), or copied from a ``file://`` output.
     The files go to a staging folder beside DIR, renamed into place when all have arrived."""
-    from service.client import ApiError
-
     dest = Path(args.dest)
     if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
         print(f"coremerge: error: {dest} exists and is not an empty folder", file=sys.stderr)
         return EXIT_USAGE
-    try:
-        client = _client(args)
-    except Unreachable as exc:
-        print(f"coremerge: error: {exc}", file=sys.stderr)
-        return EXIT_FAILED
-    with client:
-        try:
-            job = client.get(args.job_id)
-        except ApiError as exc:
-            print(f"coremerge: error: {exc}", file=sys.stderr)
-            return EXIT_FAILED
+    job, code = _one_call(args, lambda client: client.get(args.job_id))
+    if code:
+        return code
     if job["status"] != JobStatus.SUCCEEDED:
         print(f"coremerge: error: job {job['id']} is {job['status']}, nothing to fetch",
               file=sys.stderr)  # fmt: skip
