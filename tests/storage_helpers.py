@@ -17,12 +17,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from jobs.errors import AdapterNotFound, StorageError
+from jobs.errors import AdapterNotFound
 from jobs.uris import parse_uri
 from worker.storage import JOB_ID_META, REPORT_NAME, Owner, Storage
 from worker.storage.hub import HubAdapter, fetch_hub_adapter
 from worker.storage.inputs import CheckedAdapter
-from worker.storage.objects import AlreadyExists, ObjectInfo, ObjectStore
+from worker.storage.objects import AlreadyExists, ObjectInfo, ObjectStore, pinned_head
 from worker.storage.reports import read_report as read_report_object
 
 __all__ = [
@@ -63,11 +63,7 @@ class MemoryStore:
     def read(
         self, key: str, *, etag: str | None = None, length: int | None = None, start: int = 0
     ) -> bytes:
-        info = self.head(key)
-        if info is None:
-            raise AdapterNotFound(f"{key}: not found")
-        if etag is not None and info.etag != etag:
-            raise StorageError(f"{key}: changed while this job was reading it")
+        pinned_head(self, key, etag, key)
         body = self.objects[key][0]
         return body[start:] if length is None else body[start : start + length]
 

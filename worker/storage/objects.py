@@ -18,7 +18,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-__all__ = ["AlreadyExists", "ObjectInfo", "ObjectStore", "UploadSink"]
+from jobs.errors import AdapterNotFound, StorageError
+
+__all__ = ["AlreadyExists", "ObjectInfo", "ObjectStore", "UploadSink", "pinned_head"]
 
 
 class AlreadyExists(Exception):
@@ -85,3 +87,15 @@ class UploadSink(Protocol):
     def close(self) -> None: ...
 
     def abort(self) -> None: ...
+
+
+def pinned_head(store: ObjectStore, key: str, etag: str | None, uri: str) -> ObjectInfo:
+    """The object's info for a read pinned to ``etag`` (a store that cannot send
+    ``If-Match`` checks it so): ``AdapterNotFound`` when it is gone, ``StorageError`` when
+    it changed since that ETag was seen; ``uri`` names it in the message."""
+    info = store.head(key)
+    if info is None:
+        raise AdapterNotFound(f"{uri}: not found")
+    if etag is not None and info.etag != etag:
+        raise StorageError(f"{uri}: changed while this job was reading it")
+    return info
