@@ -43,6 +43,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from jobs import scripts
+from jobs.errors import Canceled
 from jobs.status import ACTIVE, STATUSES, TERMINAL, JobStatus
 
 log = logging.getLogger("coremerge.records")
@@ -288,8 +289,8 @@ class JobStore:
         if not (self.max_active_jobs or self.submits_per_minute):
             return None
         keys = [
-            self.status_key(tenant, "queued"),
-            self.status_key(tenant, "running"),
+            self.status_key(tenant, JobStatus.QUEUED),
+            self.status_key(tenant, JobStatus.RUNNING),
             self.submits_key(tenant),
         ]
         code, retry_after = self._quota(keys=keys, args=self._quota_args())
@@ -318,7 +319,7 @@ class JobStore:
         fields: dict[str, str | bytes] = {
             "id": job_id,
             "tenant": tenant,
-            "status": "queued",
+            "status": JobStatus.QUEUED,
             "created_at": created_at,
             "updated_at": created_at,
             "fingerprint": digest,
@@ -445,7 +446,7 @@ class JobStore:
         attempts = (record.attempts if record else 0) + 1
         token = uuid.uuid4().hex
         moved, _ = self.transition(
-            job_id, "running", allowed_from=("queued",),
+            job_id, JobStatus.RUNNING, allowed_from=(JobStatus.QUEUED,),
             started_at=now_iso(), attempts=attempts, run=token,
             progress={"stage": "download", "modules_done": 0, "modules_total": 0},
         )  # fmt: skip
@@ -467,7 +468,8 @@ class JobStore:
         """running → queued: the worker died and RQ runs the job again. The run token goes, so
         the old run (should it still be alive somewhere) can no longer touch the record."""
         moved, _ = self.transition(
-            job_id, "queued", allowed_from=("running",), progress=None, requeued_because=reason,
+            job_id, JobStatus.QUEUED, allowed_from=(JobStatus.RUNNING,), progress=None,
+            requeued_because=reason,
             run=None,
         )  # fmt: skip
         if moved:
@@ -477,7 +479,8 @@ class JobStore:
     def succeed(self, job_id: str, result: dict[str, Any], *, run: str | None = None) -> bool:
         """running → succeeded; with ``run``, only while that run holds the record."""
         moved, _ = self.transition(
-            job_id, "succeeded", allowed_from=("running",), fence=run, result=result,
+            job_id, JobStatus.SUCCEEDED, allowed_from=(JobStatus.RUNNING,), fence=run,
+            result=result,
             finished_at=now_iso(),
         )  # fmt: skip
         if moved:
@@ -487,11 +490,11 @@ class JobStore:
     def fail(self, job_id: str, code: str, message: str, *, run: str | None = None) -> bool:
         """running (or queued) → failed, or → canceled when ``code`` is ``canceled``; with
         ``run``, only while that run holds the record (a replaced run ends nothing)."""
-        to = "canceled" if code == "canceled" else "failed"
+        to = JobStatus.CANCELED if code == Canceled.code else JobStatus.FAILED
         if len(message) > MAX_ERROR_MESSAGE:
             message = message[: MAX_ERROR_MESSAGE - 1] + "…"
         moved, _ = self.transition(
-            job_id, to, allowed_from=("running",) if run else ACTIVE, fence=run,
+            job_id, to, allowed_from=(JobStatus.RUNNING,) if run else ACTIVE, fence=run,
             finished_at=now_iso(), error={"code": code, "message": message},
         )  # fmt: skip
         if moved:
@@ -502,13 +505,13 @@ class JobStore:
         """DELETE: a queued job is canceled at once ("canceled"); a running one gets the flag
         its worker checks between modules ("requested"). Otherwise the current status."""
         moved, status = self.transition(
-            job_id, "canceled", allowed_from=("queued",), finished_at=now_iso(),
-            error={"code": "canceled", "message": "canceled before it started"},
+            job_id, JobStatus.CANCELED, allowed_from=(JobStatus.QUEUED,), finished_at=now_iso(),
+            error={"code": Canceled.code, "message": "canceled before it started"},
         )  # fmt: skip
         if moved:
-            self.redis.hincrby(self.stats_key, "error:canceled", 1)
-            return "canceled"
-        if status != "running":
+            self.redis.hincrby(self.stats_key, f"error:{Canceled.code}", 1)
+            return JobStatus.CANCELED
+        if status != JobStatus.RUNNING:
             return status
         # One script, so that it and the worker's commit (before the report) cannot cross:
         # either the flag is set first and the worker stops, or the report is being written
@@ -538,7 +541,7 @@ class JobStore:
             self.job_key(job_id), "status", "cancel_requested", "run"
         )
         replaced = run is not None and holder != run.encode()
-        return flag == b"1" or status != b"running" or replaced
+        return flag == b"1" or status != JobStatus.RUNNING.encode() or replaced
 
     def _observe_merge_seconds(self, seconds: float) -> None:
         with self.redis.pipeline(transaction=False) as pipe:

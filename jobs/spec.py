@@ -381,7 +381,7 @@ class NotifySpec(_Strict):
     @classmethod
     def _well_formed(cls, url: str) -> str:
         """The URL's form; whether this tenant may be notified there is the service's check."""
-        from jobs.notify import parse_target
+        from jobs.notify_urls import parse_target
 
         parse_target(url)  # its ValueError says what is wrong
         return url

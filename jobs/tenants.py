@@ -179,7 +179,7 @@ def _notify_fields(
 ) -> tuple[tuple[str, ...], str | None]:
     """A tenant's ``notify`` URL prefixes (each checked by :func:`jobs.notify.parse_prefix`)
     and its ``notify_secret``."""
-    from jobs.notify import parse_prefix
+    from jobs.notify_urls import parse_prefix
 
     raw = body.get("notify", [])
     if not isinstance(raw, list) or not all(isinstance(a, str) for a in raw):

@@ -27,6 +27,7 @@ from jobs.records import JobStore
 from jobs.settings import Settings
 from jobs.submission import repair_stranded
 from jobs.tenants import TenantsFile
+from jobs.version import VERSION
 from service.api import health, merges
 from service.metrics import RequestMetricsMiddleware, ServiceMetrics
 from service.openapi import install_docs, openapi_schema
@@ -36,7 +37,6 @@ __all__ = ["create_app"]
 
 log = logging.getLogger("coremerge.api")
 
-VERSION = "0.1.0"
 #: Seconds between two sweeps of stranded keyed submissions by one API process.
 SWEEP_INTERVAL_S = 10.0
 

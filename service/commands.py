@@ -24,8 +24,11 @@ import json
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from jobs.status import ACTIVE, STATUSES, JobStatus
 
 __all__ = ["register"]
 
@@ -38,7 +41,18 @@ NO_WORKER_HINT_AFTER_S = 10.0
 
 
 def register(subparsers: Any) -> None:
-    """Add ``serve``, ``submit``, ``status`` and ``hash-key`` to ``subparsers``."""
+    """Add ``serve``, ``submit``, the job commands and ``hash-key`` to ``subparsers``."""
+    _add_serve(subparsers)
+    _add_submit(subparsers)
+    _add_job_commands(subparsers)
+    hash_key = subparsers.add_parser(
+        "hash-key", help="read an API key on stdin, print its sha256 for the tenants file"
+    )
+    hash_key.set_defaults(func=cmd_hash_key)
+
+
+def _add_serve(subparsers: Any) -> None:
+    """``serve``: the HTTP API, bound to loopback unless told otherwise."""
     serve = subparsers.add_parser("serve", help="run the HTTP API (uvicorn)")
     serve.add_argument(
         "--host", default="127.0.0.1", help="address to bind (default loopback: 127.0.0.1)"
@@ -57,6 +71,9 @@ def register(subparsers: Any) -> None:
     )
     serve.set_defaults(func=_configured(cmd_serve))
 
+
+def _add_submit(subparsers: Any) -> None:
+    """``submit``: a job spec (or a mergekit configuration) to the service."""
     submit = subparsers.add_parser("submit", help="submit a job spec to the service")
     submit.add_argument(
         "spec", nargs="?", metavar="SPEC.json", help="a job spec (docs/job-spec.md)"
@@ -81,6 +98,9 @@ def register(subparsers: Any) -> None:
     submit.add_argument("--url", help="the service (default COREMERGE_API_URL)")
     submit.set_defaults(func=_configured(cmd_submit))
 
+
+def _add_job_commands(subparsers: Any) -> None:
+    """``status``, ``cancel``, ``list`` and ``fetch``: one job, or your jobs, by ID."""
     status = subparsers.add_parser("status", help="show a job")
     status.add_argument("job_id", metavar="ID")
     status.add_argument("--url", help="the service (default COREMERGE_API_URL)")
@@ -92,9 +112,7 @@ def register(subparsers: Any) -> None:
     cancel.set_defaults(func=_configured(cmd_cancel))
 
     listing = subparsers.add_parser("list", help="list your jobs, newest first (summaries)")
-    listing.add_argument(
-        "--status", choices=("queued", "running", "succeeded", "failed", "canceled")
-    )
+    listing.add_argument("--status", choices=STATUSES)
     listing.add_argument("--limit", type=int, default=20, help="how many (default 20)")
     listing.add_argument("--url", help="the service (default COREMERGE_API_URL)")
     listing.set_defaults(func=_configured(cmd_list))
@@ -104,11 +122,6 @@ def register(subparsers: Any) -> None:
     fetch.add_argument("dest", metavar="DIR", help="a folder that does not exist yet (or is empty)")
     fetch.add_argument("--url", help="the service (default COREMERGE_API_URL)")
     fetch.set_defaults(func=_configured(cmd_fetch))
-
-    hash_key = subparsers.add_parser(
-        "hash-key", help="read an API key on stdin, print its sha256 for the tenants file"
-    )
-    hash_key.set_defaults(func=cmd_hash_key)
 
 
 def _settings() -> Any:
@@ -264,7 +277,7 @@ def _print_busy(problem: dict[str, Any], retry_after: float) -> None:
 def _outcome(job: dict[str, Any]) -> int:
     """The job on stdout; a failure's code and message on stderr too, where a person looks."""
     print(json.dumps(job, indent=2))
-    if job["status"] in ("succeeded", "queued", "running"):
+    if job["status"] in (JobStatus.SUCCEEDED, *ACTIVE):
         return 0
     error = job.get("error") or {}
     print(
@@ -349,7 +362,7 @@ def _wait(client: Any, job: dict[str, Any], timeout: float | None) -> dict[str, 
         nonlocal hinted
         _print_progress(seen)
         waited = time.monotonic() - started
-        if seen["status"] == "queued" and not hinted and waited >= NO_WORKER_HINT_AFTER_S:
+        if seen["status"] == JobStatus.QUEUED and not hinted and waited >= NO_WORKER_HINT_AFTER_S:
             hinted = True
             ready = client.ready()
             if ready.get("hint"):
@@ -358,57 +371,48 @@ def _wait(client: Any, job: dict[str, Any], timeout: float | None) -> dict[str, 
     return client.wait(job["id"], on_progress=progress, timeout=timeout, notify_every=5.0)
 
 
-def cmd_status(args: argparse.Namespace) -> int:
+def _one_call(
+    args: argparse.Namespace, call: Callable[[Any], Any], *, usage: tuple[int, ...] = ()
+) -> tuple[Any, int]:
+    """``call(client)`` on a client for ``args``: (its answer, 0); or, said on stderr, (None,
+    the exit status) when the API cannot be reached or answers an error, whose HTTP status
+    in ``usage`` means the command line was wrong (exit 2)."""
     from service.client import ApiError
 
     try:
         client = _client(args)
     except Unreachable as exc:
         print(f"coremerge: error: {exc}", file=sys.stderr)
-        return EXIT_FAILED
+        return None, EXIT_FAILED
     with client:
         try:
-            job = client.get(args.job_id)
+            return call(client), 0
         except ApiError as exc:
             print(f"coremerge: error: {exc}", file=sys.stderr)
-            return EXIT_FAILED
-    return _outcome(job)
+            return None, EXIT_USAGE if exc.status in usage else EXIT_FAILED
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    job, code = _one_call(args, lambda client: client.get(args.job_id))
+    return code or _outcome(job)
 
 
 def cmd_cancel(args: argparse.Namespace) -> int:
     """Cancel the job: at once when queued, at its next module boundary when running."""
-    from service.client import ApiError
-
-    try:
-        client = _client(args)
-    except Unreachable as exc:
-        print(f"coremerge: error: {exc}", file=sys.stderr)
-        return EXIT_FAILED
-    with client:
-        try:
-            job = client.cancel(args.job_id)
-        except ApiError as exc:
-            print(f"coremerge: error: {exc}", file=sys.stderr)
-            return EXIT_FAILED
+    job, code = _one_call(args, lambda client: client.cancel(args.job_id))
+    if code:
+        return code
     print(json.dumps(job, indent=2))
     return 0
 
 
 def cmd_list(args: argparse.Namespace) -> int:
     """One line per job, newest first: id, status, method/space, adapters, output, error."""
-    from service.client import ApiError
-
-    try:
-        client = _client(args)
-    except Unreachable as exc:
-        print(f"coremerge: error: {exc}", file=sys.stderr)
-        return EXIT_FAILED
-    with client:
-        try:
-            jobs = client.list(status=args.status, limit=max(1, args.limit))
-        except ApiError as exc:
-            print(f"coremerge: error: {exc}", file=sys.stderr)
-            return EXIT_USAGE if exc.status == 422 else EXIT_FAILED
+    jobs, code = _one_call(
+        args, lambda client: client.list(status=args.status, limit=max(1, args.limit)), usage=(422,)
+    )
+    if code:
+        return code
     for job in jobs:
         error = f"  {job['error_code']}" if job.get("error_code") else ""
         print(f"{job['id']}  {job['status']:<9}  {job['created_at']}  {job['method']}/"
@@ -424,24 +428,14 @@ def cmd_fetch(args: argparse.Namespace) -> int:
     """Download the merged adapter of a succeeded job into DIR: from S3 with boto3's own
     credentials chain (and COREMERGE_S3_ENDPOINT_URL), or copied from a ``file://`` output.
     The files go to a staging folder beside DIR, renamed into place when all have arrived."""
-    from service.client import ApiError
-
     dest = Path(args.dest)
     if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
         print(f"coremerge: error: {dest} exists and is not an empty folder", file=sys.stderr)
         return EXIT_USAGE
-    try:
-        client = _client(args)
-    except Unreachable as exc:
-        print(f"coremerge: error: {exc}", file=sys.stderr)
-        return EXIT_FAILED
-    with client:
-        try:
-            job = client.get(args.job_id)
-        except ApiError as exc:
-            print(f"coremerge: error: {exc}", file=sys.stderr)
-            return EXIT_FAILED
-    if job["status"] != "succeeded":
+    job, code = _one_call(args, lambda client: client.get(args.job_id))
+    if code:
+        return code
+    if job["status"] != JobStatus.SUCCEEDED:
         print(f"coremerge: error: job {job['id']} is {job['status']}, nothing to fetch",
               file=sys.stderr)  # fmt: skip
         return EXIT_FAILED

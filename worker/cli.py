@@ -34,6 +34,7 @@ from jobs.spec import (
     MergeSpec,
     RankMode,
 )
+from jobs.version import VERSION
 
 __all__ = ["main"]
 
@@ -452,6 +453,13 @@ def _add_merge_parser(sub: Any) -> None:
         "--param", action="append", metavar="NAME=VALUE", help="method parameter; repeatable"
     )
     _add_module_flags(merge)
+    _add_output_flags(merge)
+    _add_run_flags(merge)
+    merge.set_defaults(func=cmd_merge)
+
+
+def _add_output_flags(merge: argparse.ArgumentParser) -> None:
+    """``merge``'s flags for the written adapter: its rank, how it is reached, its dtype."""
     merge.add_argument(
         "--rank",
         type=_rank_arg,
@@ -479,6 +487,10 @@ def _add_merge_parser(sub: Any) -> None:
     merge.add_argument(
         "--dtype", choices=DTYPES, help="storage dtype of the output (default float32)"
     )
+
+
+def _add_run_flags(merge: argparse.ArgumentParser) -> None:
+    """``merge``'s flags for the run: device, seed, spec files, output and memory limit."""
     merge.add_argument(
         "--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1…"
     )
@@ -498,7 +510,6 @@ def _add_merge_parser(sub: Any) -> None:
         help="record local inputs' paths in the report and the model card (default: their "
         "names only, so a published adapter does not show this machine's layout)",
     )
-    merge.set_defaults(func=cmd_merge)
     merge.add_argument(
         "--max-memory",
         type=_byte_size,
@@ -508,19 +519,9 @@ def _add_merge_parser(sub: Any) -> None:
     )
 
 
-def _version() -> str:
-    """The installed distribution's version (pyproject.toml's)."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("coremerge")
-    except PackageNotFoundError:  # run from a source tree that was never installed
-        return "unknown"
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="coremerge", description="Merge LoRA adapters in Core Space.")
-    parser.add_argument("--version", action="version", version=f"coremerge {_version()}")
+    parser.add_argument("--version", action="version", version=f"coremerge {VERSION}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     _add_merge_parser(sub)

@@ -37,11 +37,9 @@ def register(subparsers: Any) -> None:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    import logging
-    import os
-
-    from jobs.logs import configure_logging  # JSON lines (or text), job_id and tenant
-    from jobs.settings import ConfigError, configuration_lines, load_settings, unknown_variables
+    """Load the settings, prepare this process for forking work horses, refuse an unsafe
+    store, then serve the queue until told to stop (or, with ``--burst``, until it is empty)."""
+    from jobs.settings import ConfigError, load_settings
 
     try:
         settings = load_settings()
@@ -50,6 +48,24 @@ def cmd_worker(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     if args.healthcheck:
         return _worker_health(settings)
+    _prepare_parent(settings)
+    refused = _unsafe_store(settings)
+    if refused is not None:
+        print(f"coremerge worker: {refused}", file=sys.stderr)
+        return EXIT_FAILED
+    _serve(settings, args)
+    return 0
+
+
+def _prepare_parent(settings: Any) -> None:
+    """Logging, the configuration in the log, and the parent process set up so that each
+    forked work horse starts fast and owns its CUDA context alone."""
+    import logging
+    import os
+
+    from jobs.logs import configure_logging  # JSON lines (or text), job_id and tenant
+    from jobs.settings import configuration_lines, unknown_variables
+
     configure_logging(settings.log_level, settings.log_format)
     log = logging.getLogger("coremerge.worker")
     for line in configuration_lines(settings, "worker"):
@@ -76,16 +92,15 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
         preload(settings)
 
+
+def _serve(settings: Any, args: argparse.Namespace) -> None:
+    """The RQ worker on the fair queue, after the scratch left by killed attempts is swept."""
     from redis import Redis
     from rq.serializers import JSONSerializer
 
     from jobs.queue import MergeQueue, make_queue
     from worker.rq_worker import MergeWorker, heartbeat_interval, on_work_horse_killed
 
-    refused = _unsafe_store(settings)
-    if refused is not None:
-        print(f"coremerge worker: {refused}", file=sys.stderr)
-        return EXIT_FAILED
     redis = Redis.from_url(settings.redis_url, **settings.redis_kwargs)
     _sweep_dead_attempts(settings, redis)
     rq_worker = MergeWorker(
@@ -100,7 +115,6 @@ def cmd_worker(args: argparse.Namespace) -> int:
         work_horse_killed_handler=on_work_horse_killed,
     )
     rq_worker.work(burst=args.burst, max_jobs=args.max_jobs, logging_level=settings.log_level)
-    return 0
 
 
 def _unsafe_store(settings: Any) -> str | None:
@@ -144,13 +158,14 @@ def _unsafe_store(settings: Any) -> str | None:
 def _sweep_dead_attempts(settings: Any, redis: Any) -> None:
     """Remove the scratch folders that attempts killed on this machine left behind."""
     from jobs.records import JobStore
+    from jobs.status import JobStatus
     from worker.workdir import sweep_dead_attempts
 
     store = JobStore(redis, key_prefix=settings.key_prefix, result_ttl=settings.result_ttl)
 
     def running(job_id: str) -> bool:
         record = store.get(job_id)
-        return record is not None and record.status == "running"
+        return record is not None and record.status == JobStatus.RUNNING
 
     sweep_dead_attempts(settings.work_dir, running)
 

@@ -43,7 +43,7 @@ from jobs.settings import Settings
 from jobs.spec import MergeSpec
 from jobs.tenants import TenantsFileError, load_tenants, refusal
 from jobs.uris import parse_uri
-from worker.adapters.format import CONFIG_NAME, WEIGHTS_NAME
+from worker.adapters.format import CONFIG_NAME, REPORT_NAME, WEIGHTS_NAME
 from worker.adapters.streamed import ReadAhead
 from worker.limits import default_max_work_bytes
 from worker.runner import Progress, run_merge
@@ -263,7 +263,7 @@ def _result(spec: MergeSpec, report: dict[str, Any], uri: str, started: float) -
         "rank": report["output"]["rank"],
         "modules": report["output"]["modules"],
         "bytes": report["output"]["bytes"],
-        "report_uri": f"{base}merge_report.json",
+        "report_uri": f"{base}{REPORT_NAME}",
         "seconds": round(time.perf_counter() - started, 3),
     }
 

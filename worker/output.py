@@ -25,6 +25,7 @@ import torch
 
 from jobs.errors import OutputNotFinite
 from jobs.spec import MergeSpec
+from jobs.version import VERSION
 from worker.adapters.format import (
     CONFIG_NAME,
     MODEL_CARD_NAME,
@@ -46,7 +47,6 @@ from worker.serving import serving_section
 
 __all__ = [
     "MAX_PROJECTION_RESIDUAL",
-    "VERSION",
     "WrittenWeights",
     "build_report",
     "code_span",
@@ -58,7 +58,6 @@ __all__ = [
 
 #: A core-space merge whose factors lie further than this off the reference bases is wrong.
 MAX_PROJECTION_RESIDUAL = 1e-4
-VERSION = "0.1.0"
 
 
 @dataclass(frozen=True)
@@ -368,31 +367,13 @@ def build_report(
         "module_filter": spec.modules.model_dump(),
         "device": str(device),
         "inputs": _inputs(spec, readers, input_hashes, record_local_paths),
-        "output": {
-            "rank": weights.rank,
-            "dtype": spec.output.dtype,
-            "requested_rank": spec.output.rank,
-            **({} if rank_auto is None else {"rank_auto": rank_auto}),
-            "rank_mode": (
-                None
-                if spec.output.rank is None
-                else rank_mode(spec.method, spec.params, spec.output.rank_mode)
-            ),
-            "modules": len(plan.modules),
-            "bytes": weights.nbytes,
-            "sha256": weights.sha256,
-            "base_model_name_or_path": plan.base_model_name_or_path,
-        },
+        "output": _output_section(spec, plan, weights, rank_auto),
         "self_check": {
             "max_projection_residual": max(residuals) if residuals else None,
             "limit": MAX_PROJECTION_RESIDUAL,
             "passed": True,
         },
-        "memory": {
-            "estimated_peak_bytes": plan.work.peak_bytes if plan.work else None,
-            "largest_module": plan.work.module if plan.work else None,
-            "limit_bytes": plan.work_limit,
-        },
+        "memory": _memory_section(plan),
         "alpha": alpha_summary(spec, records),
         "serving": serving_section(
             weights.rank, (mp.module for mp in plan.modules), spec.output.dtype, weights.nbytes
@@ -400,10 +381,46 @@ def build_report(
         "notes": plan.notes,
         "modules": records,
         "timings": {k: round(v, 4) for k, v in timings.items()},
-        "software": {
-            "coremerge": VERSION,
-            "torch": torch.__version__,
-            "safetensors": safetensors.__version__,
-            "python": platform.python_version(),
-        },
+        "software": _software(),
+    }
+
+
+def _output_section(
+    spec: MergeSpec, plan: MergePlan, weights: WrittenWeights, rank_auto: dict[str, Any] | None
+) -> dict[str, Any]:
+    """The report's ``output``: what was written, the rank asked for beside the one got, and
+    what ``output.rank: "auto"`` chose (``rank_auto``)."""
+    return {
+        "rank": weights.rank,
+        "dtype": spec.output.dtype,
+        "requested_rank": spec.output.rank,
+        **({} if rank_auto is None else {"rank_auto": rank_auto}),
+        "rank_mode": (
+            None
+            if spec.output.rank is None
+            else rank_mode(spec.method, spec.params, spec.output.rank_mode)
+        ),
+        "modules": len(plan.modules),
+        "bytes": weights.nbytes,
+        "sha256": weights.sha256,
+        "base_model_name_or_path": plan.base_model_name_or_path,
+    }
+
+
+def _memory_section(plan: MergePlan) -> dict[str, Any]:
+    """The report's ``memory``: the estimate the plan was admitted on, and its limit."""
+    return {
+        "estimated_peak_bytes": plan.work.peak_bytes if plan.work else None,
+        "largest_module": plan.work.module if plan.work else None,
+        "limit_bytes": plan.work_limit,
+    }
+
+
+def _software() -> dict[str, str]:
+    """The report's ``software``: the versions that produced the merge, for reproducing it."""
+    return {
+        "coremerge": VERSION,
+        "torch": torch.__version__,
+        "safetensors": safetensors.__version__,
+        "python": platform.python_version(),
     }

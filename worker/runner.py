@@ -323,40 +323,46 @@ def run_merge(
     out_dir = _checked_call(spec, adapter_dirs, out_dir)
     control = _Control(on_progress, should_cancel)
     torch_device = resolve_device(device)
-    readers = open_adapters(
+    with _closing_all(open_adapters(
         adapter_dirs, [ref.display_name for ref in spec.adapters], read_ahead=read_ahead,
         max_modules=max_modules, should_cancel=should_cancel,
-    )  # fmt: skip
-    try:
+    )) as readers:  # fmt: skip
         merger = _ModuleMerger(spec, readers, torch_device, batch_window)
         plan = make_plan(
             readers, spec, max_modules=max_modules, max_work_bytes=max_work_bytes,
             max_output_rank=max_output_rank, max_output_bytes=max_output_bytes,
             threads=max(merger.threads, merger.window),
         )  # fmt: skip
-        control.passes = 1 if plan.spectrum_rank is None else 2  # "auto" goes over them twice
-        control.progress("plan", 0, len(plan.modules))
-        choice = None
-        if plan.spectrum_rank is not None:  # output.rank "auto": the first pass chooses
-            choice = _choose_rank(plan, merger, spec, control, max_output_rank)
-            plan = at_rank(plan, spec, choice.rank)
+        plan, choice = _rank_chosen(plan, merger, spec, control, max_output_rank)
         plan_s = time.perf_counter() - started
         with _staging_beside(out_dir) as staging, _hashing(readers) as input_hashes:
             weights, stats = _merge_into_staging(staging, plan, merger, spec, control, weights_sink)
             seconds = time.perf_counter() - started
-            timings = {"plan_s": plan_s, "read_s": stats.read_s, "merge_s": stats.merge_s,
-                       "merge_wall_s": stats.merge_wall_s, "total_s": seconds,
-                       "merge_threads": merger.threads}  # fmt: skip
             report = build_report(
                 spec, readers, [h.result() for h in input_hashes], plan, stats.records,
-                weights, torch_device, timings, record_local_paths,
+                weights, torch_device, _timings(plan_s, seconds, stats, merger.threads),
+                record_local_paths,
                 rank_auto=None if choice is None else rank_auto.section(choice, stats.records),
             )  # fmt: skip
             _finish(staging, plan, weights, report, out_dir)
-    finally:
-        for reader in readers:
-            reader.close()
     return MergeOutcome(out_dir, weights.rank, len(plan.modules), weights.nbytes, seconds, report)
+
+
+def _rank_chosen(
+    plan: MergePlan,
+    merger: _ModuleMerger,
+    spec: MergeSpec,
+    control: _Control,
+    max_output_rank: int | None,
+) -> tuple[MergePlan, rank_auto.RankChoice | None]:
+    """The plan at its output rank, and what ``output.rank: "auto"`` chose (None otherwise):
+    "auto" goes over the modules twice, a first pass to choose the rank, then the merge."""
+    control.passes = 1 if plan.spectrum_rank is None else 2
+    control.progress("plan", 0, len(plan.modules))
+    if plan.spectrum_rank is None:
+        return plan, None
+    choice = _choose_rank(plan, merger, spec, control, max_output_rank)
+    return at_rank(plan, spec, choice.rank), choice
 
 
 def _results(merger: _ModuleMerger, modules: Sequence[ModulePlan]) -> Iterator[_ModuleResult]:
@@ -403,6 +409,28 @@ def _checked_call(spec: MergeSpec, adapter_dirs: Sequence[Input], out_dir: Path)
     if len(adapter_dirs) != len(spec.adapters):
         raise ValueError("one adapter directory per spec.adapters entry is required")
     return out_dir
+
+
+@contextlib.contextmanager
+def _closing_all(readers: list[AdapterSource]) -> Iterator[list[AdapterSource]]:
+    """The opened inputs, every one closed when the run ends, however it ends."""
+    try:
+        yield readers
+    finally:
+        for reader in readers:
+            reader.close()
+
+
+def _timings(plan_s: float, seconds: float, stats: _MergeStats, threads: int) -> dict[str, float]:
+    """The report's ``timings``: where the run's seconds went, and on how many threads."""
+    return {
+        "plan_s": plan_s,
+        "read_s": stats.read_s,
+        "merge_s": stats.merge_s,
+        "merge_wall_s": stats.merge_wall_s,
+        "total_s": seconds,
+        "merge_threads": threads,
+    }
 
 
 @contextlib.contextmanager

@@ -55,6 +55,7 @@ def answers(variant: dict) -> dict:
 
 
 def _variant_md(name: str, v: dict, tasks: list[str]) -> list[str]:
+    """One variant's section: the fine-tuned baseline, then its tables and the verdict."""
     lines = [f"### {VARIANT_TITLES.get(name, name)}", ""]
     ft = v["finetuned"]["test"]
     lines.append(
@@ -63,7 +64,16 @@ def _variant_md(name: str, v: dict, tasks: list[str]) -> list[str]:
         + f" (mean {_pct(sum(ft) / len(ft))}). Base encoder with the task heads, no adapter: "
         f"mean normalised {_pct(sum(v['base_heads_test_norm']) / len(tasks))}."
     )
-    lines += [
+    lines += _method_table(v["rows"])
+    lines += _peft_table(v["rows"])
+    lines += _per_task_table(v["rows"], tasks)
+    lines += _verdict(answers(v))
+    return [*lines, ""]
+
+
+def _method_table(rows: list[dict]) -> list[str]:
+    """Per method, a column per space: normalised [absolute] accuracy, alpha, merge time."""
+    lines = [
         "",
         "Average normalised test accuracy (%), merged ÷ individually fine-tuned, with "
         "[average absolute accuracy], the alpha chosen on validation, and the merge's wall time:",
@@ -75,7 +85,7 @@ def _variant_md(name: str, v: dict, tasks: list[str]) -> list[str]:
         + ") |",
         "|---|" + "---|" * (len(SPACES) + 2),
     ]
-    for method, spaces in _by_method(v["rows"]).items():
+    for method, spaces in _by_method(rows).items():
         cells = []
         for s in SPACES:
             r = spaces.get(s)
@@ -93,24 +103,35 @@ def _variant_md(name: str, v: dict, tasks: list[str]) -> list[str]:
             f"{spaces[s]['merge_seconds']:.2f}" if s in spaces else "–" for s in SPACES
         )
         lines.append(f"| `{method}` | {' | '.join(cells)} | {diff} | {times} |")
-    peft = [r for r in _searched(v["rows"]) if r["source"] == "peft"]
-    if peft:
-        lines += [
-            "",
-            "PEFT `add_weighted_adapter` (same alpha search over equal weights):",
-            "",
-            "| combination_type | normalised [absolute] | α | rank | merge s |",
-            "|---|---|---|---|---|",
-        ]
-        for r in peft:
-            lines.append(
-                f"| `{r['method']}` | {_pct(r['avg_norm'])} [{_pct(r['avg_acc'])}] | {r['alpha']:g} "
-                f"| {r['rank']} | {r['merge_seconds']:.2f} |"
-            )
-    lines += ["", "Per-task normalised test accuracy (%):", ""]
+    return lines
+
+
+def _peft_table(rows: list[dict]) -> list[str]:
+    """PEFT's own combinations under the same alpha search (nothing when none ran)."""
+    peft = [r for r in _searched(rows) if r["source"] == "peft"]
+    if not peft:
+        return []
+    lines = [
+        "",
+        "PEFT `add_weighted_adapter` (same alpha search over equal weights):",
+        "",
+        "| combination_type | normalised [absolute] | α | rank | merge s |",
+        "|---|---|---|---|---|",
+    ]
+    for r in peft:
+        lines.append(
+            f"| `{r['method']}` | {_pct(r['avg_norm'])} [{_pct(r['avg_acc'])}] | {r['alpha']:g} "
+            f"| {r['rank']} | {r['merge_seconds']:.2f} |"
+        )
+    return lines
+
+
+def _per_task_table(rows: list[dict], tasks: list[str]) -> list[str]:
+    """Every searched merge's normalised accuracy task by task."""
+    lines = ["", "Per-task normalised test accuracy (%):", ""]
     lines.append("| merge | " + " | ".join(tasks) + " | mean |")
     lines.append("|---|" + "---|" * (len(tasks) + 1))
-    for r in _searched(v["rows"]):
+    for r in _searched(rows):
         label = (
             f"{r['method']} {r['space']}" if r["source"] == "coremerge" else f"peft {r['method']}"
         )
@@ -119,19 +140,23 @@ def _variant_md(name: str, v: dict, tasks: list[str]) -> list[str]:
             + " | ".join(_pct(x) for x in r["test_norm"])
             + f" | {_pct(r['avg_norm'])} |"
         )
-    a = answers(v)
+    return lines
+
+
+def _verdict(a: dict) -> list[str]:
+    """The two questions of :func:`answers` in words: core against full, best against PEFT."""
     better = [m for m, x in a["core_vs_full"].items() if x["core_minus_full"] > 0]
     worse = [m for m, x in a["core_vs_full"].items() if x["core_minus_full"] < 0]
     same = [m for m, x in a["core_vs_full"].items() if x["core_minus_full"] == 0]
-    lines += ["", f"Core beats full for: {', '.join(better) or 'none'}; full beats core for: "
-              f"{', '.join(worse) or 'none'}; equal: {', '.join(same) or 'none'}."]  # fmt: skip
+    lines = ["", f"Core beats full for: {', '.join(better) or 'none'}; full beats core for: "
+             f"{', '.join(worse) or 'none'}; equal: {', '.join(same) or 'none'}."]  # fmt: skip
     if "best_core" in a:
         lines.append(
             f"Best core merge: `{a['best_core']['method']}` {_pct(a['best_core']['avg_norm'])}; best "
             f"PEFT: `{a['best_peft']['method']}` {_pct(a['best_peft']['avg_norm'])} → best core "
             f"{'beats' if a['best_core_beats_best_peft'] else 'does not beat'} PEFT's best."
         )
-    return [*lines, ""]
+    return lines
 
 
 def markdown(results: dict) -> str:

@@ -50,6 +50,7 @@ def log(msg: str) -> None:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line; ``--seeds`` defaults by ``--quick``."""
     p = argparse.ArgumentParser(
         prog="python -m bench.accuracy.run",
         description=(
@@ -58,6 +59,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             "all-MiniLM-L6-v2 (paper's protocol, small scale)."
         ),
     )
+    _add_run_flags(p)
+    _add_merge_flags(p)
+    _add_protocol_flags(p)
+    args = p.parse_args(argv)
+    args.seeds = args.seeds or ("0" if args.quick else "0,1,2")
+    return args
+
+
+def _add_run_flags(p: argparse.ArgumentParser) -> None:
+    """Where the run writes, on how many threads, over which seeds."""
     p.add_argument("--quick", action="store_true", help="tiny splits, 1 epoch: a smoke run")
     p.add_argument(
         "--out", type=Path, default=ROOT / "bench/out/accuracy", help="cache and scratch"
@@ -72,6 +83,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="comma list of seeds, each its own splits, training and DARE masks; the tables "
         "give mean ± std over them (default 0,1,2; quick 0)",
     )
+
+
+def _add_merge_flags(p: argparse.ArgumentParser) -> None:
+    """Which merges run: methods, spaces, variants, the rank table, the peers and checks."""
     p.add_argument(
         "--knots-methods",
         default="tsv,iso_c,ties",
@@ -104,6 +119,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--no-peft", action="store_true", help="skip PEFT's add_weighted_adapter peers")
     p.add_argument("--no-checks", action="store_true", help="skip the once-per-run checks")
+
+
+def _add_protocol_flags(p: argparse.ArgumentParser) -> None:
+    """The alpha search, the training and the split sizes; or only a redraw of the report."""
     p.add_argument(
         "--no-early-stop",
         action="store_true",
@@ -124,9 +143,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         metavar="JSON",
         help="only redraw accuracy-latest.* from per-seed JSONs (no training, no merging)",
     )
-    args = p.parse_args(argv)
-    args.seeds = args.seeds or ("0" if args.quick else "0,1,2")
-    return args
 
 
 def settings_key(settings: dict) -> str:
@@ -192,6 +208,35 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+class _Adapters:
+    """Each task's adapter at a rank, trained once per seed and settings, then found in the
+    cache; keeps the training records and the seconds spent training for the results."""
+
+    def __init__(self, base, tokenizer, tasks: list, cache: Path, cfg: TrainConfig, seed: int):
+        self.base, self.tokenizer, self.tasks = base, tokenizer, tasks
+        self.cache, self.cfg, self.seed = cache, cfg, seed
+        self.records: dict = {}
+        self.seconds = 0.0
+
+    def __call__(self, ranks: list[int]) -> list[Path]:
+        """Train (or find in the cache) each task's adapter at its rank."""
+        t0, dirs = time.perf_counter(), []
+        for task, r in zip(self.tasks, ranks, strict=True):
+            d = self.cache / f"{task.name}-r{r}"
+            if not (d / "train.json").is_file():
+                log(f"training {task.name} r={r} on {len(task.splits['train'])} examples")
+            self.records[task.name, r] = train_adapter(
+                self.base, self.tokenizer, task, r, d, self.cfg, seed=self.seed, log=log
+            )
+            dirs.append(d)
+        self.seconds += time.perf_counter() - t0
+        return dirs
+
+    def training(self) -> list[dict]:
+        """The training records so far, in (task, rank) order."""
+        return [self.records[k] for k in sorted(self.records)]
+
+
 def run_seed(args: argparse.Namespace) -> dict:
     """Train (or find) the adapters of ``args.seed``, merge them every way, evaluate; returns
     the seed's results, also written as ``accuracy-seed<N>.json`` (see :func:`write_results`)."""
@@ -218,27 +263,43 @@ def run_seed(args: argparse.Namespace) -> dict:
 
     wanted = {"equal": [EQUAL_RANK] * len(tasks), "mixed": list(MIXED_RANKS)}
     variants = {v: wanted[v] for v in args.variants.split(",")}
-    train_records: dict = {}
-    train_seconds = 0.0
-
-    def adapters_for(ranks: list[int]) -> list[Path]:
-        """Train (or find in the cache) each task's adapter at its rank."""
-        nonlocal train_seconds
-        t0, dirs = time.perf_counter(), []
-        for task, r in zip(tasks, ranks, strict=True):
-            d = cache / f"{task.name}-r{r}"
-            if not (d / "train.json").is_file():
-                log(f"training {task.name} r={r} on {len(task.splits['train'])} examples")
-            train_records[task.name, r] = train_adapter(
-                base, tokenizer, task, r, d, train_cfg, seed=args.seed, log=log
-            )
-            dirs.append(d)
-        train_seconds += time.perf_counter() - t0
-        results["training"] = [train_records[k] for k in sorted(train_records)]
-        return dirs
-
+    adapters_for = _Adapters(base, tokenizer, tasks, cache, train_cfg, args.seed)
     splits = {s: [tokenize(tokenizer, t.splits[s], 64) for t in tasks] for s in ("val", "test")}
-    results: dict = {
+    results = _results_head(args, settings, step, max_alpha, cache, tasks)
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+
+    def save(final: bool = False) -> None:
+        results["complete"] = final
+        results["train_seconds"] = round(adapters_for.seconds, 1)
+        results["wall_seconds"] = round(time.perf_counter() - started, 1)
+        try:
+            write_results(results, args, stamp)
+        except Exception as exc:  # a reporting bug must not lose the run: its JSON is written first
+            log(f"writing the report failed: {exc!r}")
+
+    for variant, ranks in variants.items():
+        dirs = adapters_for(ranks)
+        results["training"] = adapters_for.training()
+        ev = Evaluator(base, [t.name for t in tasks], [load_head(d) for d in dirs], splits)
+        if variant == "equal" and not args.no_checks:
+            log("checks: PEFT-loaded merge vs ΔW added into the base, alpha linearity")
+            results["checks"] = checks.run_checks(
+                base, tokenizer, tasks, dirs, args.out / "checks", args.seed
+            )
+        spaces = (args.spaces if variant == "equal" else args.mixed_spaces).split(",")
+        results["variants"][variant] = out = {}
+        run_variant(variant, dirs, ranks, spaces, ev, base, args, step, max_alpha, out, save, log)
+        out["evaluations"] = ev.evaluations
+    save(final=True)
+    log(f"seed {args.seed} done in {results['wall_seconds']:.0f} s")
+    return results
+
+
+def _results_head(
+    args: argparse.Namespace, settings: dict, step: float, max_alpha: float, cache: Path, tasks
+) -> dict:
+    """The seed's results before any merge: when, where, with what, on which tasks."""
+    return {
         "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "mode": "quick" if args.quick else "full",
         "machine": machine(),
@@ -276,32 +337,6 @@ def run_seed(args: argparse.Namespace) -> dict:
         "training": [],
         "variants": {},
     }
-    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
-
-    def save(final: bool = False) -> None:
-        results["complete"] = final
-        results["train_seconds"] = round(train_seconds, 1)
-        results["wall_seconds"] = round(time.perf_counter() - started, 1)
-        try:
-            write_results(results, args, stamp)
-        except Exception as exc:  # a reporting bug must not lose the run: its JSON is written first
-            log(f"writing the report failed: {exc!r}")
-
-    for variant, ranks in variants.items():
-        dirs = adapters_for(ranks)
-        ev = Evaluator(base, [t.name for t in tasks], [load_head(d) for d in dirs], splits)
-        if variant == "equal" and not args.no_checks:
-            log("checks: PEFT-loaded merge vs ΔW added into the base, alpha linearity")
-            results["checks"] = checks.run_checks(
-                base, tokenizer, tasks, dirs, args.out / "checks", args.seed
-            )
-        spaces = (args.spaces if variant == "equal" else args.mixed_spaces).split(",")
-        results["variants"][variant] = out = {}
-        run_variant(variant, dirs, ranks, spaces, ev, base, args, step, max_alpha, out, save, log)
-        out["evaluations"] = ev.evaluations
-    save(final=True)
-    log(f"seed {args.seed} done in {results['wall_seconds']:.0f} s")
-    return results
 
 
 def write_results(results: dict, args: argparse.Namespace, stamp: str) -> None:

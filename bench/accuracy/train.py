@@ -79,6 +79,32 @@ def train_adapter(
     )
     model = get_peft_model(copy.deepcopy(base), lora)
     head = _head(task, base.config.hidden_size)
+    rows = task.splits["train"]
+    steps = config.epochs * math.ceil(len(rows) / config.batch_size)
+    started = time.perf_counter()
+    running = _train(model, head, tokenizer, task, rank, config, steps, seed, log)
+    seconds = time.perf_counter() - started
+    _save(model, head, out_dir)
+    record = {
+        "task": task.name,
+        "rank": rank,
+        "lora_alpha": 2 * rank,
+        "train_examples": len(rows),
+        "steps": steps,
+        "final_loss": round(running, 4),
+        "train_seconds": round(seconds, 1),
+        "config": asdict(config),
+        "seed": seed,
+    }
+    done.write_text(json.dumps(record, indent=2) + "\n")  # last: marks a complete adapter
+    return record
+
+
+def _optimizer(
+    model: nn.Module, head: nn.Linear, config: TrainConfig, steps: int
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+    """AdamW over the LoRA factors and the head (each its own rate), with a linear warm-up
+    and a linear decay to 0 over ``steps``."""
     lora_params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(
         [
@@ -87,16 +113,31 @@ def train_adapter(
         ],
         weight_decay=config.weight_decay,
     )
-    rows = task.splits["train"]
-    steps = config.epochs * math.ceil(len(rows) / config.batch_size)
     warmup = max(1, int(config.warmup * steps))
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min((s + 1) / warmup, max(0.0, (steps - s) / (steps - warmup)))
     )
+    return optimizer, schedule
+
+
+def _train(
+    model: nn.Module,
+    head: nn.Linear,
+    tokenizer,
+    task: Task,
+    rank: int,
+    config: TrainConfig,
+    steps: int,
+    seed: int,
+    log,
+) -> float:
+    """The training epochs over the task's train split; returns the smoothed final loss."""
+    optimizer, schedule = _optimizer(model, head, config, steps)
+    rows = task.splits["train"]
     gen = torch.Generator().manual_seed(seed)
     model.train()
     head.train()
-    started, step, running = time.perf_counter(), 0, 0.0
+    step, running = 0, 0.0
     for epoch in range(config.epochs):
         for chunk in _length_bucketed_batches(rows, config.batch_size, gen):
             enc = encode(tokenizer, [t for t, _ in chunk])
@@ -112,7 +153,12 @@ def train_adapter(
             step += 1
             running = 0.9 * running + 0.1 * loss.item() if step > 1 else loss.item()
         log(f"  {task.name} r={rank}: epoch {epoch + 1}/{config.epochs}, loss {running:.3f}")
-    seconds = time.perf_counter() - started
+    return running
+
+
+def _save(model: nn.Module, head: nn.Linear, out_dir: Path) -> None:
+    """The adapter as PEFT writes it (naming the public base, not this machine's wheel) and
+    the head beside it."""
     model.eval()
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir)
@@ -123,19 +169,6 @@ def train_adapter(
     safetensors.torch.save_file(
         {k: v.detach().contiguous() for k, v in head.state_dict().items()}, out_dir / HEAD_NAME
     )
-    record = {
-        "task": task.name,
-        "rank": rank,
-        "lora_alpha": 2 * rank,
-        "train_examples": len(rows),
-        "steps": steps,
-        "final_loss": round(running, 4),
-        "train_seconds": round(seconds, 1),
-        "config": asdict(config),
-        "seed": seed,
-    }
-    done.write_text(json.dumps(record, indent=2) + "\n")  # last: marks a complete adapter
-    return record
 
 
 def _length_bucketed_batches(

@@ -237,6 +237,29 @@ def run_variant(
     """Merge every way, search alpha, evaluate; fills ``out`` and calls ``save()`` after each
     row, so a run cut short still leaves its results so far."""
     names = list(TASK_NAMES)
+    _baselines(variant, ev, adapter_dirs, ranks, out, log)
+    task_deltas = [lora_deltas(d) for d in adapter_dirs]
+    state = _Variant(variant, ev, args, out, save, log, task_deltas, step, max_alpha)
+    scratch = args.out / "merged" / f"{variant}-{args.seed}-{time.time_ns()}"
+    combos = (
+        [] if args.no_peft else list(PEFT_EQUAL_RANK if len(set(ranks)) == 1 else PEFT_MIXED_RANK)
+    )
+    model = load_peft_model(base, adapter_dirs, names) if combos else None
+    rows = core_rows(args.methods.split(","), spaces, args.knots_methods.split(","))
+    by_label = _coremerge_rows(state, rows, adapter_dirs, names, scratch)
+    peft_rows = _peft_rows(state, model, combos, names)
+    limits = [int(k) for k in filter(None, args.rank_limits.split(","))]
+    _core_rank_rows(state, limits, by_label, adapter_dirs, names, scratch)
+    _peft_rank_rows(state, limits, peft_rows, model, names)
+    del model
+    shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _baselines(
+    variant: str, ev: Evaluator, adapter_dirs: list[Path], ranks: list[int], out: dict, log
+) -> None:
+    """The variant's yardsticks in ``out``: each task's fine-tuned accuracy (the normaliser)
+    and the base encoder with the task heads and no adapter."""
     ev.finetuned = finetuned_accuracies(ev, adapter_dirs)
     log(
         f"[{variant}] fine-tuned test accuracy: "
@@ -252,20 +275,19 @@ def run_variant(
             "rows": [],
         }
     )
-    task_deltas = [lora_deltas(d) for d in adapter_dirs]
-    state = _Variant(variant, ev, args, out, save, log, task_deltas, step, max_alpha)
-    scratch = args.out / "merged" / f"{variant}-{args.seed}-{time.time_ns()}"
-    combos = (
-        [] if args.no_peft else list(PEFT_EQUAL_RANK if len(set(ranks)) == 1 else PEFT_MIXED_RANK)
-    )
-    model = load_peft_model(base, adapter_dirs, names) if combos else None
-    rows = core_rows(args.methods.split(","), spaces, args.knots_methods.split(","))
+
+
+def _coremerge_rows(
+    state: _Variant, rows: list[CoreRow], adapter_dirs: list[Path], names: list[str], scratch: Path
+) -> dict[tuple[str, str], dict]:
+    """Every coremerge row with its alpha search (and ``alpha: "auto"`` in full and core);
+    returns them by (method, space label) for the rank table's alphas."""
     by_label: dict[tuple[str, str], dict] = {}
     for core in rows:
         t0 = time.perf_counter()
         merged = coremerge_merge(
             core.method, core.space, adapter_dirs, names, scratch / "one", core.params,
-            seed=args.seed,
+            seed=state.args.seed,
         )  # fmt: skip
         row = {"source": "coremerge", "method": core.method, "space": core.label,
                "params": core.params, **state.searched(merged)}  # fmt: skip
@@ -274,33 +296,54 @@ def run_variant(
         row.update(merge_seconds=round(merged.seconds, 3), rank=merged.rank,
                    detail=merged.detail, eval_seconds=round(time.perf_counter() - t0, 1))  # fmt: skip
         by_label[core.method, core.label] = state.add(row, merged)
+    return by_label
+
+
+def _peft_rows(state: _Variant, model, combos: list[str], names: list[str]) -> dict[str, dict]:
+    """Every PEFT combination with the same alpha search; returns them by combination."""
     peft_rows: dict[str, dict] = {}
     for combo in combos:
         t0 = time.perf_counter()
         density = PEFT_DARE_DENSITY if combo.startswith("dare") else PEFT_DENSITY.get(combo)
-        merged = peft_merge(model, names, combo, density=density, seed=args.seed)
+        merged = peft_merge(model, names, combo, density=density, seed=state.args.seed)
         row = {"source": "peft", "method": combo, "space": "-", **state.searched(merged),
                "merge_seconds": round(merged.seconds, 3), "rank": merged.rank,
                "detail": merged.detail, "eval_seconds": round(time.perf_counter() - t0, 1)}  # fmt: skip
         peft_rows[combo] = state.add(row, merged)
-    limits = [int(k) for k in filter(None, args.rank_limits.split(","))]
-    for core in rank_rows(args.rank_methods):
+    return peft_rows
+
+
+def _core_rank_rows(
+    state: _Variant,
+    limits: list[int],
+    by_label: dict[tuple[str, str], dict],
+    adapter_dirs: list[Path],
+    names: list[str],
+    scratch: Path,
+) -> None:
+    """The rank table's coremerge rows, each at its full-rank row's alpha (none without it)."""
+    for core in rank_rows(state.args.rank_methods):
         full = by_label.get((core.method, core.label))
         for k in limits if full is not None else []:
             t0 = time.perf_counter()
             merged = coremerge_merge(
                 core.method, core.space, adapter_dirs, names, scratch / "rank", core.params,
-                seed=args.seed, rank=k,
+                seed=state.args.seed, rank=k,
             )  # fmt: skip
             state.add(
                 state.rank_row("coremerge", core.method, core.label, k, full["alpha"], merged, t0)
             )
-    if "svd" in peft_rows:
-        for k in limits:
-            if k == peft_rows["svd"]["rank"]:
-                continue  # PEFT's default svd rank is the largest input rank: that row exists
-            t0 = time.perf_counter()
-            merged = peft_merge(model, names, "svd", seed=args.seed, svd_rank=k)
-            state.add(state.rank_row("peft", "svd", "-", k, peft_rows["svd"]["alpha"], merged, t0))
-    del model
-    shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _peft_rank_rows(
+    state: _Variant, limits: list[int], peft_rows: dict[str, dict], model, names: list[str]
+) -> None:
+    """The rank table's PEFT rows: its ``svd`` combination at each rank limit."""
+    if "svd" not in peft_rows:
+        return
+    for k in limits:
+        if k == peft_rows["svd"]["rank"]:
+            continue  # PEFT's default svd rank is the largest input rank: that row exists
+        t0 = time.perf_counter()
+        merged = peft_merge(model, names, "svd", seed=state.args.seed, svd_rank=k)
+        state.add(state.rank_row("peft", "svd", "-", k, peft_rows["svd"]["alpha"], merged, t0))

@@ -19,7 +19,7 @@ from jobs.records import JobRecord, JobStore, job_id_for
 from jobs.servers import server_rank, server_rule
 from jobs.settings import Settings
 from jobs.spec import MergeSpec
-from jobs.status import STATUSES
+from jobs.status import STATUSES, JobStatus
 from jobs.submission import submit
 from jobs.tenants import Tenant, refusal
 from jobs.uris import output_overlap, parse_uri
@@ -256,7 +256,7 @@ def cancel_merge(
     _own_job(store, tenant, job_id)
     outcome = store.cancel(job_id)
     record = _own_job(store, tenant, job_id)
-    if outcome == "canceled":
+    if outcome == JobStatus.CANCELED:
         cancel_queued(queue, job_id)
         return JSONResponse(job_view(record), 200)
     if outcome == "requested":
@@ -265,6 +265,6 @@ def cancel_merge(
         raise Problem(
             409, f"job {job_id} is writing its report: its output is final", slug="already-finished"
         )
-    if record.status == "canceled":
+    if record.status == JobStatus.CANCELED:
         return JSONResponse(job_view(record), 200)
     raise Problem(409, f"job {job_id} has already {record.status}", slug="already-finished")

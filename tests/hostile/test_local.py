@@ -21,6 +21,7 @@ from tests.hostile.corpus import (
     many_tensors,
     padded,
 )
+from tests.storage_helpers import fetch_adapters
 from worker.adapters import format as safetensors_header
 from worker.adapters.format import max_header_bytes
 from worker.cli import main
@@ -103,13 +104,13 @@ def test_size_limits_are_checked_before_reading(peft_adapters: list[Path], tmp_p
     with pytest.raises(
         LimitExceeded, match=r"big/: \d+ bytes, over .*\(COREMERGE_MAX_ADAPTER_BYTES\)"
     ):
-        Storage(None, max_adapter_bytes=2 * size).fetch_adapters(uris, tmp_path / "in")
+        fetch_adapters(Storage(None, max_adapter_bytes=2 * size), uris, tmp_path / "in")
     with pytest.raises(LimitExceeded, match="COREMERGE_MAX_JOB_BYTES"):
-        Storage(None, max_adapter_bytes=3 * size, max_job_bytes=3 * size).fetch_adapters(
-            uris, tmp_path / "in"
+        fetch_adapters(
+            Storage(None, max_adapter_bytes=3 * size, max_job_bytes=3 * size), uris, tmp_path / "in"
         )
-    assert Storage(None, max_adapter_bytes=3 * size, max_job_bytes=4 * size).fetch_adapters(
-        uris, tmp_path / "in"
+    assert fetch_adapters(
+        Storage(None, max_adapter_bytes=3 * size, max_job_bytes=4 * size), uris, tmp_path / "in"
     ) == [good, big]
 
 

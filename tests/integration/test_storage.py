@@ -22,6 +22,14 @@ from jobs.errors import (
 )
 from jobs.settings import Settings
 from tests.integration.conftest import AWS_ENV
+from tests.storage_helpers import (
+    MemoryStore,
+    download_adapter,
+    fetch_adapters,
+    publish,
+    published_by,
+    read_report,
+)
 from worker.storage import (
     CLAIM_NAME,
     CONFIG_NAME,
@@ -101,8 +109,8 @@ def test_fetch_downloads_each_adapter_to_its_own_dir(s3_client, s3, prefix, tmp_
             s3, fake_adapter(tmp_path / f"src{i}", bytes([i]) * 100), "adapters-a", f"{prefix}a{i}/"
         )
     storage = Storage(s3_client, transfer_config=make_transfer_config(Settings()))
-    dirs = storage.fetch_adapters(
-        [f"s3://adapters-a/{prefix}a0/", f"s3://adapters-a/{prefix}a1"], tmp_path / "in"
+    dirs = fetch_adapters(
+        storage, [f"s3://adapters-a/{prefix}a0/", f"s3://adapters-a/{prefix}a1"], tmp_path / "in"
     )
     assert dirs == [tmp_path / "in" / "0", tmp_path / "in" / "1"]
     for i, d in enumerate(dirs):
@@ -112,17 +120,17 @@ def test_fetch_downloads_each_adapter_to_its_own_dir(s3_client, s3, prefix, tmp_
 
 def test_fetch_file_uris_in_place(tmp_path) -> None:
     src = fake_adapter(tmp_path / "local")
-    assert Storage(None).fetch_adapters([f"file://{src}"], tmp_path / "in") == [src]
+    assert fetch_adapters(Storage(None), [f"file://{src}"], tmp_path / "in") == [src]
     with pytest.raises(AdapterNotFound):
-        Storage(None).fetch_adapters([f"file://{tmp_path}/missing/"], tmp_path / "in2")
+        fetch_adapters(Storage(None), [f"file://{tmp_path}/missing/"], tmp_path / "in2")
 
 
 def test_missing_adapter_key_or_bucket_is_adapter_not_found(s3_client, prefix, tmp_path) -> None:
     storage = Storage(s3_client)
     with pytest.raises(AdapterNotFound, match=r"adapter_config\.json"):
-        storage.fetch_adapters([f"s3://adapters-a/{prefix}nothing/"], tmp_path / "a")
+        fetch_adapters(storage, [f"s3://adapters-a/{prefix}nothing/"], tmp_path / "a")
     with pytest.raises(AdapterNotFound):
-        storage.fetch_adapters(["s3://no-such-bucket-here/x/"], tmp_path / "b")
+        fetch_adapters(storage, ["s3://no-such-bucket-here/x/"], tmp_path / "b")
 
 
 def test_pickle_weights_and_broken_safetensors_are_adapter_invalid(s3_client, s3, prefix, tmp_path):
@@ -131,21 +139,21 @@ def test_pickle_weights_and_broken_safetensors_are_adapter_invalid(s3_client, s3
     s3.put_object(Bucket="adapters-a", Key=f"{prefix}pickle/adapter_model.bin", Body=b"\x80\x04")
     storage = Storage(s3_client)
     with pytest.raises(AdapterInvalid, match="pickle"):
-        storage.fetch_adapters([f"s3://adapters-a/{prefix}pickle/"], tmp_path / "a")
+        fetch_adapters(storage, [f"s3://adapters-a/{prefix}pickle/"], tmp_path / "a")
 
     s3.upload_file(str(src / CONFIG_NAME), "adapters-a", f"{prefix}broken/{CONFIG_NAME}")
     s3.put_object(
         Bucket="adapters-a", Key=f"{prefix}broken/{WEIGHTS_NAME}", Body=struct.pack("<Q", 10**12)
     )
     with pytest.raises(AdapterInvalid, match="safetensors"):
-        storage.fetch_adapters([f"s3://adapters-a/{prefix}broken/"], tmp_path / "b")
+        fetch_adapters(storage, [f"s3://adapters-a/{prefix}broken/"], tmp_path / "b")
 
 
 def test_size_limit_is_checked_before_downloading(s3_client, s3, prefix, tmp_path) -> None:
     put_dir(s3, fake_adapter(tmp_path / "src", b"\0" * 4096), "adapters-a", f"{prefix}big/")
     storage = Storage(s3_client, max_job_bytes=1000)
     with pytest.raises(LimitExceeded, match="COREMERGE_MAX_JOB_BYTES"):
-        storage.fetch_adapters([f"s3://adapters-a/{prefix}big/"], tmp_path / "in")
+        fetch_adapters(storage, [f"s3://adapters-a/{prefix}big/"], tmp_path / "in")
     assert not (tmp_path / "in").exists()
 
 
@@ -153,19 +161,19 @@ def test_403_is_access_denied_at_once(s3_client, s3, prefix, tmp_path) -> None:
     put_dir(s3, fake_adapter(tmp_path / "src"), "adapters-a", f"{prefix}x/")
     calls = inject(s3_client, 403, "AccessDenied")
     with pytest.raises(AccessDenied):
-        Storage(s3_client).fetch_adapters([f"s3://adapters-a/{prefix}x/"], tmp_path / "in")
+        fetch_adapters(Storage(s3_client), [f"s3://adapters-a/{prefix}x/"], tmp_path / "in")
     assert len(calls) == 1  # permanent: not retried
 
 
 def test_transient_errors_are_retried_then_storage_error(s3_client, s3, prefix, tmp_path) -> None:
     put_dir(s3, fake_adapter(tmp_path / "src"), "adapters-a", f"{prefix}x/")
     calls = inject(s3_client, 503, "SlowDown", times=1)  # one failure, then through
-    dirs = Storage(s3_client).fetch_adapters([f"s3://adapters-a/{prefix}x/"], tmp_path / "in")
+    dirs = fetch_adapters(Storage(s3_client), [f"s3://adapters-a/{prefix}x/"], tmp_path / "in")
     assert len(calls) == 1 and (dirs[0] / WEIGHTS_NAME).exists()
 
     calls = inject(s3_client, 500, "InternalError")  # always failing: retried, then given up
     with pytest.raises(StorageError, match="InternalError"):
-        Storage(s3_client).fetch_adapters([f"s3://adapters-a/{prefix}x/"], tmp_path / "in2")
+        fetch_adapters(Storage(s3_client), [f"s3://adapters-a/{prefix}x/"], tmp_path / "in2")
     assert len(calls) >= 2
 
 
@@ -182,8 +190,8 @@ def test_publish_writes_the_report_last_and_conditionally(s3_client, s3, prefix,
     )
     storage = Storage(s3_client, transfer_config=make_transfer_config(Settings()))
     uri = f"s3://merged/team-a/{prefix}run/"
-    assert storage.published_by(uri) is None
-    published = storage.publish(_merged_dir(tmp_path), uri, owner=owner("job-1"))
+    assert published_by(storage, uri) is None
+    published = publish(storage, _merged_dir(tmp_path), uri, owner=owner("job-1"))
     assert published.uri == uri and published.report_uri == uri + REPORT_NAME
     # the claim first (twice: the second, refused, proves the store honours If-None-Match),
     # the report last; the claim is gone once the report marks completion
@@ -197,20 +205,20 @@ def test_publish_writes_the_report_last_and_conditionally(s3_client, s3, prefix,
     assert s3.list_objects_v2(Bucket="merged", Prefix=f"team-a/{prefix}run/")["KeyCount"] == 3
     head = s3.head_object(Bucket="merged", Key=f"team-a/{prefix}run/{REPORT_NAME}")
     assert head["Metadata"][JOB_ID_META] == "job-1"
-    assert storage.published_by(uri) == "job-1"
-    assert storage.read_report(uri) == {"output": {"rank": 4, "modules": 1, "bytes": 64}}
+    assert published_by(storage, uri) == "job-1"
+    assert read_report(storage, uri) == {"output": {"rank": 4, "modules": 1, "bytes": 64}}
 
     # a re-run of the same job finds its own output and writes nothing; another job ends
     # output_exists and writes nothing either: the published weights are never overwritten
     weights_key = f"team-a/{prefix}run/{WEIGHTS_NAME}"
     etag = s3.head_object(Bucket="merged", Key=weights_key)["ETag"]
     order.clear()
-    assert storage.publish(_merged_dir(tmp_path / "again"), uri, owner=owner("job-1")).already
+    assert publish(storage, _merged_dir(tmp_path / "again"), uri, owner=owner("job-1")).already
     with pytest.raises(OutputExists, match="which this job did not write"):
-        storage.publish(_merged_dir(tmp_path / "other", b"\1" * 64), uri, owner=owner("job-2"))
+        publish(storage, _merged_dir(tmp_path / "other", b"\1" * 64), uri, owner=owner("job-2"))
     assert order == []  # not even a claim
     assert s3.head_object(Bucket="merged", Key=weights_key)["ETag"] == etag
-    assert storage.published_by(uri) == "job-1"
+    assert published_by(storage, uri) == "job-1"
     assert s3.list_objects_v2(Bucket="merged", Prefix=f"team-a/{prefix}run/")["KeyCount"] == 3
 
 
@@ -226,9 +234,9 @@ def test_a_job_publishing_keeps_other_jobs_off_the_output(s3_client, s3, prefix,
         meta = owner("job-1").metadata("run-a", base + name)
         s3.put_object(Bucket="merged", Key=base + name, Body=body, Metadata=meta)
     with pytest.raises(OutputExists):
-        storage.publish(_merged_dir(tmp_path / "two", b"\2" * 64), uri, owner=owner("job-2"))
+        publish(storage, _merged_dir(tmp_path / "two", b"\2" * 64), uri, owner=owner("job-2"))
     assert s3.get_object(Bucket="merged", Key=base + WEIGHTS_NAME)["Body"].read() == b"partial"
-    assert storage.published_by(uri) is None
+    assert published_by(storage, uri) is None
 
     second = storage.publisher(uri, owner=owner("job-1"), run="run-b", claim_wait_s=0.5)
     with pytest.raises(StorageError, match="another run of this job has held the output"):
@@ -239,10 +247,10 @@ def test_a_job_publishing_keeps_other_jobs_off_the_output(s3_client, s3, prefix,
     storage.remove_leftovers(uri, owner("job-1"), "run-a")  # the dead run's supervisor
     assert output_keys(s3, base) == []
     merged = _merged_dir(tmp_path / "one")
-    assert not storage.publish(merged, uri, owner=owner("job-1")).already
+    assert not publish(storage, merged, uri, owner=owner("job-1")).already
     body = s3.get_object(Bucket="merged", Key=base + WEIGHTS_NAME)["Body"].read()
     assert body == (merged / WEIGHTS_NAME).read_bytes()
-    assert storage.published_by(uri) == "job-1"
+    assert published_by(storage, uri) == "job-1"
     assert output_keys(s3, base) == sorted([CONFIG_NAME, WEIGHTS_NAME, REPORT_NAME])
 
 
@@ -255,24 +263,24 @@ def test_failed_publish_leaves_nothing(s3_client, s3, prefix, tmp_path) -> None:
     inject(s3_client, 500, "InternalError", when=lambda r: REPORT_NAME in r.url)
     uri = f"s3://merged/team-a/{prefix}fails/"
     with pytest.raises(StorageError):
-        Storage(s3_client).publish(_merged_dir(tmp_path), uri, owner=owner("job-1"))
+        publish(Storage(s3_client), _merged_dir(tmp_path), uri, owner=owner("job-1"))
     assert s3.list_objects_v2(Bucket="merged", Prefix=f"team-a/{prefix}").get("KeyCount") == 0
 
 
 def test_publish_to_a_file_uri_creates_files_conditionally(tmp_path) -> None:
     target = tmp_path / "out" / "run"
     storage = Storage(None)
-    assert storage.published_by(f"file://{target}") is None
-    storage.publish(_merged_dir(tmp_path), f"file://{target}", owner=owner("j"))
+    assert published_by(storage, f"file://{target}") is None
+    publish(storage, _merged_dir(tmp_path), f"file://{target}", owner=owner("j"))
     files = sorted(p.name for p in target.iterdir() if p.is_file())
     assert files == [CONFIG_NAME, WEIGHTS_NAME, REPORT_NAME]  # the claim is gone
     assert sorted(p.name for p in target.iterdir() if p.is_dir()) == [META_DIR]
     assert [p.name for p in target.parent.iterdir()] == ["run"]  # no staging left
-    assert storage.published_by(f"file://{target}") == "j"
+    assert published_by(storage, f"file://{target}") == "j"
     before = {name: (target / name).read_bytes() for name in files}
     with pytest.raises(OutputExists):
-        storage.publish(
-            _merged_dir(tmp_path / "b", b"\3" * 64), f"file://{target}", owner=owner("k")
+        publish(
+            storage, _merged_dir(tmp_path / "b", b"\3" * 64), f"file://{target}", owner=owner("k")
         )
     assert {name: (target / name).read_bytes() for name in files} == before
 
@@ -349,7 +357,9 @@ def test_transient_faults_are_retried_and_the_fetch_succeeds(
     src = fake_adapter(tmp_path / "src", b"\7" * 256)
     put_dir(s3, src, "adapters-a", f"{prefix}x/")
     faults = Faults(retrying_client, fault, when=weights_download, times=2)
-    dirs = Storage(retrying_client).fetch_adapters([f"s3://adapters-a/{prefix}x/"], tmp_path / "in")
+    dirs = fetch_adapters(
+        Storage(retrying_client), [f"s3://adapters-a/{prefix}x/"], tmp_path / "in"
+    )
     assert len(faults.attempts) == 3  # two faults, then through
     assert len(set(faults.attempts)) == 1  # the same request, retried
     assert (dirs[0] / WEIGHTS_NAME).read_bytes() == (src / WEIGHTS_NAME).read_bytes()
@@ -365,11 +375,11 @@ def test_transient_faults_while_publishing_are_retried(
     )  # fmt: skip
     uri = f"s3://merged/team-a/{prefix}retried/"
     merged = _merged_dir(tmp_path)
-    Storage(retrying_client).publish(merged, uri, owner=owner("job-1"))
+    publish(Storage(retrying_client), merged, uri, owner=owner("job-1"))
     assert len(faults.attempts) == 2
     body = s3.get_object(Bucket="merged", Key=f"team-a/{prefix}retried/{WEIGHTS_NAME}")["Body"]
     assert body.read() == (merged / WEIGHTS_NAME).read_bytes()
-    assert Storage(retrying_client).published_by(uri) == "job-1"
+    assert published_by(Storage(retrying_client), uri) == "job-1"
 
 
 def test_transient_faults_that_persist_end_as_storage_error(
@@ -378,7 +388,7 @@ def test_transient_faults_that_persist_end_as_storage_error(
     put_dir(s3, fake_adapter(tmp_path / "src"), "adapters-a", f"{prefix}x/")
     faults = Faults(retrying_client, http_error(503, "SlowDown"), when=weights_download)
     with pytest.raises(StorageError, match="SlowDown"):
-        Storage(retrying_client).fetch_adapters([f"s3://adapters-a/{prefix}x/"], tmp_path / "in")
+        fetch_adapters(Storage(retrying_client), [f"s3://adapters-a/{prefix}x/"], tmp_path / "in")
     assert len(faults.attempts) == 4  # COREMERGE_S3_MAX_ATTEMPTS, then given up
 
 
@@ -396,7 +406,7 @@ def test_permanent_faults_end_the_fetch_at_once(
     put_dir(s3, fake_adapter(tmp_path / "src"), "adapters-a", f"{prefix}x/")
     faults = Faults(retrying_client, http_error(status, code))  # every request fails
     with pytest.raises(error, match=code):
-        Storage(retrying_client).fetch_adapters([f"s3://adapters-a/{prefix}x/"], tmp_path / "in")
+        fetch_adapters(Storage(retrying_client), [f"s3://adapters-a/{prefix}x/"], tmp_path / "in")
     assert faults.attempts, "no request was made"
     assert len(faults.attempts) == len(set(faults.attempts)), faults.attempts  # none retried
     assert not (tmp_path / "in").exists()  # refused before downloading
@@ -410,8 +420,11 @@ def test_access_denied_while_publishing_ends_at_once_and_leaves_nothing(
         when=lambda r: r.method == "PUT" and WEIGHTS_NAME in r.url,
     )  # fmt: skip
     with pytest.raises(AccessDenied):
-        Storage(retrying_client).publish(
-            _merged_dir(tmp_path), f"s3://merged/team-a/{prefix}denied/", owner=owner("job-1")
+        publish(
+            Storage(retrying_client),
+            _merged_dir(tmp_path),
+            f"s3://merged/team-a/{prefix}denied/",
+            owner=owner("job-1"),
         )
     assert len(faults.attempts) == 1
     assert s3.list_objects_v2(Bucket="merged", Prefix=f"team-a/{prefix}denied/")["KeyCount"] == 0
@@ -424,7 +437,7 @@ def test_a_claim_left_beside_a_published_report_is_dropped_by_the_same_job(
     report (worker/job.py) drops the claim; another job's call leaves it alone."""
     storage = Storage(s3_client)
     uri = f"s3://merged/team-a/{prefix}late/"
-    storage.publish(_merged_dir(tmp_path), uri, owner=owner("job-1"))
+    publish(storage, _merged_dir(tmp_path), uri, owner=owner("job-1"))
     claim = f"team-a/{prefix}late/{CLAIM_NAME}"
     meta = owner("job-1").metadata("run-x", claim)
     s3.put_object(Bucket="merged", Key=claim, Body=b"job-1", Metadata=meta)
@@ -432,7 +445,7 @@ def test_a_claim_left_beside_a_published_report_is_dropped_by_the_same_job(
     assert s3.head_object(Bucket="merged", Key=claim)
     storage.drop_claim(uri, owner("job-1"))
     assert s3.list_objects_v2(Bucket="merged", Prefix=claim)["KeyCount"] == 0
-    assert storage.published_by(uri) == "job-1"
+    assert published_by(storage, uri) == "job-1"
 
 
 # -- issue 14: reads pinned to what was measured; stores that ignore conditions are refused
@@ -441,7 +454,7 @@ def test_a_claim_left_beside_a_published_report_is_dropped_by_the_same_job(
 def test_an_input_swapped_after_it_was_sized_is_refused(s3_client, s3, prefix, tmp_path):
     """The size limits are checked on the object a HEAD saw; a download reads only that
     object (If-Match on its ETag), so a swap in between cannot slip a bigger one through."""
-    from worker.storage.inputs import check_adapter, download_adapter
+    from worker.storage.inputs import check_adapter
     from worker.storage.s3 import S3Store
 
     put_dir(s3, fake_adapter(tmp_path / "src"), "adapters-a", f"{prefix}x/")
@@ -457,7 +470,7 @@ def test_an_input_swapped_after_it_was_sized_is_refused(s3_client, s3, prefix, t
 def test_the_s3_server_honours_conditional_writes_and_the_probe_cleans_up(
     s3_client, s3, prefix
 ) -> None:
-    from worker.storage import MemoryStore, S3Store, conditional_writes_honoured
+    from worker.storage import S3Store, conditional_writes_honoured
 
     key = f"team-a/{prefix}.probe"
     assert conditional_writes_honoured(S3Store(s3_client, "merged"), key)
@@ -480,9 +493,9 @@ def test_a_report_whose_answer_was_lost_counts_as_published(s3_client, s3, prefi
     s3_client.meta.events.register("before-parameter-build.s3.PutObject", remember_key)
     s3_client.meta.events.register("after-call.s3.PutObject", lose_the_answer)
     uri = f"s3://merged/team-a/{prefix}lost/"
-    published = Storage(s3_client).publish(_merged_dir(tmp_path), uri, owner=owner("job-1"))
+    published = publish(Storage(s3_client), _merged_dir(tmp_path), uri, owner=owner("job-1"))
     assert not published.already
-    assert Storage(s3_client).published_by(uri) == "job-1"
+    assert published_by(Storage(s3_client), uri) == "job-1"
     assert output_keys(s3, f"team-a/{prefix}lost/") == sorted(
         [CONFIG_NAME, WEIGHTS_NAME, REPORT_NAME]
     )

@@ -10,7 +10,8 @@ import socket
 import pytest
 from pydantic import ValidationError
 
-from jobs.notify import parse_prefix, parse_target, refusal, signature
+from jobs.notify import refusal, signature
+from jobs.notify_urls import parse_prefix, parse_target
 from jobs.settings import Settings
 from jobs.spec import MergeSpec
 from jobs.tenants import OPEN_TENANT, Tenant, Tenants, TenantsFileError, hash_key

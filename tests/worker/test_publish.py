@@ -12,6 +12,7 @@ import pytest
 
 from jobs.errors import Canceled, OutputExists, StorageError
 from jobs.spec import MergeSpec
+from tests.storage_helpers import MemoryStore, fetch_adapters, published_by, read_report
 from worker.runner import run_merge
 from worker.storage import (
     CLAIM_NAME,
@@ -20,7 +21,6 @@ from worker.storage import (
     REPORT_NAME,
     RUN_META,
     WEIGHTS_NAME,
-    MemoryStore,
     Storage,
 )
 from worker.storage.ownership import TAG_META, Owner
@@ -240,14 +240,54 @@ def test_a_job_runs_against_an_in_memory_store(peft_adapters: list[Path], tmp_pa
     output = "s3://merged/run/"
     p = storage.publisher(output, owner=owner(), run="run-1")
     assert p.prepare() is None
-    dirs = storage.fetch_adapters(uris, tmp_path / "inputs")
+    dirs = fetch_adapters(storage, uris, tmp_path / "inputs")
     spec = MergeSpec.model_validate(
         {"adapters": [{"uri": u} for u in uris], "method": "ta", "output": {"uri": output}}
     )
     outcome = run_merge(spec, dirs, tmp_path / "merged", device="cpu")
     p.publish(outcome.out_dir)
     p.release()
-    assert storage.published_by(output) == "job-1"
-    assert storage.read_report(output)["output"]["sha256"] == outcome.report["output"]["sha256"]
+    assert published_by(storage, output) == "job-1"
+    assert read_report(storage, output)["output"]["sha256"] == outcome.report["output"]["sha256"]
     published = buckets["merged"].read("run/" + WEIGHTS_NAME)
     assert published == (outcome.out_dir / WEIGHTS_NAME).read_bytes()
+
+
+class _StreamingStore(MemoryStore):
+    """A store that offers streamed creates (as S3 does): the object appears on close."""
+
+    def upload_sink(self, key: str, metadata: Mapping[str, str]) -> _MemorySink:
+        return _MemorySink(self, key, metadata)
+
+
+class _MemorySink:
+    def __init__(self, store: MemoryStore, key: str, metadata: Mapping[str, str]) -> None:
+        self.store, self.key, self.metadata, self.parts = store, key, dict(metadata), []
+
+    def write(self, data: bytes | bytearray | memoryview) -> int:
+        self.parts.append(bytes(data))
+        return len(data)
+
+    def close(self) -> None:
+        self.store.create(self.key, b"".join(self.parts), self.metadata)
+
+    def abort(self) -> None:
+        self.parts.clear()
+
+
+def test_the_weights_stream_only_to_a_store_that_offers_it() -> None:
+    """The publisher asks the store for a streamed create instead of checking its type: a
+    store without one gets the weights as a file, one with it gets them as they are written,
+    tagged like every file of the run and removed with them when the run fails."""
+    assert publisher(MemoryStore()).weights_sink() is None
+    store = _StreamingStore()
+    p = publisher(store)
+    p.prepare()
+    sink = p.weights_sink()
+    assert sink is not None
+    sink.write(b"\1" * 10)
+    sink.close()
+    weights = store.head(OUT + WEIGHTS_NAME)
+    assert weights.size == 10 and weights.metadata[RUN_META] == "run-1"
+    p.release()  # not published: what the run created goes, the streamed weights included
+    assert list(store.iter_keys(OUT)) == []

@@ -340,20 +340,19 @@ def merge_group_in_core_space(
 ) -> list[MergedModule]:
     """Algorithm 1 for every module of a group that shares m, n, ranks, dtype and device.
 
-    Bases → self-check → core matrices → merge the R × R matrices → map back. With
-    ``rank``, each merged core matrix M ≈ P_k S_k Q_kᵀ is truncated (an SVD of R × R only):
-    B = U P_k S_k, A = Q_kᵀ Vᵀ, in the way ``output_rank_mode`` says
-    (``methods.rank_mode``: truncated, cut then flattened, or merged on shared bases). With ``axes: "aligned"``, the core matrices are rotated onto
-    :func:`aligned_axes` before the method and the result rotated back. Plain task
-    arithmetic skips all of it (:func:`stacked_sum`): the same update, exactly.
+    Bases → self-check → core matrices → merge the R × R matrices → map back. With ``rank``,
+    each merged M ≈ P_k S_k Q_kᵀ is cut (an SVD of R × R only): B = U P_k S_k, A = Q_kᵀ Vᵀ, as
+    ``output_rank_mode`` says (``methods.rank_mode``: truncated, cut then flattened, or
+    merged on shared bases). ``axes: "aligned"`` rotates the core matrices onto
+    :func:`aligned_axes` first and the result back. Plain task arithmetic skips all of it
+    (:func:`stacked_sum`): the same update, exactly.
 
     ``generators``: one per module, for DARE's masks (None, or a None entry: a fresh seed-0
     generator). ``eigh_device``: where the float64 R × R eigendecompositions of the Gram
     matrices run (default: beside the factors). ``consume``: the caller gives its
-    ``FactorStack`` buffers up, and the merge writes its factors over them instead of
-    allocating new tall matrices (factor lists are stacked into new buffers, always
-    consumed). Returns one ``MergedModule`` per module, in order, whose B and A are views of
-    the group's results (often of the stacks themselves).
+    ``FactorStack`` buffers up, and the merge writes over them instead of allocating new tall
+    matrices (factor lists are stacked into new buffers, always consumed). Returns one
+    ``MergedModule`` per module, in order, with B and A views of the group's results.
     """
     stacks = [FactorStack.of(s) for s in modules]
     if not stacks:
@@ -375,14 +374,8 @@ def merge_group_in_core_space(
     residuals = _residuals(samples, left, right, ranks)
     tasks = Tasks(factors=(left.coords, right.coords.mT, ranks), layer_k=layer_k, generators=gens)
     mode = None if rank is None else rank_mode(method, params, output_rank_mode)
-    if mode == "shared" and params.get("axes") == "aligned":
-        raise ValueError('output.rank_mode "shared" and axes "aligned" both choose the axes')
-    spectra = None
-    if mode == "shared":
-        B, A, alphas, kept = _merge_on_shared_bases(method, params, tasks, left, right, rank)
-    else:
-        M, alphas = _merge_cores(method, params, tasks, isotropize_later=mode == "isotropic")
-        B, A, kept, spectra = _lora_pairs(left, right, M, rank, flatten=mode == "isotropic")
+    merged = _merge_and_map_back(method, params, tasks, left, right, rank, mode)
+    B, A, alphas, kept, spectra = merged
     return [
         MergedModule(
             B=B[g],
@@ -394,6 +387,28 @@ def merge_group_in_core_space(
         )
         for g in range(len(residuals))
     ]
+
+
+def _merge_and_map_back(
+    method: str,
+    params: Mapping[str, Any],
+    tasks: Tasks,
+    left: Basis,
+    right: Basis,
+    rank: int | None,
+    mode: str | None,
+) -> tuple[Tensor, Tensor, list[float], list[float] | None, list[list[float]] | None]:
+    """Steps 4-6 in the way the rank mode asks: (B, A, alphas, kept energy, each module's
+    singular values before any cut, for ``output.rank: "auto"``; None on shared bases).
+    ``mode`` None is the untruncated merge; "shared" merges on bases shared by the tasks,
+    which fixes the axes itself, so it cannot be combined with ``axes: "aligned"``."""
+    if mode == "shared" and params.get("axes") == "aligned":
+        raise ValueError('output.rank_mode "shared" and axes "aligned" both choose the axes')
+    if mode == "shared":
+        return (*_merge_on_shared_bases(method, params, tasks, left, right, rank), None)
+    M, alphas = _merge_cores(method, params, tasks, isotropize_later=mode == "isotropic")
+    B, A, kept, spectra = _lora_pairs(left, right, M, rank, flatten=mode == "isotropic")
+    return B, A, alphas, kept, spectra
 
 
 def _merge_cores(

@@ -1,6 +1,6 @@
 """Where adapters come from and where merged adapters go: ``s3://`` and ``file://``.
 
-    objects.py   ObjectStore, the one interface both stores implement (and a MemoryStore)
+    objects.py   ObjectStore, the one interface both stores implement
     s3.py        S3Store: one bucket through boto3 (pinned reads, conditional creates)
     local.py     LocalStore: the local file system (atomic, conditional creates)
     errors.py    S3's errors as job errors
@@ -17,14 +17,11 @@ the input and publishing protocols on it. Stores are made by a factory that test
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from jobs.errors import AdapterNotFound
 from jobs.hub import HUB_SCHEME, parse_hub
 from jobs.uris import Location, parse_uri
 from worker.adapters.format import CONFIG_NAME, REPORT_NAME, WEIGHTS_NAME
@@ -35,11 +32,10 @@ from .inputs import (
     RemoteInput,
     check_adapter,
     check_limits,
-    download_adapter,
     prepare_remote,
 )
 from .local import LocalStore
-from .objects import MemoryStore, ObjectStore
+from .objects import ObjectStore
 from .ownership import JOB_ID_META, RUN_META, TAG_META, Owner
 from .publish import (
     CLAIM_NAME,
@@ -47,7 +43,6 @@ from .publish import (
     conditional_writes_honoured,
     remove_run_leftovers,
 )
-from .reports import read_report
 from .s3 import S3Store, make_s3_client
 
 __all__ = [
@@ -59,11 +54,9 @@ __all__ = [
     "TAG_META",
     "WEIGHTS_NAME",
     "LocalStore",
-    "MemoryStore",
     "ObjectStore",
     "OutputPublisher",
     "Owner",
-    "Published",
     "RemoteInput",
     "S3Store",
     "Storage",
@@ -86,13 +79,6 @@ def make_transfer_config(settings: Any) -> Any:
     )
 
 
-@dataclass(frozen=True)
-class Published:
-    uri: str
-    report_uri: str
-    already: bool = False  # this job had published it before (a re-run after a worker died)
-
-
 class Storage:
     """Fetches adapters and publishes outputs. ``s3`` is a boto3 S3 client (or ``None`` when
     only ``file://`` locations are used); ``stores`` replaces the store factory (tests)."""
@@ -113,7 +99,7 @@ class Storage:
         self.max_adapter_bytes = max_adapter_bytes
         self.max_parallel = max_parallel
         self._stores = stores or self._default_store
-        #: The Hub inputs of the last open_inputs/fetch_adapters, by index, pinned to their
+        #: The Hub inputs of the last inputs checked, by index, pinned to their
         #: commits (``hub.pinned_spec`` records them in the job's report).
         self.hub_inputs: dict[int, HubAdapter] = {}
 
@@ -135,7 +121,7 @@ class Storage:
         return self._stores(loc), prefix, loc
 
     # -- inputs
-    def _checked(
+    def check_inputs(
         self, uris: Sequence[str], pool: ThreadPoolExecutor
     ) -> list[tuple[ObjectStore | None, CheckedAdapter | HubAdapter]]:
         """Every adapter's size and safetensors prefix checked (a Hub adapter's sizes and
@@ -165,23 +151,6 @@ class Storage:
     def _pool(self, count: int) -> ThreadPoolExecutor:
         return ThreadPoolExecutor(min(self.max_parallel, count) or 1)
 
-    def fetch_adapters(self, uris: Sequence[str], dest: Path) -> list[Path]:
-        """Local directories holding the adapters at ``uris``, in order: checked first, then
-        S3 adapters copied whole, pinned to what was checked, to ``dest/<index>/``;
-        ``file://`` ones are used in place. (The worker streams instead: :meth:`open_inputs`.)"""
-        with self._pool(len(uris)) as pool:
-            checked = self._checked(uris, pool)
-
-            def fetch(i: int) -> Path:
-                store, adapter = checked[i]
-                if isinstance(adapter, HubAdapter):
-                    return fetch_hub_adapter(adapter)
-                if adapter.location.scheme == "file":
-                    return Path(adapter.location.path)
-                return download_adapter(store, adapter, dest / str(i))
-
-            return list(pool.map(fetch, range(len(checked))))
-
     def open_inputs(self, uris: Sequence[str], dest: Path) -> list[Path | RemoteInput]:
         """The adapters at ``uris``, in order, ready for ``worker.runner.run_merge``: checked
         first (sizes, limits, prefix); a ``file://`` adapter is its folder, used in place; an
@@ -190,7 +159,7 @@ class Storage:
         adapter its two files fetched at the commit it was sized at (``hub_inputs``).
         Entries naming the same adapter get the same object, so it is opened once."""
         with self._pool(len(uris)) as pool:
-            checked = self._checked(uris, pool)
+            checked = self.check_inputs(uris, pool)
             distinct = list({id(adapter): (store, adapter) for store, adapter in checked}.values())
 
             def prepare(i: int) -> Path | RemoteInput:
@@ -219,35 +188,6 @@ class Storage:
         return OutputPublisher(
             store, prefix, loc.normalized, owner=owner, run=run, claim_wait_s=claim_wait_s
         )
-
-    def published_by(self, uri: str) -> str | None:
-        """The job id that the report at ``uri`` names (unverified: only the job's own
-        ``Owner`` can tell a forgery), ``""`` when it names none, ``None`` with no report."""
-        store, prefix, _ = self.locate(uri)
-        report = store.head(prefix + REPORT_NAME)
-        return None if report is None else report.metadata.get(JOB_ID_META, "")
-
-    def read_report(self, uri: str) -> dict[str, Any]:
-        """The report published at ``uri``, bounded and checked (``reports.read_report``)."""
-        store, prefix, loc = self.locate(uri)
-        info = store.head(prefix + REPORT_NAME)
-        if info is None:
-            raise AdapterNotFound(f"{loc}{REPORT_NAME}: not found")
-        return read_report(store, info, loc.normalized)
-
-    def publish(self, local_dir: Path, uri: str, *, owner: Owner) -> Published:
-        """Publish the merged adapter in ``local_dir`` at ``uri`` as one run of ``owner``'s
-        job: check, claim, files, the report last (``worker.storage.publish``)."""
-        loc = parse_uri(uri)
-        report_uri = f"{loc}{REPORT_NAME}"
-        publisher = self.publisher(uri, owner=owner, run=uuid.uuid4().hex)
-        try:
-            if publisher.prepare() is not None:
-                return Published(loc.normalized, report_uri, already=True)
-            publisher.publish(local_dir)
-        finally:
-            publisher.release()
-        return Published(loc.normalized, report_uri)
 
     def drop_claim(self, uri: str, owner: Owner) -> None:
         """Delete the claim of ``owner``'s job on the output at ``uri``, if one is left beside

@@ -8,14 +8,11 @@ bypassed and two versions of an input are never mixed. The check reads the weigh
 :data:`HEAD_BYTES` (one ranged GET): the prefix it checks, and the header that opening the
 input needs next.
 
-The storage layer hands out bytes, never readers. Two ways to have an S3 adapter once
-checked:
-
-- :func:`prepare_remote` (the worker's): only ``adapter_config.json`` goes to
-  ``dest/<index>/``; the weights stay where they are, as a :class:`PinnedObject` (size,
-  first bytes, ranged fetch, download). ``worker.adapters.opening`` decides how to read them
-  (a LoRA adapter's as the merge goes, a VeRA adapter's copied first).
-- :func:`download_adapter`: both files copied to ``dest/<index>/``.
+The storage layer hands out bytes, never readers. An S3 adapter, once checked, is prepared
+by :func:`prepare_remote`: only ``adapter_config.json`` goes to ``dest/<index>/``; the
+weights stay where they are, as a :class:`PinnedObject` (size, first bytes, ranged fetch,
+download). ``worker.adapters.opening`` decides how to read them (a LoRA adapter's as the
+merge goes, a VeRA adapter's copied first).
 
 A local path is never built from a key.
 """
@@ -45,7 +42,6 @@ __all__ = [
     "RemoteInput",
     "check_adapter",
     "check_limits",
-    "download_adapter",
     "prepare_remote",
 ]
 
@@ -124,15 +120,6 @@ def check_limits(
             f"the inputs total {total} bytes, over this service's limit of "
             f"{max_job_bytes} (COREMERGE_MAX_JOB_BYTES)"
         )
-
-
-def download_adapter(store: ObjectStore, adapter: CheckedAdapter, target: Path) -> Path:
-    """Download the adapter's two files into the new folder ``target``, pinned."""
-    target.mkdir(parents=True, exist_ok=False)
-    for info in (adapter.config, adapter.weights):
-        name = info.key.rsplit("/", 1)[-1]
-        store.download(info.key, target / name, etag=info.etag, size=info.size)
-    return target
 
 
 @dataclass(frozen=True)

@@ -28,9 +28,9 @@ import uuid
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
-from jobs.errors import AdapterNotFound, StorageError
+from jobs.errors import StorageError
 
-from .objects import AlreadyExists, ObjectInfo
+from .objects import AlreadyExists, ObjectInfo, pinned_head
 
 __all__ = ["META_DIR", "LocalStore"]
 
@@ -128,11 +128,7 @@ class LocalStore:
     def read(
         self, key: str, *, etag: str | None = None, length: int | None = None, start: int = 0
     ) -> bytes:
-        info = self.head(key)
-        if info is None:
-            raise AdapterNotFound(f"file:///{key}: not found")
-        if etag is not None and info.etag != etag:
-            raise StorageError(f"file:///{key}: changed while this job was reading it")
+        pinned_head(self, key, etag, f"file:///{key}")
         with open(self._path(key), "rb") as f:
             f.seek(start)
             return f.read() if length is None else f.read(length)
@@ -217,3 +213,8 @@ class LocalStore:
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
         self._unlink_meta(path)
+
+    def upload_sink(self, key: str, metadata: Mapping[str, str]) -> None:
+        """No streamed creates: a local output is written beside the merge and created (an
+        atomic link) once whole."""
+        return None

@@ -1,9 +1,10 @@
-"""What the storage layer needs of a store, as one interface, and an in-memory store.
+"""What the storage layer needs of a store, as one interface.
 
 A store is one S3 bucket (``worker.storage.s3.S3Store``) or one local file system
 (``worker.storage.local.LocalStore``), holding objects by key. The protocols that fetch inputs
 (``worker.storage.inputs``) and publish outputs (``worker.storage.publish``) are written once
-against :class:`ObjectStore`, so tests can hand them a :class:`MemoryStore`.
+against :class:`ObjectStore`, so tests can hand them a store in memory
+(``tests/storage_helpers.py``).
 
 Every method raises a ``jobs.errors.MergeError`` for a failure whose cause is known
 (``AdapterNotFound``, ``AccessDenied``, ``StorageError``), never a client library's exception;
@@ -12,8 +13,6 @@ Every method raises a ``jobs.errors.MergeError`` for a failure whose cause is kn
 
 from __future__ import annotations
 
-import hashlib
-import threading
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +20,7 @@ from typing import Protocol
 
 from jobs.errors import AdapterNotFound, StorageError
 
-__all__ = ["AlreadyExists", "MemoryStore", "ObjectInfo", "ObjectStore"]
+__all__ = ["AlreadyExists", "ObjectInfo", "ObjectStore", "UploadSink", "pinned_head"]
 
 
 class AlreadyExists(Exception):
@@ -68,52 +67,35 @@ class ObjectStore(Protocol):
         """Delete the object (no error when it is already gone)."""
         ...
 
+    def upload_sink(self, key: str, metadata: Mapping[str, str]) -> UploadSink | None:
+        """A target that creates ``key`` from what is written to it, as it is written, or
+        None when this store cannot: the caller then writes a local file and ``create``s it.
+        Asked instead of the store's type, so the publisher stays written against this
+        interface."""
+        ...
 
-class MemoryStore:
-    """An :class:`ObjectStore` in a dict, for tests. ``honour_conditions=False`` makes it
-    behave like a store that ignores ``If-None-Match`` (it overwrites)."""
 
-    def __init__(self, *, honour_conditions: bool = True) -> None:
-        self.objects: dict[str, tuple[bytes, dict[str, str]]] = {}
-        self.honour_conditions = honour_conditions
-        self.listed = 0  # keys handed out by iter_keys (the tests of early stops count them)
-        self._lock = threading.Lock()
+class UploadSink(Protocol):
+    """An object being created from a stream: ``close()`` completes it as :meth:`ObjectStore.
+    create` would (conditionally: :class:`AlreadyExists` when ``key`` was taken meanwhile);
+    ``abort()`` discards it, and nothing is created."""
 
-    def head(self, key: str) -> ObjectInfo | None:
-        with self._lock:
-            if key not in self.objects:
-                return None
-            body, metadata = self.objects[key]
-        return ObjectInfo(key, len(body), hashlib.md5(body).hexdigest(), dict(metadata))
+    key: str
 
-    def iter_keys(self, prefix: str) -> Iterator[str]:
-        with self._lock:
-            keys = sorted(k for k in self.objects if k.startswith(prefix))
-        for key in keys:
-            self.listed += 1
-            yield key
+    def write(self, data: bytes | bytearray | memoryview) -> int: ...
 
-    def read(
-        self, key: str, *, etag: str | None = None, length: int | None = None, start: int = 0
-    ) -> bytes:
-        info = self.head(key)
-        if info is None:
-            raise AdapterNotFound(f"{key}: not found")
-        if etag is not None and info.etag != etag:
-            raise StorageError(f"{key}: changed while this job was reading it")
-        body = self.objects[key][0]
-        return body[start:] if length is None else body[start : start + length]
+    def close(self) -> None: ...
 
-    def download(self, key: str, dest: Path, *, etag: str, size: int) -> None:
-        dest.write_bytes(self.read(key, etag=etag))
+    def abort(self) -> None: ...
 
-    def create(self, key: str, source: Path | bytes, metadata: Mapping[str, str]) -> None:
-        body = source if isinstance(source, bytes) else Path(source).read_bytes()
-        with self._lock:
-            if key in self.objects and self.honour_conditions:
-                raise AlreadyExists(key)
-            self.objects[key] = (body, dict(metadata))
 
-    def delete(self, key: str) -> None:
-        with self._lock:
-            self.objects.pop(key, None)
+def pinned_head(store: ObjectStore, key: str, etag: str | None, uri: str) -> ObjectInfo:
+    """The object's info for a read pinned to ``etag`` (a store that cannot send
+    ``If-Match`` checks it so): ``AdapterNotFound`` when it is gone, ``StorageError`` when
+    it changed since that ETag was seen; ``uri`` names it in the message."""
+    info = store.head(key)
+    if info is None:
+        raise AdapterNotFound(f"{uri}: not found")
+    if etag is not None and info.etag != etag:
+        raise StorageError(f"{uri}: changed while this job was reading it")
+    return info

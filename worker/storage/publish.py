@@ -32,10 +32,9 @@ from typing import Any, BinaryIO
 from jobs.errors import Canceled, MergeError, OutputExists, StorageError
 from worker.adapters.format import REPORT_NAME, WEIGHTS_NAME
 
-from .objects import AlreadyExists, ObjectInfo, ObjectStore
+from .objects import AlreadyExists, ObjectInfo, ObjectStore, UploadSink
 from .ownership import JOB_ID_META, RUN_META, Owner
 from .reports import read_report
-from .s3 import S3Store, S3UploadSink
 
 __all__ = [
     "CLAIM_NAME",
@@ -186,15 +185,9 @@ class OutputPublisher:
         """A target that uploads the weights straight to the output while the merge runs (on a
         store that can: S3), created conditionally like every other file and removed with
         them if the job fails; None when the store cannot."""
-        if not isinstance(self.store, S3Store):
-            return None
-        # Two parts in flight and one filling: at most three parts of memory (48 MiB by default).
         key = self.prefix + WEIGHTS_NAME
-        upload = S3UploadSink(
-            self.store, key, self.metadata_for(key), part_size=self.store.chunk_size,
-            concurrency=2,
-        )  # fmt: skip
-        return _RunSink(self, upload)
+        upload = self.store.upload_sink(key, self.metadata_for(key))
+        return None if upload is None else _RunSink(self, upload)
 
     def publish(
         self,
@@ -268,7 +261,7 @@ class _RunSink:
     """An upload of the publishing run: a completed object joins what the run created (and
     removes on failure); a key taken meanwhile is a taken key, as for any file it creates."""
 
-    def __init__(self, publisher: OutputPublisher, upload: S3UploadSink) -> None:
+    def __init__(self, publisher: OutputPublisher, upload: UploadSink) -> None:
         self.publisher, self.upload = publisher, upload
 
     def write(self, data: bytes | memoryview) -> int:

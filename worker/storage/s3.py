@@ -219,6 +219,11 @@ class S3Store:
             if error_code(exc) not in NOT_FOUND:
                 raise_mapped(exc, self._uri(key))
 
+    def upload_sink(self, key: str, metadata: Mapping[str, str]) -> S3UploadSink:
+        """A multipart upload of ``key`` fed as the merge writes. Two parts in flight and one
+        filling: at most three parts of memory (48 MiB by default)."""
+        return S3UploadSink(self, key, metadata, part_size=self.chunk_size, concurrency=2)
+
 
 class S3UploadSink:
     """A file-like target that uploads what is written to one new object as it comes: parts
