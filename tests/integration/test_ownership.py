@@ -22,6 +22,7 @@ from jobs.settings import Settings
 from tests.integration.conftest import AWS_ENV, inproc_settings
 from tests.integration.test_storage import _Raw
 from tests.integration.test_worker_job import run_one
+from tests.storage_helpers import publish
 from worker.storage import CLAIM_NAME, JOB_ID_META, REPORT_NAME, RUN_META, Storage, make_s3_client
 from worker.storage.local import META_DIR, LocalStore
 from worker.storage.ownership import Owner
@@ -99,13 +100,13 @@ def test_a_claim_whose_answer_was_lost_does_not_strand_the_output(
     (merged / "adapter_config.json").write_text("{}")
     (merged / REPORT_NAME).write_text('{"output": {"rank": 4, "modules": 1, "bytes": 64}}')
     answers = lose_claim_answers(s3_client, moto_endpoint, lost)
-    published = Storage(s3_client).publish(merged, uri, owner=OWNER)
+    published = publish(Storage(s3_client), merged, uri, owner=OWNER)
     assert answers and not published.already
     keys = [o["Key"] for o in s3.list_objects_v2(Bucket="merged", Prefix=prefix)["Contents"]]
     assert sorted(keys) == sorted(prefix + n for n in ("adapter_config.json", REPORT_NAME))
     # the next job is not kept off by a stranded claim: it is refused by the adapter there
     with pytest.raises(Exception, match="which this job did not write"):
-        Storage(s3_client).publish(merged, uri, owner=Owner("job-2", "s2"))
+        publish(Storage(s3_client), merged, uri, owner=Owner("job-2", "s2"))
 
 
 # -- file:// outputs
