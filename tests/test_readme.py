@@ -14,6 +14,7 @@ import json
 import os
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 from jobs.spec import params_table_markdown
@@ -41,7 +42,17 @@ def test_methods_table_matches_the_declaration() -> None:
     doc = (ROOT / "docs" / "cli.md").read_text()
     table = re.search(r"<!-- params-table:start -->\n(.*?)\n<!-- params-table:end -->", doc, re.S)
     assert table is not None
-    assert table.group(1) == params_table_markdown()
+    assert table.group(1) == params_table_markdown(), "run scripts/update_doc_tables.py"
+
+
+def test_the_doc_tables_script_finds_every_table_current() -> None:
+    """``scripts/update_doc_tables.py`` (how a contributor regenerates the tables) runs and
+    agrees with the tests that no table is stale."""
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "update_doc_tables.py"), "--check"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
 
 
 def test_ci_runs_the_readme_test_command() -> None:
