@@ -3,7 +3,7 @@
 
 Here, in ``jobs``, because the job spec names a server (``output.target``, checked against
 :data:`SERVER_NAMES`) and the API checks that it takes a rank within the service's limit
-(:func:`server_rank`), both torch-free; ``worker.serving`` applies the rules to what a
+(:func:`server_rank`), both torch-free; ``worker.merge.serving`` applies the rules to what a
 merge wrote and picks a rank for a server. Checked on 2026-12-07 against each server's
 documentation (``source``); a server changes its limits by release, so each verdict names
 the rule it applied.

@@ -9,7 +9,7 @@ until then. Checked here, by one rule for both pages:
 - in docs/architecture.md, under a ``### `pkg/` `` heading, a table row's first cell names a
   module of that package, and the other backticked ``*.py`` names and folders in the row are
   files of the package, or of the folder the first cell names (``engine/`` … ``linalg.py``);
-- in a fenced block, a line that starts with a path (``worker/plan.py    the plan…``) is a
+- in a fenced block, a line that starts with a path (``worker/merge/plan.py    the plan…``) is a
   map entry: the path must exist, and the ``*.py`` names that follow it, on its line and on
   the indented lines after it, are files of its folder.
 """
@@ -106,7 +106,7 @@ def test_every_path_the_page_names_exists(page: str) -> None:
 @pytest.mark.parametrize(
     ("text", "expected"),
     [
-        ("see `worker/no_such.py` and `worker/runner.py`", ["worker/no_such.py"]),
+        ("see `worker/no_such.py` and `worker/merge/runner.py`", ["worker/no_such.py"]),
         ("### `jobs/`\n| `spec.py` | x |\n| `gone.py` | y |\n", ["jobs/gone.py"]),
         ("### `worker/`\n| `engine/` | `linalg.py`, `nope.py` |\n", ["worker/engine/nope.py"]),
         ("```\nworker/engine/   linalg.py, nope.py\n                 spaces.py\n```\n", ["nope"]),

@@ -231,7 +231,7 @@ def _check_output_apart(spec: MergeSpec) -> None:
 
 def cmd_merge(args: argparse.Namespace) -> int:
     spec = build_spec(args)
-    from worker.runner import run_merge
+    from worker.merge.runner import run_merge
     from worker.storage.hub import resolve_cli_inputs
 
     spec, dirs = resolve_cli_inputs(spec, local_path)

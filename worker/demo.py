@@ -130,7 +130,7 @@ def run_demo(workdir: Path | None = None) -> int:
     warnings.filterwarnings("ignore", category=FutureWarning)
 
     from jobs.spec import MergeSpec
-    from worker.runner import run_merge
+    from worker.merge.runner import run_merge
 
     tmp = None
     if workdir is None:

@@ -46,7 +46,7 @@ from jobs.uris import parse_uri
 from worker.adapters.format import CONFIG_NAME, REPORT_NAME, WEIGHTS_NAME
 from worker.adapters.streamed import ReadAhead
 from worker.limits import default_max_work_bytes
-from worker.runner import Progress, run_merge
+from worker.merge.runner import Progress, run_merge
 from worker.storage import Owner, Storage, make_s3_client, make_transfer_config
 from worker.storage.hub import pinned_spec
 from worker.workdir import ATTEMPT_PREFIX, sweep_attempts

@@ -1,6 +1,6 @@
 """How much memory this process may use: its cgroup's limit, or the machine's memory.
 
-The worker refuses a job whose estimated peak working memory (``worker.memory``) is over
+The worker refuses a job whose estimated peak working memory (``worker.merge.memory``) is over
 ``COREMERGE_MAX_WORK_BYTES``, by default :func:`default_max_work_bytes` of what the kernel
 lets this process have, so that a job refused here is one the kernel's OOM killer would
 otherwise have ended midway. Torch-free: ``worker.job`` reads the limit before importing

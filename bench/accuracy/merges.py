@@ -57,7 +57,7 @@ def coremerge_merge(
     """One ``run_merge`` into ``out_dir`` (replaced), read back as ΔW; ``rank`` is the job's
     ``output.rank``."""
     from jobs.spec import MergeSpec
-    from worker.runner import run_merge
+    from worker.merge.runner import run_merge
 
     if out_dir.exists():
         shutil.rmtree(out_dir)

@@ -174,13 +174,13 @@ def engine_child(args: argparse.Namespace) -> int:
     """In-process timings of the engine alone on one device; JSON to ``--json``.
 
     The unbatched rows merge the modules as the runner does: side by side on CPU threads of
-    one intra-op thread each (``worker.pipeline``), one after another on a GPU.
+    one intra-op thread each (``worker.merge.pipeline``), one after another on a GPU.
     """
     importlib.import_module("worker")  # first: its OpenMP settings must precede torch's import
     import torch
 
     from worker.engine import shape_groups
-    from worker.pipeline import merge_threads
+    from worker.merge.pipeline import merge_threads
 
     device = torch.device(args.device)
     cuda = device.type == "cuda"
@@ -225,7 +225,7 @@ def _engine_variants(stacks: list[Any], threads: int, cuda: bool) -> dict[str, A
     import torch
 
     from worker.engine import merge_in_core_space, merge_stacks_in_core_space
-    from worker.pipeline import ordered_map
+    from worker.merge.pipeline import ordered_map
 
     def gens() -> list[torch.Generator]:
         return [torch.Generator().manual_seed(i) for i in range(len(stacks))]

@@ -34,7 +34,7 @@ SPEED = BENCH / "speed"
 #: where the paper's code is read from (github.com/apanariello4/core-space-merging)
 DEFAULT_REFERENCE = Path("/work/.mirror/apanariello4+core-space-merging/repo")
 #: what the CLI start-up probe imports (the console script's own imports, so torch)
-CLI_IMPORTS = "from worker.cli import build_parser; build_parser(); import worker.runner"
+CLI_IMPORTS = "from worker.cli import build_parser; build_parser(); import worker.merge.runner"
 
 
 def cli_python(coremerge: Path) -> str:

@@ -70,7 +70,7 @@ FLOOR_FACTOR = 1.5
 ITEMSIZE = {k: size for k, (_, size) in DTYPES.items()}
 #: what the CLI writes: float32 (its default ``--dtype``)
 OUTPUT_ITEMSIZE = 4
-#: "the job's estimated peak is 1.6 GiB" in the CLI's refusal (worker.memory.check_work)
+#: "the job's estimated peak is 1.6 GiB" in the CLI's refusal (worker.merge.memory.check_work)
 _ESTIMATE = re.compile(r"estimated peak is ([0-9.]+) (B|KiB|MiB|GiB|TiB)")
 _UNITS = {"B": 1, "KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30, "TiB": 1 << 40}
 

@@ -20,7 +20,7 @@ from worker.adapters.lora import LoraReader
 from worker.adapters.opening import open_adapters
 from worker.adapters.streamed import ReadAhead, StreamedLoraReader
 from worker.adapters.vera import MAX_VERA_BYTES, VeraReader
-from worker.runner import run_merge
+from worker.merge.runner import run_merge
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -25,7 +25,7 @@ from tests.storage_helpers import fetch_adapters
 from worker.adapters import format as safetensors_header
 from worker.adapters.format import max_header_bytes
 from worker.cli import main
-from worker.runner import run_merge
+from worker.merge.runner import run_merge
 from worker.storage import Storage
 
 

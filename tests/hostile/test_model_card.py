@@ -11,8 +11,8 @@ import pytest
 
 from jobs.spec import MergeSpec
 from tests.conftest import edit_config
-from worker.output import code_span
-from worker.runner import run_merge
+from worker.merge.output import code_span
+from worker.merge.runner import run_merge
 
 markdown_it = pytest.importorskip("markdown_it")
 

@@ -31,7 +31,7 @@ from tests.integration.conftest import (
     upload,
     wait_until,
 )
-from worker.runner import run_merge
+from worker.merge.runner import run_merge
 from worker.storage import REPORT_NAME, WEIGHTS_NAME
 
 

@@ -26,8 +26,8 @@ from worker.adapters.header import held_for_header
 from worker.adapters.lora import LoraReader
 from worker.adapters.streamed import ReadAhead, StreamedLoraReader
 from worker.demo import make_tiny_adapters
-from worker.plan import make_plan
-from worker.runner import run_merge
+from worker.merge.plan import make_plan
+from worker.merge.runner import run_merge
 from worker.storage import CONFIG_NAME, WEIGHTS_NAME, Storage, make_s3_client
 from worker.storage.inputs import HEAD_BYTES
 

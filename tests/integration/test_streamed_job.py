@@ -24,7 +24,7 @@ from tests.integration.conftest import Stack, inproc_settings
 from tests.integration.test_merges import download, fresh_output, wait_done
 from tests.integration.test_streamed import upload
 from tests.worker.synthetic import lora_adapter
-from worker.runner import run_merge
+from worker.merge.runner import run_merge
 from worker.storage import CONFIG_NAME, WEIGHTS_NAME
 from worker.workdir import ATTEMPT_PREFIX
 

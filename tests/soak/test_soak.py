@@ -32,7 +32,7 @@ from service.client import CoremergeClient
 from tests.processes import AWS_ENV, RedisServer, Workers, moto_server, start_api, stop
 from tests.tenants import two_tenants
 from worker.adapters.format import MODEL_CARD_NAME
-from worker.runner import run_merge
+from worker.merge.runner import run_merge
 from worker.storage import CLAIM_NAME, CONFIG_NAME, REPORT_NAME, WEIGHTS_NAME
 
 pytestmark = [pytest.mark.soak, pytest.mark.timeout(3600)]

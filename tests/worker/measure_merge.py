@@ -20,7 +20,7 @@ import torch
 
 from jobs.spec import MergeSpec
 from worker.allocator import return_freed_memory
-from worker.runner import run_merge
+from worker.merge.runner import run_merge
 
 __all__ = ["map_file_pages", "measure", "reset_peak", "status_bytes"]
 

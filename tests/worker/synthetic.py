@@ -1,5 +1,5 @@
 """Adapters of any shape written directly in PEFT's format (no model, no peft): for the tests
-whose point is the shapes, such as the work-memory estimate (``worker.memory``)."""
+whose point is the shapes, such as the work-memory estimate (``worker.merge.memory``)."""
 
 from __future__ import annotations
 

@@ -20,15 +20,15 @@ from worker.adapters import open_adapters
 from worker.adapters.lora import LoraReader
 from worker.adapters.vera import VeraReader
 from worker.limits import default_max_work_bytes, memory_limit
-from worker.memory import (
+from worker.merge.memory import (
     ALLOCATOR_SLACK,
     FIXED_OVERHEAD,
     ModuleShape,
     estimate_work,
     format_bytes,
 )
-from worker.plan import make_plan
-from worker.runner import run_merge
+from worker.merge.plan import make_plan
+from worker.merge.runner import run_merge
 
 GiB = 1 << 30
 PHYSICAL = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")

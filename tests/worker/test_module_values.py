@@ -11,8 +11,8 @@ from jobs.errors import AdapterIncompatible, LimitExceeded
 from jobs.schedules import ModuleMatcher, PatternLimit
 from jobs.spec import MergeSpec
 from worker.adapters import open_adapters
-from worker.module_values import ModuleValues
-from worker.plan import make_plan
+from worker.merge.module_values import ModuleValues
+from worker.merge.plan import make_plan
 
 Q0, Q1 = "model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj"
 D0, D1 = "model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"
@@ -130,7 +130,7 @@ def test_batched_windows_fold_each_modules_own_weights(
     module's own weights and sources, as one by one."""
     from safetensors.torch import load_file
 
-    from worker.runner import run_merge
+    from worker.merge.runner import run_merge
 
     spec = _spec(
         peft_adapters,

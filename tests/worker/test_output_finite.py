@@ -14,7 +14,7 @@ from jobs.errors import OutputNotFinite
 from jobs.spec import MergeSpec
 from worker.adapters.writer import FINITE_CHECK_CHUNK, all_finite
 from worker.cli import main
-from worker.runner import run_merge
+from worker.merge.runner import run_merge
 
 
 def _nothing_written(out: Path) -> None:

@@ -14,9 +14,9 @@ from safetensors.torch import load_file, save_file
 
 from jobs.errors import AdapterInvalid, Canceled
 from jobs.spec import MergeSpec
-from worker import runner
-from worker.pipeline import MAX_MERGE_THREADS, merge_threads, ordered_map
-from worker.runner import run_merge
+from worker.merge import runner
+from worker.merge.pipeline import MAX_MERGE_THREADS, merge_threads, ordered_map
+from worker.merge.runner import run_merge
 
 
 @pytest.fixture(autouse=True)

@@ -14,7 +14,7 @@ from jobs.spec import MergeSpec
 from tests.conftest import edit_config
 from worker.adapters import open_adapters
 from worker.demo import make_tiny_adapters
-from worker.plan import make_plan
+from worker.merge.plan import make_plan
 
 
 def _plan(dirs: list[Path], **spec: object):

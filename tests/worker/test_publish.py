@@ -13,7 +13,7 @@ import pytest
 from jobs.errors import Canceled, OutputExists, StorageError
 from jobs.spec import MergeSpec
 from tests.storage_helpers import MemoryStore, fetch_adapters, published_by, read_report
-from worker.runner import run_merge
+from worker.merge.runner import run_merge
 from worker.storage import (
     CLAIM_NAME,
     CONFIG_NAME,

@@ -18,7 +18,7 @@ from jobs.errors import LimitExceeded
 from jobs.servers import server_rank, server_rule
 from jobs.spec import MergeSpec
 from tests.worker.synthetic import PREFIX, spec
-from worker.runner import run_merge
+from worker.merge.runner import run_merge
 
 ROOT = Path(__file__).resolve().parents[2]
 VLLM = (1, 8, 16, 32, 64, 128, 256, 320, 512)

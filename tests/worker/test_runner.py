@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 from jobs.errors import AdapterInvalid
 from jobs.spec import MergeSpec
 from worker.adapters.opening import open_adapters
-from worker.runner import run_merge
+from worker.merge.runner import run_merge
 
 
 def _spec(dirs: list[Path], out: Path, **spec: object) -> MergeSpec:

@@ -1,4 +1,4 @@
-"""Which servers load a merged adapter (worker/serving.py, docs/serving.md)."""
+"""Which servers load a merged adapter (worker/merge/serving.py, docs/serving.md)."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import pytest
 
 from jobs.servers import SERVERS
 from jobs.spec import MergeSpec
-from worker.runner import run_merge
-from worker.serving import (
+from worker.merge.runner import run_merge
+from worker.merge.serving import (
     module_kinds,
     rank_for_energy,
     rank_for_server,
@@ -125,7 +125,7 @@ def test_the_report_and_the_card_say_which_servers_load_it(
 
 def test_the_module_does_not_import_torch() -> None:
     """The service may use the rules: importing them must not pull torch in."""
-    code = "import sys, worker.serving; print('torch' in sys.modules)"
+    code = "import sys, worker.merge.serving; print('torch' in sys.modules)"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "False"
 

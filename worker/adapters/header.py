@@ -50,7 +50,7 @@ __all__ = [
 #: and 2.5 for a local one; tests/adapters/test_header.py holds every reader to it.
 PARSED_BYTES_PER_HEADER_BYTE = 8
 #: Header bytes whose parsed form the work-memory estimate's fixed allowance for the process
-#: covers (``worker.memory``): an adapter of about 64 modules, 128 KiB parsed.
+#: covers (``worker.merge.memory``): an adapter of about 64 modules, 128 KiB parsed.
 HEADER_BYTES_ALLOWED = 16 << 10
 
 

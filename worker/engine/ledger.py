@@ -4,7 +4,7 @@ Each step of a merge (a decomposition, a method, a space's map back) has a cost 
 written beside it, which replays the step's allocations on a :class:`Ledger` from shapes
 alone: every tensor the step creates is allocated, every one it drops is freed, and LAPACK's
 copies and workspaces are spikes. The estimate of a job's peak working memory
-(``worker.memory``) is these declarations added up, so it follows the code it sits beside;
+(``worker.merge.memory``) is these declarations added up, so it follows the code it sits beside;
 ``tests/worker/test_memory_grid.py`` runs every method, space and work-changing parameter in a
 fresh process and holds the estimate between the measured peak and 1.5 times it.
 

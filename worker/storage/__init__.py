@@ -152,7 +152,7 @@ class Storage:
         return ThreadPoolExecutor(min(self.max_parallel, count) or 1)
 
     def open_inputs(self, uris: Sequence[str], dest: Path) -> list[Path | RemoteInput]:
-        """The adapters at ``uris``, in order, ready for ``worker.runner.run_merge``: checked
+        """The adapters at ``uris``, in order, ready for ``worker.merge.runner.run_merge``: checked
         first (sizes, limits, prefix); a ``file://`` adapter is its folder, used in place; an
         S3 adapter a :class:`RemoteInput`: its config copied to ``dest/<n>/``, its weights
         handed out as a pinned object (``worker.adapters.opening`` reads them); a Hub

@@ -8,7 +8,7 @@ merged (and written) in the order safetensors stores them, by tensor name
 (``worker.adapters.format.module_order``): every input is then read front to back, which
 lets the worker read S3 inputs as the merge goes instead of copying them first. So are the
 service's limits: the number of modules, and the job's peak working memory, estimated from
-the shapes (``worker.memory``), since a small adapter can declare shapes that need
+the shapes (``worker.merge.memory``), since a small adapter can declare shapes that need
 gigabytes.
 """
 
@@ -22,7 +22,7 @@ from jobs.servers import server_rank, server_rule
 from jobs.spec import MergeSpec
 from worker.adapters.format import module_order
 from worker.adapters.source import AdapterSource
-from worker.memory import (
+from worker.merge.memory import (
     DTYPE_BYTES,
     ModuleShape,
     WorkEstimate,
@@ -31,7 +31,7 @@ from worker.memory import (
     format_bytes,
     merged_rank_bound,
 )
-from worker.module_values import ModuleValues, model_layers
+from worker.merge.module_values import ModuleValues, model_layers
 
 __all__ = ["MergePlan", "ModulePlan", "at_rank", "make_plan"]
 
@@ -59,7 +59,7 @@ class MergePlan:
     task_type: str | None
     fan_in_fan_out: bool
     notes: list[str]
-    work: WorkEstimate | None = None  # the estimated peak working memory (worker.memory)
+    work: WorkEstimate | None = None  # the estimated peak working memory (worker.merge.memory)
     work_limit: int | None = None  # the limit it was checked against (None: none)
     output_bytes: int = 0  # the weights file's size at most (exact when output_rank is known)
     # output.rank "auto": the rank its first pass merges at to read every module's spectrum
@@ -132,7 +132,7 @@ def _estimate_work(
     output_rank: int | None,
     threads: int,
 ) -> WorkEstimate:
-    """The job's peak working memory, from the planned shapes (``worker.memory``)."""
+    """The job's peak working memory, from the planned shapes (``worker.merge.memory``)."""
     shapes = [
         ModuleShape(
             mp.module,
@@ -309,7 +309,7 @@ def make_plan(
 
     Service limits (none by default), each raising ``LimitExceeded``: ``max_modules`` caps
     the number of merged modules; ``max_work_bytes`` the job's estimated peak working memory
-    with ``threads`` modules merged side by side (``worker.pipeline.merge_threads``);
+    with ``threads`` modules merged side by side (``worker.merge.pipeline.merge_threads``);
     ``max_output_rank`` the output's rank (an explicit ``output.rank``, and the merged rank
     it can reach without one); ``max_output_bytes`` the size of the weights file.
     """

@@ -3,11 +3,11 @@ what the report says about it (docs/serving.md).
 
 The runner merges every module once at its full merged rank to read its singular values
 (``MergedModule.spectrum``), keeps of each only the rank its share of energy needs
-(:func:`worker.serving.rank_for_energy`, one integer per module: the first pass holds no
+(:func:`worker.merge.serving.rank_for_energy`, one integer per module: the first pass holds no
 factors), then :func:`choose` rounds the largest up to a rank the target server takes
 (``jobs.servers.server_rank``), within its cap and the service's limit. The second pass is
 the merge of an integer ``output.rank`` at that rank; :func:`section` then reports what each
-module kept. Pure Python, like ``worker.serving``.
+module kept. Pure Python, like ``worker.merge.serving``.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from jobs.servers import server_rank, server_rule
-from worker.serving import rank_for_energy
+from worker.merge.serving import rank_for_energy
 
 __all__ = ["RankChoice", "choose", "needed_rank", "section"]
 

@@ -8,8 +8,8 @@
 
 Peak memory is bounded by the modules at hand: each module's factors are read
 (``AdapterSource.read``), merged (``worker.engine``) and appended to the output file
-(``worker.output``) before later ones are touched, a few modules side by side
-(``worker.pipeline``). Everything is written into a staging directory beside ``out_dir`` and
+(``worker.merge.output``) before later ones are touched, a few modules side by side
+(``worker.merge.pipeline``). Everything is written into a staging directory beside ``out_dir`` and
 renamed into place only when the merge has fully succeeded, with ``merge_report.json`` written
 last (docs/guarantees.md): a failure or a cancel leaves nothing at ``out_dir``.
 """
@@ -32,7 +32,6 @@ import torch
 
 from jobs.errors import AdapterInvalid, Canceled, InternalError, OutputNotFinite
 from jobs.spec import MergeSpec
-from worker import rank_auto
 from worker.adapters.format import REPORT_NAME
 from worker.adapters.opening import Input, open_adapters
 from worker.adapters.source import AdapterSource
@@ -44,7 +43,8 @@ from worker.engine import (
     merge_module,
     merge_stacks_in_core_space,
 )
-from worker.output import (
+from worker.merge import rank_auto
+from worker.merge.output import (
     MAX_PROJECTION_RESIDUAL,
     WrittenWeights,
     build_report,
@@ -53,8 +53,8 @@ from worker.output import (
     write_report,
     write_weights,
 )
-from worker.pipeline import merge_threads, ordered_map
-from worker.plan import MergePlan, ModulePlan, at_rank, make_plan
+from worker.merge.pipeline import merge_threads, ordered_map
+from worker.merge.plan import MergePlan, ModulePlan, at_rank, make_plan
 
 __all__ = ["REPORT_NAME", "MergeOutcome", "Progress", "resolve_device", "run_merge"]
 
@@ -116,7 +116,7 @@ class _ModuleMerger:
     ) -> None:
         self.spec, self.readers, self.device = spec, readers, device
         # The rank the engine is asked for: output.rank, or for "auto" the first pass's
-        # (which cuts nothing), then the rank it chose (worker.rank_auto).
+        # (which cuts nothing), then the rank it chose (worker.merge.rank_auto).
         self.rank: int | None = None if spec.output.rank == "auto" else spec.output.rank
         self.threads = merge_threads(device, spec.space)  # modules merged side by side
         if window is None:  # a GPU merges core-space modules a window at a time, batched
@@ -311,7 +311,7 @@ def run_merge(
     Raises a ``jobs.errors.MergeError`` for every known failure (``Canceled`` when
     ``should_cancel()`` is true at a module boundary) and ``FileExistsError`` when ``out_dir``
     exists and is not empty. ``max_modules``, ``max_work_bytes`` (the estimated peak
-    working memory, ``worker.memory``), ``max_output_rank`` and ``max_output_bytes`` are
+    working memory, ``worker.merge.memory``), ``max_output_rank`` and ``max_output_bytes`` are
     service limits, checked from the headers before any tensor is read (``LimitExceeded``;
     the module limit as each input is opened). ``batch_window`` modules are merged at a time
     in one batched call per shape (core space only); by default that is done on CUDA only.
@@ -382,7 +382,7 @@ def _choose_rank(
 ) -> rank_auto.RankChoice:
     """``output.rank: "auto"``'s first pass: every module merged at its full rank, and of it
     kept only the rank its share of energy needs (no factors: memory stays that of one
-    module's merge); then the rank for the target server (``worker.rank_auto``). The
+    module's merge); then the rank for the target server (``worker.merge.rank_auto``). The
     progress counts it as the first of two passes; the merger is left at the rank chosen."""
     merger.rank = plan.spectrum_rank
     needed: list[tuple[int, str]] = []

@@ -42,8 +42,8 @@ from worker.adapters.writer import (
 )
 from worker.engine import MergedModule
 from worker.engine.methods import rank_mode
-from worker.plan import MergePlan, ModulePlan
-from worker.serving import serving_section
+from worker.merge.plan import MergePlan, ModulePlan
+from worker.merge.serving import serving_section
 
 __all__ = [
     "MAX_PROJECTION_RESIDUAL",
@@ -355,7 +355,7 @@ def build_report(
     self-check, timings and software versions (docs/guarantees.md). Without
     ``record_local_paths`` a local input's location is left out (``uri`` null): its name
     stands for it, and no machine's layout is published with the adapter. ``rank_auto``:
-    what ``output.rank: "auto"`` chose (``worker.rank_auto.section``)."""
+    what ``output.rank: "auto"`` chose (``worker.merge.rank_auto.section``)."""
     residuals = [r["residual"] for r in records if r["residual"] is not None]
     return {
         "created_at": datetime.now(UTC).isoformat(timespec="seconds"),

@@ -3,7 +3,7 @@
 A merge's memory is set by shapes the adapters declare, not by their size on disk: a 320 KB
 VeRA adapter saved without its projections can declare a rank that makes the worker
 regenerate gigabytes of them, and a 200 KB LoRA adapter on wide layers makes a full-space
-merge form dense m × n matrices of gigabytes. So the plan (``worker.plan``) estimates the
+merge form dense m × n matrices of gigabytes. So the plan (``worker.merge.plan``) estimates the
 job's PEAK working memory from the configs and headers, and refuses the job above a limit
 (``COREMERGE_MAX_WORK_BYTES``, by default ``worker.limits.default_max_work_bytes``) instead of
 letting the kernel's OOM killer end it, or its neighbours, midway.
@@ -15,7 +15,7 @@ on the module's shapes, plus what the runner and the writer add around the merge
 stacked inputs, the largest copy one input makes as it is read, the merged factors padded and
 cast for the output. Where the engine picks a route from the values (the Gram or the QR route
 to a basis), the costlier is assumed. The job's peak is then that of its largest modules
-merged side by side (``worker.pipeline``), plus finished modules waiting to be written, plus
+merged side by side (``worker.merge.pipeline``), plus finished modules waiting to be written, plus
 what the inputs hold for the whole merge (mapped file pages, regenerated VeRA projections,
 parsed headers, the look-ahead window of an S3 input read as the merge goes:
 ``AdapterSource.held_bytes``), plus a fixed overhead. ``tests/worker/test_memory_grid.py``
@@ -111,7 +111,7 @@ def module_work(
     known after the merge, bounded by min(m, n)); ``dtype_bytes`` the output dtype's size."""
     m, n, ranks = shape.out_features, shape.in_features, shape.ranks
     L = Ledger()
-    stack = L.alloc(F32 * (m + n) * sum(ranks))  # worker.runner._ModuleMerger._read
+    stack = L.alloc(F32 * (m + n) * sum(ranks))  # worker.merge.runner._ModuleMerger._read
     L.spike(shape.read_bytes)
     extra = SPACES[space].cost(
         L, m, n, ranks, method, params, rank, output_rank_mode=output_rank_mode
@@ -121,7 +121,7 @@ def module_work(
     held = max(extra, F32 * (m + n) * bound)
     L.free(stack, extra)
     L.alloc(held)
-    # worker.output: zero-padded to the output's one rank, then cast to its dtype
+    # worker.merge.output: zero-padded to the output's one rank, then cast to its dtype
     rho = min(m, n) if output_rank is None else output_rank
     padded = F32 * (m + n) * rho if rho > bound else 0
     L.spike(padded + (dtype_bytes * (m + n) * rho if dtype_bytes != F32 else 0))
