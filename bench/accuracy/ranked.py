@@ -108,16 +108,22 @@ def _trim_energy(x: torch.Tensor, share: float) -> torch.Tensor:
 
 def _ties_kept(kept: list[torch.Tensor]) -> torch.Tensor:
     """TIES' election and disjoint mean over already-trimmed tasks (density 1 trims nothing)."""
-    from worker.engine.methods import ties
+    from worker.engine import apply_method
 
-    return ties(kept, 1.0)
+    return apply_method("ties", kept, _at_alpha_one("ties", density=1.0))
+
+
+def _at_alpha_one(method: str, **params) -> dict:
+    """The method's validated params at alpha 1: the bench applies its own auto rule after."""
+    from jobs.spec import validate_params
+
+    return validate_params(method, {"alpha": 1.0, **params})
 
 
 def merge_method(method: str, xs: list[torch.Tensor], shape: tuple[int, int, int]) -> torch.Tensor:
     """The method on the X_t (core matrices or coordinates), default params; ``shape`` is
     (m, n, R) of the module, for the TIES variants."""
-    from jobs.spec import validate_params
-    from worker.engine.methods import LAYER_K, method_result
+    from worker.engine import Tasks, apply_method, merge_tasks
     from worker.engine.shared_bases import rank_aware_isotropize
 
     if method == "ties_energy":
@@ -126,14 +132,14 @@ def merge_method(method: str, xs: list[torch.Tensor], shape: tuple[int, int, int
         m, n, R = shape
         size = xs[0].shape[-1]  # R in core space, k on shared bases
         rho = scaled_density(0.1, m, n, size, min(size, max(1, R // len(xs))))
-        return method_result("ties", xs, validate_params("ties", {"density": round(rho, 4)}))
+        return apply_method("ties", xs, _at_alpha_one("ties", density=round(rho, 4)))
     if method == "iso_c":
         return rank_aware_isotropize(torch.stack(xs).sum(0))
     if method == "tsv_layer":  # each task keeps up to ⌊min(m, n)/T⌋ directions, not ⌊k/T⌋
-        params = {**validate_params("tsv", {"rank_of": "layer"}), LAYER_K: min(shape[:2])}
-        return method_result("tsv", xs, params)
+        tasks = Tasks.of(xs, layer_k=min(shape[:2]))
+        return merge_tasks("tsv", tasks, _at_alpha_one("tsv", rank_of="layer"))[0][0]
     generator = torch.Generator().manual_seed(0)
-    return method_result(method, xs, validate_params(method, {}), generator)
+    return apply_method(method, xs, _at_alpha_one(method), generator)
 
 
 def merge_module_at_rank(
