@@ -52,7 +52,7 @@ DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 #: measures 0–1 MiB of anonymous memory). Library pages a work horse touches for the first
 #: time raise its RSS by up to ~90 MiB but are page cache the parent already holds (charged
 #: once to the pod, and reclaimable), so they are not counted here.
-FIXED_OVERHEAD = 8 << 20
+FIXED_OVERHEAD = 4 << 20
 #: The tensors' bytes are counted with this much more: glibc keeps freed blocks below its
 #: mmap threshold in its heaps (fragmented), pages round allocations up, and the same merge
 #: measures a few percent apart from run to run (tests/worker/test_memory_grid.py).
